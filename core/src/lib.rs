@@ -1,0 +1,12 @@
+//! `distill-core`: what every distill role shares — model specs and candle models, data sets,
+//! the knowledge-distillation math, checkpoints, and the step between a plain host tensor
+//! (shape, dtype, little-endian bytes) and a candle tensor. No gRPC, no async.
+
+pub mod checkpoint;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod spec;
+pub mod tensor;
+
+pub use error::{Error, Result};

@@ -1,0 +1,23 @@
+//! Compiles `distill/v1/*.proto` with protox (pure Rust), so building needs no system `protoc`.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["distill/v1/tensor.proto", "distill/v1/teacher.proto"];
+    let includes = ["."];
+    let fds = protox::compile(protos, includes)?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    // tonic-reflection serves this descriptor set; compile_fds does not write it itself.
+    std::fs::write(
+        out.join("distill_descriptor.bin"),
+        protox::prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .bytes(".distill.v1.Tensor.data")
+        .type_attribute(".", "#[allow(clippy::all)]")
+        .compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=distill");
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}
