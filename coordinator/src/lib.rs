@@ -1,1 +1,3 @@
-//! placeholder
+//! The distill coordinator: membership, batch leasing, soft targets, run state.
+
+pub mod ledger;

@@ -3,10 +3,15 @@
 //! (shape, dtype, little-endian bytes) and a candle tensor. No gRPC, no async.
 
 pub mod checkpoint;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fsutil;
+pub mod kd;
 pub mod model;
+pub mod optim;
 pub mod spec;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
