@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod eval_cmd;
+mod import_cmd;
 mod train_cmd;
 
 #[global_allocator]
@@ -22,6 +23,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Evaluate a checkpoint on a data set's test split.
     Eval(eval_cmd::EvalArgs),
+    /// Convert a PyTorch nn.Sequential safetensors state dict into a distill checkpoint.
+    ImportTorch(import_cmd::ImportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
+        Command::ImportTorch(a) => import_cmd::run(a),
     }
 }

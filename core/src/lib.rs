@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fsutil;

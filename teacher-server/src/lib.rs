@@ -1,1 +1,137 @@
-//! placeholder
+//! `teacher-server`: serves one model's tempered logits z/T over gRPC (`distill.v1.Teacher`),
+//! with dynamic batching on a dedicated compute thread, input validation, an in-flight limit,
+//! standard health and reflection services, and graceful shutdown.
+//!
+//! The binary is a thin wrapper: it parses flags, installs the signal handler, binds the
+//! listener and calls [`serve`]. Tests call [`serve`] in-process on `127.0.0.1:0`.
+
+pub mod batcher;
+pub mod error;
+pub mod service;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::Device;
+use distill_core::checkpoint::Checkpoint;
+use distill_proto::pb::teacher_server::TeacherServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{Error, Result};
+pub use service::{ModelInfo, TeacherService};
+
+use batcher::{BatchConfig, Batcher};
+
+/// Default largest gRPC message in either direction (64 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Serving options (everything but the model).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Ensemble member this replica serves.
+    pub member: String,
+    /// Most rows per forward pass and per request.
+    pub max_batch: usize,
+    /// Longest wait to fill a batch after its first request.
+    pub max_delay: Duration,
+    /// Most requests in flight (queued or computing); more get RESOURCE_EXHAUSTED.
+    pub max_inflight: usize,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Extra latency per forward pass, a benchmarking aid (0 normally).
+    pub simulate_latency: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            member: "default".into(),
+            max_batch: 1024,
+            max_delay: Duration::from_millis(2),
+            max_inflight: 64,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            simulate_latency: Duration::ZERO,
+        }
+    }
+}
+
+/// Builds the service for a checkpoint: loads the model on `device`, starts its compute thread.
+pub fn build_service(
+    ck: &Checkpoint,
+    device: &Device,
+    opts: &ServeOptions,
+) -> Result<TeacherService> {
+    if opts.max_batch == 0 || opts.max_inflight == 0 {
+        return Err(Error::InvalidArgument(
+            "max-batch and max-inflight must be at least 1".into(),
+        ));
+    }
+    let model = ck.to_model(device)?;
+    let digest = ck.digest();
+    let info = ModelInfo {
+        model_id: format!("{}@{}", ck.spec.arch, &digest[..16]),
+        member: opts.member.clone(),
+        input_shape: ck.spec.arch.input_shape(),
+        classes: ck.spec.arch.classes(),
+        digest,
+        arch: ck.spec.arch.to_string(),
+        max_batch: opts.max_batch,
+    };
+    let batcher = Batcher::start(
+        model,
+        BatchConfig {
+            max_batch: opts.max_batch,
+            max_delay: opts.max_delay,
+            simulate_latency: opts.simulate_latency,
+        },
+        opts.max_inflight,
+    )
+    .map_err(|e| Error::Compute(format!("starting the compute thread: {e}")))?;
+    Ok(TeacherService::new(info, batcher, opts.max_inflight))
+}
+
+/// Loads a checkpoint file for serving.
+pub fn load_checkpoint(path: &PathBuf) -> Result<Checkpoint> {
+    Ok(Checkpoint::read(path)?)
+}
+
+/// Serves `service` on `listener` until `shutdown` is cancelled, then flips health to
+/// NOT_SERVING, lets in-flight requests finish and returns.
+pub async fn serve(
+    service: TeacherService,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<TeacherServer<TeacherService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distill_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Compute(format!("reflection service: {e}")))?;
+    let info = service.info().clone();
+    let teacher = TeacherServer::new(service)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    tracing::info!(model = %info.model_id, member = %info.member, max_batch = info.max_batch, "teacher serving");
+    let signal = async move {
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+        health_reporter
+            .set_not_serving::<TeacherServer<TeacherService>>()
+            .await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(teacher)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await?;
+    tracing::info!("teacher server stopped");
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Dynamic batching on a dedicated compute thread.
+//!
+//! Requests are queued on a bounded channel. The compute thread takes the first one, then keeps
+//! taking queued requests until the batch holds `max_batch` rows or `max_delay` has passed since
+//! the first one arrived, runs ONE forward pass over the concatenated rows, and splits the
+//! logits back, dividing each request's rows by its own temperature. The forward pass does not
+//! depend on T, so requests with different temperatures share a batch. candle never runs on the
+//! async runtime's threads.
+//!
+//! # Batching never changes an answer
+//! candle's CPU matmul (the `gemm` crate) takes a different code path, with a different
+//! summation order, for products of at most 64 rows, so the same row could come out 1 ulp
+//! apart depending on what it was batched with. The compute thread therefore pads every pass to
+//! at least [`DETERMINISTIC_MIN_ROWS`] rows (zeros, dropped afterwards): a row's logits are then
+//! bit-identical whether it was computed alone or coalesced with others. The cost is a 65-row
+//! pass for tiny requests (well under a millisecond for the MLPs here); distillation traffic
+//! sends 128+ rows and never pays it.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use distill_core::model::Model;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+
+/// Smallest number of rows a forward pass runs with (see the module docs).
+pub const DETERMINISTIC_MIN_ROWS: usize = 65;
+
+/// One request's rows, already validated and decoded to f32.
+pub struct Job {
+    /// `rows × input_size` values, row-major.
+    pub x: Vec<f32>,
+    /// Number of rows.
+    pub rows: usize,
+    /// Temperature T (finite, > 0).
+    pub temperature: f32,
+    /// Where the tempered logits (`rows × classes`, row-major) go.
+    pub reply: oneshot::Sender<Result<Vec<f32>>>,
+}
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most rows in one forward pass.
+    pub max_batch: usize,
+    /// Longest wait for more requests after the first one arrives.
+    pub max_delay: Duration,
+    /// Extra latency added to every forward pass (benchmarking aid, 0 normally).
+    pub simulate_latency: Duration,
+}
+
+/// Counters the compute thread keeps (for logs and tests).
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Forward passes run.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Rows computed.
+    pub rows: std::sync::atomic::AtomicU64,
+}
+
+/// Handle to the compute thread; dropping every handle stops the thread once the queue drains.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: SyncSender<Job>,
+    /// Shared counters.
+    pub stats: std::sync::Arc<BatchStats>,
+}
+
+impl Batcher {
+    /// Starts the compute thread for `model`. `queue` bounds the number of queued requests.
+    pub fn start(model: Model, cfg: BatchConfig, queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
+        let stats = std::sync::Arc::new(BatchStats::default());
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("teacher-compute".into())
+            .spawn(move || compute_loop(&model, &rx, cfg, &s))?;
+        Ok(Self { tx, stats })
+    }
+
+    /// Queues a job; fails at once (never blocks) if the queue is full.
+    pub fn submit(&self, job: Job) -> Result<()> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => Error::Overloaded("teacher compute queue is full".into()),
+            TrySendError::Disconnected(_) => Error::ShuttingDown,
+        })
+    }
+}
+
+fn compute_loop(model: &Model, rx: &Receiver<Job>, cfg: BatchConfig, stats: &BatchStats) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let deadline = Instant::now() + cfg.max_delay;
+        let mut rows = first.rows;
+        let mut jobs = vec![first];
+        while rows < cfg.max_batch {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(j) if rows + j.rows > cfg.max_batch => {
+                    carried = Some(j);
+                    break;
+                }
+                Ok(j) => {
+                    rows += j.rows;
+                    jobs.push(j);
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        run_batch(model, jobs, rows, cfg.simulate_latency);
+        stats
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .rows
+            .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn run_batch(model: &Model, jobs: Vec<Job>, rows: usize, simulate_latency: Duration) {
+    let started = Instant::now();
+    let forward = || -> Result<Vec<f32>> {
+        let width = model.spec().arch.input_size();
+        let padded = rows.max(DETERMINISTIC_MIN_ROWS);
+        let mut x = Vec::with_capacity(padded * width);
+        for j in &jobs {
+            x.extend_from_slice(&j.x);
+        }
+        x.resize(padded * width, 0.0);
+        let run = || -> distill_core::Result<Vec<f32>> {
+            // [padded, input_size] -> [padded, classes]; padding rows are ignored below.
+            let xt = Tensor::from_vec(x, (padded, width), model.device())?;
+            Ok(model.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|_| Error::Compute("the model panicked".into()))?
+            .map_err(|e| Error::Compute(e.to_string()))
+    };
+    let result = forward();
+    if let Some(rest) = simulate_latency.checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let classes = model.spec().arch.classes();
+    match result {
+        Ok(logits) => {
+            let mut offset = 0;
+            for j in jobs {
+                let part = &logits[offset * classes..(offset + j.rows) * classes];
+                offset += j.rows;
+                let t = j.temperature;
+                // The receiver may have gone (client cancelled): nothing to do then.
+                let _ = j.reply.send(Ok(part.iter().map(|z| z / t).collect()));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, rows, "teacher forward pass failed");
+            for j in jobs {
+                let _ = j.reply.send(Err(Error::Compute(e.to_string())));
+            }
+        }
+    }
+}

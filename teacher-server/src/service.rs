@@ -1,0 +1,278 @@
+//! The `distill.v1.Teacher` gRPC service: validate → convert → batch → reply.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use distill_proto::pb::teacher_server::Teacher;
+use distill_proto::pb::{
+    self, DescribeRequest, DescribeResponse, InferRequest, InferResponse, InferStreamResponse,
+    RequestError, infer_stream_response,
+};
+use distill_proto::{DType, HostTensor};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::batcher::{Batcher, Job};
+use crate::error::{Error, Result};
+
+/// What the service knows about its model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `arch@digest16`.
+    pub model_id: String,
+    /// Ensemble member name.
+    pub member: String,
+    /// One input row's shape.
+    pub input_shape: Vec<usize>,
+    /// Logits per row.
+    pub classes: usize,
+    /// Full SHA-256 of the weights.
+    pub digest: String,
+    /// Architecture string.
+    pub arch: String,
+    /// Most rows per request.
+    pub max_batch: usize,
+}
+
+/// The Teacher service over a running [`Batcher`].
+#[derive(Clone)]
+pub struct TeacherService {
+    info: Arc<ModelInfo>,
+    batcher: Batcher,
+    inflight: Arc<Semaphore>,
+    max_inflight: usize,
+}
+
+impl TeacherService {
+    /// A service answering from `batcher`, with at most `max_inflight` requests in flight.
+    pub fn new(info: ModelInfo, batcher: Batcher, max_inflight: usize) -> Self {
+        Self {
+            info: Arc::new(info),
+            batcher,
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight,
+        }
+    }
+
+    /// Model facts.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The compute thread's counters (forward passes and rows).
+    pub fn stats(&self) -> &crate::batcher::BatchStats {
+        &self.batcher.stats
+    }
+
+    /// Requests in flight right now (queued or computing).
+    pub fn inflight(&self) -> usize {
+        self.max_inflight - self.inflight.available_permits()
+    }
+
+    /// Checks a request and decodes its inputs to f32 rows (pixels of U8 inputs / 255).
+    pub fn validate(
+        &self,
+        req: InferRequest,
+    ) -> Result<(Job, oneshot::Receiver<Result<Vec<f32>>>, DType, u64)> {
+        let InferRequest {
+            request_id,
+            inputs,
+            temperature,
+            output_dtype,
+        } = req;
+        let bad = |m: String| Error::InvalidArgument(m);
+        let t = temperature;
+        if !t.is_finite() || t <= 0.0 {
+            return Err(bad(format!("temperature must be finite and > 0, got {t}")));
+        }
+        let out_dtype = match output_dtype {
+            0 => DType::F32,
+            v => match DType::try_from(v) {
+                Ok(d) if d.is_float() => d,
+                _ => {
+                    return Err(bad(format!(
+                        "output_dtype {v} is not supported (expected F32, F16 or BF16)"
+                    )));
+                }
+            },
+        };
+        let inputs = inputs.ok_or_else(|| bad("missing `inputs` tensor".into()))?;
+        let x = HostTensor::try_from(inputs).map_err(|e| bad(format!("inputs: {e}")))?;
+        let shape = x.shape();
+        let row_shape = &self.info.input_shape;
+        let row_len: usize = row_shape.iter().product();
+        let rows_ok =
+            shape.len() >= 2 && (&shape[1..] == row_shape.as_slice() || shape[1..] == [row_len]);
+        if !rows_ok {
+            return Err(bad(format!(
+                "inputs have shape {shape:?}; expected [N, {}] or [N, {row_len}]",
+                row_shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let rows = shape[0];
+        if rows == 0 || rows > self.info.max_batch {
+            return Err(bad(format!(
+                "batch of {rows} rows; this server takes 1 to {} rows",
+                self.info.max_batch
+            )));
+        }
+        let scale = match x.dtype() {
+            DType::I64 => {
+                return Err(bad(
+                    "inputs of dtype I64 are not supported (expected F32, F16, BF16 or U8)".into(),
+                ));
+            }
+            DType::U8 => 1.0 / 255.0,
+            _ => 1.0,
+        };
+        if let Some(i) = x.first_non_finite() {
+            return Err(bad(format!(
+                "inputs hold a non-finite value at row {}, column {}",
+                i / row_len,
+                i % row_len
+            )));
+        }
+        let mut values = x.to_f32_vec();
+        if scale != 1.0 {
+            values.iter_mut().for_each(|v| *v *= scale);
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok((
+            Job {
+                x: values,
+                rows,
+                temperature: t,
+                reply,
+            },
+            rx,
+            out_dtype,
+            request_id,
+        ))
+    }
+
+    /// Runs one request end to end.
+    pub async fn infer_one(&self, req: InferRequest) -> Result<InferResponse> {
+        let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+            Error::Overloaded(format!(
+                "too many requests in flight (limit {})",
+                self.max_inflight
+            ))
+        })?;
+        let (job, rx, out_dtype, request_id) = self.validate(req)?;
+        let rows = job.rows;
+        self.batcher.submit(job)?;
+        let logits = rx.await.map_err(|_| Error::ShuttingDown)??;
+        let tensor = encode_logits(&logits, rows, self.info.classes, out_dtype);
+        Ok(InferResponse {
+            request_id,
+            logits: Some(tensor.into()),
+            model_id: self.info.model_id.clone(),
+        })
+    }
+}
+
+/// Encodes `rows × classes` f32 logits in the requested float dtype.
+fn encode_logits(v: &[f32], rows: usize, classes: usize, dtype: DType) -> HostTensor {
+    let bytes: Vec<u8> = match dtype {
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    let dtype = if dtype.is_float() { dtype } else { DType::F32 };
+    match HostTensor::new(vec![rows, classes], dtype, bytes) {
+        Ok(t) => t,
+        // The length is rows × classes × size by construction.
+        Err(e) => unreachable!("logits encoding: {e}"),
+    }
+}
+
+type ReplyStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<InferStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Teacher for TeacherService {
+    async fn describe(
+        &self,
+        _req: Request<DescribeRequest>,
+    ) -> std::result::Result<Response<DescribeResponse>, Status> {
+        let i = &self.info;
+        Ok(Response::new(DescribeResponse {
+            model_id: i.model_id.clone(),
+            member: i.member.clone(),
+            input_shape: i.input_shape.iter().map(|&d| d as u64).collect(),
+            num_classes: i.classes as u32,
+            weights_digest: i.digest.clone(),
+            max_batch: i.max_batch as u32,
+            arch: i.arch.clone(),
+            input_dtypes: [DType::F32, DType::F16, DType::BF16, DType::U8]
+                .into_iter()
+                .map(|d| pb::DType::from(d) as i32)
+                .collect(),
+        }))
+    }
+
+    async fn infer(
+        &self,
+        req: Request<InferRequest>,
+    ) -> std::result::Result<Response<InferResponse>, Status> {
+        Ok(Response::new(self.infer_one(req.into_inner()).await?))
+    }
+
+    type InferStreamStream = ReplyStream;
+
+    async fn infer_stream(
+        &self,
+        req: Request<Streaming<InferRequest>>,
+    ) -> std::result::Result<Response<Self::InferStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        // Replies wait here for the client to read them; the bound is the in-flight limit, so
+        // a client that stops reading stalls its own requests, not the server.
+        let (tx, rx) = mpsc::channel(self.max_inflight.max(1));
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some(item) = inbound.next().await {
+                let req = match item {
+                    Ok(r) => r,
+                    Err(status) => {
+                        tracing::debug!(%status, "InferStream: client stream ended with an error");
+                        break;
+                    }
+                };
+                let svc = svc.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let id = req.request_id;
+                    let result = match svc.infer_one(req).await {
+                        Ok(r) => infer_stream_response::Result::Response(r),
+                        Err(e) => {
+                            let s = Status::from(e);
+                            infer_stream_response::Result::Error(RequestError {
+                                code: s.code() as i32,
+                                message: s.message().to_string(),
+                            })
+                        }
+                    };
+                    // A failed send means the client went away.
+                    let _ = tx
+                        .send(Ok(InferStreamResponse {
+                            request_id: id,
+                            result: Some(result),
+                        }))
+                        .await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

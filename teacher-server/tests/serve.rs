@@ -1,0 +1,600 @@
+//! The real teacher server, in-process on 127.0.0.1:0, called over gRPC.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use distill_core::checkpoint::Checkpoint;
+use distill_core::model::TrainableModel;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_proto::pb::teacher_client::TeacherClient;
+use distill_proto::pb::{self, InferRequest, infer_stream_response};
+use distill_proto::{DType, HostTensor};
+use teacher_server::{ServeOptions, build_service, serve};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const MAX_MSG: usize = 64 << 20;
+
+fn checkpoint(arch: &str, seed: u64) -> Checkpoint {
+    let spec = ModelSpec::new(Arch::parse(arch).unwrap());
+    let m = TrainableModel::init(spec.clone(), seed, &Device::Cpu).unwrap();
+    Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap()
+}
+
+struct Running {
+    client: TeacherClient<Channel>,
+    channel: Channel,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<teacher_server::Result<()>>,
+    service: teacher_server::TeacherService,
+}
+
+async fn start(ck: &Checkpoint, opts: ServeOptions) -> Running {
+    let service = build_service(ck, &Device::Cpu, &opts).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(service.clone(), listener, MAX_MSG, shutdown.clone()));
+    // The listener is already bound: connecting needs no wait.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = TeacherClient::new(channel.clone())
+        .max_decoding_message_size(MAX_MSG)
+        .max_encoding_message_size(MAX_MSG);
+    Running {
+        client,
+        channel,
+        shutdown,
+        task,
+        service,
+    }
+}
+
+fn inputs(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    // A simple deterministic pattern in [0, 1).
+    (0..rows * cols)
+        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32) / 1000.0)
+        .collect()
+}
+
+fn request(id: u64, x: &[f32], rows: usize, t: f32) -> InferRequest {
+    InferRequest {
+        request_id: id,
+        inputs: Some(
+            HostTensor::from_f32(vec![rows, x.len() / rows], x)
+                .unwrap()
+                .into(),
+        ),
+        temperature: t,
+        output_dtype: 0,
+    }
+}
+
+fn local_logits(ck: &Checkpoint, x: &[f32], rows: usize, t: f32) -> Vec<f32> {
+    let m = ck.to_model(&Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu).unwrap();
+    let z = m
+        .forward(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    z.iter().map(|v| v / t).collect()
+}
+
+fn logits_of(r: &pb::InferResponse) -> Vec<f32> {
+    HostTensor::try_from(r.logits.clone().unwrap())
+        .unwrap()
+        .to_f32_vec()
+}
+
+#[tokio::test]
+async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
+    let ck = checkpoint("mlp:784-64-32-10", 1);
+    let mut s = start(
+        &ck,
+        ServeOptions {
+            member: "alpha".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let d = s
+        .client
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.member, "alpha");
+    assert_eq!(d.input_shape, vec![784]);
+    assert_eq!(d.num_classes, 10);
+    assert_eq!(d.weights_digest, ck.digest());
+    assert_eq!(d.model_id, ck.model_id());
+    assert_eq!(d.arch, "mlp:784-64-32-10");
+
+    let x = inputs(5, 784, 3);
+    for t in [1.0f32, 4.0, 20.0] {
+        let r = s
+            .client
+            .infer(request(7, &x, 5, t))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.request_id, 7);
+        assert_eq!(r.model_id, ck.model_id());
+        let got = logits_of(&r);
+        let want = local_logits(&ck, &x, 5, t);
+        assert_eq!(got.len(), 50);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "T={t}: max diff {diff}");
+    }
+
+    // f16 / bf16 replies carry the same values, rounded.
+    for (dt, tol) in [(DType::F16, 1e-2f32), (DType::BF16, 5e-2)] {
+        let mut req = request(8, &x, 5, 2.0);
+        req.output_dtype = pb::DType::from(dt) as i32;
+        let r = s.client.infer(req).await.unwrap().into_inner();
+        let t = HostTensor::try_from(r.logits.unwrap()).unwrap();
+        assert_eq!(t.dtype(), dt);
+        assert_eq!(t.shape(), &[5, 10]);
+        let want = local_logits(&ck, &x, 5, 2.0);
+        for (a, b) in t.to_f32_vec().iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1.0),
+                "{dt:?}: {a} vs {b}"
+            );
+        }
+    }
+
+    // U8 pixels are scaled by 1/255 on the server.
+    let px: Vec<u8> = (0..2 * 784).map(|i| (i * 7 % 256) as u8).collect();
+    let req = InferRequest {
+        request_id: 9,
+        inputs: Some(
+            HostTensor::new(vec![2, 784], DType::U8, px.clone())
+                .unwrap()
+                .into(),
+        ),
+        temperature: 1.0,
+        output_dtype: 0,
+    };
+    let got = logits_of(&s.client.infer(req).await.unwrap().into_inner());
+    let xf: Vec<f32> = px.iter().map(|&p| p as f32 / 255.0).collect();
+    let want = local_logits(&ck, &xf, 2, 1.0);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-5, "u8 inputs: {diff}");
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn batched_and_unbatched_answers_are_identical() {
+    for arch in ["mlp:784-64-32-10", "conv:4-8-16-10"] {
+        batching_is_invisible(arch).await;
+    }
+}
+
+async fn batching_is_invisible(arch: &str) {
+    let ck = checkpoint(arch, 2);
+    // Unbatched: one request at a time, no waiting for company.
+    let mut solo = start(
+        &ck,
+        ServeOptions {
+            max_delay: Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Batched: a long window, so concurrent requests are coalesced.
+    let batched = start(
+        &ck,
+        ServeOptions {
+            max_delay: Duration::from_millis(200),
+            max_batch: 64,
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let reqs: Vec<(Vec<f32>, usize, f32)> = (0..12)
+        .map(|i| (inputs(1 + i % 4, 784, i as u64), 1 + i % 4, 1.0 + i as f32))
+        .collect();
+    let mut want = Vec::new();
+    for (i, (x, rows, t)) in reqs.iter().enumerate() {
+        want.push(logits_of(
+            &solo
+                .client
+                .infer(request(i as u64, x, *rows, *t))
+                .await
+                .unwrap()
+                .into_inner(),
+        ));
+    }
+    let calls = reqs.iter().enumerate().map(|(i, (x, rows, t))| {
+        let mut c = batched.client.clone();
+        let req = request(i as u64, x, *rows, *t);
+        async move { c.infer(req).await.unwrap().into_inner() }
+    });
+    let got = futures_join_all(calls).await;
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.request_id, i as u64);
+        assert_eq!(logits_of(r), want[i], "request {i}");
+    }
+    let b = batched_stats(&batched);
+    assert!(
+        b.0 < 12,
+        "requests were coalesced: {} forward passes for 12 requests",
+        b.0
+    );
+    assert_eq!(b.1, reqs.iter().map(|r| r.1 as u64).sum::<u64>());
+    solo.shutdown.cancel();
+    batched.shutdown.cancel();
+}
+
+fn batched_stats(r: &Running) -> (u64, u64) {
+    let s = r.service.stats();
+    (
+        s.batches.load(std::sync::atomic::Ordering::Relaxed),
+        s.rows.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn infer_stream_pipelines_many_requests_out_of_order() {
+    let ck = checkpoint("mlp:784-32-10", 3);
+    let mut s = start(&ck, ServeOptions::default()).await;
+    let n = 40u64;
+    let reqs: Vec<InferRequest> = (0..n)
+        .map(|i| {
+            request(
+                1000 + i,
+                &inputs(1 + (i as usize % 3), 784, i),
+                1 + (i as usize % 3),
+                1.0 + (i % 5) as f32,
+            )
+        })
+        .collect();
+    let expected: std::collections::HashMap<u64, Vec<f32>> = (0..n)
+        .map(|i| {
+            let rows = 1 + (i as usize % 3);
+            (
+                1000 + i,
+                local_logits(&ck, &inputs(rows, 784, i), rows, 1.0 + (i % 5) as f32),
+            )
+        })
+        .collect();
+    // One bad request in the middle gets an error reply; the stream goes on.
+    let mut all = reqs.clone();
+    let mut bad = request(5, &inputs(1, 784, 0), 1, 1.0);
+    bad.temperature = -1.0;
+    all.insert(20, bad);
+    let mut stream = s
+        .client
+        .infer_stream(tokio_stream::iter(all))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::HashSet::new();
+    let mut errors = 0;
+    while let Some(msg) = tokio_stream::StreamExt::next(&mut stream).await {
+        let msg = msg.unwrap();
+        match msg.result.unwrap() {
+            infer_stream_response::Result::Response(r) => {
+                assert_eq!(r.request_id, msg.request_id);
+                let got = logits_of(&r);
+                let want = &expected[&r.request_id];
+                let diff = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff <= 1e-6);
+                assert!(
+                    seen.insert(r.request_id),
+                    "duplicate reply {}",
+                    r.request_id
+                );
+            }
+            infer_stream_response::Result::Error(e) => {
+                assert_eq!(msg.request_id, 5);
+                assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+                assert!(e.message.contains("temperature"), "{}", e.message);
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), n as usize);
+    assert_eq!(errors, 1);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
+    let ck = checkpoint("mlp:784-16-10", 4);
+    let mut s = start(
+        &ck,
+        ServeOptions {
+            max_batch: 8,
+            ..Default::default()
+        },
+    )
+    .await;
+    let good = || request(1, &inputs(2, 784, 1), 2, 1.0);
+    let tensor = |shape: Vec<u64>, dtype: pb::DType, data: Vec<u8>| pb::Tensor {
+        shape,
+        dtype: dtype as i32,
+        data: Bytes::from(data),
+    };
+    let mut nan = inputs(2, 784, 1);
+    nan[900] = f32::NAN;
+    let cases: Vec<(&str, InferRequest, &str)> = vec![
+        (
+            "no inputs",
+            InferRequest {
+                inputs: None,
+                ..good()
+            },
+            "missing `inputs`",
+        ),
+        (
+            "T = 0",
+            InferRequest {
+                temperature: 0.0,
+                ..good()
+            },
+            "temperature",
+        ),
+        (
+            "T = inf",
+            InferRequest {
+                temperature: f32::INFINITY,
+                ..good()
+            },
+            "temperature",
+        ),
+        (
+            "T = NaN",
+            InferRequest {
+                temperature: f32::NAN,
+                ..good()
+            },
+            "temperature",
+        ),
+        (
+            "NaN input",
+            request(1, &nan, 2, 1.0),
+            "non-finite value at row 1, column 116",
+        ),
+        (
+            "wrong width",
+            request(1, &inputs(2, 783, 1), 2, 1.0),
+            "expected [N, 784]",
+        ),
+        (
+            "rank 1",
+            InferRequest {
+                inputs: Some(tensor(vec![784], pb::DType::DtypeF32, vec![0; 784 * 4])),
+                ..good()
+            },
+            "expected [N, 784]",
+        ),
+        (
+            "too many rows",
+            request(1, &inputs(9, 784, 1), 9, 1.0),
+            "1 to 8 rows",
+        ),
+        (
+            "zero rows",
+            InferRequest {
+                inputs: Some(tensor(vec![0, 784], pb::DType::DtypeF32, vec![])),
+                ..good()
+            },
+            "1 to 8 rows",
+        ),
+        (
+            "short bytes",
+            InferRequest {
+                inputs: Some(tensor(vec![1, 784], pb::DType::DtypeF32, vec![0; 100])),
+                ..good()
+            },
+            "needs 3136 bytes, got 100",
+        ),
+        (
+            "dtype unset",
+            InferRequest {
+                inputs: Some(tensor(
+                    vec![1, 784],
+                    pb::DType::DtypeUnspecified,
+                    vec![0; 3136],
+                )),
+                ..good()
+            },
+            "dtype 0",
+        ),
+        (
+            "I64 inputs",
+            InferRequest {
+                inputs: Some(tensor(vec![1, 784], pb::DType::DtypeI64, vec![0; 784 * 8])),
+                ..good()
+            },
+            "I64",
+        ),
+        (
+            "bad output dtype",
+            InferRequest {
+                output_dtype: pb::DType::DtypeU8 as i32,
+                ..good()
+            },
+            "output_dtype",
+        ),
+    ];
+    for (name, req, needle) in cases {
+        let st = s.client.infer(req).await.expect_err(name);
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{name}: {st:?}");
+        assert!(st.message().contains(needle), "{name}: {}", st.message());
+        // ... and a good request right after still succeeds.
+        let ok = s.client.infer(good()).await;
+        assert!(ok.is_ok(), "after {name}: {ok:?}");
+    }
+
+    // An oversized message is refused by the transport with a clear status, and serving goes on.
+    let small = TeacherClient::new(s.channel.clone()).max_encoding_message_size(MAX_MSG * 2);
+    let huge = request(
+        1,
+        &vec![0.5; (MAX_MSG / 4 / 784 + 1) * 784],
+        MAX_MSG / 4 / 784 + 1,
+        1.0,
+    );
+    let st = small.clone().infer(huge).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::OutOfRange, "{st:?}");
+    assert!(s.client.infer(good()).await.is_ok());
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn too_many_requests_in_flight_get_resource_exhausted() {
+    let ck = checkpoint("mlp:784-16-10", 5);
+    // A slow forward pass keeps the first request in flight while the second arrives.
+    let s = start(
+        &ck,
+        ServeOptions {
+            max_inflight: 1,
+            simulate_latency: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c1 = s.client.clone();
+    let first = tokio::spawn(async move { c1.infer(request(1, &inputs(1, 784, 1), 1, 1.0)).await });
+    // Wait (with a deadline) until the first request is being computed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while batched_stats(&s).0 == 0 && s.service.inflight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    let st = s
+        .client
+        .clone()
+        .infer(request(2, &inputs(1, 784, 2), 1, 1.0))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("limit 1"), "{}", st.message());
+    assert!(first.await.unwrap().is_ok());
+    assert!(
+        s.client
+            .clone()
+            .infer(request(3, &inputs(1, 784, 3), 1, 1.0))
+            .await
+            .is_ok()
+    );
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served_and_shutdown_drains() {
+    let ck = checkpoint("mlp:784-16-10", 6);
+    let s = start(
+        &ck,
+        ServeOptions {
+            simulate_latency: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "distill.v1.Teacher".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+        s.channel.clone(),
+    );
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut out = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio_stream::StreamExt::next(&mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = match first.message_response.unwrap() {
+        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection reply {other:?}"),
+    };
+    assert!(
+        names.contains(&"distill.v1.Teacher".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    // A request in flight when shutdown starts still gets its answer.
+    let mut c = s.client.clone();
+    let pending =
+        tokio::spawn(async move { c.infer(request(1, &inputs(1, 784, 1), 1, 1.0)).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.service.inflight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    s.shutdown.cancel();
+    let r = pending.await.unwrap();
+    assert!(r.is_ok(), "in-flight request was dropped: {r:?}");
+    s.task.await.unwrap().unwrap();
+}
