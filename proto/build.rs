@@ -2,7 +2,11 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["distill/v1/tensor.proto", "distill/v1/teacher.proto"];
+    let protos = [
+        "distill/v1/tensor.proto",
+        "distill/v1/teacher.proto",
+        "distill/v1/coordinator.proto",
+    ];
     let includes = ["."];
     let fds = protox::compile(protos, includes)?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -13,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".distill.v1.Tensor.data")
+        .bytes(".distill.v1.EvalResult.checkpoint_bytes")
         .type_attribute(".", "#[allow(clippy::all)]")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=distill");

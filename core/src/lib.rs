@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod kd;
 pub mod model;
 pub mod optim;
+pub mod settings;
 pub mod spec;
 pub mod tensor;
 pub mod train;
