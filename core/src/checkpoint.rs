@@ -30,13 +30,16 @@ const KEY_FORMAT: &str = "distill.format";
 const KEY_VERSION: &str = "distill.format_version";
 const KEY_SPEC: &str = "distill.spec";
 
+/// One parameter in host memory: `(name, shape, f32 values)`.
+pub type NamedParam = (String, Vec<usize>, Vec<f32>);
+
 /// A checkpoint in host memory: the spec and each parameter's values in spec order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     /// What network the parameters belong to.
     pub spec: ModelSpec,
     /// `(name, shape, values)` in the order of [`Arch::param_shapes`].
-    pub params: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub params: Vec<NamedParam>,
     /// Extra metadata (keys other than the format, version and spec).
     pub extra: BTreeMap<String, String>,
 }
@@ -214,7 +217,7 @@ impl Checkpoint {
 
 /// Reads each parameter of `arch` from `st` by name, checking presence, shape and dtype
 /// (F32, F16, BF16 or F64, converted to f32).
-fn read_params(st: &SafeTensors, arch: &Arch) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn read_params(st: &SafeTensors, arch: &Arch) -> Result<Vec<NamedParam>> {
     arch.param_shapes()
         .into_iter()
         .map(|(name, shape)| {

@@ -1,1 +1,554 @@
-//! placeholder
+//! `student-worker`: trains a student network on batches streamed by the coordinator
+//! (`distill.v1.Coordinator`), with the knowledge-distillation loss of Hinton et al. (2015).
+//!
+//! # Flow of [`run`]
+//! 1. Read the worker checkpoint in the work dir, if any (see [`student`]), for its step.
+//! 2. `Join{worker_id, resume_step}`, retrying with exponential backoff while the coordinator
+//!    is unreachable (UNAVAILABLE, or the connection broke), until [`WorkerConfig::connect_timeout`]: a worker may start
+//!    before its coordinator.
+//! 3. Parse and validate `settings_json`; check the student fits the data (`input_shape`,
+//!    `classes`); build the student on the training thread ([`trainer`]), fresh or resumed.
+//! 4. Open `Batches` with `Hello{worker_id, incarnation, credits: prefetch}`. Each `TrainBatch`
+//!    is trained (one update) and acked; every ack returns one credit, so the window stays at
+//!    `prefetch` and no `credits` message is ever sent. `EvalBatch`es are scored; on `Done` the
+//!    final checkpoint is written, `EvalResult` (errors, total, file name, the checkpoint's
+//!    bytes) is sent, the stream is half-closed, and the worker waits (bounded) for the
+//!    coordinator to end its side before returning the [`WorkerReport`].
+//!
+//! # Decisions written down here
+//! - `JoinResponse.resume_step` is the coordinator's word: equal to the local checkpoint's step
+//!   → resume from it; 0 → start fresh (the local checkpoint is overwritten at the next save);
+//!   anything else → [`Error::Settings`] (the worker cannot resume from a step it does not have).
+//! - Without `worker_id`, the id the coordinator assigns is stored in `work_dir/worker_id` and
+//!   reused on restart, so a restarted worker is recognised as the same worker.
+//! - A malformed batch ends the run with [`Error::BadBatch`] naming the field (after writing a
+//!   checkpoint: nothing was trained on the bad batch).
+//! - On shutdown the worker stops taking batches, finishes the update in progress, acks it,
+//!   writes a checkpoint and returns [`Error::Cancelled`]; unacked batches go back to the
+//!   coordinator's queue when their leases expire.
+//! - An `EvalResult` whose checkpoint would exceed the message-size limit is sent without the
+//!   bytes (logged); the file stays in the work dir.
+
+pub mod decode;
+pub mod error;
+pub mod objective;
+pub mod student;
+pub mod trainer;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use distill_core::settings::StudentSettings;
+use distill_proto::pb;
+use distill_proto::pb::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+pub use error::{Error, Result};
+
+use decode::BatchSpec;
+use trainer::{Command, Outcome, Setup};
+
+/// Default largest gRPC message in either direction (64 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Default batches the worker holds ahead of training.
+pub const DEFAULT_PREFETCH: u32 = 4;
+/// Default time to keep trying to reach the coordinator.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// File in the work dir holding the worker id the coordinator assigned.
+pub const WORKER_ID_FILE: &str = "worker_id";
+/// How long to wait for the coordinator to close the stream after the `EvalResult`.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// How to run a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's URL, `http://host:port`.
+    pub coordinator: String,
+    /// Where the student trains.
+    pub device: Device,
+    /// Where checkpoints (and the assigned worker id) go; a restart with the same dir resumes.
+    pub work_dir: PathBuf,
+    /// Stable worker name; None: the one stored in `work_dir`, else the coordinator picks.
+    pub worker_id: Option<String>,
+    /// Batches held ahead of training (the credit window, >= 1).
+    pub prefetch: u32,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// How long to keep retrying an unreachable coordinator before giving up.
+    pub connect_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "http://127.0.0.1:50052".into(),
+            device: Device::Cpu,
+            work_dir: PathBuf::from("student-work"),
+            worker_id: None,
+            prefetch: DEFAULT_PREFETCH,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// What a finished worker did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerReport {
+    /// The id the worker ran under.
+    pub worker_id: String,
+    /// The student's update count at the end (including updates before a resume).
+    pub steps: u64,
+    /// Training batches trained in this session.
+    pub batches: u64,
+    /// Training rows trained in this session.
+    pub samples: u64,
+    /// Misclassified test rows of the final student.
+    pub test_errors: u64,
+    /// Test rows evaluated.
+    pub test_total: u64,
+    /// Seconds the training thread sat idle waiting for batches.
+    pub wait_seconds: f64,
+    /// Seconds spent in training steps.
+    pub step_seconds: f64,
+    /// The final student checkpoint.
+    pub checkpoint: PathBuf,
+}
+
+/// Joins the coordinator's run, trains until `Done`, evaluates, reports; see the module docs.
+/// Returns [`Error::Cancelled`] (after writing a checkpoint) when `shutdown` fires first.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<WorkerReport> {
+    if cfg.prefetch == 0 {
+        return Err(Error::Config("prefetch must be at least 1".into()));
+    }
+    if cfg.max_message_bytes < 1 << 16 {
+        return Err(Error::Config(format!(
+            "max_message_bytes {} is too small (at least 64 KiB)",
+            cfg.max_message_bytes
+        )));
+    }
+    let work_dir = cfg.work_dir.clone();
+    std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
+    let dir = work_dir.clone();
+    let local = tokio::task::spawn_blocking(move || student::read_checkpoint(&dir))
+        .await
+        .map_err(|e| Error::Panic(e.to_string()))??;
+    let local_step = match &local {
+        Some(ck) => student::checkpoint_step(ck).map_err(|msg| Error::Resume {
+            dir: work_dir.clone(),
+            msg,
+        })?,
+        None => 0,
+    };
+    let worker_id = match &cfg.worker_id {
+        Some(id) => id.clone(),
+        None => read_worker_id(&work_dir)?.unwrap_or_default(),
+    };
+
+    let channel = channel(&cfg)?;
+    let mut client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
+    let join = join(&mut client, &cfg, worker_id, local_step, &shutdown).await?;
+    let pb::JoinResponse {
+        worker_id,
+        incarnation,
+        settings_json,
+        batches_per_epoch,
+        classes,
+        input_shape,
+        resume_step,
+    } = join;
+    if cfg.worker_id.is_none() && !worker_id.is_empty() {
+        distill_core::fsutil::atomic_write(&work_dir.join(WORKER_ID_FILE), worker_id.as_bytes())?;
+    }
+    let settings = parse_settings(&settings_json)?;
+    let batch_spec = check_fit(&settings, classes, &input_shape, batches_per_epoch)?;
+    let resume = match (resume_step, local) {
+        (0, Some(_)) if local_step > 0 => {
+            tracing::warn!(
+                local_step,
+                "the coordinator starts this worker afresh; the old checkpoint will be replaced"
+            );
+            None
+        }
+        (0, _) => None,
+        (r, Some(ck)) if r == local_step => Some(ck),
+        (r, _) => {
+            return Err(Error::Settings(format!(
+                "the coordinator asks to resume from update {r}, but the checkpoint in {} is at \
+                 update {local_step}",
+                work_dir.display()
+            )));
+        }
+    };
+    tracing::info!(%worker_id, incarnation, resume_step, batches_per_epoch, arch = %settings.spec.arch, "joined the run");
+
+    let window = cfg.prefetch as usize;
+    let stop = CancellationToken::new();
+    let training = trainer::spawn(
+        Setup {
+            settings,
+            batches_per_epoch,
+            batch_spec,
+            device: cfg.device.clone(),
+            work_dir: work_dir.clone(),
+            worker_id: worker_id.clone(),
+            resume,
+        },
+        window + 2,
+        stop.clone(),
+    )?;
+    let trainer::TrainingThread {
+        commands,
+        mut acks,
+        done,
+    } = training;
+
+    // Acks are bounded by the credit window; a few more slots for Hello and EvalResult.
+    let (out_tx, out_rx) = mpsc::channel::<pb::WorkerMessage>(window + 4);
+    let hello = pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: worker_id.clone(),
+            incarnation,
+            credits: cfg.prefetch,
+        })),
+    };
+    out_tx
+        .send(hello)
+        .await
+        .map_err(|_| Error::Protocol("the outgoing stream closed before Hello".into()))?;
+    let inbound = tokio::select! {
+        r = client.batches(ReceiverStream::new(out_rx)) => r?.into_inner(),
+        _ = shutdown.cancelled() => {
+            drop(commands);
+            return Err(stopped(done, &stop).await);
+        }
+    };
+    let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(inbound, commands));
+    let mut reader_result: Option<Result<()>> = None;
+    let mut cancelled = false;
+
+    // Forward acks until the training thread ends (its ack channel closes).
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !cancelled => {
+                tracing::info!("shutdown: finishing the current update and writing a checkpoint");
+                cancelled = true;
+                stop.cancel();
+                reader.abort(); // drops the command sender, waking the training thread
+            }
+            ack = acks.recv() => match ack {
+                Some(ack) => {
+                    let msg = pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Ack(ack)) };
+                    if out_tx.send(msg).await.is_err() {
+                        tracing::warn!("the batch stream is gone; acks are dropped");
+                    }
+                }
+                None => break,
+            },
+            r = &mut reader, if reader_result.is_none() => {
+                let r = r.unwrap_or_else(|e| if e.is_cancelled() { Ok(()) } else { Err(Error::Panic(e.to_string())) });
+                if r.is_err() {
+                    stop.cancel(); // the stream is broken: acks cannot reach the coordinator
+                }
+                reader_result = Some(r);
+            }
+        }
+    }
+    let outcome = done.await.unwrap_or_else(|_| {
+        Err(Error::Panic(
+            "training thread ended without a result".into(),
+        ))
+    });
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            reader.abort();
+            return Err(e);
+        }
+    };
+    if cancelled {
+        return Err(Error::Cancelled {
+            step: outcome.steps,
+        });
+    }
+    if !outcome.completed {
+        // The training thread stopped because the reader ended: its result says why.
+        let r = match reader_result {
+            Some(r) => r,
+            None => reader
+                .await
+                .unwrap_or_else(|e| Err(Error::Panic(e.to_string()))),
+        };
+        return Err(match r {
+            Err(e) => e,
+            Ok(()) => Error::Protocol("the batch stream ended before Done".into()),
+        });
+    }
+    send_result(&out_tx, &outcome, cfg.max_message_bytes).await;
+    drop(out_tx); // half-close: nothing more from this worker
+    if reader_result.is_none() {
+        tokio::select! {
+            r = &mut reader => {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "the batch stream ended with an error after Done");
+                }
+            }
+            _ = tokio::time::sleep(CLOSE_GRACE) => {
+                tracing::warn!("the coordinator did not close the batch stream after the result");
+                reader.abort();
+            }
+            _ = shutdown.cancelled() => reader.abort(),
+        }
+    }
+    let Outcome {
+        completed: _,
+        steps,
+        batches,
+        samples,
+        test_errors,
+        test_total,
+        wait_seconds,
+        step_seconds,
+        checkpoint,
+        checkpoint_bytes: _,
+    } = outcome;
+    Ok(WorkerReport {
+        worker_id,
+        steps,
+        batches,
+        samples,
+        test_errors,
+        test_total,
+        wait_seconds,
+        step_seconds,
+        checkpoint,
+    })
+}
+
+/// Ends a training thread that got no batches and returns the cancellation error.
+async fn stopped(
+    done: tokio::sync::oneshot::Receiver<Result<Outcome>>,
+    stop: &CancellationToken,
+) -> Error {
+    stop.cancel();
+    match done.await {
+        Ok(Ok(o)) => Error::Cancelled { step: o.steps },
+        Ok(Err(e)) => e,
+        Err(_) => Error::Panic("training thread ended without a result".into()),
+    }
+}
+
+async fn send_result(out: &mpsc::Sender<pb::WorkerMessage>, o: &Outcome, max_bytes: usize) {
+    let name = o
+        .checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Leave room for the other fields and framing.
+    let bytes = if o.checkpoint_bytes.len() + 4096 > max_bytes {
+        tracing::warn!(
+            bytes = o.checkpoint_bytes.len(),
+            max_bytes,
+            "the checkpoint exceeds the message-size limit; sending the result without it"
+        );
+        bytes::Bytes::new()
+    } else {
+        o.checkpoint_bytes.clone()
+    };
+    let msg = pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Eval(pb::EvalResult {
+            errors: o.test_errors,
+            total: o.test_total,
+            checkpoint: name,
+            checkpoint_bytes: bytes,
+        })),
+    };
+    if out.send(msg).await.is_err() {
+        tracing::warn!("the batch stream closed before the evaluation result could be sent");
+    }
+}
+
+/// Reads the coordinator's side of the batch stream into the training thread's commands.
+/// Returns Ok when the stream ends after `Done`; an error when it breaks or ends before.
+async fn read_batches(
+    mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    commands: mpsc::Sender<Command>,
+) -> Result<()> {
+    use pb::coordinator_message::Kind;
+    let mut done = false;
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) if done => return Ok(()),
+            Ok(None) => {
+                return Err(Error::Protocol(
+                    "the coordinator closed the batch stream before Done".into(),
+                ));
+            }
+            Err(s) if done => {
+                tracing::debug!(status = %s, "batch stream ended after Done");
+                return Ok(());
+            }
+            Err(s) => return Err(s.into()),
+        };
+        let pb::CoordinatorMessage { kind } = msg;
+        let cmd = match kind {
+            Some(_) if done => {
+                tracing::warn!("message after Done ignored");
+                continue;
+            }
+            Some(Kind::Train(b)) => Command::Train(Box::new(b)),
+            Some(Kind::Eval(b)) => Command::Eval(Box::new(b)),
+            Some(Kind::Done(pb::Done { reason })) => {
+                tracing::info!(%reason, "coordinator: done");
+                done = true;
+                Command::Finish
+            }
+            None => {
+                tracing::warn!("empty (or unknown) coordinator message ignored");
+                continue;
+            }
+        };
+        if commands.send(cmd).await.is_err() {
+            // The training thread ended; its own result says why.
+            return Ok(());
+        }
+    }
+}
+
+fn channel(cfg: &WorkerConfig) -> Result<Channel> {
+    let bad = |msg: String| Error::Connect {
+        url: cfg.coordinator.clone(),
+        msg,
+    };
+    let ep = Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(|e| bad(format!("not a valid URL: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        // Notice a dead coordinator on an idle stream.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(ep.connect_lazy())
+}
+
+/// `Join`, retried with exponential backoff while the coordinator is UNAVAILABLE.
+async fn join(
+    client: &mut CoordinatorClient<Channel>,
+    cfg: &WorkerConfig,
+    worker_id: String,
+    resume_step: u64,
+    shutdown: &CancellationToken,
+) -> Result<pb::JoinResponse> {
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut req = tonic::Request::new(pb::JoinRequest {
+            worker_id: worker_id.clone(),
+            resume_step,
+        });
+        req.set_timeout(Duration::from_secs(30));
+        let status = tokio::select! {
+            r = client.join(req) => match r {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s) => s,
+            },
+            _ = shutdown.cancelled() => return Err(Error::Cancelled { step: resume_step }),
+        };
+        if !is_transient(&status) {
+            return Err(status.into());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::Connect {
+                url: cfg.coordinator.clone(),
+                msg: format!(
+                    "still unavailable after {:?}: {}",
+                    cfg.connect_timeout,
+                    status.message()
+                ),
+            });
+        }
+        tracing::info!(url = %cfg.coordinator, retry_in = ?backoff, "coordinator unavailable: {}", status.message());
+        // A retry backoff, not synchronisation: nothing signals the coordinator's arrival.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.min(deadline - now)) => {},
+            _ = shutdown.cancelled() => return Err(Error::Cancelled { step: resume_step }),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether a failed call is worth retrying: the coordinator is UNAVAILABLE (not up yet,
+/// draining) or the connection broke before an answer (then the status, UNKNOWN or CANCELLED,
+/// has a `tonic::transport::Error` source). Join may be repeated: a repeat only bumps the
+/// worker's incarnation.
+fn is_transient(s: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    s.code() == tonic::Code::Unavailable
+        || s.source()
+            .is_some_and(|e| e.is::<tonic::transport::Error>())
+}
+
+fn parse_settings(json: &str) -> Result<StudentSettings> {
+    let s: StudentSettings =
+        serde_json::from_str(json).map_err(|e| Error::Settings(format!("settings_json: {e}")))?;
+    s.validate()
+        .map_err(|e| Error::Settings(format!("settings_json: {e}")))?;
+    Ok(s)
+}
+
+/// Checks that the student fits the data the coordinator will send.
+fn check_fit(
+    s: &StudentSettings,
+    classes: u32,
+    input_shape: &[u64],
+    batches_per_epoch: u64,
+) -> Result<BatchSpec> {
+    let arch = &s.spec.arch;
+    let shape: Vec<usize> = input_shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Settings(format!("input_shape {input_shape:?} is too large")))?;
+    let row = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(0);
+    if shape.is_empty() || row != arch.input_size() {
+        return Err(Error::Settings(format!(
+            "the data's rows have shape {shape:?} but the student {arch} takes {} values",
+            arch.input_size()
+        )));
+    }
+    if classes as usize != arch.classes() {
+        return Err(Error::Settings(format!(
+            "the data has {classes} classes but the student {arch} outputs {}",
+            arch.classes()
+        )));
+    }
+    if batches_per_epoch == 0 {
+        return Err(Error::Settings("batches_per_epoch is 0".into()));
+    }
+    Ok(BatchSpec {
+        input_shape: shape,
+        classes: classes as usize,
+        temperature: s.temperature,
+    })
+}
+
+fn read_worker_id(dir: &Path) -> Result<Option<String>> {
+    let p = dir.join(WORKER_ID_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(p, e)),
+    }
+}

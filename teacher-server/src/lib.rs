@@ -115,23 +115,41 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Compute(format!("reflection service: {e}")))?;
     let info = service.info().clone();
+    let drain_view = service.clone();
     let teacher = TeacherServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     tracing::info!(model = %info.model_id, member = %info.member, max_batch = info.max_batch, "teacher serving");
+    let stop = shutdown.clone();
     let signal = async move {
-        shutdown.cancelled().await;
+        stop.cancelled().await;
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
-        health_reporter
-            .set_not_serving::<TeacherServer<TeacherService>>()
-            .await;
+        health_reporter.set_not_serving::<TeacherServer<TeacherService>>().await;
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(teacher)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // tonic's graceful shutdown also waits for idle client connections to close, which a
+    // long-lived client (a coordinator) never does: once every request in flight is answered,
+    // or after DRAIN_GRACE, the remaining connections are dropped.
+    let drained = async {
+        shutdown.cancelled().await;
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        while drain_view.inflight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Let the last replies leave the socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = drained => {}
+    }
     tracing::info!("teacher server stopped");
     Ok(())
 }
+
+/// Longest wait for in-flight requests after a shutdown signal.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);

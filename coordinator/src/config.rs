@@ -1,0 +1,283 @@
+//! The run config: one TOML file describing a distillation run (documented field by field in
+//! `docs/config.md`; examples under `examples/`). Unknown keys and invalid values are errors
+//! naming the key.
+
+use std::path::{Path, PathBuf};
+
+use distill_core::kd::Combine;
+use distill_core::optim::OptimConfig;
+use distill_core::settings::StudentSettings;
+use distill_core::spec::{Arch, ModelSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Data source: `mnist:DIR`, `safetensors:FILE` or `synthetic[:SEED]`.
+    pub data: String,
+    /// Run directory (resolved config, checkpoints, metrics, report.json). Relative paths are
+    /// relative to the config file's directory.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// Passes over the training split.
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Rows per batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Seed of the batch order, the student's initial weights and its dropout masks.
+    #[serde(default)]
+    pub seed: u64,
+    /// Distillation temperature T.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the soft-target term (1 − alpha weighs the hard labels).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// How the members' soft targets combine: `mean-prob` (default) or `mean-logit`.
+    #[serde(default)]
+    pub combine: Combine,
+    /// Soft targets on the wire: `f32` (default) or `f16`.
+    #[serde(default)]
+    pub soft_target_dtype: SoftTargetDtype,
+    /// Worker checkpoint every this many updates (0: at the end only).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Seconds a worker may hold a batch before it is leased again.
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_secs: f64,
+    /// Batches prepared ahead per worker (soft targets requested ahead of need).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Deadline of one teacher request, in seconds.
+    #[serde(default = "default_teacher_timeout")]
+    pub teacher_timeout_secs: f64,
+    /// Largest gRPC message, in MiB, on every connection.
+    #[serde(default = "default_max_message_mb")]
+    pub max_message_mb: usize,
+    /// The student.
+    pub student: StudentConfig,
+    /// Optimizer, schedule and clipping of the student.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// The teacher ensemble (at least one member).
+    pub members: Vec<MemberConfig>,
+}
+
+/// The student network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    /// Architecture string, e.g. `mlp:784-800-800-10`.
+    pub arch: String,
+    /// Dropout on hidden layers.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Dropout on the input.
+    #[serde(default)]
+    pub input_dropout: f32,
+}
+
+/// One ensemble member: a model served by one or more replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Member name (as the replicas' `--member`).
+    pub name: String,
+    /// Replica addresses, e.g. `http://10.0.0.5:50051`.
+    pub endpoints: Vec<String>,
+    /// Weight of this member in the combination (> 0; renormalised).
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+}
+
+/// Element type of soft targets on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SoftTargetDtype {
+    /// 4 bytes per probability.
+    #[default]
+    F32,
+    /// 2 bytes per probability.
+    F16,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("runs/run")
+}
+fn default_epochs() -> u32 {
+    10
+}
+fn default_batch() -> usize {
+    128
+}
+fn default_temperature() -> f64 {
+    4.0
+}
+fn default_alpha() -> f64 {
+    0.9
+}
+fn default_lease_timeout() -> f64 {
+    60.0
+}
+fn default_prefetch() -> usize {
+    8
+}
+fn default_teacher_timeout() -> f64 {
+    30.0
+}
+fn default_max_message_mb() -> usize {
+    64
+}
+fn default_weight() -> f32 {
+    1.0
+}
+
+impl RunConfig {
+    /// Parses TOML text; unknown keys and bad values are errors naming the key.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file; a relative `run_dir` is resolved against the file's directory.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg =
+            Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        if cfg.run_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.run_dir = dir.join(&cfg.run_dir);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        fn bad<T>(key: &str, msg: String) -> Result<T> {
+            Err(Error::Config(format!("`{key}`: {msg}")))
+        }
+        self.data
+            .parse::<distill_core::data::DataSource>()
+            .or_else(|e| bad("data", e.to_string()))?;
+        if self.members.is_empty() {
+            return bad("members", "at least one teacher member is needed".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.name.is_empty() || !names.insert(m.name.as_str()) {
+                return bad(&format!("members[{i}].name"), format!("`{}` is empty or repeated", m.name));
+            }
+            if m.endpoints.is_empty() {
+                return bad(&format!("members[{i}].endpoints"), "at least one replica endpoint is needed".into());
+            }
+            for e in &m.endpoints {
+                if tonic::transport::Endpoint::from_shared(e.clone()).is_err() || !e.contains("://") {
+                    return bad(&format!("members[{i}].endpoints"), format!("`{e}` is not a URL like http://host:port"));
+                }
+            }
+            if !m.weight.is_finite() || m.weight <= 0.0 {
+                return bad(&format!("members[{i}].weight"), format!("must be finite and > 0, got {}", m.weight));
+            }
+        }
+        for (key, v) in [("lease_timeout_secs", self.lease_timeout_secs), ("teacher_timeout_secs", self.teacher_timeout_secs)] {
+            if !v.is_finite() || v <= 0.0 {
+                return bad(key, format!("must be finite and > 0, got {v}"));
+            }
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1".into());
+        }
+        if self.max_message_mb == 0 {
+            return bad("max_message_mb", "must be at least 1".into());
+        }
+        Arch::parse(&self.student.arch).or_else(|e| bad("student.arch", e.to_string()))?;
+        self.student_settings()?.validate().map_err(|e| Error::Config(e.to_string()))?;
+        Ok(())
+    }
+
+    /// What the workers train with.
+    pub fn student_settings(&self) -> Result<StudentSettings> {
+        let arch = Arch::parse(&self.student.arch).map_err(|e| Error::Config(format!("`student.arch`: {e}")))?;
+        Ok(StudentSettings {
+            spec: ModelSpec {
+                arch,
+                dropout: self.student.dropout,
+                input_dropout: self.student.input_dropout,
+            },
+            optim: self.optim.clone(),
+            temperature: self.temperature,
+            alpha: self.alpha,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+
+    /// Largest gRPC message in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_mb << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data = "synthetic:1"
+epochs = 3
+temperature = 4.0
+[student]
+arch = "mlp:784-32-10"
+[optim]
+kind = "adamw"
+lr = 0.001
+[[members]]
+name = "big"
+endpoints = ["http://127.0.0.1:5000", "http://127.0.0.1:5001"]
+[[members]]
+name = "wide"
+endpoints = ["http://127.0.0.1:5002"]
+weight = 2.0
+"#;
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = RunConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.epochs, 3);
+        assert_eq!(c.batch_size, 128);
+        assert_eq!(c.combine, Combine::MeanProb);
+        assert_eq!(c.members[1].weight, 2.0);
+        assert_eq!(c.members[0].weight, 1.0);
+        let s = c.student_settings().unwrap();
+        assert_eq!(s.spec.arch.to_string(), "mlp:784-32-10");
+        assert_eq!(s.alpha, 0.9);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        for (edit, needle) in [
+            (GOOD.replace("epochs = 3", "epochs = 3\nepoch = 4"), "unknown field `epoch`"),
+            (GOOD.replace("arch = \"mlp:784-32-10\"", "arch = \"mlp:784-32-10\"\ndropuot = 0.1"), "unknown field `dropuot`"),
+            (GOOD.replace("temperature = 4.0", "temperature = -1.0"), "temperature"),
+            (GOOD.replace("weight = 2.0", "weight = 0.0"), "members[1].weight"),
+            (GOOD.replace("\"http://127.0.0.1:5002\"", ""), "members[1].endpoints"),
+            (GOOD.replace("synthetic:1", "floppy:/x"), "`data`"),
+            (GOOD.replace("mlp:784-32-10", "mlp:784"), "student.arch"),
+            (GOOD.replace("lr = 0.001", "lr = 0.001\nkind2 = 1"), "unknown field `kind2`"),
+            (GOOD.replace("epochs = 3", "epochs = \"three\""), "epochs"),
+            (GOOD.replace("name = \"wide\"", "name = \"big\""), "members[1].name"),
+        ] {
+            let e = RunConfig::from_toml(&edit).unwrap_err().to_string();
+            assert!(e.contains(needle), "wanted `{needle}` in: {e}");
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The coordinator's error type and its one mapping to gRPC statuses.
+
+/// Everything the coordinator can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The run config is invalid (the message names the key).
+    #[error("config: {0}")]
+    Config(String),
+    /// A message from a worker is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The worker is not part of the run.
+    #[error("{0}")]
+    NotFound(String),
+    /// The worker's incarnation was replaced by a newer one.
+    #[error("{0}")]
+    Stale(String),
+    /// The coordinator is shutting down.
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
+    /// No replica of a teacher member answered.
+    #[error("teacher member `{member}`: {msg}")]
+    Teacher { member: String, msg: String },
+    /// Loading data, computing soft targets or writing run files failed.
+    #[error(transparent)]
+    Core(#[from] distill_core::Error),
+    /// Writing or reading a run file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A bug of ours (a task panicked, a lock was poisoned).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the coordinator.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::Config(_) | Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::Stale(_) => tonic::Status::failed_precondition(msg),
+            Error::ShuttingDown | Error::Teacher { .. } => tonic::Status::unavailable(msg),
+            Error::Core(_) | Error::Io { .. } | Error::Transport(_) | Error::Internal(_) => {
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! One distillation run: shared state, the soft-target producer that feeds each worker, the
+//! handling of acks, and the run report.
+//!
+//! Data flow per worker stream: credits (the worker's prefetch window) → lease a batch from the
+//! [`Ledger`] → ask every member for its tempered logits concurrently (up to `prefetch` batches
+//! in flight, so teacher latency hides behind training) → combine them into soft targets →
+//! send the batches in lease order. Acks come back on the same stream and return credits.
+//! When every batch is trained, one worker evaluates the final student on the test split and
+//! sends its weights back; the run writes `report.json` and ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use distill_core::data::Dataset;
+use distill_core::settings::StudentSettings;
+use distill_proto::pb::{self, CoordinatorMessage, coordinator_message};
+use distill_proto::{DType, HostTensor};
+use futures::stream::{FuturesOrdered, StreamExt};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{RunConfig, SoftTargetDtype};
+use crate::error::{Error, Result};
+use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
+use crate::teachers::{MemberStats, TeacherPool};
+
+/// Test errors of one teacher member.
+#[derive(Debug, Clone, Serialize)]
+pub struct TeacherErrors {
+    /// Member name.
+    pub member: String,
+    /// Test errors (arg-max of its logits vs the label).
+    pub test_errors: u64,
+}
+
+/// The run's result, written to `report.json` in the run directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Data source.
+    pub data: String,
+    /// Student architecture.
+    pub student_arch: String,
+    /// Temperature and alpha of the KD loss.
+    pub temperature: f64,
+    /// Weight of the soft-target term.
+    pub alpha: f64,
+    /// Each member's test errors.
+    pub teachers: Vec<TeacherErrors>,
+    /// Test errors of the combined ensemble (its combination at T = 1).
+    pub ensemble_test_errors: Option<u64>,
+    /// Test errors of the same student trained on hard labels alone (filled by `distill demo`).
+    pub baseline_student_test_errors: Option<u64>,
+    /// Test errors of the distilled student.
+    pub student_test_errors: u64,
+    /// Rows in the test split.
+    pub test_size: u64,
+    /// Epochs trained.
+    pub epochs: u32,
+    /// Training samples per second, from the first batch sent to the last ack.
+    pub samples_per_sec: f64,
+    /// Batches acked.
+    pub batches_trained: u64,
+    /// Batches the run needed.
+    pub batches_expected: u64,
+    /// Seconds workers waited for batches.
+    pub student_wait_seconds: f64,
+    /// Seconds workers spent training.
+    pub student_step_seconds: f64,
+    /// Wait as a fraction of the training time line (wait / (wait + step)).
+    pub student_wait_fraction: f64,
+    /// Batches leased again (expired leases, departed workers).
+    pub requeued_batches: u64,
+    /// Teacher requests retried on another replica.
+    pub retries: u64,
+    /// Per-member teacher statistics.
+    pub members: Vec<MemberStats>,
+    /// Wall-clock seconds of the run.
+    pub run_seconds: f64,
+    /// The final student's checkpoint in the run directory.
+    pub student_checkpoint: PathBuf,
+}
+
+#[derive(Default)]
+struct Stats {
+    samples: u64,
+    wait_secs: f64,
+    step_secs: f64,
+    first_send: Option<Instant>,
+    last_ack: Option<Instant>,
+    epoch_loss: f64,
+    epoch_batches: u64,
+}
+
+/// Shared state of the run.
+pub struct Run {
+    pub(crate) cfg: RunConfig,
+    pub(crate) settings: StudentSettings,
+    pub(crate) settings_json: String,
+    pub(crate) data: Arc<Dataset>,
+    pub(crate) pool: TeacherPool,
+    ledger: Mutex<Ledger>,
+    changed: Notify,
+    workers: Mutex<HashMap<String, u64>>,
+    next_worker: AtomicU64,
+    stats: Mutex<Stats>,
+    queues: Mutex<BTreeMap<String, usize>>,
+    eval_claimed: AtomicBool,
+    teacher_eval: Mutex<Option<(Vec<TeacherErrors>, u64)>>,
+    report: Mutex<Option<RunReport>>,
+    /// Cancelled when the run is complete (report written) or the process shuts down.
+    pub finished: CancellationToken,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| Error::Internal("a lock was poisoned by a panic".into()))
+}
+
+impl Run {
+    /// Builds the run: loads the data set, prepares the ledger and the teacher clients, and
+    /// writes the resolved config into the run directory.
+    pub fn new(cfg: RunConfig, data: Dataset) -> Result<Arc<Self>> {
+        let settings = cfg.student_settings()?;
+        let classes = settings.spec.arch.classes();
+        if classes != data.classes || settings.spec.arch.input_size() != data.row_len() {
+            return Err(Error::Config(format!(
+                "`student.arch`: {} takes {} inputs and {} classes, but {} has rows of {} values and {} classes",
+                settings.spec.arch,
+                settings.spec.arch.input_size(),
+                classes,
+                data.source,
+                data.row_len(),
+                data.classes
+            )));
+        }
+        let settings_json =
+            serde_json::to_string(&settings).map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
+        let ledger = Ledger::new(LedgerConfig {
+            samples: data.train.len(),
+            batch_size: cfg.batch_size,
+            epochs: cfg.epochs,
+            seed: cfg.seed,
+            lease_timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
+        })
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let pool = TeacherPool::new(
+            &cfg.members,
+            Duration::from_secs_f64(cfg.teacher_timeout_secs),
+            cfg.max_message_bytes(),
+        )?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::Io {
+            path: cfg.run_dir.clone(),
+            source: e,
+        })?;
+        let resolved = toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
+        distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
+        Ok(Arc::new(Self {
+            cfg,
+            settings,
+            settings_json,
+            data: Arc::new(data),
+            pool,
+            ledger: Mutex::new(ledger),
+            changed: Notify::new(),
+            workers: Mutex::new(HashMap::new()),
+            next_worker: AtomicU64::new(0),
+            stats: Mutex::new(Stats::default()),
+            queues: Mutex::new(BTreeMap::new()),
+            eval_claimed: AtomicBool::new(false),
+            teacher_eval: Mutex::new(None),
+            report: Mutex::new(None),
+            finished: CancellationToken::new(),
+            started: Instant::now(),
+        }))
+    }
+
+    /// The report, once the run is complete.
+    pub fn report(&self) -> Option<RunReport> {
+        self.report.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// A worker joins: a new id (or its old one) and the next incarnation.
+    pub fn join(&self, requested_id: &str) -> Result<Worker> {
+        let id = if requested_id.is_empty() {
+            format!("worker-{}", self.next_worker.fetch_add(1, Ordering::Relaxed))
+        } else {
+            requested_id.to_string()
+        };
+        let mut workers = lock(&self.workers)?;
+        let incarnation = workers.get(&id).map_or(1, |i| i + 1);
+        let worker = Worker::new(id.clone(), incarnation);
+        let events = lock(&self.ledger)?
+            .join(&worker)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        workers.insert(id, incarnation);
+        log_events(&events);
+        self.changed.notify_waiters();
+        Ok(worker)
+    }
+
+    /// Checks that `worker` is the current incarnation of a joined worker.
+    pub fn check_worker(&self, worker: &Worker) -> Result<()> {
+        match lock(&self.workers)?.get(&worker.id) {
+            None => Err(Error::NotFound(format!("worker `{}` has not joined this run", worker.id))),
+            Some(&cur) if cur != worker.incarnation => Err(Error::Stale(format!(
+                "worker `{}` incarnation {} was replaced by incarnation {cur}",
+                worker.id, worker.incarnation
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Batches per epoch.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.ledger.lock().map(|l| l.config().batches_per_epoch()).unwrap_or(0)
+    }
+
+    /// Expires overdue leases; called periodically.
+    pub fn tick(&self) {
+        let events = match self.ledger.lock() {
+            Ok(mut l) => l.tick(Instant::now()),
+            Err(_) => return,
+        };
+        if !events.is_empty() {
+            log_events(&events);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The worker's stream ended: its leases go back in line at once.
+    pub fn worker_gone(&self, worker: &Worker) {
+        if let Ok(mut l) = self.ledger.lock() {
+            let events = l.worker_left(worker);
+            log_events(&events);
+        }
+        if let Ok(mut q) = self.queues.lock() {
+            q.remove(&worker.id);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Handles an ack; returns whether it returned a credit.
+    pub fn ack(&self, worker: &Worker, ack: &pb::Ack, rows: usize) -> Result<bool> {
+        let outcome = lock(&self.ledger)?.ack(worker, ack.lease_id, Instant::now());
+        match outcome {
+            AckOutcome::Acked { batch, events, .. } => {
+                let mut s = lock(&self.stats)?;
+                s.samples += rows as u64;
+                s.wait_secs += f64::from(ack.wait_seconds.max(0.0));
+                s.step_secs += f64::from(ack.step_seconds.max(0.0));
+                s.last_ack = Some(Instant::now());
+                s.epoch_loss += f64::from(ack.loss);
+                s.epoch_batches += 1;
+                tracing::debug!(%worker, %batch, loss = ack.loss, "batch trained");
+                for e in &events {
+                    if let LedgerEvent::EpochCompleted { epoch } = e {
+                        let mean = s.epoch_loss / s.epoch_batches.max(1) as f64;
+                        self.write_epoch_metrics(*epoch, mean, &s);
+                        s.epoch_loss = 0.0;
+                        s.epoch_batches = 0;
+                    }
+                }
+                drop(s);
+                log_events(&events);
+                self.changed.notify_waiters();
+                Ok(true)
+            }
+            AckOutcome::Duplicate { batch } => {
+                tracing::debug!(%worker, %batch, "duplicate ack ignored");
+                Ok(false)
+            }
+            other => {
+                tracing::warn!(%worker, lease = ack.lease_id, outcome = ?other, "ack rejected");
+                Ok(false)
+            }
+        }
+    }
+
+    fn write_epoch_metrics(&self, epoch: u32, mean_loss: f64, s: &Stats) {
+        let elapsed = s.first_send.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let line = serde_json::json!({
+            "epoch": epoch,
+            "mean_loss": mean_loss,
+            "samples": s.samples,
+            "seconds": elapsed,
+            "samples_per_sec": if elapsed > 0.0 { s.samples as f64 / elapsed } else { 0.0 },
+            "student_wait_seconds": s.wait_secs,
+        });
+        tracing::info!(epoch, mean_loss, samples = s.samples, "epoch complete");
+        let path = self.cfg.run_dir.join("metrics.jsonl");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            writeln!(f, "{line}")
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), error = %e, "cannot append metrics");
+        }
+    }
+
+    /// Status snapshot for `RunStatus`.
+    pub fn status(&self) -> Result<pb::RunStatusResponse> {
+        let (progress, counters, done) = {
+            let l = lock(&self.ledger)?;
+            (l.progress(), l.counters().clone(), l.is_done())
+        };
+        let s = lock(&self.stats)?;
+        Ok(pb::RunStatusResponse {
+            epoch: progress.epoch,
+            epochs: progress.epochs,
+            batches_trained: progress.total_acked,
+            batches_expected: progress.expected_total,
+            samples_per_sec: samples_per_sec(&s),
+            student_wait_seconds: s.wait_secs,
+            student_step_seconds: s.step_secs,
+            members: self
+                .pool
+                .stats()
+                .into_iter()
+                .map(|m| pb::MemberStatus {
+                    mean_latency_ms: if m.requests > 0 { 1e3 * m.total_latency_secs / m.requests as f64 } else { 0.0 },
+                    max_latency_ms: 1e3 * m.max_latency_secs,
+                    member: m.member,
+                    requests: m.requests,
+                    failures: m.failures,
+                })
+                .collect(),
+            queues: lock(&self.queues)?
+                .iter()
+                .map(|(w, &d)| pb::QueueDepth {
+                    worker_id: w.clone(),
+                    depth: d as u32,
+                })
+                .collect(),
+            requeued_batches: counters.requeued_batches,
+            retries: self.pool.retries(),
+            done,
+        })
+    }
+
+    fn set_queue_depth(&self, worker: &Worker, depth: usize) {
+        if let Ok(mut q) = self.queues.lock() {
+            q.insert(worker.id.clone(), depth);
+        }
+    }
+
+    /// Feeds one worker's stream until the run is trained, then sends evaluation batches (to
+    /// one worker) and `Done`.
+    pub async fn produce(
+        self: Arc<Self>,
+        worker: Worker,
+        credits: Arc<Semaphore>,
+        tx: mpsc::Sender<std::result::Result<CoordinatorMessage, tonic::Status>>,
+        stop: CancellationToken,
+    ) {
+        let prefetch = self.cfg.prefetch;
+        let mut pending = FuturesOrdered::new();
+        let mut have_credit = false;
+        loop {
+            if !have_credit && pending.len() < prefetch {
+                if let Ok(p) = credits.try_acquire() {
+                    p.forget();
+                    have_credit = true;
+                }
+            }
+            if have_credit {
+                let lease = match self.ledger.lock() {
+                    Ok(mut l) => l.lease(&worker, Instant::now()),
+                    Err(_) => return,
+                };
+                match lease {
+                    Ok(Some(lease)) => {
+                        have_credit = false;
+                        pending.push_back(self.clone().prepare(lease, stop.clone()));
+                        self.set_queue_depth(&worker, pending.len());
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(%worker, error = %e, "worker can no longer lease");
+                        let _ = tx.send(Err(Error::Stale(e.to_string()).into())).await;
+                        return;
+                    }
+                }
+            }
+            let done = self.ledger.lock().map(|l| l.is_done()).unwrap_or(true);
+            if done && pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                Some(batch) = pending.next(), if !pending.is_empty() => {
+                    self.set_queue_depth(&worker, pending.len());
+                    match batch {
+                        Ok(msg) => {
+                            if let Ok(mut s) = self.stats.lock() {
+                                s.first_send.get_or_insert_with(Instant::now);
+                            }
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // The lease will expire and the batch go to the next asker.
+                        Err(e) => tracing::warn!(%worker, error = %e, "could not prepare a batch"),
+                    }
+                }
+                p = credits.acquire(), if !have_credit && pending.len() < prefetch => {
+                    if let Ok(p) = p {
+                        p.forget();
+                        have_credit = true;
+                    }
+                }
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        // Trained: the first worker here evaluates the final student on the test split.
+        if !self.eval_claimed.swap(true, Ordering::SeqCst) {
+            tracing::info!(%worker, rows = self.data.test.len(), "training complete; sending the test split for evaluation");
+            let n = self.data.test.len();
+            let step = self.cfg.batch_size.max(256);
+            for start in (0..n).step_by(step) {
+                let idx: Vec<usize> = (start..(start + step).min(n)).collect();
+                let msg = match self.inputs_and_labels(&self.data.test, &idx) {
+                    Ok((inputs, labels)) => CoordinatorMessage {
+                        kind: Some(coordinator_message::Kind::Eval(pb::EvalBatch {
+                            inputs: Some(inputs.into()),
+                            labels: Some(labels.into()),
+                        })),
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build an evaluation batch");
+                        return;
+                    }
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    // Let another worker evaluate.
+                    self.eval_claimed.store(false, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+        let _ = tx
+            .send(Ok(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Done(pb::Done {
+                    reason: "complete".into(),
+                })),
+            }))
+            .await;
+    }
+
+    fn inputs_and_labels(&self, split: &distill_core::data::Split, idx: &[usize]) -> Result<(HostTensor, HostTensor)> {
+        let mut shape = vec![idx.len()];
+        shape.extend(&self.data.input_shape);
+        let inputs = match split.rows_u8(idx) {
+            Some(bytes) => HostTensor::new(shape, DType::U8, bytes),
+            None => HostTensor::from_f32(shape, &split.rows_f32(idx)),
+        }
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let labels: Vec<u8> = split
+            .labels(idx)
+            .iter()
+            .flat_map(|&y| i64::from(y).to_le_bytes())
+            .collect();
+        let labels = HostTensor::new(vec![idx.len()], DType::I64, labels).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok((inputs, labels))
+    }
+
+    /// Every member's tempered logits for `inputs`, waiting for a member that is down (the
+    /// `wait` policy) until `stop`.
+    async fn member_logits(&self, inputs: &HostTensor, temperature: f32, stop: &CancellationToken) -> Result<Vec<Vec<f32>>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let calls = (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
+            let results = futures::future::join_all(calls).await;
+            match results.into_iter().collect::<Result<Vec<_>>>() {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "a teacher member is down; waiting for it (policy `wait`)");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(Error::ShuttingDown),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Builds one training batch: inputs, labels and the ensemble's soft targets.
+    async fn prepare(self: Arc<Self>, lease: Lease, stop: CancellationToken) -> Result<CoordinatorMessage> {
+        let (inputs, labels) = self.inputs_and_labels(&self.data.train, &lease.samples)?;
+        let t = self.cfg.temperature as f32;
+        let logits = self.member_logits(&inputs, t, &stop).await?;
+        let rows = lease.samples.len();
+        let classes = self.data.classes;
+        let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
+        let mode = self.cfg.combine;
+        let probs = tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &weights, mode))
+            .await
+            .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
+        let soft = match self.cfg.soft_target_dtype {
+            SoftTargetDtype::F32 => HostTensor::from_f32(vec![rows, classes], &probs),
+            SoftTargetDtype::F16 => HostTensor::new(
+                vec![rows, classes],
+                DType::F16,
+                probs.iter().flat_map(|p| half::f16::from_f32(*p).to_le_bytes()).collect::<Vec<_>>(),
+            ),
+        }
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Train(pb::TrainBatch {
+                lease_id: lease.id,
+                epoch: lease.batch.epoch,
+                index: lease.batch.index,
+                inputs: Some(inputs.into()),
+                labels: Some(labels.into()),
+                soft_targets: Some(soft.into()),
+                temperature: t,
+                members: self.pool.members.iter().map(|m| m.name.clone()).collect(),
+            })),
+        })
+    }
+
+    /// Asks every member for the test split at T = 1 and counts each one's errors and the
+    /// ensemble's.
+    pub async fn evaluate_teachers(self: Arc<Self>, stop: CancellationToken) -> Result<()> {
+        let n = self.data.test.len();
+        let classes = self.data.classes;
+        let members = self.pool.members.len();
+        let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
+        let mut errors = vec![0u64; members];
+        let mut ensemble = 0u64;
+        for start in (0..n).step_by(1000) {
+            let idx: Vec<usize> = (start..(start + 1000).min(n)).collect();
+            let (inputs, _) = self.inputs_and_labels(&self.data.test, &idx)?;
+            let labels = self.data.test.labels(&idx);
+            let logits = self.member_logits(&inputs, 1.0, &stop).await?;
+            for (m, z) in logits.iter().enumerate() {
+                errors[m] += count_errors(z, &labels, classes);
+            }
+            let (w, mode, rows) = (weights.clone(), self.cfg.combine, idx.len());
+            let probs = tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &w, mode))
+                .await
+                .map_err(|e| Error::Internal(format!("ensemble task: {e}")))??;
+            ensemble += count_errors(&probs, &labels, classes);
+        }
+        let per_member = self
+            .pool
+            .members
+            .iter()
+            .zip(errors)
+            .map(|(m, e)| TeacherErrors {
+                member: m.name.clone(),
+                test_errors: e,
+            })
+            .collect::<Vec<_>>();
+        tracing::info!(teachers = ?per_member, ensemble, test_size = n, "teacher test errors");
+        *lock(&self.teacher_eval)? = Some((per_member, ensemble));
+        Ok(())
+    }
+
+    /// The evaluating worker reported: keep its checkpoint, write `report.json`, end the run.
+    pub fn finish(&self, worker: &Worker, result: &pb::EvalResult) -> Result<RunReport> {
+        let ck = distill_core::checkpoint::Checkpoint::from_bytes(&result.checkpoint_bytes)
+            .map_err(|e| Error::InvalidArgument(format!("final checkpoint from {worker}: {e}")))?;
+        let student_path = self.cfg.run_dir.join("student.safetensors");
+        ck.save(&student_path)?;
+        let (progress, counters) = {
+            let l = lock(&self.ledger)?;
+            (l.progress(), l.counters().clone())
+        };
+        let s = lock(&self.stats)?;
+        let (teachers, ensemble) = match lock(&self.teacher_eval)?.clone() {
+            Some((t, e)) => (t, Some(e)),
+            None => (Vec::new(), None),
+        };
+        let total = s.wait_secs + s.step_secs;
+        let report = RunReport {
+            data: self.data.source.clone(),
+            student_arch: self.settings.spec.arch.to_string(),
+            temperature: self.cfg.temperature,
+            alpha: self.cfg.alpha,
+            teachers,
+            ensemble_test_errors: ensemble,
+            baseline_student_test_errors: None,
+            student_test_errors: result.errors,
+            test_size: result.total,
+            epochs: self.cfg.epochs,
+            samples_per_sec: samples_per_sec(&s),
+            batches_trained: progress.total_acked,
+            batches_expected: progress.expected_total,
+            student_wait_seconds: s.wait_secs,
+            student_step_seconds: s.step_secs,
+            student_wait_fraction: if total > 0.0 { s.wait_secs / total } else { 0.0 },
+            requeued_batches: counters.requeued_batches,
+            retries: self.pool.retries(),
+            members: self.pool.stats(),
+            run_seconds: self.started.elapsed().as_secs_f64(),
+            student_checkpoint: student_path,
+        };
+        drop(s);
+        write_report(&self.cfg.run_dir, &report)?;
+        *lock(&self.report)? = Some(report.clone());
+        tracing::info!(
+            student_test_errors = report.student_test_errors,
+            test_size = report.test_size,
+            batches = report.batches_trained,
+            "run complete"
+        );
+        self.finished.cancel();
+        Ok(report)
+    }
+}
+
+/// Writes `report.json` into `dir` atomically.
+pub fn write_report(dir: &std::path::Path, report: &RunReport) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report).map_err(|e| Error::Internal(format!("report to JSON: {e}")))?;
+    distill_core::fsutil::atomic_write(&dir.join("report.json"), &json)?;
+    Ok(())
+}
+
+fn samples_per_sec(s: &Stats) -> f64 {
+    match (s.first_send, s.last_ack) {
+        (Some(a), Some(b)) if b > a => s.samples as f64 / (b - a).as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+fn count_errors(scores: &[f32], labels: &[u32], classes: usize) -> u64 {
+    scores
+        .chunks_exact(classes)
+        .zip(labels)
+        .filter(|(row, y)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+            best.0 != **y as usize
+        })
+        .count() as u64
+}
+
+/// Combines members' tempered logits (each `rows × classes`) into probabilities with
+/// [`distill_core::kd::combine`].
+fn combine_host(
+    logits: &[Vec<f32>],
+    rows: usize,
+    classes: usize,
+    weights: &[f32],
+    mode: distill_core::kd::Combine,
+) -> Result<Vec<f32>> {
+    let tensors = logits
+        .iter()
+        .map(|z| Tensor::from_slice(z, (rows, classes), &Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(distill_core::Error::from)?;
+    let p = distill_core::kd::combine(&tensors, weights, mode)?;
+    Ok(p.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(distill_core::Error::from)?)
+}
+
+fn log_events(events: &[LedgerEvent]) {
+    for e in events {
+        match e {
+            LedgerEvent::LeaseExpired { .. } | LedgerEvent::LeaseReleased { .. } | LedgerEvent::RollbackIncomplete { .. } => {
+                tracing::warn!(event = ?e, "ledger")
+            }
+            _ => tracing::info!(event = ?e, "ledger"),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The `distill.v1.Coordinator` gRPC service: thin handlers over [`Run`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use distill_proto::pb::coordinator_server::Coordinator;
+use distill_proto::pb::{
+    self, CoordinatorMessage, JoinRequest, JoinResponse, RunStatusRequest, RunStatusResponse, WorkerMessage,
+    coordinator_message, worker_message,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::ledger::Worker;
+use crate::run::Run;
+
+/// Most credits a worker may hold (its prefetch window is capped at this).
+pub const MAX_CREDITS: u32 = 1024;
+
+/// The Coordinator service of one run.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    run: Arc<Run>,
+}
+
+impl CoordinatorService {
+    /// A service over `run`.
+    pub fn new(run: Arc<Run>) -> Self {
+        Self { run }
+    }
+}
+
+type BatchStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let JoinRequest { worker_id, resume_step } = req.into_inner();
+        let worker = self.run.join(&worker_id)?;
+        tracing::info!(%worker, resume_step, "worker joined");
+        Ok(Response::new(JoinResponse {
+            worker_id: worker.id,
+            incarnation: worker.incarnation,
+            settings_json: self.run.settings_json.clone(),
+            batches_per_epoch: self.run.batches_per_epoch(),
+            classes: self.run.data.classes as u32,
+            input_shape: self.run.data.input_shape.iter().map(|&d| d as u64).collect(),
+            resume_step,
+        }))
+    }
+
+    type BatchesStream = BatchStream;
+
+    async fn batches(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::BatchesStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(WorkerMessage {
+                kind: Some(worker_message::Kind::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => return Err(Error::InvalidArgument("the first message on Batches must be Hello".into()).into()),
+            Some(Err(s)) => return Err(s),
+            None => return Err(Error::InvalidArgument("Batches stream closed before Hello".into()).into()),
+        };
+        let worker = Worker::new(hello.worker_id, hello.incarnation);
+        self.run.check_worker(&worker)?;
+        if hello.credits == 0 || hello.credits > MAX_CREDITS {
+            return Err(Error::InvalidArgument(format!("Hello.credits must be 1 to {MAX_CREDITS}, got {}", hello.credits)).into());
+        }
+        tracing::info!(%worker, credits = hello.credits, "batch stream open");
+        let credits = Arc::new(Semaphore::new(hello.credits as usize));
+        let (tx, rx) = mpsc::channel(self.run.cfg.prefetch.max(1));
+        let stop = CancellationToken::new();
+        // Rows of each batch sent, to count acked samples.
+        let rows: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
+        let producer = {
+            let (run, worker, credits, stop) = (self.run.clone(), worker.clone(), credits.clone(), stop.clone());
+            let rows = rows.clone();
+            let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<CoordinatorMessage, Status>>(1);
+            // Record each batch's size on its way out.
+            let out = tx.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = fwd_rx.recv().await {
+                    if let Ok(CoordinatorMessage {
+                        kind: Some(coordinator_message::Kind::Train(b)),
+                    }) = &msg
+                    {
+                        let n = b.labels.as_ref().and_then(|l| l.shape.first().copied()).unwrap_or(0) as usize;
+                        if let Ok(mut r) = rows.lock() {
+                            r.insert(b.lease_id, n);
+                        }
+                    }
+                    if out.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(run.produce(worker, credits, fwd_tx, stop))
+        };
+        let run = self.run.clone();
+        tokio::spawn(async move {
+            let mut reported = false;
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.next() => m,
+                    _ = run.finished.cancelled() => break,
+                };
+                let kind = match msg {
+                    Some(Ok(WorkerMessage { kind: Some(k) })) => k,
+                    Some(Ok(WorkerMessage { kind: None })) => {
+                        tracing::warn!(%worker, "empty worker message ignored");
+                        continue;
+                    }
+                    Some(Err(status)) => {
+                        tracing::warn!(%worker, %status, "batch stream broke");
+                        break;
+                    }
+                    None => break,
+                };
+                match kind {
+                    worker_message::Kind::Ack(ack) => {
+                        let n = rows.lock().ok().and_then(|mut r| r.remove(&ack.lease_id)).unwrap_or(0);
+                        match run.ack(&worker, &ack, n) {
+                            Ok(true) => credits.add_permits(1),
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(%worker, error = %e, "ack failed"),
+                        }
+                    }
+                    worker_message::Kind::Credits(n) => {
+                        let n = n.min(MAX_CREDITS) as usize;
+                        credits.add_permits(n);
+                    }
+                    worker_message::Kind::Eval(result) => match run.finish(&worker, &result) {
+                        Ok(_) => reported = true,
+                        Err(e) => {
+                            tracing::error!(%worker, error = %e, "bad evaluation result");
+                            let _ = tx.send(Err(Status::from(e))).await;
+                        }
+                    },
+                    worker_message::Kind::Hello(_) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument("Hello may only be the first message")))
+                            .await;
+                    }
+                }
+            }
+            stop.cancel();
+            producer.abort();
+            if !reported {
+                tracing::warn!(%worker, "worker left; its leases go back in line");
+                run.worker_gone(&worker);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn run_status(&self, _req: Request<RunStatusRequest>) -> Result<Response<RunStatusResponse>, Status> {
+        Ok(Response::new(self.run.status()?))
+    }
+}
+
+impl From<&pb::Hello> for Worker {
+    fn from(h: &pb::Hello) -> Self {
+        Worker::new(h.worker_id.clone(), h.incarnation)
+    }
+}

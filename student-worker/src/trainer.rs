@@ -1,0 +1,261 @@
+//! The training thread: the only place candle runs. The async side hands it batches over a
+//! bounded channel and gets acks back over another; panics are caught at this boundary and come
+//! back as [`Error::Panic`].
+//!
+//! The thread owns the [`Student`]. For each `Train` command it measures how long it sat idle
+//! waiting for the batch (`wait_seconds`), decodes and checks the batch, runs one update
+//! (`step_seconds`), writes a checkpoint when one is due, and sends the ack. `Eval` commands
+//! accumulate test errors; `Finish` writes the final checkpoint and ends the thread with the
+//! [`Outcome`]. When the command channel closes or `stop` is cancelled, the thread drops the
+//! batches still queued (their leases expire and they are trained again), writes a checkpoint
+//! and ends with an outcome that is not `completed`.
+//!
+//! Checkpoints are due every `checkpoint_every` updates (when > 0) and at every multiple of
+//! `batches_per_epoch` (the end of an epoch for a single worker).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bytes::Bytes;
+use candle_core::Device;
+use distill_core::checkpoint::Checkpoint;
+use distill_core::settings::StudentSettings;
+use distill_proto::pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::{BatchSpec, decode_eval, decode_train};
+use crate::student::{STUDENT_FILE, Student};
+use crate::{Error, Result};
+
+/// What the async side asks of the training thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Train one step on this batch and ack it.
+    Train(Box<pb::TrainBatch>),
+    /// Count this test batch's errors.
+    Eval(Box<pb::EvalBatch>),
+    /// Write the final checkpoint and end.
+    Finish,
+}
+
+/// Everything the training thread needs to build its student.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The run's settings (validated).
+    pub settings: StudentSettings,
+    /// Batches per epoch of the run (for the learning-rate schedule).
+    pub batches_per_epoch: u64,
+    /// What every batch must look like.
+    pub batch_spec: BatchSpec,
+    /// Where the model lives.
+    pub device: Device,
+    /// Where checkpoints go.
+    pub work_dir: PathBuf,
+    /// The worker id, recorded in checkpoints.
+    pub worker_id: String,
+    /// A worker checkpoint from `work_dir` to resume from (None: fresh start).
+    pub resume: Option<Checkpoint>,
+}
+
+/// How the training thread ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Whether it ended on `Finish` (otherwise it was stopped).
+    pub completed: bool,
+    /// The student's update count at the end.
+    pub steps: u64,
+    /// Training batches trained by this thread.
+    pub batches: u64,
+    /// Training rows trained by this thread.
+    pub samples: u64,
+    /// Misclassified evaluation rows.
+    pub test_errors: u64,
+    /// Evaluation rows.
+    pub test_total: u64,
+    /// Seconds spent idle waiting for training batches.
+    pub wait_seconds: f64,
+    /// Seconds spent in training steps.
+    pub step_seconds: f64,
+    /// The student checkpoint file.
+    pub checkpoint: PathBuf,
+    /// Its bytes.
+    pub checkpoint_bytes: Bytes,
+}
+
+/// The async side's handles on a running training thread.
+pub struct TrainingThread {
+    /// Commands in; bounded.
+    pub commands: mpsc::Sender<Command>,
+    /// Acks out, one per trained batch, in order; bounded. Closes when the thread ends.
+    pub acks: mpsc::Receiver<pb::Ack>,
+    /// The thread's result, sent when it ends.
+    pub done: oneshot::Receiver<Result<Outcome>>,
+}
+
+/// Starts the training thread. `capacity` bounds both channels (use at least the credit
+/// window, so batches the coordinator may send never wait on the channel).
+pub fn spawn(setup: Setup, capacity: usize, stop: CancellationToken) -> Result<TrainingThread> {
+    let (cmd_tx, cmd_rx) = mpsc::channel(capacity.max(1));
+    let (ack_tx, ack_rx) = mpsc::channel(capacity.max(1));
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("student-train".into())
+        .spawn(move || {
+            let result = catch_unwind(AssertUnwindSafe(|| run(setup, cmd_rx, ack_tx, &stop)))
+                .unwrap_or_else(|p| Err(Error::Panic(panic_message(p.as_ref()))));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "training thread failed");
+            }
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| Error::io("student-train thread", e))?;
+    Ok(TrainingThread {
+        commands: cmd_tx,
+        acks: ack_rx,
+        done: done_rx,
+    })
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[derive(Default)]
+struct Totals {
+    batches: u64,
+    samples: u64,
+    test_errors: u64,
+    test_total: u64,
+    wait_seconds: f64,
+    step_seconds: f64,
+    loss_sum: f64,
+    loss_n: u64,
+}
+
+fn run(
+    setup: Setup,
+    mut commands: mpsc::Receiver<Command>,
+    acks: mpsc::Sender<pb::Ack>,
+    stop: &CancellationToken,
+) -> Result<Outcome> {
+    let Setup {
+        settings,
+        batches_per_epoch,
+        batch_spec,
+        device,
+        work_dir,
+        worker_id,
+        resume,
+    } = setup;
+    let checkpoint_every = settings.checkpoint_every;
+    let mut student = match &resume {
+        Some(ck) => Student::resume(settings, batches_per_epoch, ck, &work_dir, &device)?,
+        None => Student::new(settings, batches_per_epoch, &device)?,
+    };
+    tracing::info!(
+        step = student.step(),
+        resumed = resume.is_some(),
+        "student ready"
+    );
+    drop(resume);
+    let mut t = Totals::default();
+    let outcome = |completed: bool, student: &Student, t: &Totals, bytes: Bytes| Outcome {
+        completed,
+        steps: student.step(),
+        batches: t.batches,
+        samples: t.samples,
+        test_errors: t.test_errors,
+        test_total: t.test_total,
+        wait_seconds: t.wait_seconds,
+        step_seconds: t.step_seconds,
+        checkpoint: work_dir.join(STUDENT_FILE),
+        checkpoint_bytes: bytes,
+    };
+    loop {
+        let idle = Instant::now();
+        let Some(cmd) = commands.blocking_recv() else {
+            break;
+        };
+        if stop.is_cancelled() {
+            break;
+        }
+        match cmd {
+            Command::Train(b) => {
+                let wait = idle.elapsed().as_secs_f64();
+                let d = match decode_train(*b, &batch_spec) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // The state is consistent (nothing trained on the batch): keep it.
+                        if let Err(ce) = student.save(&work_dir, &worker_id) {
+                            tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
+                        }
+                        return Err(e);
+                    }
+                };
+                let started = Instant::now();
+                let out = student.train(&d)?;
+                let step_seconds = started.elapsed().as_secs_f64();
+                let step = student.step();
+                t.batches += 1;
+                t.samples += d.rows as u64;
+                t.wait_seconds += wait;
+                t.step_seconds += step_seconds;
+                t.loss_sum += f64::from(out.loss);
+                t.loss_n += 1;
+                let epoch_end = batches_per_epoch > 0 && step % batches_per_epoch == 0;
+                if (checkpoint_every > 0 && step % checkpoint_every == 0) || epoch_end {
+                    student.save(&work_dir, &worker_id)?;
+                }
+                if epoch_end {
+                    tracing::info!(
+                        step,
+                        epoch = d.epoch,
+                        mean_loss = t.loss_sum / t.loss_n.max(1) as f64,
+                        samples_per_s =
+                            t.samples as f64 / (t.step_seconds + t.wait_seconds).max(1e-9),
+                        wait_seconds = t.wait_seconds,
+                        "epoch's worth of updates done (checkpoint written)"
+                    );
+                    (t.loss_sum, t.loss_n) = (0.0, 0);
+                }
+                tracing::debug!(step, lease = d.lease_id, loss = out.loss, "trained");
+                let ack = pb::Ack {
+                    lease_id: d.lease_id,
+                    loss: out.loss,
+                    step,
+                    wait_seconds: wait as f32,
+                    step_seconds: step_seconds as f32,
+                };
+                if acks.blocking_send(ack).is_err() {
+                    break;
+                }
+            }
+            Command::Eval(b) => {
+                let d = decode_eval(*b, &batch_spec)?;
+                t.test_errors += student.evaluate(&d)?;
+                t.test_total += d.rows as u64;
+            }
+            Command::Finish => {
+                let bytes = student.save(&work_dir, &worker_id)?;
+                tracing::info!(
+                    step = student.step(),
+                    test_errors = t.test_errors,
+                    test_total = t.test_total,
+                    "final checkpoint written"
+                );
+                return Ok(outcome(true, &student, &t, bytes));
+            }
+        }
+    }
+    let bytes = student.save(&work_dir, &worker_id)?;
+    tracing::info!(
+        step = student.step(),
+        "training stopped; checkpoint written"
+    );
+    Ok(outcome(false, &student, &t, bytes))
+}
