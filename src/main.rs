@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo_cmd;
 mod eval_cmd;
 mod import_cmd;
 mod train_cmd;
@@ -19,6 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole system in one process on the embedded synthetic data: train two teachers,
+    /// serve them, distil a student through the coordinator, compare with a baseline.
+    Demo(demo_cmd::DemoArgs),
     /// Train a model on hard labels (teachers and baseline students).
     Train(train_cmd::TrainArgs),
     /// Evaluate a checkpoint on a data set's test split.
@@ -28,14 +32,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    distill_core::logging::init();
     match Cli::parse().command {
+        Command::Demo(a) => demo_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
         Command::ImportTorch(a) => import_cmd::run(a),

@@ -148,8 +148,8 @@ impl RunConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let mut cfg =
-            Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg = Self::from_toml(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         if cfg.run_dir.is_relative() {
             if let Some(dir) = path.parent() {
                 cfg.run_dir = dir.join(&cfg.run_dir);
@@ -172,21 +172,37 @@ impl RunConfig {
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.members.iter().enumerate() {
             if m.name.is_empty() || !names.insert(m.name.as_str()) {
-                return bad(&format!("members[{i}].name"), format!("`{}` is empty or repeated", m.name));
+                return bad(
+                    &format!("members[{i}].name"),
+                    format!("`{}` is empty or repeated", m.name),
+                );
             }
             if m.endpoints.is_empty() {
-                return bad(&format!("members[{i}].endpoints"), "at least one replica endpoint is needed".into());
+                return bad(
+                    &format!("members[{i}].endpoints"),
+                    "at least one replica endpoint is needed".into(),
+                );
             }
             for e in &m.endpoints {
-                if tonic::transport::Endpoint::from_shared(e.clone()).is_err() || !e.contains("://") {
-                    return bad(&format!("members[{i}].endpoints"), format!("`{e}` is not a URL like http://host:port"));
+                if tonic::transport::Endpoint::from_shared(e.clone()).is_err() || !e.contains("://")
+                {
+                    return bad(
+                        &format!("members[{i}].endpoints"),
+                        format!("`{e}` is not a URL like http://host:port"),
+                    );
                 }
             }
             if !m.weight.is_finite() || m.weight <= 0.0 {
-                return bad(&format!("members[{i}].weight"), format!("must be finite and > 0, got {}", m.weight));
+                return bad(
+                    &format!("members[{i}].weight"),
+                    format!("must be finite and > 0, got {}", m.weight),
+                );
             }
         }
-        for (key, v) in [("lease_timeout_secs", self.lease_timeout_secs), ("teacher_timeout_secs", self.teacher_timeout_secs)] {
+        for (key, v) in [
+            ("lease_timeout_secs", self.lease_timeout_secs),
+            ("teacher_timeout_secs", self.teacher_timeout_secs),
+        ] {
             if !v.is_finite() || v <= 0.0 {
                 return bad(key, format!("must be finite and > 0, got {v}"));
             }
@@ -198,13 +214,16 @@ impl RunConfig {
             return bad("max_message_mb", "must be at least 1".into());
         }
         Arch::parse(&self.student.arch).or_else(|e| bad("student.arch", e.to_string()))?;
-        self.student_settings()?.validate().map_err(|e| Error::Config(e.to_string()))?;
+        self.student_settings()?
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
     }
 
     /// What the workers train with.
     pub fn student_settings(&self) -> Result<StudentSettings> {
-        let arch = Arch::parse(&self.student.arch).map_err(|e| Error::Config(format!("`student.arch`: {e}")))?;
+        let arch = Arch::parse(&self.student.arch)
+            .map_err(|e| Error::Config(format!("`student.arch`: {e}")))?;
         Ok(StudentSettings {
             spec: ModelSpec {
                 arch,
@@ -265,16 +284,40 @@ weight = 2.0
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         for (edit, needle) in [
-            (GOOD.replace("epochs = 3", "epochs = 3\nepoch = 4"), "unknown field `epoch`"),
-            (GOOD.replace("arch = \"mlp:784-32-10\"", "arch = \"mlp:784-32-10\"\ndropuot = 0.1"), "unknown field `dropuot`"),
-            (GOOD.replace("temperature = 4.0", "temperature = -1.0"), "temperature"),
-            (GOOD.replace("weight = 2.0", "weight = 0.0"), "members[1].weight"),
-            (GOOD.replace("\"http://127.0.0.1:5002\"", ""), "members[1].endpoints"),
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\nepoch = 4"),
+                "unknown field `epoch`",
+            ),
+            (
+                GOOD.replace(
+                    "arch = \"mlp:784-32-10\"",
+                    "arch = \"mlp:784-32-10\"\ndropuot = 0.1",
+                ),
+                "unknown field `dropuot`",
+            ),
+            (
+                GOOD.replace("temperature = 4.0", "temperature = -1.0"),
+                "temperature",
+            ),
+            (
+                GOOD.replace("weight = 2.0", "weight = 0.0"),
+                "members[1].weight",
+            ),
+            (
+                GOOD.replace("\"http://127.0.0.1:5002\"", ""),
+                "members[1].endpoints",
+            ),
             (GOOD.replace("synthetic:1", "floppy:/x"), "`data`"),
             (GOOD.replace("mlp:784-32-10", "mlp:784"), "student.arch"),
-            (GOOD.replace("lr = 0.001", "lr = 0.001\nkind2 = 1"), "unknown field `kind2`"),
+            (
+                GOOD.replace("lr = 0.001", "lr = 0.001\nkind2 = 1"),
+                "unknown field `kind2`",
+            ),
             (GOOD.replace("epochs = 3", "epochs = \"three\""), "epochs"),
-            (GOOD.replace("name = \"wide\"", "name = \"big\""), "members[1].name"),
+            (
+                GOOD.replace("name = \"wide\"", "name = \"big\""),
+                "members[1].name",
+            ),
         ] {
             let e = RunConfig::from_toml(&edit).unwrap_err().to_string();
             assert!(e.contains(needle), "wanted `{needle}` in: {e}");

@@ -21,6 +21,9 @@ pub enum Error {
     /// No replica of a teacher member answered.
     #[error("teacher member `{member}`: {msg}")]
     Teacher { member: String, msg: String },
+    /// A teacher refused a request (a model that does not fit the data, a malformed request).
+    #[error("teacher member `{member}` refused the request: {msg}")]
+    TeacherRejected { member: String, msg: String },
     /// Loading data, computing soft targets or writing run files failed.
     #[error(transparent)]
     Core(#[from] distill_core::Error),
@@ -48,7 +51,9 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Config(_) | Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
-            Error::Stale(_) => tonic::Status::failed_precondition(msg),
+            Error::Stale(_) | Error::TeacherRejected { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             Error::ShuttingDown | Error::Teacher { .. } => tonic::Status::unavailable(msg),
             Error::Core(_) | Error::Io { .. } | Error::Transport(_) | Error::Internal(_) => {
                 tonic::Status::internal(msg)

@@ -38,15 +38,25 @@ pub async fn prepare(cfg: RunConfig) -> Result<Arc<Run>> {
         classes = data.classes,
         "data loaded"
     );
-    Run::new(cfg, data)
+    let run = Run::new(cfg, data)?;
+    run.pool
+        .check_models(run.data.row_len(), run.data.classes)
+        .await?;
+    Ok(run)
 }
 
 /// Serves the run on `listener` until it is complete (the report is written) or `shutdown`
 /// is cancelled; returns the report if the run completed.
-pub async fn serve(run: Arc<Run>, listener: TcpListener, shutdown: CancellationToken) -> Result<Option<RunReport>> {
+pub async fn serve(
+    run: Arc<Run>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Option<RunReport>> {
     let max_msg = run.cfg.max_message_bytes();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distill_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -84,7 +94,9 @@ pub async fn serve(run: Arc<Run>, listener: TcpListener, shutdown: CancellationT
                 _ = run.finished.cancelled() => {},
                 _ = shutdown.cancelled() => tracing::info!("shutting down"),
             }
-            health_reporter.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
+            health_reporter
+                .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+                .await;
         }
     };
     let server = tonic::transport::Server::builder()

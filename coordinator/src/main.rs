@@ -25,13 +25,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    distill_core::logging::init();
     let args = Args::parse();
     let cfg = RunConfig::from_file(&args.config)?;
     let run = prepare(cfg).await?;
@@ -53,7 +47,11 @@ async fn main() -> anyhow::Result<()> {
                 report.test_size,
                 report.batches_trained,
                 report.samples_per_sec,
-                report.student_checkpoint.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                report
+                    .student_checkpoint
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             );
             Ok(())
         }

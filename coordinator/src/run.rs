@@ -118,7 +118,8 @@ pub struct Run {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| Error::Internal("a lock was poisoned by a panic".into()))
+    m.lock()
+        .map_err(|_| Error::Internal("a lock was poisoned by a panic".into()))
 }
 
 impl Run {
@@ -138,8 +139,8 @@ impl Run {
                 data.classes
             )));
         }
-        let settings_json =
-            serde_json::to_string(&settings).map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
+        let settings_json = serde_json::to_string(&settings)
+            .map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
         let ledger = Ledger::new(LedgerConfig {
             samples: data.train.len(),
             batch_size: cfg.batch_size,
@@ -157,7 +158,8 @@ impl Run {
             path: cfg.run_dir.clone(),
             source: e,
         })?;
-        let resolved = toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
+        let resolved =
+            toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
         distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
         Ok(Arc::new(Self {
             cfg,
@@ -187,7 +189,10 @@ impl Run {
     /// A worker joins: a new id (or its old one) and the next incarnation.
     pub fn join(&self, requested_id: &str) -> Result<Worker> {
         let id = if requested_id.is_empty() {
-            format!("worker-{}", self.next_worker.fetch_add(1, Ordering::Relaxed))
+            format!(
+                "worker-{}",
+                self.next_worker.fetch_add(1, Ordering::Relaxed)
+            )
         } else {
             requested_id.to_string()
         };
@@ -206,7 +211,10 @@ impl Run {
     /// Checks that `worker` is the current incarnation of a joined worker.
     pub fn check_worker(&self, worker: &Worker) -> Result<()> {
         match lock(&self.workers)?.get(&worker.id) {
-            None => Err(Error::NotFound(format!("worker `{}` has not joined this run", worker.id))),
+            None => Err(Error::NotFound(format!(
+                "worker `{}` has not joined this run",
+                worker.id
+            ))),
             Some(&cur) if cur != worker.incarnation => Err(Error::Stale(format!(
                 "worker `{}` incarnation {} was replaced by incarnation {cur}",
                 worker.id, worker.incarnation
@@ -217,7 +225,10 @@ impl Run {
 
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> u64 {
-        self.ledger.lock().map(|l| l.config().batches_per_epoch()).unwrap_or(0)
+        self.ledger
+            .lock()
+            .map(|l| l.config().batches_per_epoch())
+            .unwrap_or(0)
     }
 
     /// Expires overdue leases; called periodically.
@@ -295,7 +306,10 @@ impl Run {
         let path = self.cfg.run_dir.join("metrics.jsonl");
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
             writeln!(f, "{line}")
         };
         if let Err(e) = write() {
@@ -323,7 +337,11 @@ impl Run {
                 .stats()
                 .into_iter()
                 .map(|m| pb::MemberStatus {
-                    mean_latency_ms: if m.requests > 0 { 1e3 * m.total_latency_secs / m.requests as f64 } else { 0.0 },
+                    mean_latency_ms: if m.requests > 0 {
+                        1e3 * m.total_latency_secs / m.requests as f64
+                    } else {
+                        0.0
+                    },
                     max_latency_ms: 1e3 * m.max_latency_secs,
                     member: m.member,
                     requests: m.requests,
@@ -455,7 +473,11 @@ impl Run {
             .await;
     }
 
-    fn inputs_and_labels(&self, split: &distill_core::data::Split, idx: &[usize]) -> Result<(HostTensor, HostTensor)> {
+    fn inputs_and_labels(
+        &self,
+        split: &distill_core::data::Split,
+        idx: &[usize],
+    ) -> Result<(HostTensor, HostTensor)> {
         let mut shape = vec![idx.len()];
         shape.extend(&self.data.input_shape);
         let inputs = match split.rows_u8(idx) {
@@ -468,19 +490,27 @@ impl Run {
             .iter()
             .flat_map(|&y| i64::from(y).to_le_bytes())
             .collect();
-        let labels = HostTensor::new(vec![idx.len()], DType::I64, labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let labels = HostTensor::new(vec![idx.len()], DType::I64, labels)
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok((inputs, labels))
     }
 
     /// Every member's tempered logits for `inputs`, waiting for a member that is down (the
     /// `wait` policy) until `stop`.
-    async fn member_logits(&self, inputs: &HostTensor, temperature: f32, stop: &CancellationToken) -> Result<Vec<Vec<f32>>> {
+    async fn member_logits(
+        &self,
+        inputs: &HostTensor,
+        temperature: f32,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let calls = (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
+            let calls =
+                (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
             let results = futures::future::join_all(calls).await;
             match results.into_iter().collect::<Result<Vec<_>>>() {
                 Ok(v) => return Ok(v),
+                Err(e @ Error::TeacherRejected { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, ?backoff, "a teacher member is down; waiting for it (policy `wait`)");
                     tokio::select! {
@@ -494,7 +524,11 @@ impl Run {
     }
 
     /// Builds one training batch: inputs, labels and the ensemble's soft targets.
-    async fn prepare(self: Arc<Self>, lease: Lease, stop: CancellationToken) -> Result<CoordinatorMessage> {
+    async fn prepare(
+        self: Arc<Self>,
+        lease: Lease,
+        stop: CancellationToken,
+    ) -> Result<CoordinatorMessage> {
         let (inputs, labels) = self.inputs_and_labels(&self.data.train, &lease.samples)?;
         let t = self.cfg.temperature as f32;
         let logits = self.member_logits(&inputs, t, &stop).await?;
@@ -502,15 +536,20 @@ impl Run {
         let classes = self.data.classes;
         let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
         let mode = self.cfg.combine;
-        let probs = tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &weights, mode))
-            .await
-            .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
+        let probs = tokio::task::spawn_blocking(move || {
+            combine_host(&logits, rows, classes, &weights, mode)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
         let soft = match self.cfg.soft_target_dtype {
             SoftTargetDtype::F32 => HostTensor::from_f32(vec![rows, classes], &probs),
             SoftTargetDtype::F16 => HostTensor::new(
                 vec![rows, classes],
                 DType::F16,
-                probs.iter().flat_map(|p| half::f16::from_f32(*p).to_le_bytes()).collect::<Vec<_>>(),
+                probs
+                    .iter()
+                    .flat_map(|p| half::f16::from_f32(*p).to_le_bytes())
+                    .collect::<Vec<_>>(),
             ),
         }
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -546,9 +585,10 @@ impl Run {
                 errors[m] += count_errors(z, &labels, classes);
             }
             let (w, mode, rows) = (weights.clone(), self.cfg.combine, idx.len());
-            let probs = tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &w, mode))
-                .await
-                .map_err(|e| Error::Internal(format!("ensemble task: {e}")))??;
+            let probs =
+                tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &w, mode))
+                    .await
+                    .map_err(|e| Error::Internal(format!("ensemble task: {e}")))??;
             ensemble += count_errors(&probs, &labels, classes);
         }
         let per_member = self
@@ -598,7 +638,11 @@ impl Run {
             batches_expected: progress.expected_total,
             student_wait_seconds: s.wait_secs,
             student_step_seconds: s.step_secs,
-            student_wait_fraction: if total > 0.0 { s.wait_secs / total } else { 0.0 },
+            student_wait_fraction: if total > 0.0 {
+                s.wait_secs / total
+            } else {
+                0.0
+            },
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
             members: self.pool.stats(),
@@ -621,7 +665,8 @@ impl Run {
 
 /// Writes `report.json` into `dir` atomically.
 pub fn write_report(dir: &std::path::Path, report: &RunReport) -> Result<()> {
-    let json = serde_json::to_vec_pretty(report).map_err(|e| Error::Internal(format!("report to JSON: {e}")))?;
+    let json = serde_json::to_vec_pretty(report)
+        .map_err(|e| Error::Internal(format!("report to JSON: {e}")))?;
     distill_core::fsutil::atomic_write(&dir.join("report.json"), &json)?;
     Ok(())
 }
@@ -641,7 +686,9 @@ fn count_errors(scores: &[f32], labels: &[u32], classes: usize) -> u64 {
             let best = row
                 .iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+                .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                    if v > b.1 { (i, v) } else { b }
+                });
             best.0 != **y as usize
         })
         .count() as u64
@@ -670,7 +717,9 @@ fn combine_host(
 fn log_events(events: &[LedgerEvent]) {
     for e in events {
         match e {
-            LedgerEvent::LeaseExpired { .. } | LedgerEvent::LeaseReleased { .. } | LedgerEvent::RollbackIncomplete { .. } => {
+            LedgerEvent::LeaseExpired { .. }
+            | LedgerEvent::LeaseReleased { .. }
+            | LedgerEvent::RollbackIncomplete { .. } => {
                 tracing::warn!(event = ?e, "ledger")
             }
             _ => tracing::info!(event = ?e, "ledger"),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use distill_proto::pb::coordinator_server::Coordinator;
 use distill_proto::pb::{
-    self, CoordinatorMessage, JoinRequest, JoinResponse, RunStatusRequest, RunStatusResponse, WorkerMessage,
-    coordinator_message, worker_message,
+    self, CoordinatorMessage, JoinRequest, JoinResponse, RunStatusRequest, RunStatusResponse,
+    WorkerMessage, coordinator_message, worker_message,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -39,7 +39,10 @@ type BatchStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>>
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let JoinRequest { worker_id, resume_step } = req.into_inner();
+        let JoinRequest {
+            worker_id,
+            resume_step,
+        } = req.into_inner();
         let worker = self.run.join(&worker_id)?;
         tracing::info!(%worker, resume_step, "worker joined");
         Ok(Response::new(JoinResponse {
@@ -48,27 +51,49 @@ impl Coordinator for CoordinatorService {
             settings_json: self.run.settings_json.clone(),
             batches_per_epoch: self.run.batches_per_epoch(),
             classes: self.run.data.classes as u32,
-            input_shape: self.run.data.input_shape.iter().map(|&d| d as u64).collect(),
+            input_shape: self
+                .run
+                .data
+                .input_shape
+                .iter()
+                .map(|&d| d as u64)
+                .collect(),
             resume_step,
         }))
     }
 
     type BatchesStream = BatchStream;
 
-    async fn batches(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::BatchesStream>, Status> {
+    async fn batches(
+        &self,
+        req: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::BatchesStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(WorkerMessage {
                 kind: Some(worker_message::Kind::Hello(h)),
             })) => h,
-            Some(Ok(_)) => return Err(Error::InvalidArgument("the first message on Batches must be Hello".into()).into()),
+            Some(Ok(_)) => {
+                return Err(Error::InvalidArgument(
+                    "the first message on Batches must be Hello".into(),
+                )
+                .into());
+            }
             Some(Err(s)) => return Err(s),
-            None => return Err(Error::InvalidArgument("Batches stream closed before Hello".into()).into()),
+            None => {
+                return Err(
+                    Error::InvalidArgument("Batches stream closed before Hello".into()).into(),
+                );
+            }
         };
         let worker = Worker::new(hello.worker_id, hello.incarnation);
         self.run.check_worker(&worker)?;
         if hello.credits == 0 || hello.credits > MAX_CREDITS {
-            return Err(Error::InvalidArgument(format!("Hello.credits must be 1 to {MAX_CREDITS}, got {}", hello.credits)).into());
+            return Err(Error::InvalidArgument(format!(
+                "Hello.credits must be 1 to {MAX_CREDITS}, got {}",
+                hello.credits
+            ))
+            .into());
         }
         tracing::info!(%worker, credits = hello.credits, "batch stream open");
         let credits = Arc::new(Semaphore::new(hello.credits as usize));
@@ -77,7 +102,12 @@ impl Coordinator for CoordinatorService {
         // Rows of each batch sent, to count acked samples.
         let rows: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
         let producer = {
-            let (run, worker, credits, stop) = (self.run.clone(), worker.clone(), credits.clone(), stop.clone());
+            let (run, worker, credits, stop) = (
+                self.run.clone(),
+                worker.clone(),
+                credits.clone(),
+                stop.clone(),
+            );
             let rows = rows.clone();
             let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<CoordinatorMessage, Status>>(1);
             // Record each batch's size on its way out.
@@ -88,7 +118,11 @@ impl Coordinator for CoordinatorService {
                         kind: Some(coordinator_message::Kind::Train(b)),
                     }) = &msg
                     {
-                        let n = b.labels.as_ref().and_then(|l| l.shape.first().copied()).unwrap_or(0) as usize;
+                        let n = b
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.shape.first().copied())
+                            .unwrap_or(0) as usize;
                         if let Ok(mut r) = rows.lock() {
                             r.insert(b.lease_id, n);
                         }
@@ -122,7 +156,11 @@ impl Coordinator for CoordinatorService {
                 };
                 match kind {
                     worker_message::Kind::Ack(ack) => {
-                        let n = rows.lock().ok().and_then(|mut r| r.remove(&ack.lease_id)).unwrap_or(0);
+                        let n = rows
+                            .lock()
+                            .ok()
+                            .and_then(|mut r| r.remove(&ack.lease_id))
+                            .unwrap_or(0);
                         match run.ack(&worker, &ack, n) {
                             Ok(true) => credits.add_permits(1),
                             Ok(false) => {}
@@ -142,7 +180,9 @@ impl Coordinator for CoordinatorService {
                     },
                     worker_message::Kind::Hello(_) => {
                         let _ = tx
-                            .send(Err(Status::invalid_argument("Hello may only be the first message")))
+                            .send(Err(Status::invalid_argument(
+                                "Hello may only be the first message",
+                            )))
                             .await;
                     }
                 }
@@ -157,7 +197,10 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn run_status(&self, _req: Request<RunStatusRequest>) -> Result<Response<RunStatusResponse>, Status> {
+    async fn run_status(
+        &self,
+        _req: Request<RunStatusRequest>,
+    ) -> Result<Response<RunStatusResponse>, Status> {
         Ok(Response::new(self.run.status()?))
     }
 }

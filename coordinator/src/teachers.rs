@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use distill_proto::pb::InferRequest;
 use distill_proto::pb::teacher_client::TeacherClient;
+use distill_proto::pb::{DescribeRequest, InferRequest};
 use distill_proto::{DType, HostTensor};
 use tonic::transport::{Channel, Endpoint};
 
@@ -38,6 +38,18 @@ pub struct MemberStats {
     pub failures: u64,
 }
 
+fn is_rejection(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Unimplemented
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::OutOfRange
+    )
+}
+
 /// One ensemble member.
 pub struct Member {
     /// Member name.
@@ -59,7 +71,11 @@ pub struct TeacherPool {
 impl TeacherPool {
     /// Builds lazily connecting clients for every replica (a replica that is down at start
     /// does not stop the run).
-    pub fn new(members: &[MemberConfig], timeout: Duration, max_message_bytes: usize) -> Result<Self> {
+    pub fn new(
+        members: &[MemberConfig],
+        timeout: Duration,
+        max_message_bytes: usize,
+    ) -> Result<Self> {
         let members = members
             .iter()
             .map(|m| {
@@ -68,7 +84,9 @@ impl TeacherPool {
                     .iter()
                     .map(|e| {
                         let ep = Endpoint::from_shared(e.clone())
-                            .map_err(|err| Error::Config(format!("member `{}`: endpoint `{e}`: {err}", m.name)))?
+                            .map_err(|err| {
+                                Error::Config(format!("member `{}`: endpoint `{e}`: {err}", m.name))
+                            })?
                             .connect_timeout(Duration::from_secs(5))
                             .timeout(timeout);
                         let client = TeacherClient::new(ep.connect_lazy())
@@ -99,6 +117,41 @@ impl TeacherPool {
         })
     }
 
+    /// Asks every replica what it serves and checks it fits the data: `row_len` input values
+    /// and `classes` logits. A replica that does not answer is only logged (it may come up
+    /// later); one that serves a model of another shape is an error.
+    pub async fn check_models(&self, row_len: usize, classes: usize) -> Result<()> {
+        for m in &self.members {
+            for r in &m.replicas {
+                let d = tokio::time::timeout(
+                    self.timeout,
+                    r.client.clone().describe(DescribeRequest {}),
+                )
+                .await;
+                match d {
+                    Ok(Ok(d)) => {
+                        let d = d.into_inner();
+                        let inputs: u64 = d.input_shape.iter().product();
+                        if inputs != row_len as u64 || d.num_classes as usize != classes {
+                            return Err(Error::Config(format!(
+                                "member `{}` replica {} serves {} ({} inputs, {} classes) but the data has rows of {row_len} values and {classes} classes",
+                                m.name, r.endpoint, d.model_id, inputs, d.num_classes
+                            )));
+                        }
+                        tracing::info!(member = %m.name, replica = %r.endpoint, model = %d.model_id, "teacher replica ready");
+                    }
+                    Ok(Err(status)) => {
+                        tracing::warn!(member = %m.name, replica = %r.endpoint, %status, "teacher replica not ready")
+                    }
+                    Err(_) => {
+                        tracing::warn!(member = %m.name, replica = %r.endpoint, "teacher replica did not answer Describe")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Requests retried on another replica so far.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
@@ -113,7 +166,12 @@ impl TeacherPool {
     }
 
     /// Tempered logits z/T (`rows × classes`, f32) of member `member` for `inputs`.
-    pub async fn infer(&self, member: usize, inputs: &HostTensor, temperature: f32) -> Result<Vec<f32>> {
+    pub async fn infer(
+        &self,
+        member: usize,
+        inputs: &HostTensor,
+        temperature: f32,
+    ) -> Result<Vec<f32>> {
         let m = &self.members[member];
         let attempts = 2 * m.replicas.len();
         let mut backoff = Duration::from_millis(20);
@@ -124,7 +182,12 @@ impl TeacherPool {
                 .replicas
                 .iter()
                 .enumerate()
-                .min_by_key(|(i, r)| (r.outstanding.load(Ordering::Relaxed), (i + attempt) % m.replicas.len()))
+                .min_by_key(|(i, r)| {
+                    (
+                        r.outstanding.load(Ordering::Relaxed),
+                        (i + attempt) % m.replicas.len(),
+                    )
+                })
                 .ok_or_else(|| Error::Internal(format!("member `{}` has no replicas", m.name)))?;
             r.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
@@ -140,7 +203,10 @@ impl TeacherPool {
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
                     match resp.logits.map(HostTensor::try_from) {
-                        Some(Ok(t)) if t.dtype() == DType::F32 && t.shape().first() == inputs.shape().first() => {
+                        Some(Ok(t))
+                            if t.dtype() == DType::F32
+                                && t.shape().first() == inputs.shape().first() =>
+                        {
                             let secs = started.elapsed().as_secs_f64();
                             if let Ok(mut s) = m.stats.lock() {
                                 s.requests += 1;
@@ -152,7 +218,17 @@ impl TeacherPool {
                         other => format!("malformed reply from {}: {other:?}", r.endpoint),
                     }
                 }
-                Ok(Err(status)) => format!("{}: {}: {}", r.endpoint, status.code(), status.message()),
+                Ok(Err(status)) if is_rejection(status.code()) => {
+                    // The teacher refused the request itself: another replica of the same model
+                    // would refuse it too, so retrying (or waiting) cannot help.
+                    return Err(Error::TeacherRejected {
+                        member: m.name.clone(),
+                        msg: format!("{}: {}: {}", r.endpoint, status.code(), status.message()),
+                    });
+                }
+                Ok(Err(status)) => {
+                    format!("{}: {}: {}", r.endpoint, status.code(), status.message())
+                }
                 Err(_) => format!("{}: no answer within {:?}", r.endpoint, self.timeout),
             };
             if let Ok(mut s) = m.stats.lock() {

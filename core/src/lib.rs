@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod kd;
+pub mod logging;
 pub mod model;
 pub mod optim;
 pub mod settings;

@@ -36,7 +36,10 @@ impl StudentSettings {
         self.optim.validate()?;
         let bad = |m: String| Err(Error::Config(m));
         if !self.temperature.is_finite() || self.temperature <= 0.0 {
-            return bad(format!("temperature must be finite and > 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be finite and > 0, got {}",
+                self.temperature
+            ));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad(format!("alpha must be in [0, 1], got {}", self.alpha));

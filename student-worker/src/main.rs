@@ -41,13 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    distill_core::logging::init();
     let args = Args::parse();
     if let Some(n) = args.threads
         && let Err(e) = apply_threads(n)

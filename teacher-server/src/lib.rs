@@ -124,7 +124,9 @@ pub async fn serve(
     let signal = async move {
         stop.cancelled().await;
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
-        health_reporter.set_not_serving::<TeacherServer<TeacherService>>().await;
+        health_reporter
+            .set_not_serving::<TeacherServer<TeacherService>>()
+            .await;
     };
     let server = tonic::transport::Server::builder()
         .add_service(health_service)

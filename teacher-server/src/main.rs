@@ -46,13 +46,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    distill_core::logging::init();
     let args = Args::parse();
     let device = distill_core::device::parse_device(&args.device)?;
     let ck = load_checkpoint(&args.model)?;

@@ -102,16 +102,12 @@ impl TeacherService {
         let shape = x.shape();
         let row_shape = &self.info.input_shape;
         let row_len: usize = row_shape.iter().product();
-        let rows_ok =
-            shape.len() >= 2 && (&shape[1..] == row_shape.as_slice() || shape[1..] == [row_len]);
+        // Rows may come shaped like the model's input or flattened: only the values per row count.
+        let rows_ok = shape.len() >= 2 && shape[1..].iter().product::<usize>() == row_len;
         if !rows_ok {
             return Err(bad(format!(
-                "inputs have shape {shape:?}; expected [N, {}] or [N, {row_len}]",
-                row_shape
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "inputs have shape {shape:?}; expected [N, ...] with {row_len} values per row \
+                 (the model's input is {row_shape:?})"
             )));
         }
         let rows = shape[0];

@@ -29,22 +29,36 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line: {line:?}"));
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {line:?}"));
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0);
 
-    let mut client = TeacherClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut client = TeacherClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let req = InferRequest {
         request_id: 3,
-        inputs: Some(HostTensor::from_f32(vec![1, 784], &[0.5; 784]).unwrap().into()),
+        inputs: Some(
+            HostTensor::from_f32(vec![1, 784], &[0.5; 784])
+                .unwrap()
+                .into(),
+        ),
         temperature: 2.0,
         output_dtype: 0,
     };
     let r = client.infer(req).await.unwrap().into_inner();
     assert_eq!(r.model_id, ck.model_id());
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");

@@ -1,0 +1,301 @@
+//! `distill demo`: the whole system in one process over loopback, on the embedded synthetic
+//! data set by default (no files, flags or servers needed).
+//!
+//! 1. trains two different teachers (the ensemble members) on hard labels;
+//! 2. serves each from its own teacher server on 127.0.0.1:0;
+//! 3. runs the coordinator and one student worker, which distils the student from the
+//!    ensemble's soft targets streamed over gRPC;
+//! 4. trains the same student architecture on hard labels alone (the baseline);
+//! 5. prints a table and writes the run directory (`report.json`, config, checkpoints, metrics).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use coordinator::config::{MemberConfig, RunConfig, SoftTargetDtype, StudentConfig};
+use distill_core::data::Dataset;
+use distill_core::kd::Combine;
+use distill_core::optim::OptimConfig;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_core::train::{CrossEntropy, Event, TrainConfig, Trainer};
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `distill demo` (every one has a default).
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Data source: `synthetic[:SEED]` (default), `mnist:DIR` or `safetensors:FILE`.
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Run directory (default: a new folder under runs/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Teacher architectures, one per ensemble member.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mlp:784-512-512-10,mlp:784-256-256-10"
+    )]
+    pub teachers: Vec<String>,
+    /// Dropout of the teachers' hidden layers.
+    #[arg(long, default_value_t = 0.3)]
+    pub teacher_dropout: f32,
+    /// Epochs of teacher training.
+    #[arg(long, default_value_t = 8)]
+    pub teacher_epochs: usize,
+    /// Student architecture (the baseline uses the same).
+    #[arg(long, default_value = "mlp:784-32-10")]
+    pub student: String,
+    /// Epochs of student training (baseline and distilled alike).
+    #[arg(long, default_value_t = 20)]
+    pub epochs: u32,
+    /// Distillation temperature T.
+    #[arg(long, default_value_t = 4.0)]
+    pub temperature: f64,
+    /// Weight of the soft-target term.
+    #[arg(long, default_value_t = 0.9)]
+    pub alpha: f64,
+    /// Learning rate of the students (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Seed of everything.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Runs `distill demo`.
+pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let out = match &a.out {
+        Some(p) => p.clone(),
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from("runs").join(format!("demo-{stamp}"))
+        }
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    println!("run directory: {}", out.display());
+    let data = Dataset::load(&a.data)?;
+    tracing::info!(data = %data.source, train = data.train.len(), test = data.test.len(), "data loaded");
+
+    // 1. Teachers.
+    let mut teacher_files = Vec::new();
+    for (i, arch) in a.teachers.iter().enumerate() {
+        let spec = ModelSpec {
+            arch: Arch::parse(arch)?,
+            dropout: a.teacher_dropout,
+            input_dropout: 0.0,
+        };
+        let cfg = TrainConfig {
+            epochs: a.teacher_epochs,
+            batch: a.batch,
+            seed: a.seed + 100 + i as u64,
+            optim: OptimConfig::adamw(1e-3, 1e-4),
+            eval_every_epoch: false,
+            ..Default::default()
+        };
+        let path = out.join(format!("teacher-{}.safetensors", member_name(i)));
+        let t0 = Instant::now();
+        let errors = train_supervised(spec, cfg, &data, &path)?;
+        println!(
+            "trained teacher {} ({arch}): {errors} test errors in {:.1} s",
+            member_name(i),
+            t0.elapsed().as_secs_f64()
+        );
+        teacher_files.push(path);
+    }
+
+    // 2. Baseline student on hard labels.
+    let student_spec = ModelSpec::new(Arch::parse(&a.student)?);
+    let student_optim = OptimConfig::adamw(a.lr, 0.0);
+    let t0 = Instant::now();
+    let baseline_cfg = TrainConfig {
+        epochs: a.epochs as usize,
+        batch: a.batch,
+        seed: a.seed,
+        optim: student_optim.clone(),
+        eval_every_epoch: false,
+        ..Default::default()
+    };
+    let baseline_errors = train_supervised(
+        student_spec,
+        baseline_cfg,
+        &data,
+        &out.join("baseline-student.safetensors"),
+    )?;
+    let baseline_secs = t0.elapsed().as_secs_f64();
+    println!(
+        "trained baseline student ({}): {baseline_errors} test errors in {baseline_secs:.1} s",
+        a.student
+    );
+
+    // 3. Serve the teachers, coordinate, distil.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(distil(&a, &out, &teacher_files, student_optim))?;
+    let mut report = report;
+    report.baseline_student_test_errors = Some(baseline_errors);
+    coordinator::run::write_report(&out, &report)?;
+
+    // 4. The table.
+    let pct = |e: u64| 100.0 * e as f64 / report.test_size.max(1) as f64;
+    println!();
+    println!(
+        "distill demo on {} ({} test rows), T = {}, alpha = {}",
+        report.data, report.test_size, report.temperature, report.alpha
+    );
+    println!("{:<34} {:>12} {:>9}", "model", "test errors", "error %");
+    for t in &report.teachers {
+        println!(
+            "{:<34} {:>12} {:>8.2}%",
+            format!("teacher {}", t.member),
+            t.test_errors,
+            pct(t.test_errors)
+        );
+    }
+    if let Some(e) = report.ensemble_test_errors {
+        println!(
+            "{:<34} {:>12} {:>8.2}%",
+            "teacher ensemble (mean-prob)",
+            e,
+            pct(e)
+        );
+    }
+    println!(
+        "{:<34} {:>12} {:>8.2}%",
+        format!("baseline student {}", a.student),
+        baseline_errors,
+        pct(baseline_errors)
+    );
+    println!(
+        "{:<34} {:>12} {:>8.2}%",
+        format!("distilled student {}", a.student),
+        report.student_test_errors,
+        pct(report.student_test_errors)
+    );
+    println!();
+    println!(
+        "distillation: {} / {} batches, {:.0} samples/s, student waited {:.1}% of its time; baseline trained in {baseline_secs:.1} s",
+        report.batches_trained,
+        report.batches_expected,
+        report.samples_per_sec,
+        100.0 * report.student_wait_fraction
+    );
+    println!("report: {}", out.join("report.json").display());
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn member_name(i: usize) -> String {
+    ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .get(i)
+        .map_or_else(|| format!("m{i}"), |s| s.to_string())
+}
+
+/// Trains a model on hard labels, saves it, returns its test errors.
+fn train_supervised(
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    data: &Dataset,
+    path: &Path,
+) -> anyhow::Result<u64> {
+    let mut trainer = Trainer::new(spec, cfg, &Device::Cpu)?;
+    trainer.run(data, &mut CrossEntropy, &mut |e| {
+        if let Event::Epoch(s) = e {
+            tracing::debug!(epoch = s.epoch, loss = s.loss, "epoch");
+        }
+        ControlFlow::Continue(())
+    })?;
+    let ck = trainer.checkpoint()?;
+    ck.save(path)?;
+    let model = ck.to_model(&Device::Cpu)?;
+    let report = distill_core::eval::evaluate(&model, &data.test, 1024)?;
+    Ok(report.errors as u64)
+}
+
+async fn distil(
+    a: &DemoArgs,
+    out: &Path,
+    teacher_files: &[PathBuf],
+    optim: OptimConfig,
+) -> anyhow::Result<coordinator::RunReport> {
+    let shutdown = CancellationToken::new();
+    let mut members = Vec::new();
+    let mut servers = Vec::new();
+    for (i, path) in teacher_files.iter().enumerate() {
+        let ck = distill_core::checkpoint::Checkpoint::read(path)?;
+        let opts = teacher_server::ServeOptions {
+            member: member_name(i),
+            ..Default::default()
+        };
+        let service = teacher_server::build_service(&ck, &Device::Cpu, &opts)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        servers.push(tokio::spawn(teacher_server::serve(
+            service,
+            listener,
+            opts.max_message_bytes,
+            shutdown.clone(),
+        )));
+        members.push(MemberConfig {
+            name: member_name(i),
+            endpoints: vec![format!("http://{addr}")],
+            weight: 1.0,
+        });
+    }
+    let cfg = RunConfig {
+        data: a.data.clone(),
+        run_dir: out.to_path_buf(),
+        epochs: a.epochs,
+        batch_size: a.batch,
+        seed: a.seed,
+        temperature: a.temperature,
+        alpha: a.alpha,
+        combine: Combine::MeanProb,
+        soft_target_dtype: SoftTargetDtype::F32,
+        checkpoint_every: 0,
+        lease_timeout_secs: 60.0,
+        prefetch: 8,
+        teacher_timeout_secs: 30.0,
+        max_message_mb: 64,
+        student: StudentConfig {
+            arch: a.student.clone(),
+            dropout: 0.0,
+            input_dropout: 0.0,
+        },
+        optim,
+        members,
+    };
+    cfg.validate()?;
+    let run = coordinator::prepare(cfg).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coord_addr = listener.local_addr()?;
+    let coord = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
+    let worker_cfg = student_worker::WorkerConfig {
+        coordinator: format!("http://{coord_addr}"),
+        work_dir: out.join("worker-0"),
+        connect_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let worker = student_worker::run(worker_cfg, shutdown.clone()).await;
+    let report = coord.await.context("coordinator task")??;
+    shutdown.cancel();
+    for s in servers {
+        s.await.context("teacher task")??;
+    }
+    let worker = worker?;
+    tracing::info!(
+        steps = worker.steps,
+        test_errors = worker.test_errors,
+        "worker finished"
+    );
+    report.context("the coordinator stopped before the run completed")
+}
