@@ -1,5 +1,7 @@
 //! The `distill` command line: demo, training, evaluation, serving and benchmarks.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 mod demo_cmd;
@@ -29,14 +31,37 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Convert a PyTorch nn.Sequential safetensors state dict into a distill checkpoint.
     ImportTorch(import_cmd::ImportArgs),
+    /// Serve a checkpoint's tempered logits (same as the `teacher-server` binary).
+    TeacherServer(teacher_server::cli::Args),
+    /// Coordinate a distillation run (same as the `coordinator` binary).
+    Coordinator(coordinator::cli::Args),
+    /// Train a run's student on streamed batches (same as the `student-worker` binary).
+    StudentWorker(student_worker::cli::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     distill_core::logging::init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Demo(a) => demo_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
         Command::ImportTorch(a) => import_cmd::run(a),
+        Command::TeacherServer(a) => block_on(teacher_server::cli::run(a)),
+        Command::Coordinator(a) => block_on(coordinator::cli::run(a)),
+        Command::StudentWorker(a) => return student_worker::cli::main(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }

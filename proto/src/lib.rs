@@ -6,6 +6,8 @@
 
 use bytes::Bytes;
 
+pub mod shutdown;
+
 /// Generated protobuf messages and gRPC stubs for package `distill.v1`.
 pub mod pb {
     tonic::include_proto!("distill.v1");

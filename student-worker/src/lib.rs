@@ -29,6 +29,7 @@
 //! - An `EvalResult` whose checkpoint would exceed the message-size limit is sent without the
 //!   bytes (logged); the file stays in the work dir.
 
+pub mod cli;
 pub mod decode;
 pub mod error;
 pub mod objective;

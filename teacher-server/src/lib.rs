@@ -6,10 +6,10 @@
 //! listener and calls [`serve`]. Tests call [`serve`] in-process on `127.0.0.1:0`.
 
 pub mod batcher;
+pub mod cli;
 pub mod error;
 pub mod service;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::Device;
@@ -93,7 +93,7 @@ pub fn build_service(
 }
 
 /// Loads a checkpoint file for serving.
-pub fn load_checkpoint(path: &PathBuf) -> Result<Checkpoint> {
+pub fn load_checkpoint(path: &std::path::Path) -> Result<Checkpoint> {
     Ok(Checkpoint::read(path)?)
 }
 

@@ -1,0 +1,201 @@
+//! End to end with real processes on loopback: three teacher servers (member `a` with one
+//! replica, member `b` with two), a coordinator and a student worker, each its own process of
+//! the built `distill` binary, run a short distillation on the synthetic data set.
+
+use std::io::{BufRead, BufReader};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::Device;
+use distill_core::data::Dataset;
+use distill_core::optim::OptimConfig;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_core::train::{CrossEntropy, TrainConfig, Trainer};
+
+/// Kills every child still running when the test ends (also on failure).
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn distill() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+/// Starts `cmd`, returns the address from its first stdout line `listening on ADDR`.
+fn start(procs: &mut Procs, mut cmd: Command, log: &Path) -> String {
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    // Keep reading so the process can print its summary at the end.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    procs.0.push(child);
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log.display()))
+        .to_string()
+}
+
+fn train_teacher(data: &Dataset, arch: &str, seed: u64, path: &Path) {
+    let cfg = TrainConfig {
+        epochs: 2,
+        seed,
+        optim: OptimConfig::adamw(1e-3, 0.0),
+        eval_every_epoch: false,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(
+        ModelSpec::new(Arch::parse(arch).unwrap()),
+        cfg,
+        &Device::Cpu,
+    )
+    .unwrap();
+    t.run(data, &mut CrossEntropy, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    t.checkpoint().unwrap().save(path).unwrap();
+}
+
+/// Waits for a child to exit, with a deadline (the wait runs on a helper thread).
+fn wait_with_deadline(
+    mut child: Child,
+    deadline: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(status) => status.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what} did not finish within {deadline:?}");
+        }
+    }
+}
+
+#[test]
+fn three_roles_as_processes_distill_a_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = Dataset::load("synthetic:0").unwrap();
+    train_teacher(&data, "mlp:784-64-10", 1, &d.join("a.safetensors"));
+    train_teacher(&data, "mlp:784-48-48-10", 2, &d.join("b.safetensors"));
+
+    let mut procs = Procs(Vec::new());
+    let mut endpoints = Vec::new();
+    for (i, (member, file)) in [
+        ("a", "a.safetensors"),
+        ("b", "b.safetensors"),
+        ("b", "b.safetensors"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = distill();
+        cmd.arg("teacher-server")
+            .arg("--model")
+            .arg(d.join(file))
+            .args(["--listen", "127.0.0.1:0", "--member", member]);
+        let addr = start(&mut procs, cmd, &d.join(format!("teacher-{i}.log")));
+        endpoints.push(format!("http://{addr}"));
+    }
+    let config = format!(
+        r#"
+data = "synthetic:0"
+run_dir = "run"
+epochs = 2
+batch_size = 128
+seed = 3
+temperature = 4.0
+alpha = 0.7
+prefetch = 4
+[student]
+arch = "mlp:784-32-10"
+[optim]
+kind = "adamw"
+lr = 0.002
+[[members]]
+name = "a"
+endpoints = ["{}"]
+[[members]]
+name = "b"
+endpoints = ["{}", "{}"]
+"#,
+        endpoints[0], endpoints[1], endpoints[2]
+    );
+    std::fs::write(d.join("run.toml"), config).unwrap();
+    let mut cmd = distill();
+    cmd.arg("coordinator")
+        .arg("--config")
+        .arg(d.join("run.toml"))
+        .args(["--listen", "127.0.0.1:0"]);
+    let coord_addr = start(&mut procs, cmd, &d.join("coordinator.log"));
+    let coordinator = procs.0.pop().unwrap();
+
+    let worker = distill()
+        .arg("student-worker")
+        .args(["--coordinator", &format!("http://{coord_addr}")])
+        .arg("--work-dir")
+        .arg(d.join("worker"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("worker.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let ws = wait_with_deadline(worker, Duration::from_secs(300), "the student worker");
+    let log = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+    assert!(
+        ws.success(),
+        "worker failed: {ws:?}\n{}\n{}",
+        log("worker.log"),
+        log("coordinator.log")
+    );
+    let cs = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
+    assert!(
+        cs.success(),
+        "coordinator failed: {cs:?}\n{}",
+        log("coordinator.log")
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run/report.json")).unwrap()).unwrap();
+    let n = |k: &str| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("report.{k}: {report}"))
+    };
+    assert_eq!(n("batches_trained"), n("batches_expected"));
+    assert_eq!(n("batches_expected"), 2 * 12_000u64.div_ceil(128));
+    assert_eq!(n("test_size"), 2000);
+    // Chance is 90% errors; the student must have learned.
+    assert!(n("student_test_errors") < 2000 * 4 / 10, "{report}");
+    let teachers = report["teachers"].as_array().unwrap();
+    assert_eq!(teachers.len(), 2);
+    // Both members answered every batch: the report counts their requests.
+    for m in report["members"].as_array().unwrap() {
+        assert!(
+            m["requests"].as_u64().unwrap() >= n("batches_expected"),
+            "{m}"
+        );
+    }
+    // The final student was kept in the run directory and loads.
+    distill_core::checkpoint::Checkpoint::read(&d.join("run/student.safetensors")).unwrap();
+    assert!(d.join("run/config.toml").exists());
+    assert!(d.join("run/metrics.jsonl").exists());
+}
