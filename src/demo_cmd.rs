@@ -41,20 +41,23 @@ pub struct DemoArgs {
     /// Dropout of the teachers' hidden layers.
     #[arg(long, default_value_t = 0.3)]
     pub teacher_dropout: f32,
+    /// Teachers' training images are shifted by up to this many pixels (as in Hinton et al.).
+    #[arg(long, default_value_t = 2)]
+    pub teacher_jitter: usize,
     /// Epochs of teacher training.
     #[arg(long, default_value_t = 8)]
     pub teacher_epochs: usize,
     /// Student architecture (the baseline uses the same).
-    #[arg(long, default_value = "mlp:784-32-10")]
+    #[arg(long, default_value = "mlp:784-64-10")]
     pub student: String,
     /// Epochs of student training (baseline and distilled alike).
     #[arg(long, default_value_t = 20)]
     pub epochs: u32,
-    /// Distillation temperature T.
-    #[arg(long, default_value_t = 4.0)]
+    /// Distillation temperature T (a small student learns best from mildly softened targets).
+    #[arg(long, default_value_t = 2.0)]
     pub temperature: f64,
     /// Weight of the soft-target term.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
     /// Learning rate of the students (AdamW).
     #[arg(long, default_value_t = 1e-3)]
@@ -97,6 +100,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             epochs: a.teacher_epochs,
             batch: a.batch,
             seed: a.seed + 100 + i as u64,
+            jitter: a.teacher_jitter,
             optim: OptimConfig::adamw(1e-3, 1e-4),
             eval_every_epoch: false,
             ..Default::default()

@@ -323,4 +323,19 @@ weight = 2.0
             assert!(e.contains(needle), "wanted `{needle}` in: {e}");
         }
     }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let c = RunConfig::from_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                assert!(!c.members.is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "examples found: {n}");
+    }
 }
