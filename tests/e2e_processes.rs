@@ -2,6 +2,8 @@
 //! replica, member `b` with two), a coordinator and a student worker, each its own process of
 //! the built `distill` binary, run a short distillation on the synthetic data set.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::io::{BufRead, BufReader};
 use std::ops::ControlFlow;
 use std::path::Path;

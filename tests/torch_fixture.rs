@@ -1,6 +1,8 @@
 //! Weights trained by PyTorch (tests/fixtures, made by scripts/torch-fixture.py) imported with
 //! `distill import-torch` and served by the real teacher server give PyTorch's logits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::path::Path;
 use std::process::Command;
 

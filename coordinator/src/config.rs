@@ -150,10 +150,10 @@ impl RunConfig {
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut cfg = Self::from_toml(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        if cfg.run_dir.is_relative() {
-            if let Some(dir) = path.parent() {
-                cfg.run_dir = dir.join(&cfg.run_dir);
-            }
+        if cfg.run_dir.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            cfg.run_dir = dir.join(&cfg.run_dir);
         }
         Ok(cfg)
     }

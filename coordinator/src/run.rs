@@ -380,11 +380,12 @@ impl Run {
         let mut pending = FuturesOrdered::new();
         let mut have_credit = false;
         loop {
-            if !have_credit && pending.len() < prefetch {
-                if let Ok(p) = credits.try_acquire() {
-                    p.forget();
-                    have_credit = true;
-                }
+            if !have_credit
+                && pending.len() < prefetch
+                && let Ok(p) = credits.try_acquire()
+            {
+                p.forget();
+                have_credit = true;
             }
             if have_credit {
                 let lease = match self.ledger.lock() {

@@ -7,6 +7,8 @@
 //! case, default 4), `BENCH_ARCHS` (comma-separated, default the three below). Set
 //! `RAYON_NUM_THREADS` to pin the thread count; on a shared machine check it is quiet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};

@@ -4,6 +4,8 @@
 //! Env: `DISTILL_BENCH_ARCH` (default mlp:784-1200-1200-10), `DISTILL_BENCH_SECS` per figure
 //! (default 4), `DISTILL_BENCH_DEPTH` requests kept in flight by the client (default 4).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};

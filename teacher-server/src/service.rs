@@ -35,6 +35,18 @@ pub struct ModelInfo {
     pub max_batch: usize,
 }
 
+/// A request that passed validation, ready for the batcher.
+pub struct Validated {
+    /// The decoded rows and where their answer goes.
+    pub job: Job,
+    /// Receives the tempered logits.
+    pub reply: oneshot::Receiver<Result<Vec<f32>>>,
+    /// Element type the reply is encoded in.
+    pub out_dtype: DType,
+    /// The client's request id, echoed back.
+    pub request_id: u64,
+}
+
 /// The Teacher service over a running [`Batcher`].
 #[derive(Clone)]
 pub struct TeacherService {
@@ -71,10 +83,7 @@ impl TeacherService {
     }
 
     /// Checks a request and decodes its inputs to f32 rows (pixels of U8 inputs / 255).
-    pub fn validate(
-        &self,
-        req: InferRequest,
-    ) -> Result<(Job, oneshot::Receiver<Result<Vec<f32>>>, DType, u64)> {
+    pub fn validate(&self, req: InferRequest) -> Result<Validated> {
         let InferRequest {
             request_id,
             inputs,
@@ -138,17 +147,17 @@ impl TeacherService {
             values.iter_mut().for_each(|v| *v *= scale);
         }
         let (reply, rx) = oneshot::channel();
-        Ok((
-            Job {
+        Ok(Validated {
+            job: Job {
                 x: values,
                 rows,
                 temperature: t,
                 reply,
             },
-            rx,
+            reply: rx,
             out_dtype,
             request_id,
-        ))
+        })
     }
 
     /// Runs one request end to end.
@@ -159,7 +168,12 @@ impl TeacherService {
                 self.max_inflight
             ))
         })?;
-        let (job, rx, out_dtype, request_id) = self.validate(req)?;
+        let Validated {
+            job,
+            reply: rx,
+            out_dtype,
+            request_id,
+        } = self.validate(req)?;
         let rows = job.rows;
         self.batcher.submit(job)?;
         let logits = rx.await.map_err(|_| Error::ShuttingDown)??;

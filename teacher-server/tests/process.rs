@@ -1,5 +1,7 @@
 //! The `teacher-server` binary as a real process: prints its address, serves, exits 0 on SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 

@@ -1,5 +1,7 @@
 //! The real teacher server, in-process on 127.0.0.1:0, called over gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use bytes::Bytes;
