@@ -58,7 +58,7 @@ start() { # LOG ARGS...
     local line
     read -r line <"$fifo"
     # Keep draining the role's stdout.
-    (cat "$fifo" >/dev/null; rm -f "$fifo") &
+    (cat "$fifo" >/dev/null; rm -f "$fifo") >/dev/null 2>&1 &
     echo "${line#listening on }"
 }
 

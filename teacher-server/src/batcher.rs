@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use distill_core::model::Model;
-use tokio::sync::oneshot;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{Error, Result};
 
@@ -70,13 +72,23 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the compute thread for `model`. `queue` bounds the number of queued requests.
-    pub fn start(model: Model, cfg: BatchConfig, queue: usize) -> std::io::Result<Self> {
+    ///
+    /// `inflight` holds one permit per request the service has admitted and not yet answered
+    /// (of `queue` in all): the compute thread stops waiting for company as soon as every
+    /// admitted request is in the batch, so a lone client never pays `max_delay`.
+    pub fn start(
+        model: Model,
+        cfg: BatchConfig,
+        queue: usize,
+        inflight: Arc<Semaphore>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
         let stats = std::sync::Arc::new(BatchStats::default());
         let s = stats.clone();
+        let admitted = move || queue.saturating_sub(inflight.available_permits());
         std::thread::Builder::new()
             .name("teacher-compute".into())
-            .spawn(move || compute_loop(&model, &rx, cfg, &s))?;
+            .spawn(move || compute_loop(&model, &rx, cfg, &s, &admitted))?;
         Ok(Self { tx, stats })
     }
 
@@ -89,7 +101,13 @@ impl Batcher {
     }
 }
 
-fn compute_loop(model: &Model, rx: &Receiver<Job>, cfg: BatchConfig, stats: &BatchStats) {
+fn compute_loop(
+    model: &Model,
+    rx: &Receiver<Job>,
+    cfg: BatchConfig,
+    stats: &BatchStats,
+    admitted: &dyn Fn() -> usize,
+) {
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -103,7 +121,13 @@ fn compute_loop(model: &Model, rx: &Receiver<Job>, cfg: BatchConfig, stats: &Bat
         let mut rows = first.rows;
         let mut jobs = vec![first];
         while rows < cfg.max_batch {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            // Nobody else is on the way: waiting could only add latency.
+            let wait = if admitted() > jobs.len() {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            match rx.recv_timeout(wait) {
                 Ok(j) if rows + j.rows > cfg.max_batch => {
                     carried = Some(j);
                     break;

@@ -79,6 +79,7 @@ pub fn build_service(
         arch: ck.spec.arch.to_string(),
         max_batch: opts.max_batch,
     };
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_inflight));
     let batcher = Batcher::start(
         model,
         BatchConfig {
@@ -87,9 +88,15 @@ pub fn build_service(
             simulate_latency: opts.simulate_latency,
         },
         opts.max_inflight,
+        inflight.clone(),
     )
     .map_err(|e| Error::Compute(format!("starting the compute thread: {e}")))?;
-    Ok(TeacherService::new(info, batcher, opts.max_inflight))
+    Ok(TeacherService::new(
+        info,
+        batcher,
+        inflight,
+        opts.max_inflight,
+    ))
 }
 
 /// Loads a checkpoint file for serving.

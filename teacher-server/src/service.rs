@@ -58,11 +58,17 @@ pub struct TeacherService {
 
 impl TeacherService {
     /// A service answering from `batcher`, with at most `max_inflight` requests in flight.
-    pub fn new(info: ModelInfo, batcher: Batcher, max_inflight: usize) -> Self {
+    /// `inflight` must hold `max_inflight` permits and be shared with the batcher.
+    pub fn new(
+        info: ModelInfo,
+        batcher: Batcher,
+        inflight: Arc<Semaphore>,
+        max_inflight: usize,
+    ) -> Self {
         Self {
             info: Arc::new(info),
             batcher,
-            inflight: Arc::new(Semaphore::new(max_inflight)),
+            inflight,
             max_inflight,
         }
     }
