@@ -1,0 +1,164 @@
+//! The Coordinator service in-process over loopback with a real teacher server: RunStatus,
+//! Join, and the errors a misbehaving worker gets; then a real worker completes the run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use candle_core::Device;
+use coordinator::config::{MemberConfig, RunConfig, SoftTargetDtype, StudentConfig};
+use distill_core::checkpoint::Checkpoint;
+use distill_core::kd::Combine;
+use distill_core::model::TrainableModel;
+use distill_core::optim::OptimConfig;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_proto::pb::coordinator_client::CoordinatorClient;
+use distill_proto::pb::{self, JoinRequest, RunStatusRequest, WorkerMessage, worker_message};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // One teacher (random weights are enough here: the run's mechanics are under test).
+    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
+    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
+    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
+    let opts = teacher_server::ServeOptions {
+        member: "t".into(),
+        ..Default::default()
+    };
+    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
+    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taddr = tl.local_addr().unwrap();
+    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
+
+    let cfg = RunConfig {
+        data: "synthetic:5".into(),
+        run_dir: dir.path().join("run"),
+        epochs: 1,
+        batch_size: 500,
+        seed: 1,
+        temperature: 3.0,
+        alpha: 0.5,
+        combine: Combine::MeanProb,
+        soft_target_dtype: SoftTargetDtype::F16,
+        checkpoint_every: 0,
+        lease_timeout_secs: 30.0,
+        prefetch: 2,
+        teacher_timeout_secs: 10.0,
+        max_message_mb: 64,
+        student: StudentConfig {
+            arch: "mlp:784-16-10".into(),
+            dropout: 0.0,
+            input_dropout: 0.0,
+        },
+        optim: OptimConfig::adamw(1e-3, 0.0),
+        members: vec![MemberConfig {
+            name: "t".into(),
+            endpoints: vec![format!("http://{taddr}")],
+            weight: 1.0,
+        }],
+    };
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+
+    let st = client
+        .run_status(RunStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.batches_trained, 0);
+    assert_eq!(st.batches_expected, 12_000u64.div_ceil(500));
+    assert_eq!(st.epochs, 1);
+    assert!(!st.done);
+    assert_eq!(st.members.len(), 1);
+    assert_eq!(st.members[0].member, "t");
+
+    // Join hands out the settings; a second join of the same id is a new incarnation.
+    let j = client
+        .join(JoinRequest {
+            worker_id: "w".into(),
+            resume_step: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((j.worker_id.as_str(), j.incarnation), ("w", 1));
+    let settings: distill_core::settings::StudentSettings =
+        serde_json::from_str(&j.settings_json).unwrap();
+    assert_eq!(settings.temperature, 3.0);
+    assert_eq!(j.batches_per_epoch, 24);
+    let j2 = client
+        .join(JoinRequest {
+            worker_id: "w".into(),
+            resume_step: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(j2.incarnation, 2);
+
+    // A stream from the replaced incarnation is fenced off; one without Hello is refused.
+    let hello = |inc: u64, credits: u32| WorkerMessage {
+        kind: Some(worker_message::Kind::Hello(pb::Hello {
+            worker_id: "w".into(),
+            incarnation: inc,
+            credits,
+        })),
+    };
+    let st = client
+        .batches(tokio_stream::iter(vec![hello(1, 2)]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+    let st = client
+        .batches(tokio_stream::iter(vec![WorkerMessage {
+            kind: Some(worker_message::Kind::Credits(3)),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    let st = client
+        .batches(tokio_stream::iter(vec![hello(2, 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    let unknown = WorkerMessage {
+        kind: Some(worker_message::Kind::Hello(pb::Hello {
+            worker_id: "nobody".into(),
+            incarnation: 1,
+            credits: 1,
+        })),
+    };
+    let st = client
+        .batches(tokio_stream::iter(vec![unknown]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
+
+    // A real worker trains the whole run (f16 soft targets) and the coordinator reports.
+    let worker = student_worker::run(
+        student_worker::WorkerConfig {
+            coordinator: format!("http://{caddr}"),
+            work_dir: dir.path().join("worker"),
+            connect_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(worker.batches, 24);
+    let report = served.await.unwrap().unwrap().expect("the run completed");
+    assert_eq!(report.batches_trained, 24);
+    assert_eq!(report.test_size, 2000);
+    assert_eq!(report.student_test_errors, worker.test_errors);
+    assert!(report.members[0].requests >= 24);
+    shutdown.cancel();
+}
