@@ -46,7 +46,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-# Starts a role in the background and echoes the address from its `listening on` line.
+# Starts a role in the background and sets ADDR from its `listening on` line. (Not run in a
+# command substitution, so that its pid stays in this shell's `pids` for the cleanup.)
+ADDR=
 start() { # LOG ARGS...
     local log=$1
     shift
@@ -59,11 +61,13 @@ start() { # LOG ARGS...
     read -r line <"$fifo"
     # Keep draining the role's stdout.
     (cat "$fifo" >/dev/null; rm -f "$fifo") >/dev/null 2>&1 &
-    echo "${line#listening on }"
+    [[ $line == "listening on "* ]] || { echo "error: $* did not start; see $log" >&2; exit 1; }
+    ADDR=${line#listening on }
 }
 
 t0=$SECONDS
-teacher_addr=$(start "$RUN/teacher.log" teacher-server --model "$TEACHER" --listen 127.0.0.1:0 --member teacher)
+start "$RUN/teacher.log" teacher-server --model "$TEACHER" --listen 127.0.0.1:0 --member teacher
+teacher_addr=$ADDR
 echo "== teacher $TEACHER on $teacher_addr"
 cat >"$RUN/run.toml" <<TOML
 data = "mnist:$DIR"
@@ -85,7 +89,8 @@ schedule = { kind = "cosine", final_frac = 0.0 }
 name = "teacher"
 endpoints = ["http://$teacher_addr"]
 TOML
-coord_addr=$(start "$RUN/coordinator.log" coordinator --config "$RUN/run.toml" --listen 127.0.0.1:0)
+start "$RUN/coordinator.log" coordinator --config "$RUN/run.toml" --listen 127.0.0.1:0
+coord_addr=$ADDR
 echo "== coordinator on $coord_addr; training the student (log: $RUN/worker.log)"
 "$BIN" student-worker --coordinator "http://$coord_addr" --work-dir "$RUN/worker" 2>"$RUN/worker.log"
 wait "${pids[1]}" || true

@@ -2,7 +2,8 @@
 //! run on loopback: `cargo bench -p teacher-server --bench throughput`.
 //!
 //! Env: `DISTILL_BENCH_ARCH` (default mlp:784-1200-1200-10), `DISTILL_BENCH_SECS` per figure
-//! (default 4), `DISTILL_BENCH_DEPTH` requests kept in flight by the client (default 4).
+//! (default 4), `DISTILL_BENCH_DEPTH` requests kept in flight by the client (default 16, about what a
+//! coordinator with `prefetch = 8` and two workers keeps in flight).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -141,7 +142,7 @@ async fn served(
 fn main() -> anyhow::Result<()> {
     let arch = env_or("DISTILL_BENCH_ARCH", "mlp:784-1200-1200-10".to_string());
     let secs: f64 = env_or("DISTILL_BENCH_SECS", 4.0);
-    let depth: usize = env_or("DISTILL_BENCH_DEPTH", 4);
+    let depth: usize = env_or("DISTILL_BENCH_DEPTH", 16);
     let spec = ModelSpec::new(Arch::parse(&arch)?);
     let m = TrainableModel::init(spec.clone(), 0, &Device::Cpu)?;
     let ck = Checkpoint::from_tensors(spec, &m.named_tensors()?)?;
