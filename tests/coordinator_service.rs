@@ -16,11 +16,8 @@ use distill_proto::pb::coordinator_client::CoordinatorClient;
 use distill_proto::pb::{self, JoinRequest, RunStatusRequest, WorkerMessage, worker_message};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test]
-async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    // One teacher (random weights are enough here: the run's mechanics are under test).
+/// Starts one teacher (random weights are enough: the run's mechanics are under test).
+async fn teacher(shutdown: &CancellationToken) -> String {
     let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
     let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
     let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
@@ -32,10 +29,13 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
     let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let taddr = tl.local_addr().unwrap();
     tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
+    format!("http://{taddr}")
+}
 
-    let cfg = RunConfig {
+fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
+    RunConfig {
         data: "synthetic:5".into(),
-        run_dir: dir.path().join("run"),
+        run_dir: dir.join("run"),
         epochs: 1,
         batch_size: 500,
         seed: 1,
@@ -56,10 +56,17 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
         optim: OptimConfig::adamw(1e-3, 0.0),
         members: vec![MemberConfig {
             name: "t".into(),
-            endpoints: vec![format!("http://{taddr}")],
+            endpoints,
             weight: 1.0,
         }],
-    };
+    }
+}
+
+#[tokio::test]
+async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let cfg = config(dir.path(), vec![teacher(&shutdown).await]);
     let run = coordinator::prepare(cfg).await.unwrap();
     let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let caddr = cl.local_addr().unwrap();
@@ -160,5 +167,39 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
     assert_eq!(report.test_size, 2000);
     assert_eq!(report.student_test_errors, worker.test_errors);
     assert!(report.members[0].requests >= 24);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_failed_teacher_request_is_retried_on_another_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // The first replica's port is closed (bound, then released): every request sent there
+    // fails and must be retried on the live replica.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let cfg = config(dir.path(), vec![dead, teacher(&shutdown).await]);
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    student_worker::run(
+        student_worker::WorkerConfig {
+            coordinator: format!("http://{caddr}"),
+            work_dir: dir.path().join("worker"),
+            connect_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let report = served.await.unwrap().unwrap().expect("the run completed");
+    assert_eq!(report.batches_trained, report.batches_expected);
+    assert!(report.retries >= 1, "no retry recorded: {report:?}");
+    assert!(report.members[0].failures >= 1);
+    assert!(report.members[0].requests >= report.batches_expected);
     shutdown.cancel();
 }

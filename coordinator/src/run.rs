@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -109,7 +109,8 @@ pub struct Run {
     next_worker: AtomicU64,
     stats: Mutex<Stats>,
     queues: Mutex<BTreeMap<String, usize>>,
-    eval_claimed: AtomicBool,
+    /// The worker evaluating the final student, if one has started.
+    evaluator: Mutex<Option<Worker>>,
     teacher_eval: Mutex<Option<(Vec<TeacherErrors>, u64)>>,
     report: Mutex<Option<RunReport>>,
     /// Cancelled when the run is complete (report written) or the process shuts down.
@@ -173,7 +174,7 @@ impl Run {
             next_worker: AtomicU64::new(0),
             stats: Mutex::new(Stats::default()),
             queues: Mutex::new(BTreeMap::new()),
-            eval_claimed: AtomicBool::new(false),
+            evaluator: Mutex::new(None),
             teacher_eval: Mutex::new(None),
             report: Mutex::new(None),
             finished: CancellationToken::new(),
@@ -251,6 +252,12 @@ impl Run {
         }
         if let Ok(mut q) = self.queues.lock() {
             q.remove(&worker.id);
+        }
+        // An evaluator that left before reporting frees the evaluation for the next worker.
+        if let Ok(mut e) = self.evaluator.lock()
+            && e.as_ref() == Some(worker)
+        {
+            *e = None;
         }
         self.changed.notify_waiters();
     }
@@ -440,7 +447,14 @@ impl Run {
             }
         }
         // Trained: the first worker here evaluates the final student on the test split.
-        if !self.eval_claimed.swap(true, Ordering::SeqCst) {
+        let claimed = match self.evaluator.lock() {
+            Ok(mut e) if e.is_none() => {
+                *e = Some(worker.clone());
+                true
+            }
+            _ => false,
+        };
+        if claimed {
             tracing::info!(%worker, rows = self.data.test.len(), "training complete; sending the test split for evaluation");
             let n = self.data.test.len();
             let step = self.cfg.batch_size.max(256);
@@ -459,8 +473,7 @@ impl Run {
                     }
                 };
                 if tx.send(Ok(msg)).await.is_err() {
-                    // Let another worker evaluate.
-                    self.eval_claimed.store(false, Ordering::SeqCst);
+                    // The stream is gone; `worker_gone` frees the evaluation for another worker.
                     return;
                 }
             }

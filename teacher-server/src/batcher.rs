@@ -139,13 +139,14 @@ fn compute_loop(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        run_batch(model, jobs, rows, cfg.simulate_latency);
+        // Counted before the replies go out, so a client holding its answer sees it counted.
         stats
             .batches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         stats
             .rows
             .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
+        run_batch(model, jobs, rows, cfg.simulate_latency);
     }
 }
 
