@@ -150,16 +150,23 @@ fn compute_loop(
     }
 }
 
-fn run_batch(model: &Model, jobs: Vec<Job>, rows: usize, simulate_latency: Duration) {
+fn run_batch(model: &Model, mut jobs: Vec<Job>, rows: usize, simulate_latency: Duration) {
     let started = Instant::now();
-    let forward = || -> Result<Vec<f32>> {
-        let width = model.spec().arch.input_size();
-        let padded = rows.max(DETERMINISTIC_MIN_ROWS);
-        let mut x = Vec::with_capacity(padded * width);
-        for j in &jobs {
-            x.extend_from_slice(&j.x);
+    let width = model.spec().arch.input_size();
+    let padded = rows.max(DETERMINISTIC_MIN_ROWS);
+    // A lone request's rows are used in place; several are concatenated.
+    let mut x = match jobs.as_mut_slice() {
+        [only] => std::mem::take(&mut only.x),
+        many => {
+            let mut x = Vec::with_capacity(padded * width);
+            for j in many.iter() {
+                x.extend_from_slice(&j.x);
+            }
+            x
         }
-        x.resize(padded * width, 0.0);
+    };
+    x.resize(padded * width, 0.0);
+    let forward = || -> Result<Vec<f32>> {
         let run = || -> distill_core::Result<Vec<f32>> {
             // [padded, input_size] -> [padded, classes]; padding rows are ignored below.
             let xt = Tensor::from_vec(x, (padded, width), model.device())?;

@@ -141,14 +141,15 @@ impl TeacherService {
             DType::U8 => 1.0 / 255.0,
             _ => 1.0,
         };
-        if let Some(i) = x.first_non_finite() {
+        // One decode pass, then a scan of plain f32s (a non-finite f16/bf16 stays non-finite).
+        let mut values = x.to_f32_vec();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(bad(format!(
                 "inputs hold a non-finite value at row {}, column {}",
                 i / row_len,
                 i % row_len
             )));
         }
-        let mut values = x.to_f32_vec();
         if scale != 1.0 {
             values.iter_mut().for_each(|v| *v *= scale);
         }
