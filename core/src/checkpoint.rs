@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use safetensors::{Dtype as StDtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype as StDtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use crate::fsutil::atomic_write;
@@ -109,21 +109,6 @@ impl Checkpoint {
 
     /// Serialises to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let bytes: Vec<Vec<u8>> = self
-            .params
-            .iter()
-            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
-        let views = self
-            .params
-            .iter()
-            .zip(&bytes)
-            .map(|((n, s, _), b)| {
-                TensorView::new(StDtype::F32, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Input(format!("tensor `{n}`: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let mut meta: HashMap<String, String> = self
             .extra
             .iter()
@@ -135,8 +120,7 @@ impl Checkpoint {
             KEY_SPEC.into(),
             serde_json::to_string(&self.spec).map_err(|e| Error::Input(e.to_string()))?,
         );
-        safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::Input(format!("serialising checkpoint: {e}")))
+        crate::optim::write_safetensors(&self.params, meta)
     }
 
     /// Writes the checkpoint to `path` atomically.
@@ -343,6 +327,7 @@ pub fn import_sequential(buf: &[u8], spec: ModelSpec) -> Result<Checkpoint> {
 mod tests {
     use super::*;
     use crate::model::TrainableModel;
+    use safetensors::tensor::TensorView;
 
     fn tiny() -> Checkpoint {
         let spec = ModelSpec::new(Arch::parse("mlp:6-4-3").unwrap());
