@@ -207,6 +207,9 @@ async fn batching_is_invisible(arch: &str) {
         ServeOptions {
             max_delay: Duration::from_millis(200),
             max_batch: 64,
+            // A slow pass keeps the compute thread busy while the other requests queue up, so
+            // they are coalesced however the scheduler interleaves their arrival.
+            simulate_latency: Duration::from_millis(50),
             ..Default::default()
         },
     )
