@@ -263,10 +263,13 @@ impl Run {
     }
 
     /// Handles an ack; returns whether it returned a credit.
-    pub fn ack(&self, worker: &Worker, ack: &pb::Ack, rows: usize) -> Result<bool> {
+    pub fn ack(&self, worker: &Worker, ack: &pb::Ack) -> Result<bool> {
         let outcome = lock(&self.ledger)?.ack(worker, ack.lease_id, Instant::now());
         match outcome {
             AckOutcome::Acked { batch, events, .. } => {
+                // Every batch is full but an epoch's last, which keeps the remainder.
+                let (n, bs) = (self.data.train.len(), self.cfg.batch_size);
+                let rows = bs.min(n.saturating_sub(batch.index as usize * bs));
                 let mut s = lock(&self.stats)?;
                 s.samples += rows as u64;
                 s.wait_secs += f64::from(ack.wait_seconds.max(0.0));

@@ -1,13 +1,12 @@
 //! The `distill.v1.Coordinator` gRPC service: thin handlers over [`Run`].
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use distill_proto::pb::coordinator_server::Coordinator;
 use distill_proto::pb::{
     self, CoordinatorMessage, JoinRequest, JoinResponse, RunStatusRequest, RunStatusResponse,
-    WorkerMessage, coordinator_message, worker_message,
+    WorkerMessage, worker_message,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -99,41 +98,12 @@ impl Coordinator for CoordinatorService {
         let credits = Arc::new(Semaphore::new(hello.credits as usize));
         let (tx, rx) = mpsc::channel(self.run.cfg.prefetch.max(1));
         let stop = CancellationToken::new();
-        // Rows of each batch sent, to count acked samples.
-        let rows: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
-        let producer = {
-            let (run, worker, credits, stop) = (
-                self.run.clone(),
-                worker.clone(),
-                credits.clone(),
-                stop.clone(),
-            );
-            let rows = rows.clone();
-            let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<CoordinatorMessage, Status>>(1);
-            // Record each batch's size on its way out.
-            let out = tx.clone();
-            tokio::spawn(async move {
-                while let Some(msg) = fwd_rx.recv().await {
-                    if let Ok(CoordinatorMessage {
-                        kind: Some(coordinator_message::Kind::Train(b)),
-                    }) = &msg
-                    {
-                        let n = b
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.shape.first().copied())
-                            .unwrap_or(0) as usize;
-                        if let Ok(mut r) = rows.lock() {
-                            r.insert(b.lease_id, n);
-                        }
-                    }
-                    if out.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(run.produce(worker, credits, fwd_tx, stop))
-        };
+        let producer = tokio::spawn(self.run.clone().produce(
+            worker.clone(),
+            credits.clone(),
+            tx.clone(),
+            stop.clone(),
+        ));
         let run = self.run.clone();
         tokio::spawn(async move {
             let mut reported = false;
@@ -155,18 +125,11 @@ impl Coordinator for CoordinatorService {
                     None => break,
                 };
                 match kind {
-                    worker_message::Kind::Ack(ack) => {
-                        let n = rows
-                            .lock()
-                            .ok()
-                            .and_then(|mut r| r.remove(&ack.lease_id))
-                            .unwrap_or(0);
-                        match run.ack(&worker, &ack, n) {
-                            Ok(true) => credits.add_permits(1),
-                            Ok(false) => {}
-                            Err(e) => tracing::error!(%worker, error = %e, "ack failed"),
-                        }
-                    }
+                    worker_message::Kind::Ack(ack) => match run.ack(&worker, &ack) {
+                        Ok(true) => credits.add_permits(1),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(%worker, error = %e, "ack failed"),
+                    },
                     worker_message::Kind::Credits(n) => {
                         let n = n.min(MAX_CREDITS) as usize;
                         credits.add_permits(n);
