@@ -62,6 +62,25 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
     }
 }
 
+/// A real student worker in this process, run to the end.
+async fn run_worker(
+    coordinator: std::net::SocketAddr,
+    dir: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> student_worker::WorkerReport {
+    student_worker::run(
+        student_worker::WorkerConfig {
+            coordinator: format!("http://{coordinator}"),
+            work_dir: dir.join("worker"),
+            connect_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,17 +169,7 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
     assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
 
     // A real worker trains the whole run (f16 soft targets) and the coordinator reports.
-    let worker = student_worker::run(
-        student_worker::WorkerConfig {
-            coordinator: format!("http://{caddr}"),
-            work_dir: dir.path().join("worker"),
-            connect_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let worker = run_worker(caddr, dir.path(), &shutdown).await;
     assert_eq!(worker.batches, 24);
     let report = served.await.unwrap().unwrap().expect("the run completed");
     assert_eq!(report.batches_trained, 24);
@@ -185,17 +194,7 @@ async fn a_failed_teacher_request_is_retried_on_another_replica() {
     let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let caddr = cl.local_addr().unwrap();
     let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
-    student_worker::run(
-        student_worker::WorkerConfig {
-            coordinator: format!("http://{caddr}"),
-            work_dir: dir.path().join("worker"),
-            connect_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    run_worker(caddr, dir.path(), &shutdown).await;
     let report = served.await.unwrap().unwrap().expect("the run completed");
     assert_eq!(report.batches_trained, report.batches_expected);
     assert!(report.retries >= 1, "no retry recorded: {report:?}");

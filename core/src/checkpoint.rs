@@ -232,7 +232,8 @@ fn read_params(st: &SafeTensors, arch: &Arch) -> Result<Vec<NamedParam>> {
         .collect()
 }
 
-fn decode_floats(dtype: StDtype, data: &[u8]) -> Option<Vec<f32>> {
+/// Little-endian float tensor data as f32 (F32, F16, BF16 or F64; None for other dtypes).
+pub(crate) fn decode_floats(dtype: StDtype, data: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         StDtype::F32 => data
             .chunks_exact(4)

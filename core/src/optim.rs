@@ -690,11 +690,7 @@ pub(crate) fn read_safetensors(buf: &[u8]) -> Result<(NamedBuffers, HashMap<Stri
                 t.dtype()
             )));
         }
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let v = crate::checkpoint::decode_floats(t.dtype(), t.data()).unwrap_or_default();
         out.push((name.to_string(), t.shape().to_vec(), v));
     }
     Ok((out, meta))
