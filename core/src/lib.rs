@@ -15,6 +15,7 @@ pub mod optim;
 pub mod settings;
 pub mod spec;
 pub mod tensor;
+pub mod topk;
 pub mod train;
 
 pub use error::{Error, Result};
