@@ -37,6 +37,9 @@ pub enum Error {
     /// Serving failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The soft-target cache failed (the message names its file).
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     /// A bug of ours (a task panicked, a lock was poisoned).
     #[error("internal: {0}")]
     Internal(String),
@@ -55,9 +58,11 @@ impl From<Error> for tonic::Status {
                 tonic::Status::failed_precondition(msg)
             }
             Error::ShuttingDown | Error::Teacher { .. } => tonic::Status::unavailable(msg),
-            Error::Core(_) | Error::Io { .. } | Error::Transport(_) | Error::Internal(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Core(_)
+            | Error::Io { .. }
+            | Error::Transport(_)
+            | Error::Cache(_)
+            | Error::Internal(_) => tonic::Status::internal(msg),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! The binary is thin: it parses flags, binds the listener and calls [`serve`]; tests and
 //! `distill demo` call [`serve`] in-process.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
