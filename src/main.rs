@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod demo_cmd;
 mod eval_cmd;
+mod gpu_smoke_cmd;
 mod import_cmd;
 mod train_cmd;
 
@@ -37,6 +38,8 @@ enum Command {
     Coordinator(coordinator::cli::Args),
     /// Train a run's student on streamed batches (same as the `student-worker` binary).
     StudentWorker(student_worker::cli::Args),
+    /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
+    GpuSmoke(gpu_smoke_cmd::GpuSmokeArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::TeacherServer(a) => block_on(teacher_server::cli::run(a)),
         Command::Coordinator(a) => block_on(coordinator::cli::run(a)),
         Command::StudentWorker(a) => return student_worker::cli::main(a),
+        Command::GpuSmoke(a) => gpu_smoke_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,7 @@ use anyhow::Context;
 use distill_core::data::Dataset;
 use distill_core::device::parse_device;
 use distill_core::eval::{EvalReport, evaluate};
+use distill_core::model::Precision;
 use distill_core::optim::{OptimConfig, OptimKind, Schedule};
 use distill_core::spec::{Arch, ModelSpec};
 use distill_core::train::{CrossEntropy, EpochStats, Event, TrainConfig, Trainer};
@@ -57,6 +58,11 @@ pub struct TrainArgs {
     /// Device: `cpu` or `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", env = "DISTILL_DEVICE")]
     pub device: String,
+    /// Arithmetic of the forward/backward passes: `f32`, or `bf16` (mixed precision: bf16
+    /// compute, f32 master weights, optimizer and loss; meant for CUDA). Not saved in `--state`:
+    /// a resumed run uses this flag. Test scores are computed in the same precision.
+    #[arg(long, default_value = "f32", env = "DISTILL_PRECISION")]
+    pub precision: Precision,
     /// CPU threads for the math (sets RAYON_NUM_THREADS; default: one per core).
     #[arg(long, env = "DISTILL_THREADS")]
     pub threads: Option<usize>,
@@ -112,6 +118,7 @@ struct RunReport<'a> {
     spec: &'a ModelSpec,
     num_params: usize,
     device: &'a str,
+    precision: Precision,
     threads: usize,
     seed: u64,
     config: &'a TrainConfig,
@@ -155,11 +162,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             t
         }
     };
+    trainer.model.model.set_precision(args.precision);
     let data =
         Dataset::load(&args.data).with_context(|| format!("loading data `{}`", args.data))?;
     let spec = trainer.model.model.spec().clone();
     tracing::info!(
         arch = %spec.arch,
+        precision = %args.precision,
         params = spec.arch.num_params(),
         dropout = %spec.dropout,
         input_dropout = %spec.input_dropout,
@@ -192,6 +201,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         spec: &spec,
         num_params: spec.arch.num_params(),
         device: &args.device,
+        precision: args.precision,
         threads: threads_in_use(),
         seed: trainer.cfg.seed,
         config: &trainer.cfg,

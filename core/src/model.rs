@@ -25,11 +25,66 @@ enum Layers {
     },
 }
 
+/// The arithmetic of a model's forward and backward passes.
+///
+/// The parameters ("master weights"), their gradients, the optimizer and the returned logits are
+/// f32 in both modes. With [`Precision::Bf16`] every forward pass casts the input and the
+/// weights to bf16 (a differentiable cast, so the gradients come back to the f32 parameters as
+/// f32), runs the layers in bf16 and casts the logits back to f32, so the loss is computed in
+/// f32. Conv blocks: on CUDA they run on candle's bf16 `conv2d`; on the CPU (where candle 0.11
+/// has no bf16 conv2d and the fast conv ops are f32-only) the fast f32 ops run on the
+/// bf16-rounded activations and weights and their output is rounded to bf16, i.e. bf16 storage
+/// with f32 accumulation, as candle's CPU bf16 matmul (widened to f32) does. bf16 is meant for
+/// CUDA; on the CPU it is slower than f32 (the casts) and serves for checking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout (the default).
+    #[default]
+    F32,
+    /// bf16 forward and backward, f32 master weights.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the layers compute in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(Error::Config(format!(
+                "unknown precision `{other}` (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// A network ready to run: weights on a device plus its spec.
 pub struct Model {
     spec: ModelSpec,
     layers: Layers,
     device: Device,
+    precision: Precision,
 }
 
 impl Model {
@@ -66,6 +121,7 @@ impl Model {
             spec,
             layers,
             device: vb.device().clone(),
+            precision: Precision::F32,
         })
     }
 
@@ -89,6 +145,16 @@ impl Model {
         &self.device
     }
 
+    /// The arithmetic of the forward (and so backward) passes; f32 unless set.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the arithmetic of later forward passes (the weights stay f32; see [`Precision`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
     /// Inference: logits with dropout off.
     ///
     /// # Shapes
@@ -105,7 +171,14 @@ impl Model {
         self.run(x, Some(rng))
     }
 
-    fn run(&self, x: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        match self.precision {
+            Precision::F32 => self.run_f32(x, rng),
+            p @ Precision::Bf16 => self.run_cast(x, rng, p.dtype()),
+        }
+    }
+
+    fn run_f32(&self, x: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (p_in, p_hidden) = (self.spec.input_dropout, self.spec.dropout);
         let mut drop = |t: Tensor, p: f32| -> Result<Tensor> {
@@ -144,6 +217,80 @@ impl Model {
                 Ok(out.forward(&h)?)
             }
         }
+    }
+
+    /// [`Self::run_f32`] computed in `dtype`: the input and every weight are cast (the casts
+    /// are in the graph, so gradients reach the f32 parameters), the logits cast back to f32.
+    /// Dropout masks are drawn exactly as in f32.
+    fn run_cast(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (p_in, p_hidden) = (self.spec.input_dropout, self.spec.dropout);
+        let mut drop = |t: Tensor, p: f32| -> Result<Tensor> {
+            match rng.as_deref_mut() {
+                Some(r) if p > 0.0 => dropout(&t, p, r),
+                _ => Ok(t),
+            }
+        };
+        let cast_linear = |l: &Linear| -> Result<Linear> {
+            let b = l.bias().map(|b| b.to_dtype(dtype)).transpose()?;
+            Ok(Linear::new(l.weight().to_dtype(dtype)?, b))
+        };
+        let x = x.to_dtype(dtype)?;
+        let logits = match &self.layers {
+            Layers::Mlp(linears) => {
+                // [N, ...] -> [N, input]
+                let mut h = drop(x.reshape((n, self.spec.arch.input_size()))?, p_in)?;
+                let last = linears.len() - 1;
+                for (i, l) in linears.iter().enumerate() {
+                    h = cast_linear(l)?.forward(&h)?;
+                    if i < last {
+                        h = drop(h.relu()?, p_hidden)?;
+                    }
+                }
+                h
+            }
+            Layers::Conv {
+                convs,
+                padding,
+                hidden,
+                out,
+            } => {
+                let shape = self.spec.arch.input_shape();
+                // [N, ...] -> [N, C, H, W]
+                let h = drop(x.reshape((n, shape[0], shape[1], shape[2]))?, p_in)?;
+                // [N, C, H, W] -> [N, C', H', W']
+                let h = if h.device().is_cpu() {
+                    // candle 0.11 has no bf16 conv2d on the CPU: the fast f32 ops run on the
+                    // values rounded to `dtype` and their result is rounded back (f32
+                    // accumulation, as candle's bf16 matmul on the CPU and tensor cores do).
+                    let convs = convs
+                        .iter()
+                        .map(|(w, b)| {
+                            let round = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(DType::F32);
+                            Ok((round(w)?, round(b)?))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    conv_stack(&h.to_dtype(DType::F32)?, &convs, *padding)?.to_dtype(dtype)?
+                } else {
+                    // candle's conv2d in `dtype` (not f32, so no fast path).
+                    let convs = convs
+                        .iter()
+                        .map(|(w, b)| Ok((w.to_dtype(dtype)?, b.to_dtype(dtype)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    conv_stack(&h, &convs, *padding)?
+                };
+                // [N, C, H', W'] -> [N, C*H'*W']
+                let h = h.flatten_from(1)?;
+                let h = drop(cast_linear(hidden)?.forward(&h)?.relu()?, p_hidden)?;
+                cast_linear(out)?.forward(&h)?
+            }
+        };
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
@@ -1110,5 +1257,114 @@ mod conv_tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+    use crate::optim::{OptimConfig, Optimizer};
+
+    fn model(arch: &str, precision: Precision) -> TrainableModel {
+        let mut m =
+            TrainableModel::init(ModelSpec::new(Arch::parse(arch).unwrap()), 5, &Device::Cpu)
+                .unwrap();
+        m.model.set_precision(precision);
+        m
+    }
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = a.sub(b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap().max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn parses_and_prints() {
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+        assert_eq!("F32".parse::<Precision>().unwrap(), Precision::F32);
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        let e = "fp8".parse::<Precision>().unwrap_err().to_string();
+        assert!(e.contains("unknown precision `fp8`"), "{e}");
+        assert_eq!(Precision::default(), Precision::F32);
+    }
+
+    #[test]
+    fn f32_precision_is_the_default_and_bit_identical() {
+        let a = model("mlp:784-32-10", Precision::F32);
+        let mut b = model("mlp:784-32-10", Precision::Bf16);
+        b.model.set_precision(Precision::F32);
+        assert_eq!(a.model.precision(), Precision::F32);
+        let x = Tensor::rand(0f32, 1., (6, 784), &Device::Cpu).unwrap();
+        let ya = a.model.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let yb = b.model.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(ya, yb);
+    }
+
+    /// bf16 logits come back as f32, close to the f32 ones; every parameter stays an f32 `Var`
+    /// and gets an f32 gradient close to the f32 pass's (MLP and conv: the conv's bf16 path is
+    /// candle's conv2d).
+    #[test]
+    fn bf16_gradients_reach_the_f32_master_weights() {
+        for arch in ["mlp:784-64-32-10", "conv:4-8-16-10"] {
+            let f = model(arch, Precision::F32);
+            let h = model(arch, Precision::Bf16);
+            let mut r = ChaCha8Rng::seed_from_u64(2);
+            let x: Vec<f32> = (0..8 * 784).map(|_| r.random()).collect();
+            let x = Tensor::from_vec(x, (8, 784), &Device::Cpu).unwrap();
+            let y = Tensor::from_vec((0..8u32).collect(), 8, &Device::Cpu).unwrap();
+            let grads = |m: &TrainableModel| {
+                let mut rng = ChaCha8Rng::seed_from_u64(1);
+                let logits = m.model.forward_train(&x, &mut rng).unwrap();
+                assert_eq!(logits.dtype(), DType::F32, "{arch}");
+                let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+                (logits, loss.backward().unwrap())
+            };
+            let (lf, gf) = grads(&f);
+            let (lh, gh) = grads(&h);
+            let d = rel_diff(&lh, &lf);
+            assert!(d > 0.0 && d < 0.05, "{arch}: bf16 logits off by {d}");
+            for ((name, vf), (_, vh)) in f.named_vars().unwrap().iter().zip(h.named_vars().unwrap())
+            {
+                assert_eq!(vh.dtype(), DType::F32, "{arch} {name}: master weight dtype");
+                let g = gh
+                    .get(&vh)
+                    .unwrap_or_else(|| panic!("{arch} {name}: no gradient"));
+                assert_eq!(g.dtype(), DType::F32, "{arch} {name}: gradient dtype");
+                let d = rel_diff(g, gf.get(vf).unwrap());
+                // Loose: a few ReLUs flip between bf16 and f32 pre-activations.
+                assert!(d < 0.25, "{arch} {name}: bf16 gradient off by {d}");
+            }
+        }
+    }
+
+    /// A bf16 model trains: the loss on a learnable problem falls, and the f32 weights move.
+    #[test]
+    fn bf16_training_lowers_the_loss() {
+        let dev = Device::Cpu;
+        let m = model("mlp:20-32-4", Precision::Bf16);
+        let x = Tensor::randn(0f32, 1., (256, 20), &dev).unwrap();
+        // Labels from a fixed random linear map: learnable.
+        let proj = Tensor::randn(0f32, 1., (20, 4), &dev).unwrap();
+        let y = x.matmul(&proj).unwrap().argmax(1).unwrap();
+        let before = m.named_tensors().unwrap()[0].1.copy().unwrap();
+        let mut opt =
+            Optimizer::new(OptimConfig::adamw(1e-2, 0.0), m.named_vars().unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut losses = Vec::new();
+        for _ in 0..60 {
+            let logits = m.model.forward_train(&x, &mut rng).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+        }
+        let (first, last) = (losses[0], losses[losses.len() - 1]);
+        assert!(last < 0.5 * first, "loss {first} -> {last}");
+        let after = &m.named_tensors().unwrap()[0].1;
+        assert_eq!(after.dtype(), DType::F32);
+        assert!(
+            rel_diff(after, &before) > 1e-3,
+            "the f32 weights did not move"
+        );
     }
 }
