@@ -3,8 +3,9 @@
 //!
 //! 1. trains two different teachers (the ensemble members) on hard labels;
 //! 2. serves each from its own teacher server on 127.0.0.1:0;
-//! 3. runs the coordinator and one student worker, which distils the student from the
-//!    ensemble's soft targets streamed over gRPC;
+//! 3. runs the coordinator and `--workers` student workers (one by default), which distil the
+//!    student from the ensemble's soft targets streamed over gRPC, averaging their parameters
+//!    every `--sync-every` updates;
 //! 4. trains the same student architecture on hard labels alone (the baseline);
 //! 5. prints a table and writes the run directory (`report.json`, config, checkpoints, metrics).
 
@@ -68,6 +69,13 @@ pub struct DemoArgs {
     /// Seed of everything.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Student workers training the one student together (data parallel, averaging their
+    /// parameters every `--sync-every` updates).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Local updates between synchronisation rounds.
+    #[arg(long, default_value_t = 25)]
+    pub sync_every: u64,
 }
 
 /// Runs `distill demo`.
@@ -193,6 +201,21 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         report.samples_per_sec,
         100.0 * report.student_wait_fraction
     );
+    if report.workers.len() > 1 || report.sync.rounds > 0 {
+        let shares: Vec<String> = report
+            .workers
+            .iter()
+            .map(|w| format!("{} {} rows", w.worker_id, w.samples))
+            .collect();
+        println!(
+            "workers: {}; {} synchronisation rounds (every {} updates), {:.0} KiB and {:.1} ms per round",
+            shares.join(", "),
+            report.sync.rounds,
+            report.sync.every,
+            report.sync.mean_bytes_per_round / 1024.0,
+            1e3 * report.sync.mean_round_seconds
+        );
+    }
     println!("report: {}", out.join("report.json").display());
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -270,6 +293,11 @@ async fn distil(
         prefetch: 8,
         teacher_timeout_secs: 30.0,
         max_message_mb: 64,
+        min_workers: a.workers.max(1),
+        sync: coordinator::config::SyncConfig {
+            every: a.sync_every,
+            ..Default::default()
+        },
         student: StudentConfig {
             arch: a.student.clone(),
             dropout: 0.0,
@@ -283,23 +311,37 @@ async fn distil(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let coord_addr = listener.local_addr()?;
     let coord = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
-    let worker_cfg = student_worker::WorkerConfig {
-        coordinator: format!("http://{coord_addr}"),
-        work_dir: out.join("worker-0"),
-        connect_timeout: Duration::from_secs(30),
-        ..Default::default()
-    };
-    let worker = student_worker::run(worker_cfg, shutdown.clone()).await;
+    let workers: Vec<_> = (0..a.workers.max(1))
+        .map(|i| {
+            let worker_cfg = student_worker::WorkerConfig {
+                coordinator: format!("http://{coord_addr}"),
+                work_dir: out.join(format!("worker-{i}")),
+                worker_id: Some(format!("worker-{i}")),
+                connect_timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))
+        })
+        .collect();
     let report = coord.await.context("coordinator task")??;
+    let mut results = Vec::new();
+    for w in workers {
+        results.push(w.await.context("worker task")?);
+    }
     shutdown.cancel();
     for s in servers {
         s.await.context("teacher task")??;
     }
-    let worker = worker?;
-    tracing::info!(
-        steps = worker.steps,
-        test_errors = worker.test_errors,
-        "worker finished"
-    );
+    for w in results {
+        let w = w?;
+        tracing::info!(
+            worker = %w.worker_id,
+            steps = w.steps,
+            samples = w.samples,
+            rounds = w.rounds,
+            sync_seconds = w.sync_seconds,
+            "worker finished"
+        );
+    }
     report.context("the coordinator stopped before the run completed")
 }

@@ -48,6 +48,8 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
         prefetch: 2,
         teacher_timeout_secs: 10.0,
         max_message_mb: 64,
+        min_workers: 1,
+        sync: Default::default(),
         student: StudentConfig {
             arch: "mlp:784-16-10".into(),
             dropout: 0.0,

@@ -4,93 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader};
-use std::ops::ControlFlow;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::Stdio;
 use std::time::Duration;
 
-use candle_core::Device;
+use common::{Procs, distill, start, train_teacher, wait_with_deadline};
 use distill_core::data::Dataset;
-use distill_core::optim::OptimConfig;
-use distill_core::spec::{Arch, ModelSpec};
-use distill_core::train::{CrossEntropy, TrainConfig, Trainer};
-
-/// Kills every child still running when the test ends (also on failure).
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn distill() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
-    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
-    c
-}
-
-/// Starts `cmd`, returns the address from its first stdout line `listening on ADDR`.
-fn start(procs: &mut Procs, mut cmd: Command, log: &Path) -> String {
-    let stderr = std::fs::File::create(log).unwrap();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
-    let mut line = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut line).unwrap();
-    // Keep reading so the process can print its summary at the end.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    procs.0.push(child);
-    line.trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log.display()))
-        .to_string()
-}
-
-fn train_teacher(data: &Dataset, arch: &str, seed: u64, path: &Path) {
-    let cfg = TrainConfig {
-        epochs: 2,
-        seed,
-        optim: OptimConfig::adamw(1e-3, 0.0),
-        eval_every_epoch: false,
-        ..Default::default()
-    };
-    let mut t = Trainer::new(
-        ModelSpec::new(Arch::parse(arch).unwrap()),
-        cfg,
-        &Device::Cpu,
-    )
-    .unwrap();
-    t.run(data, &mut CrossEntropy, &mut |_| ControlFlow::Continue(()))
-        .unwrap();
-    t.checkpoint().unwrap().save(path).unwrap();
-}
-
-/// Waits for a child to exit, with a deadline (the wait runs on a helper thread).
-fn wait_with_deadline(
-    mut child: Child,
-    deadline: Duration,
-    what: &str,
-) -> std::process::ExitStatus {
-    let (tx, rx) = mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(status) => status.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{what} did not finish within {deadline:?}");
-        }
-    }
-}
 
 #[test]
 fn three_roles_as_processes_distill_a_student() {

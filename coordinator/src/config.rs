@@ -58,6 +58,13 @@ pub struct RunConfig {
     /// Largest gRPC message, in MiB, on every connection.
     #[serde(default = "default_max_message_mb")]
     pub max_message_mb: usize,
+    /// Workers the run waits for before it leases the first batch; more may join, and any may
+    /// leave, later.
+    #[serde(default = "default_min_workers")]
+    pub min_workers: usize,
+    /// Parameter averaging between workers (`[sync]`).
+    #[serde(default)]
+    pub sync: SyncConfig,
     /// The student.
     pub student: StudentConfig,
     /// Optimizer, schedule and clipping of the student.
@@ -92,6 +99,61 @@ pub struct MemberConfig {
     /// Weight of this member in the combination (> 0; renormalised).
     #[serde(default = "default_weight")]
     pub weight: f32,
+}
+
+/// Synchronisation rounds: workers average their parameters every `every` local updates (see
+/// `coordinator::sync` for the semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Local updates between rounds (1: synchronous data parallelism; 0: no rounds, so with
+    /// several workers the final student is only the evaluating worker's).
+    #[serde(default = "default_sync_every")]
+    pub every: u64,
+    /// Element type of parameters on the wire: `f32` (default), `bf16` or `f16`.
+    #[serde(default)]
+    pub dtype: ParamDtype,
+    /// Largest payload of parameter values per message, in bytes.
+    #[serde(default = "default_sync_chunk_bytes")]
+    pub chunk_bytes: usize,
+    /// Seconds a round waits for every live worker before it closes without the missing ones.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_secs: f64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            every: default_sync_every(),
+            dtype: ParamDtype::default(),
+            chunk_bytes: default_sync_chunk_bytes(),
+            round_timeout_secs: default_round_timeout(),
+        }
+    }
+}
+
+/// Element type of parameters in synchronisation rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    /// Exact.
+    #[default]
+    F32,
+    /// Half the bytes; 8 bits of mantissa.
+    Bf16,
+    /// Half the bytes; 11 bits of mantissa, range ±65504.
+    F16,
+}
+
+impl ParamDtype {
+    /// The wire dtype.
+    pub fn wire(self) -> distill_proto::DType {
+        match self {
+            ParamDtype::F32 => distill_proto::DType::F32,
+            ParamDtype::Bf16 => distill_proto::DType::BF16,
+            ParamDtype::F16 => distill_proto::DType::F16,
+        }
+    }
 }
 
 /// Element type of soft targets on the wire.
@@ -134,6 +196,18 @@ fn default_max_message_mb() -> usize {
 }
 fn default_weight() -> f32 {
     1.0
+}
+fn default_min_workers() -> usize {
+    1
+}
+fn default_sync_every() -> u64 {
+    25
+}
+fn default_sync_chunk_bytes() -> usize {
+    4 << 20
+}
+fn default_round_timeout() -> f64 {
+    30.0
 }
 
 impl RunConfig {
@@ -206,6 +280,33 @@ impl RunConfig {
             if !v.is_finite() || v <= 0.0 {
                 return bad(key, format!("must be finite and > 0, got {v}"));
             }
+        }
+        if !self.sync.round_timeout_secs.is_finite()
+            || self.sync.round_timeout_secs <= 0.0
+            || self.sync.round_timeout_secs >= self.lease_timeout_secs
+        {
+            return bad(
+                "sync.round_timeout_secs",
+                format!(
+                    "must be > 0 and below lease_timeout_secs ({}): a worker waiting in a round \
+                     holds its leases; got {}",
+                    self.lease_timeout_secs, self.sync.round_timeout_secs
+                ),
+            );
+        }
+        if self.sync.chunk_bytes < 1024
+            || self.sync.chunk_bytes + (64 << 10) > self.max_message_bytes()
+        {
+            return bad(
+                "sync.chunk_bytes",
+                format!(
+                    "must be at least 1024 and at least 64 KiB below max_message_mb; got {}",
+                    self.sync.chunk_bytes
+                ),
+            );
+        }
+        if self.min_workers == 0 {
+            return bad("min_workers", "must be at least 1".into());
         }
         if self.prefetch == 0 {
             return bad("prefetch", "must be at least 1".into());
@@ -317,6 +418,22 @@ weight = 2.0
             (
                 GOOD.replace("name = \"wide\"", "name = \"big\""),
                 "members[1].name",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nround_timeout_secs = 90.0\n"),
+                "sync.round_timeout_secs",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nchunk_bytes = 10\n"),
+                "sync.chunk_bytes",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nevry = 10\n"),
+                "unknown field `evry`",
+            ),
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\nmin_workers = 0"),
+                "min_workers",
             ),
         ] {
             let e = RunConfig::from_toml(&edit).unwrap_err().to_string();

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ledger;
 pub mod run;
 pub mod service;
+pub mod sync;
 pub mod teachers;
 
 use std::sync::Arc;

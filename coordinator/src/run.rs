@@ -27,7 +27,90 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{RunConfig, SoftTargetDtype};
 use crate::error::{Error, Result};
 use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
+use crate::sync::{Closed, Contribution, Params, SyncRounds};
 use crate::teachers::{MemberStats, TeacherPool};
+
+/// File in the run directory holding the latest averaged student parameters.
+pub const AVERAGED_FILE: &str = "averaged.safetensors";
+/// Checkpoint metadata key of [`AVERAGED_FILE`]: the round the parameters come from.
+pub const KEY_SYNC_VERSION: &str = "distill.sync.version";
+
+/// Averaged parameters on their way to one worker.
+#[derive(Debug, Clone)]
+pub struct SyncReply {
+    /// Round number of the parameters.
+    pub version: u64,
+    /// Chunk groups, one per message (None: the worker keeps its own parameters).
+    pub groups: Option<Arc<Vec<Vec<pb::ParamChunk>>>>,
+    /// Workers averaged.
+    pub contributors: u32,
+}
+
+impl SyncReply {
+    /// The `SyncDown` messages of this reply.
+    pub fn messages(&self) -> Vec<CoordinatorMessage> {
+        let wrap = |d: pb::SyncDown| CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Params(d)),
+        };
+        match &self.groups {
+            None => vec![wrap(pb::SyncDown {
+                version: self.version,
+                chunks: Vec::new(),
+                last: true,
+                unchanged: true,
+                contributors: self.contributors,
+            })],
+            Some(groups) => groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    wrap(pb::SyncDown {
+                        version: self.version,
+                        chunks: g.clone(),
+                        last: i + 1 == groups.len(),
+                        unchanged: false,
+                        contributors: self.contributors,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes of parameter values it carries.
+    pub fn value_bytes(&self) -> u64 {
+        self.groups
+            .as_ref()
+            .map_or(0, |g| distill_proto::params::value_bytes(g))
+    }
+}
+
+/// Rows and batches one worker trained.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkerShare {
+    /// Worker id.
+    pub worker_id: String,
+    /// Training rows acked (all incarnations).
+    pub samples: u64,
+    /// Batches acked.
+    pub batches: u64,
+}
+
+/// Synchronisation figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    /// Local updates between rounds (0: no rounds).
+    pub every: u64,
+    /// Parameter dtype on the wire.
+    pub dtype: String,
+    /// Rounds closed.
+    pub rounds: u64,
+    /// Mean seconds a round was open (first contribution to close).
+    pub mean_round_seconds: f64,
+    /// Mean parameter bytes moved per round, up and down together.
+    pub mean_bytes_per_round: f64,
+    /// Seconds workers were blocked in rounds, all workers together.
+    pub worker_sync_seconds: f64,
+}
 
 /// Test errors of one teacher member.
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +166,10 @@ pub struct RunReport {
     pub run_seconds: f64,
     /// The final student's checkpoint in the run directory.
     pub student_checkpoint: PathBuf,
+    /// What each worker trained.
+    pub workers: Vec<WorkerShare>,
+    /// Synchronisation rounds.
+    pub sync: SyncReport,
 }
 
 #[derive(Default)]
@@ -94,6 +181,9 @@ struct Stats {
     last_ack: Option<Instant>,
     epoch_loss: f64,
     epoch_batches: u64,
+    sync_secs: f64,
+    down_bytes: u64,
+    per_worker: BTreeMap<String, WorkerShare>,
 }
 
 /// Shared state of the run.
@@ -113,6 +203,15 @@ pub struct Run {
     evaluator: Mutex<Option<Worker>>,
     teacher_eval: Mutex<Option<(Vec<TeacherErrors>, u64)>>,
     report: Mutex<Option<RunReport>>,
+    sync: Mutex<SyncRounds>,
+    /// Per worker id: its incarnation and where its averaged parameters go.
+    outboxes: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<SyncReply>)>>,
+    /// Names and shapes of the student's parameters, in model order.
+    pub(crate) param_shapes: Vec<(String, Vec<usize>)>,
+    /// Highest round written to [`AVERAGED_FILE`].
+    persisted: Arc<Mutex<u64>>,
+    /// Set once the first batch was leased (after `min_workers` joined).
+    started_leasing: std::sync::atomic::AtomicBool,
     /// Cancelled when the run is complete (report written) or the process shuts down.
     pub finished: CancellationToken,
     started: Instant,
@@ -162,6 +261,15 @@ impl Run {
         let resolved =
             toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
         distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
+        let latest = read_averaged(&cfg.run_dir, &settings)?;
+        if let Some((v, _)) = &latest {
+            tracing::info!(
+                version = v,
+                "resuming from the averaged parameters in the run directory"
+            );
+        }
+        let sync = SyncRounds::new(Duration::from_secs_f64(cfg.sync.round_timeout_secs), latest);
+        let param_shapes = settings.spec.arch.param_shapes();
         Ok(Arc::new(Self {
             cfg,
             settings,
@@ -177,6 +285,11 @@ impl Run {
             evaluator: Mutex::new(None),
             teacher_eval: Mutex::new(None),
             report: Mutex::new(None),
+            sync: Mutex::new(sync),
+            outboxes: Mutex::new(HashMap::new()),
+            param_shapes,
+            persisted: Arc::new(Mutex::new(0)),
+            started_leasing: std::sync::atomic::AtomicBool::new(false),
             finished: CancellationToken::new(),
             started: Instant::now(),
         }))
@@ -198,13 +311,19 @@ impl Run {
             requested_id.to_string()
         };
         let mut workers = lock(&self.workers)?;
-        let incarnation = workers.get(&id).map_or(1, |i| i + 1);
+        let previous = workers.get(&id).copied();
+        let incarnation = previous.map_or(1, |i| i + 1);
         let worker = Worker::new(id.clone(), incarnation);
         let events = lock(&self.ledger)?
             .join(&worker)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        workers.insert(id, incarnation);
+        workers.insert(id.clone(), incarnation);
+        drop(workers);
         log_events(&events);
+        if let Some(old) = previous {
+            // The old process is gone, and with it whatever it trained after its last round.
+            self.lose_uncommitted(&Worker::new(id, old));
+        }
         self.changed.notify_waiters();
         Ok(worker)
     }
@@ -232,8 +351,15 @@ impl Run {
             .unwrap_or(0)
     }
 
-    /// Expires overdue leases; called periodically.
+    /// Expires overdue leases and closes a timed-out round; called periodically.
     pub fn tick(&self) {
+        let closed = match self.sync.lock() {
+            Ok(mut s) => s.tick(Instant::now()),
+            Err(_) => return,
+        };
+        if let Some(c) = closed {
+            self.deliver(c);
+        }
         let events = match self.ledger.lock() {
             Ok(mut l) => l.tick(Instant::now()),
             Err(_) => return,
@@ -253,6 +379,14 @@ impl Run {
         if let Ok(mut q) = self.queues.lock() {
             q.remove(&worker.id);
         }
+        let current = self
+            .workers
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&worker.id).copied());
+        if current == Some(worker.incarnation) {
+            self.lose_uncommitted(worker);
+        }
         // An evaluator that left before reporting frees the evaluation for the next worker.
         if let Ok(mut e) = self.evaluator.lock()
             && e.as_ref() == Some(worker)
@@ -260,6 +394,186 @@ impl Run {
             *e = None;
         }
         self.changed.notify_waiters();
+    }
+
+    /// Whether the run has synchronisation rounds.
+    pub fn sync_enabled(&self) -> bool {
+        self.cfg.sync.every > 0
+    }
+
+    /// `worker` is gone (its stream ended, or a new incarnation replaced it): it leaves the
+    /// rounds, and the acks it made after its last averaged contribution are rolled back, since
+    /// those updates existed only in its own parameters.
+    fn lose_uncommitted(&self, worker: &Worker) {
+        if !self.sync_enabled() {
+            return;
+        }
+        let (closed, committed) = match self.sync.lock() {
+            Ok(mut s) => (s.leave(worker, Instant::now()), s.committed_seq(&worker.id)),
+            Err(_) => return,
+        };
+        if let Some(c) = closed {
+            self.deliver(c);
+        }
+        if let Ok(mut outboxes) = self.outboxes.lock()
+            && outboxes
+                .get(&worker.id)
+                .is_some_and(|(inc, _)| *inc == worker.incarnation)
+        {
+            outboxes.remove(&worker.id);
+        }
+        if let Ok(mut l) = self.ledger.lock() {
+            let rb = l.rollback(&worker.id, committed);
+            if !rb.requeued.is_empty() {
+                tracing::warn!(%worker, batches = rb.requeued.len(), "batches trained after the worker's last round are trained again");
+            }
+            log_events(&rb.events);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// A worker's batch stream opened: it joins the rounds. Returns where its averaged
+    /// parameters will arrive, and the latest average for it to start from.
+    pub fn open_sync(
+        &self,
+        worker: &Worker,
+    ) -> Result<(mpsc::UnboundedReceiver<SyncReply>, Option<SyncReply>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let latest = if self.sync_enabled() {
+            let mut s = lock(&self.sync)?;
+            s.join(worker);
+            s.latest()
+        } else {
+            None
+        };
+        lock(&self.outboxes)?.insert(worker.id.clone(), (worker.incarnation, tx));
+        let start = match latest {
+            Some((version, params)) => Some(SyncReply {
+                version,
+                groups: Some(Arc::new(self.chunk(&params)?)),
+                contributors: 0,
+            }),
+            None => None,
+        };
+        Ok((rx, start))
+    }
+
+    fn chunk(&self, params: &Params) -> Result<Vec<Vec<pb::ParamChunk>>> {
+        distill_proto::params::to_chunk_groups(
+            params,
+            self.cfg.sync.dtype.wire(),
+            self.cfg.sync.chunk_bytes,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// A worker's whole contribution to a round arrived.
+    pub fn contribute(
+        &self,
+        worker: &Worker,
+        up: ContributionHeader,
+        params: Vec<distill_proto::params::Param>,
+    ) -> Result<()> {
+        if !self.sync_enabled() {
+            return Err(Error::InvalidArgument(
+                "this run has no synchronisation rounds (sync.every = 0)".into(),
+            ));
+        }
+        self.check_worker(worker)?;
+        let last_ack_seq = lock(&self.ledger)?.last_ack_seq(&worker.id).unwrap_or(0);
+        let c = Contribution {
+            worker: worker.clone(),
+            base_version: up.base_version,
+            samples: up.samples,
+            params: Arc::new(params),
+            is_final: up.is_final,
+            last_ack_seq,
+            wire_bytes: up.wire_bytes,
+        };
+        tracing::debug!(%worker, samples = up.samples, base = up.base_version, is_final = up.is_final, "contribution");
+        let closed = lock(&self.sync)?
+            .contribute(c, Instant::now())
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if let Some(c) = closed {
+            self.deliver(c);
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Sends a closed round's average to its contributors and persists it.
+    fn deliver(&self, closed: Closed) {
+        let groups = match self.chunk(&closed.params) {
+            Ok(g) => Arc::new(g),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the averaged parameters");
+                return;
+            }
+        };
+        let contributors = closed.replies.len() as u32;
+        tracing::info!(
+            version = closed.version,
+            contributors,
+            missing = ?closed.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            samples = closed.samples,
+            seconds = closed.seconds,
+            up_bytes = closed.up_bytes,
+            reason = ?closed.reason,
+            "synchronisation round closed"
+        );
+        if let Ok(outboxes) = self.outboxes.lock() {
+            for (w, unchanged) in &closed.replies {
+                let reply = SyncReply {
+                    version: closed.version,
+                    groups: (!unchanged).then(|| groups.clone()),
+                    contributors,
+                };
+                match outboxes.get(&w.id) {
+                    Some((inc, tx)) if *inc == w.incarnation => {
+                        let _ = tx.send(reply);
+                    }
+                    _ => tracing::debug!(worker = %w, "contributor gone; no reply"),
+                }
+            }
+        }
+        self.persist_average(closed.version, closed.params);
+        self.changed.notify_waiters();
+    }
+
+    /// Writes the average into the run directory (off the async threads; newest wins).
+    fn persist_average(&self, version: u64, params: Params) {
+        let (dir, spec, persisted) = (
+            self.cfg.run_dir.clone(),
+            self.settings.spec.clone(),
+            self.persisted.clone(),
+        );
+        let write = move || -> Result<()> {
+            let mut last = lock(&persisted)?;
+            if *last >= version {
+                return Ok(());
+            }
+            let mut ck = distill_core::checkpoint::Checkpoint {
+                spec,
+                params: params.as_ref().clone(),
+                extra: Default::default(),
+            };
+            ck.extra
+                .insert(KEY_SYNC_VERSION.into(), version.to_string());
+            ck.save(&dir.join(AVERAGED_FILE))?;
+            *last = version;
+            Ok(())
+        };
+        let task = move || {
+            if let Err(e) = write() {
+                tracing::warn!(error = %e, "cannot write the averaged parameters");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(task);
+            }
+            Err(_) => task(),
+        }
     }
 
     /// Handles an ack; returns whether it returned a credit.
@@ -277,6 +591,11 @@ impl Run {
                 s.last_ack = Some(Instant::now());
                 s.epoch_loss += f64::from(ack.loss);
                 s.epoch_batches += 1;
+                s.sync_secs += f64::from(ack.sync_seconds.max(0.0));
+                let share = s.per_worker.entry(worker.id.clone()).or_default();
+                share.worker_id.clone_from(&worker.id);
+                share.samples += rows as u64;
+                share.batches += 1;
                 tracing::debug!(%worker, %batch, loss = ack.loss, "batch trained");
                 for e in &events {
                     if let LedgerEvent::EpochCompleted { epoch } = e {
@@ -368,6 +687,16 @@ impl Run {
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
             done,
+            sync_rounds: lock(&self.sync)?.version(),
+            workers: s
+                .per_worker
+                .values()
+                .map(|w| pb::WorkerSamples {
+                    worker_id: w.worker_id.clone(),
+                    samples: w.samples,
+                    batches: w.batches,
+                })
+                .collect(),
         })
     }
 
@@ -377,18 +706,31 @@ impl Run {
         }
     }
 
-    /// Feeds one worker's stream until the run is trained, then sends evaluation batches (to
-    /// one worker) and `Done`.
+    /// Feeds one worker's stream: the latest averaged parameters first (a worker joining
+    /// mid-run starts from them), then training batches as credits allow, with each round's
+    /// average as it closes; once every batch is trained, a final round (`SyncNow`), then — for
+    /// one worker — the final parameters and the test split; `Done` when the run is complete.
     pub async fn produce(
         self: Arc<Self>,
         worker: Worker,
         credits: Arc<Semaphore>,
         tx: mpsc::Sender<std::result::Result<CoordinatorMessage, tonic::Status>>,
+        mut replies: mpsc::UnboundedReceiver<SyncReply>,
+        start: Option<SyncReply>,
         stop: CancellationToken,
     ) {
+        let mut sent_version = 0;
+        if let Some(reply) = start {
+            tracing::info!(%worker, version = reply.version, "sending the latest averaged parameters");
+            sent_version = reply.version;
+            if !self.send_reply(&tx, &reply).await {
+                return;
+            }
+        }
         let prefetch = self.cfg.prefetch;
         let mut pending = FuturesOrdered::new();
         let mut have_credit = false;
+        let mut asked_final = false;
         loop {
             if !have_credit
                 && pending.len() < prefetch
@@ -397,7 +739,7 @@ impl Run {
                 p.forget();
                 have_credit = true;
             }
-            if have_credit {
+            if have_credit && self.may_lease() {
                 let lease = match self.ledger.lock() {
                     Ok(mut l) => l.lease(&worker, Instant::now()),
                     Err(_) => return,
@@ -417,13 +759,37 @@ impl Run {
                     }
                 }
             }
-            let done = self.ledger.lock().map(|l| l.is_done()).unwrap_or(true);
-            if done && pending.is_empty() {
-                break;
+            let trained = self.ledger.lock().map(|l| l.is_done()).unwrap_or(true);
+            if trained && pending.is_empty() {
+                if !self.sync_enabled() {
+                    break;
+                }
+                let (finished, all_final) = match self.sync.lock() {
+                    Ok(s) => (s.is_finished(&worker.id), s.all_final()),
+                    Err(_) => return,
+                };
+                if all_final {
+                    break;
+                }
+                if !finished && !asked_final {
+                    asked_final = true;
+                    let msg = CoordinatorMessage {
+                        kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {})),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
             }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
+                Some(reply) = replies.recv() => {
+                    sent_version = reply.version;
+                    if !self.send_reply(&tx, &reply).await {
+                        return;
+                    }
+                }
                 Some(batch) = pending.next(), if !pending.is_empty() => {
                     self.set_queue_depth(&worker, pending.len());
                     match batch {
@@ -449,36 +815,28 @@ impl Run {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
-        // Trained: the first worker here evaluates the final student on the test split.
-        let claimed = match self.evaluator.lock() {
-            Ok(mut e) if e.is_none() => {
-                *e = Some(worker.clone());
-                true
-            }
-            _ => false,
-        };
-        if claimed {
-            tracing::info!(%worker, rows = self.data.test.len(), "training complete; sending the test split for evaluation");
-            let n = self.data.test.len();
-            let step = self.cfg.batch_size.max(256);
-            for start in (0..n).step_by(step) {
-                let idx: Vec<usize> = (start..(start + step).min(n)).collect();
-                let msg = match self.inputs_and_labels(&self.data.test, &idx) {
-                    Ok((inputs, labels)) => CoordinatorMessage {
-                        kind: Some(coordinator_message::Kind::Eval(pb::EvalBatch {
-                            inputs: Some(inputs.into()),
-                            labels: Some(labels.into()),
-                        })),
-                    },
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build an evaluation batch");
-                        return;
-                    }
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    // The stream is gone; `worker_gone` frees the evaluation for another worker.
+        // Trained: one worker evaluates the final student; the others wait for the report, and
+        // take over the evaluation if the evaluating worker leaves first.
+        loop {
+            let claimed = match self.evaluator.lock() {
+                Ok(mut e) if e.is_none() && !self.finished.is_cancelled() => {
+                    *e = Some(worker.clone());
+                    true
+                }
+                Ok(_) => false,
+                Err(_) => return,
+            };
+            if claimed {
+                if !self.evaluate_on(&worker, &tx, sent_version).await {
                     return;
                 }
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.finished.cancelled() => break,
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
         let _ = tx
@@ -488,6 +846,95 @@ impl Run {
                 })),
             }))
             .await;
+    }
+
+    /// Whether batches may be leased: once `min_workers` streams were open at one time.
+    fn may_lease(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.started_leasing.load(Relaxed) {
+            return true;
+        }
+        let open = self.outboxes.lock().map(|o| o.len()).unwrap_or(0);
+        if open >= self.cfg.min_workers {
+            tracing::info!(workers = open, "enough workers joined; training starts");
+            self.started_leasing.store(true, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends averaged parameters; false when the stream is gone.
+    async fn send_reply(
+        &self,
+        tx: &mpsc::Sender<std::result::Result<CoordinatorMessage, tonic::Status>>,
+        reply: &SyncReply,
+    ) -> bool {
+        if let Ok(mut s) = self.stats.lock() {
+            s.down_bytes += reply.value_bytes();
+        }
+        for msg in reply.messages() {
+            if tx.send(Ok(msg)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends the final parameters (when the worker does not hold them yet) and the test split
+    /// to the evaluating worker; false when the stream is gone (`worker_gone` then frees the
+    /// evaluation for another worker).
+    async fn evaluate_on(
+        &self,
+        worker: &Worker,
+        tx: &mpsc::Sender<std::result::Result<CoordinatorMessage, tonic::Status>>,
+        sent_version: u64,
+    ) -> bool {
+        let latest = if self.sync_enabled() {
+            self.sync.lock().ok().and_then(|s| s.latest())
+        } else {
+            None
+        };
+        if let Some((version, params)) = latest
+            && version != sent_version
+        {
+            let reply = match self.chunk(&params) {
+                Ok(g) => SyncReply {
+                    version,
+                    groups: Some(Arc::new(g)),
+                    contributors: 0,
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode the final parameters");
+                    return false;
+                }
+            };
+            if !self.send_reply(tx, &reply).await {
+                return false;
+            }
+        }
+        tracing::info!(%worker, rows = self.data.test.len(), "training complete; sending the test split for evaluation");
+        let n = self.data.test.len();
+        let step = self.cfg.batch_size.max(256);
+        for start in (0..n).step_by(step) {
+            let idx: Vec<usize> = (start..(start + step).min(n)).collect();
+            let msg = match self.inputs_and_labels(&self.data.test, &idx) {
+                Ok((inputs, labels)) => CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Eval(pb::EvalBatch {
+                        inputs: Some(inputs.into()),
+                        labels: Some(labels.into()),
+                    })),
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build an evaluation batch");
+                    return false;
+                }
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     fn inputs_and_labels(
@@ -625,6 +1072,11 @@ impl Run {
 
     /// The evaluating worker reported: keep its checkpoint, write `report.json`, end the run.
     pub fn finish(&self, worker: &Worker, result: &pb::EvalResult) -> Result<RunReport> {
+        if lock(&self.evaluator)?.as_ref() != Some(worker) {
+            return Err(Error::InvalidArgument(format!(
+                "{worker} sent an evaluation result but was not asked to evaluate"
+            )));
+        }
         let ck = distill_core::checkpoint::Checkpoint::from_bytes(&result.checkpoint_bytes)
             .map_err(|e| Error::InvalidArgument(format!("final checkpoint from {worker}: {e}")))?;
         let student_path = self.cfg.run_dir.join("student.safetensors");
@@ -639,6 +1091,11 @@ impl Run {
             None => (Vec::new(), None),
         };
         let total = s.wait_secs + s.step_secs;
+        let (rounds, (round_secs, up_bytes)) = {
+            let sy = lock(&self.sync)?;
+            (sy.version(), sy.totals())
+        };
+        let per_round = |x: f64| if rounds > 0 { x / rounds as f64 } else { 0.0 };
         let report = RunReport {
             data: self.data.source.clone(),
             student_arch: self.settings.spec.arch.to_string(),
@@ -665,6 +1122,15 @@ impl Run {
             members: self.pool.stats(),
             run_seconds: self.started.elapsed().as_secs_f64(),
             student_checkpoint: student_path,
+            workers: s.per_worker.values().cloned().collect(),
+            sync: SyncReport {
+                every: self.cfg.sync.every,
+                dtype: format!("{:?}", self.cfg.sync.dtype).to_lowercase(),
+                rounds,
+                mean_round_seconds: per_round(round_secs),
+                mean_bytes_per_round: per_round((up_bytes + s.down_bytes) as f64),
+                worker_sync_seconds: s.sync_secs,
+            },
         };
         drop(s);
         write_report(&self.cfg.run_dir, &report)?;
@@ -678,6 +1144,44 @@ impl Run {
         self.finished.cancel();
         Ok(report)
     }
+}
+
+/// What a `SyncUp` run says besides the parameters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContributionHeader {
+    /// The averaged version the worker last took.
+    pub base_version: u64,
+    /// Rows trained since.
+    pub samples: u64,
+    /// Sent in answer to `SyncNow`.
+    pub is_final: bool,
+    /// Parameter bytes it carried.
+    pub wire_bytes: u64,
+}
+
+/// The averaged parameters kept in `dir` by an earlier coordinator of this run, if any.
+fn read_averaged(
+    dir: &std::path::Path,
+    settings: &StudentSettings,
+) -> Result<Option<(u64, Params)>> {
+    let path = dir.join(AVERAGED_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let ck = distill_core::checkpoint::Checkpoint::read(&path)?;
+    let bad = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
+    if ck.spec.arch != settings.spec.arch {
+        return Err(bad(format!(
+            "holds a {} student, but the run trains {}; move the file away to start afresh",
+            ck.spec.arch, settings.spec.arch
+        )));
+    }
+    let version = ck
+        .extra
+        .get(KEY_SYNC_VERSION)
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| bad(format!("no valid `{KEY_SYNC_VERSION}` metadata")))?;
+    Ok(Some((version, Arc::new(ck.params))))
 }
 
 /// Writes `report.json` into `dir` atomically.

@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::ledger::Worker;
-use crate::run::Run;
+use crate::run::{ContributionHeader, Run};
+use distill_proto::params::ParamAssembler;
 
 /// Most credits a worker may hold (its prefetch window is capped at this).
 pub const MAX_CREDITS: u32 = 1024;
@@ -58,6 +59,11 @@ impl Coordinator for CoordinatorService {
                 .map(|&d| d as u64)
                 .collect(),
             resume_step,
+            sync: Some(pb::SyncSettings {
+                every: self.run.cfg.sync.every,
+                dtype: pb::DType::from(self.run.cfg.sync.dtype.wire()) as i32,
+                chunk_bytes: self.run.cfg.sync.chunk_bytes as u64,
+            }),
         }))
     }
 
@@ -98,19 +104,28 @@ impl Coordinator for CoordinatorService {
         let credits = Arc::new(Semaphore::new(hello.credits as usize));
         let (tx, rx) = mpsc::channel(self.run.cfg.prefetch.max(1));
         let stop = CancellationToken::new();
+        let (replies, start) = self.run.open_sync(&worker)?;
         let producer = tokio::spawn(self.run.clone().produce(
             worker.clone(),
             credits.clone(),
             tx.clone(),
+            replies,
+            start,
             stop.clone(),
         ));
         let run = self.run.clone();
         tokio::spawn(async move {
             let mut reported = false;
+            let mut upload: Option<Upload> = None;
+            let mut producer = producer;
+            let mut run_complete = false;
             loop {
                 let msg = tokio::select! {
                     m = inbound.next() => m,
-                    _ = run.finished.cancelled() => break,
+                    _ = run.finished.cancelled() => {
+                        run_complete = true;
+                        break;
+                    }
                 };
                 let kind = match msg {
                     Some(Ok(WorkerMessage { kind: Some(k) })) => k,
@@ -141,6 +156,13 @@ impl Coordinator for CoordinatorService {
                             let _ = tx.send(Err(Status::from(e))).await;
                         }
                     },
+                    worker_message::Kind::Sync(up) => {
+                        if let Err(e) = receive_sync(&run, &worker, &mut upload, up) {
+                            tracing::warn!(%worker, error = %e, "bad synchronisation message");
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            break;
+                        }
+                    }
                     worker_message::Kind::Hello(_) => {
                         let _ = tx
                             .send(Err(Status::invalid_argument(
@@ -149,6 +171,16 @@ impl Coordinator for CoordinatorService {
                             .await;
                     }
                 }
+            }
+            if run_complete {
+                // The producer is sending `Done`: let it, briefly.
+                if tokio::time::timeout(std::time::Duration::from_secs(2), &mut producer)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%worker, "producer did not end after the run completed");
+                }
+                reported = true;
             }
             stop.cancel();
             producer.abort();
@@ -166,6 +198,59 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<RunStatusResponse>, Status> {
         Ok(Response::new(self.run.status()?))
     }
+}
+
+/// A contribution being received in chunks.
+struct Upload {
+    header: ContributionHeader,
+    assembler: ParamAssembler,
+}
+
+/// Adds one `SyncUp` message to the upload in progress; hands the contribution to the run when
+/// it is complete.
+fn receive_sync(
+    run: &Run,
+    worker: &Worker,
+    upload: &mut Option<Upload>,
+    up: pb::SyncUp,
+) -> Result<(), Error> {
+    let pb::SyncUp {
+        base_version,
+        samples,
+        chunks,
+        last,
+        r#final,
+    } = up;
+    let u = upload.get_or_insert_with(|| Upload {
+        header: ContributionHeader {
+            base_version,
+            samples,
+            is_final: r#final,
+            wire_bytes: 0,
+        },
+        assembler: ParamAssembler::new(run.param_shapes.clone()),
+    });
+    if (u.header.base_version, u.header.samples, u.header.is_final)
+        != (base_version, samples, r#final)
+    {
+        return Err(Error::InvalidArgument(
+            "SyncUp messages of one contribution disagree on base_version, samples or final".into(),
+        ));
+    }
+    for c in chunks {
+        u.header.wire_bytes += c.values.as_ref().map_or(0, |v| v.data.len() as u64);
+        u.assembler
+            .add(c)
+            .map_err(|e| Error::InvalidArgument(format!("SyncUp from {worker}: {e}")))?;
+    }
+    if last && let Some(u) = upload.take() {
+        let params = u
+            .assembler
+            .finish()
+            .map_err(|e| Error::InvalidArgument(format!("SyncUp from {worker}: {e}")))?;
+        run.contribute(worker, u.header, params)?;
+    }
+    Ok(())
 }
 
 impl From<&pb::Hello> for Worker {

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+pub mod params;
 pub mod shutdown;
 
 /// Generated protobuf messages and gRPC stubs for package `distill.v1`.
@@ -36,6 +37,9 @@ pub enum Error {
     /// A required tensor field was missing.
     #[error("missing tensor `{0}`")]
     Missing(&'static str),
+    /// A parameter chunk does not fit the parameter set being assembled.
+    #[error("parameters: {0}")]
+    Params(String),
 }
 
 /// Result alias of this crate.

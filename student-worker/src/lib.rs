@@ -52,7 +52,8 @@ use tonic::transport::{Channel, Endpoint};
 pub use error::{Error, Result};
 
 use decode::BatchSpec;
-use trainer::{Command, Outcome, Setup};
+use distill_proto::params::ParamAssembler;
+use trainer::{Command, Outcome, ParamsDown, Setup, SyncSettings, Up};
 
 /// Default largest gRPC message in either direction (64 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -117,6 +118,10 @@ pub struct WorkerReport {
     pub wait_seconds: f64,
     /// Seconds spent in training steps.
     pub step_seconds: f64,
+    /// Seconds blocked in synchronisation rounds.
+    pub sync_seconds: f64,
+    /// Averaged parameter sets taken.
+    pub rounds: u64,
     /// The final student checkpoint.
     pub checkpoint: PathBuf,
 }
@@ -164,7 +169,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
         classes,
         input_shape,
         resume_step,
+        sync,
     } = join;
+    let sync = sync_settings(sync)?;
     if cfg.worker_id.is_none() && !worker_id.is_empty() {
         distill_core::fsutil::atomic_write(&work_dir.join(WORKER_ID_FILE), worker_id.as_bytes())?;
     }
@@ -191,6 +198,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
     tracing::info!(%worker_id, incarnation, resume_step, batches_per_epoch, arch = %settings.spec.arch, "joined the run");
 
     let window = cfg.prefetch as usize;
+    let shapes = settings.spec.arch.param_shapes();
     let stop = CancellationToken::new();
     let training = trainer::spawn(
         Setup {
@@ -201,10 +209,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             work_dir: work_dir.clone(),
             worker_id: worker_id.clone(),
             resume,
+            sync,
         },
         window + 2,
         stop.clone(),
     )?;
+    let (sync_dtype, sync_chunk) = (sync.dtype, sync.chunk_bytes);
     let trainer::TrainingThread {
         commands,
         mut acks,
@@ -231,7 +241,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             return Err(stopped(done, &stop).await);
         }
     };
-    let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(inbound, commands));
+    let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(inbound, commands, shapes));
     let mut reader_result: Option<Result<()>> = None;
     let mut cancelled = false;
 
@@ -244,11 +254,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
                 stop.cancel();
                 reader.abort(); // drops the command sender, waking the training thread
             }
-            ack = acks.recv() => match ack {
-                Some(ack) => {
+            up = acks.recv() => match up {
+                Some(Up::Ack(ack)) => {
                     let msg = pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Ack(ack)) };
                     if out_tx.send(msg).await.is_err() {
                         tracing::warn!("the batch stream is gone; acks are dropped");
+                    }
+                }
+                Some(Up::Sync(c)) => {
+                    if let Err(e) = send_contribution(&out_tx, *c, sync_dtype, sync_chunk).await {
+                        tracing::warn!(error = %e, "could not send the parameters");
                     }
                 }
                 None => break,
@@ -292,7 +307,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             Ok(()) => Error::Protocol("the batch stream ended before Done".into()),
         });
     }
-    send_result(&out_tx, &outcome, cfg.max_message_bytes).await;
+    // Only the worker the coordinator asked to evaluate has a result to send.
+    if outcome.test_total > 0 {
+        send_result(&out_tx, &outcome, cfg.max_message_bytes).await;
+    }
     drop(out_tx); // half-close: nothing more from this worker
     if reader_result.is_none() {
         tokio::select! {
@@ -317,6 +335,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
         test_total,
         wait_seconds,
         step_seconds,
+        sync_seconds,
+        rounds,
         checkpoint,
         checkpoint_bytes: _,
     } = outcome;
@@ -329,6 +349,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
         test_total,
         wait_seconds,
         step_seconds,
+        sync_seconds,
+        rounds,
         checkpoint,
     })
 }
@@ -344,6 +366,57 @@ async fn stopped(
         Ok(Err(e)) => e,
         Err(_) => Error::Panic("training thread ended without a result".into()),
     }
+}
+
+/// Turns the coordinator's `SyncSettings` into the trainer's.
+fn sync_settings(s: Option<pb::SyncSettings>) -> Result<SyncSettings> {
+    let Some(s) = s else {
+        return Ok(SyncSettings::default());
+    };
+    let dtype = distill_proto::DType::try_from(s.dtype)
+        .ok()
+        .filter(|d| d.is_float())
+        .ok_or_else(|| {
+            Error::Settings(format!("sync.dtype {} is not F32, F16 or BF16", s.dtype))
+        })?;
+    if s.every > 0 && s.chunk_bytes < 1024 {
+        return Err(Error::Settings(format!(
+            "sync.chunk_bytes {} is below 1024",
+            s.chunk_bytes
+        )));
+    }
+    Ok(SyncSettings {
+        every: s.every,
+        dtype,
+        chunk_bytes: usize::try_from(s.chunk_bytes).unwrap_or(usize::MAX),
+    })
+}
+
+/// Streams the worker's parameters to the coordinator as a run of `SyncUp` messages.
+async fn send_contribution(
+    out: &mpsc::Sender<pb::WorkerMessage>,
+    c: trainer::SyncOut,
+    dtype: distill_proto::DType,
+    chunk_bytes: usize,
+) -> Result<()> {
+    let groups = distill_proto::params::to_chunk_groups(&c.params, dtype, chunk_bytes)
+        .map_err(|e| Error::Protocol(format!("encoding parameters: {e}")))?;
+    let n = groups.len();
+    for (i, chunks) in groups.into_iter().enumerate() {
+        let msg = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Sync(pb::SyncUp {
+                base_version: c.base_version,
+                samples: c.samples,
+                chunks,
+                last: i + 1 == n,
+                r#final: c.is_final,
+            })),
+        };
+        out.send(msg)
+            .await
+            .map_err(|_| Error::Protocol("the batch stream is gone".into()))?;
+    }
+    Ok(())
 }
 
 async fn send_result(out: &mpsc::Sender<pb::WorkerMessage>, o: &Outcome, max_bytes: usize) {
@@ -381,9 +454,11 @@ async fn send_result(out: &mpsc::Sender<pb::WorkerMessage>, o: &Outcome, max_byt
 async fn read_batches(
     mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
     commands: mpsc::Sender<Command>,
+    shapes: Vec<(String, Vec<usize>)>,
 ) -> Result<()> {
     use pb::coordinator_message::Kind;
     let mut done = false;
+    let mut download: Option<(u64, ParamAssembler)> = None;
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -405,6 +480,55 @@ async fn read_batches(
                 tracing::warn!("message after Done ignored");
                 continue;
             }
+            Some(Kind::Params(d)) => {
+                let pb::SyncDown {
+                    version,
+                    chunks,
+                    last,
+                    unchanged,
+                    contributors,
+                } = d;
+                if unchanged {
+                    if download.is_some() {
+                        return Err(Error::BadBatch(
+                            "SyncDown: `unchanged` in the middle of a parameter download".into(),
+                        ));
+                    }
+                    Command::Params(Box::new(ParamsDown {
+                        version,
+                        params: None,
+                        contributors,
+                    }))
+                } else {
+                    let (v, assembler) = download
+                        .get_or_insert_with(|| (version, ParamAssembler::new(shapes.clone())));
+                    if *v != version {
+                        return Err(Error::BadBatch(format!(
+                            "SyncDown: version {version} in the middle of version {v}"
+                        )));
+                    }
+                    for c in chunks {
+                        assembler
+                            .add(c)
+                            .map_err(|e| Error::BadBatch(format!("SyncDown: {e}")))?;
+                    }
+                    if !last {
+                        continue;
+                    }
+                    let Some((_, assembler)) = download.take() else {
+                        continue;
+                    };
+                    let params = assembler
+                        .finish()
+                        .map_err(|e| Error::BadBatch(format!("SyncDown: {e}")))?;
+                    Command::Params(Box::new(ParamsDown {
+                        version,
+                        params: Some(params),
+                        contributors,
+                    }))
+                }
+            }
+            Some(Kind::SyncNow(_)) => Command::SyncNow,
             Some(Kind::Train(b)) => Command::Train(Box::new(b)),
             Some(Kind::Eval(b)) => Command::Eval(Box::new(b)),
             Some(Kind::Done(pb::Done { reason })) => {

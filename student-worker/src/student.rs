@@ -176,6 +176,42 @@ impl Student {
         Ok(out)
     }
 
+    /// The parameters in model order, as host values (for a synchronisation round).
+    pub fn params(&self) -> Result<Vec<distill_proto::params::Param>> {
+        self.model
+            .named_tensors()?
+            .into_iter()
+            .map(|(name, t)| {
+                let shape = t.dims().to_vec();
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok((name, shape, v))
+            })
+            .collect()
+    }
+
+    /// Replaces the parameters (averaged ones from a round); the optimizer state is kept.
+    /// Names and shapes must be the model's, in its order.
+    pub fn set_params(&mut self, params: &[distill_proto::params::Param]) -> Result<()> {
+        let vars = self.model.named_vars()?;
+        if vars.len() != params.len() {
+            return Err(Error::BadBatch(format!(
+                "{} averaged parameters for a model of {}",
+                params.len(),
+                vars.len()
+            )));
+        }
+        for ((name, var), (pname, shape, v)) in vars.iter().zip(params) {
+            if name != pname || var.dims() != shape.as_slice() {
+                return Err(Error::BadBatch(format!(
+                    "averaged parameter `{pname}` {shape:?} where `{name}` {:?} was expected",
+                    var.dims()
+                )));
+            }
+            var.set(&Tensor::from_slice(v, shape.as_slice(), &self.device)?)?;
+        }
+        Ok(())
+    }
+
     /// Misclassified rows of an evaluation batch (inference mode: no dropout).
     ///
     /// # Shapes

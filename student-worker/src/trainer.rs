@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::decode::{BatchSpec, decode_eval, decode_train};
 use crate::student::{STUDENT_FILE, Student};
 use crate::{Error, Result};
+use distill_proto::params::Param;
 
 /// What the async side asks of the training thread.
 #[derive(Debug)]
@@ -38,6 +39,64 @@ pub enum Command {
     Eval(Box<pb::EvalBatch>),
     /// Write the final checkpoint and end.
     Finish,
+    /// Averaged parameters from a synchronisation round: continue from them.
+    Params(Box<ParamsDown>),
+    /// Every batch is trained: contribute the parameters one last time.
+    SyncNow,
+}
+
+/// Averaged parameters, assembled from a run of `SyncDown` messages.
+#[derive(Debug)]
+pub struct ParamsDown {
+    /// Round number.
+    pub version: u64,
+    /// The parameters in model order (None: keep the worker's own, they are the average).
+    pub params: Option<Vec<Param>>,
+    /// Workers averaged.
+    pub contributors: u32,
+}
+
+/// The worker's parameters for a round.
+#[derive(Debug)]
+pub struct SyncOut {
+    /// The averaged version it last took.
+    pub base_version: u64,
+    /// Rows trained since.
+    pub samples: u64,
+    /// Its parameters in model order.
+    pub params: Vec<Param>,
+    /// In answer to `SyncNow`.
+    pub is_final: bool,
+}
+
+/// What the training thread sends out, in order.
+#[derive(Debug)]
+pub enum Up {
+    /// A trained batch.
+    Ack(pb::Ack),
+    /// Parameters for a round (the thread then waits for [`Command::Params`]).
+    Sync(Box<SyncOut>),
+}
+
+/// How this worker takes part in synchronisation rounds (from `JoinResponse.sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// Contribute after every this many local updates (0: only when asked by `SyncNow`).
+    pub every: u64,
+    /// Element type of parameters on the wire.
+    pub dtype: distill_proto::DType,
+    /// Largest payload of parameter values per message.
+    pub chunk_bytes: usize,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            dtype: distill_proto::DType::F32,
+            chunk_bytes: 4 << 20,
+        }
+    }
 }
 
 /// Everything the training thread needs to build its student.
@@ -57,6 +116,8 @@ pub struct Setup {
     pub worker_id: String,
     /// A worker checkpoint from `work_dir` to resume from (None: fresh start).
     pub resume: Option<Checkpoint>,
+    /// Synchronisation rounds.
+    pub sync: SyncSettings,
 }
 
 /// How the training thread ended.
@@ -78,6 +139,10 @@ pub struct Outcome {
     pub wait_seconds: f64,
     /// Seconds spent in training steps.
     pub step_seconds: f64,
+    /// Seconds blocked in synchronisation rounds.
+    pub sync_seconds: f64,
+    /// Averaged parameter sets taken.
+    pub rounds: u64,
     /// The student checkpoint file.
     pub checkpoint: PathBuf,
     /// Its bytes.
@@ -88,8 +153,9 @@ pub struct Outcome {
 pub struct TrainingThread {
     /// Commands in; bounded.
     pub commands: mpsc::Sender<Command>,
-    /// Acks out, one per trained batch, in order; bounded. Closes when the thread ends.
-    pub acks: mpsc::Receiver<pb::Ack>,
+    /// Acks (one per trained batch) and parameters for rounds, in order; bounded. Closes when
+    /// the thread ends.
+    pub acks: mpsc::Receiver<Up>,
     /// The thread's result, sent when it ends.
     pub done: oneshot::Receiver<Result<Outcome>>,
 }
@@ -118,6 +184,27 @@ pub fn spawn(setup: Setup, capacity: usize, stop: CancellationToken) -> Result<T
     })
 }
 
+/// Sends the student's parameters for a round and starts waiting for the average.
+fn contribute(
+    student: &Student,
+    sy: &mut SyncState,
+    is_final: bool,
+    out: &mpsc::Sender<Up>,
+) -> Result<()> {
+    let c = SyncOut {
+        base_version: sy.base_version,
+        samples: sy.samples,
+        params: student.params()?,
+        is_final,
+    };
+    sy.waiting_since = Some(Instant::now());
+    if out.blocking_send(Up::Sync(Box::new(c))).is_err() {
+        // The async side is gone; the loop ends on the closed command channel.
+        tracing::debug!("parameters not sent: the stream is gone");
+    }
+    Ok(())
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -133,14 +220,32 @@ struct Totals {
     test_total: u64,
     wait_seconds: f64,
     step_seconds: f64,
+    sync_seconds: f64,
+    rounds: u64,
     loss_sum: f64,
     loss_n: u64,
+}
+
+/// Where the thread stands in the synchronisation rounds.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// The averaged version last taken.
+    base_version: u64,
+    /// Updates and rows since then.
+    steps: u64,
+    samples: u64,
+    /// Since when the thread waits for averaged parameters (None: not waiting).
+    waiting_since: Option<Instant>,
+    /// Seconds blocked since the last ack (reported on the next one).
+    unreported: f64,
+    /// Commands that arrived while waiting, in order.
+    backlog: std::collections::VecDeque<Command>,
 }
 
 fn run(
     setup: Setup,
     mut commands: mpsc::Receiver<Command>,
-    acks: mpsc::Sender<pb::Ack>,
+    acks: mpsc::Sender<Up>,
     stop: &CancellationToken,
 ) -> Result<Outcome> {
     let Setup {
@@ -151,6 +256,7 @@ fn run(
         work_dir,
         worker_id,
         resume,
+        sync,
     } = setup;
     let checkpoint_every = settings.checkpoint_every;
     let mut student = match &resume {
@@ -173,20 +279,68 @@ fn run(
         test_total: t.test_total,
         wait_seconds: t.wait_seconds,
         step_seconds: t.step_seconds,
+        sync_seconds: t.sync_seconds,
+        rounds: t.rounds,
         checkpoint: work_dir.join(STUDENT_FILE),
         checkpoint_bytes: bytes,
     };
+    let mut sy = SyncState::default();
     loop {
         let idle = Instant::now();
-        let Some(cmd) = commands.blocking_recv() else {
-            break;
+        let (cmd, queued) = match sy.backlog.pop_front() {
+            Some(c) if sy.waiting_since.is_none() => (c, true),
+            other => {
+                if let Some(c) = other {
+                    sy.backlog.push_front(c);
+                }
+                match commands.blocking_recv() {
+                    Some(c) => (c, false),
+                    None => break,
+                }
+            }
         };
         if stop.is_cancelled() {
             break;
         }
+        if sy.waiting_since.is_some() && !matches!(cmd, Command::Params(_)) {
+            // Nothing trains until the round's average arrives.
+            sy.backlog.push_back(cmd);
+            continue;
+        }
         match cmd {
+            Command::Params(p) => {
+                let ParamsDown {
+                    version,
+                    params,
+                    contributors,
+                } = *p;
+                if let Some(params) = &params {
+                    student.set_params(params)?;
+                }
+                if let Some(since) = sy.waiting_since.take() {
+                    let waited = since.elapsed().as_secs_f64();
+                    t.sync_seconds += waited;
+                    sy.unreported += waited;
+                }
+                tracing::debug!(
+                    version,
+                    contributors,
+                    kept_own = params.is_none(),
+                    "averaged parameters taken"
+                );
+                t.rounds += 1;
+                sy.base_version = version;
+                (sy.steps, sy.samples) = (0, 0);
+            }
+            Command::SyncNow => {
+                contribute(&student, &mut sy, true, &acks)?;
+            }
             Command::Train(b) => {
-                let wait = idle.elapsed().as_secs_f64();
+                let wait = if queued {
+                    0.0
+                } else {
+                    idle.elapsed().as_secs_f64()
+                };
                 let d = match decode_train(*b, &batch_spec) {
                     Ok(d) => d,
                     Err(e) => {
@@ -230,9 +384,15 @@ fn run(
                     step,
                     wait_seconds: wait as f32,
                     step_seconds: step_seconds as f32,
+                    sync_seconds: std::mem::take(&mut sy.unreported) as f32,
                 };
-                if acks.blocking_send(ack).is_err() {
+                if acks.blocking_send(Up::Ack(ack)).is_err() {
                     break;
+                }
+                sy.steps += 1;
+                sy.samples += d.rows as u64;
+                if sync.every > 0 && sy.steps >= sync.every {
+                    contribute(&student, &mut sy, false, &acks)?;
                 }
             }
             Command::Eval(b) => {

@@ -66,6 +66,7 @@ impl Coordinator for Script {
             classes: self.classes,
             input_shape: vec![1, 28, 28],
             resume_step: r.resume_step,
+            sync: None,
         }))
     }
 

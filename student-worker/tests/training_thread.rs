@@ -13,7 +13,7 @@ use distill_proto::pb;
 use student_worker::Error;
 use student_worker::decode::BatchSpec;
 use student_worker::student::{KEY_STEP, STUDENT_FILE};
-use student_worker::trainer::{Command, Setup, spawn};
+use student_worker::trainer::{Command, ParamsDown, Setup, SyncOut, SyncSettings, Up, spawn};
 use tokio_util::sync::CancellationToken;
 
 fn setup(dir: &std::path::Path) -> Setup {
@@ -29,6 +29,22 @@ fn setup(dir: &std::path::Path) -> Setup {
         work_dir: dir.to_path_buf(),
         worker_id: "w1".into(),
         resume: None,
+        sync: SyncSettings::default(),
+    }
+}
+
+/// The next ack from the thread (None when it ended); panics on anything else.
+fn next_ack(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> Option<pb::Ack> {
+    match rx.blocking_recv()? {
+        Up::Ack(a) => Some(a),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+fn next_sync(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> SyncOut {
+    match rx.blocking_recv() {
+        Some(Up::Sync(s)) => *s,
+        other => panic!("expected parameters, got {other:?}"),
     }
 }
 
@@ -50,7 +66,7 @@ fn trains_acks_in_order_lowers_the_loss_and_evaluates() {
             .unwrap();
         // Keep at most 4 batches in flight, like the credit window.
         if i >= 3 {
-            acks.push(t.acks.blocking_recv().unwrap());
+            acks.push(next_ack(&mut t.acks).unwrap());
         }
     }
     for i in 0..5 {
@@ -63,7 +79,7 @@ fn trains_acks_in_order_lowers_the_loss_and_evaluates() {
             .unwrap();
     }
     t.commands.blocking_send(Command::Finish).unwrap();
-    while let Some(a) = t.acks.blocking_recv() {
+    while let Some(a) = next_ack(&mut t.acks) {
         acks.push(a);
     }
     let out = t.done.blocking_recv().unwrap().unwrap();
@@ -111,8 +127,8 @@ fn a_bad_batch_ends_the_thread_with_a_clear_error_and_a_checkpoint() {
     t.commands
         .blocking_send(Command::Train(Box::new(bad)))
         .unwrap();
-    assert_eq!(t.acks.blocking_recv().map(|a| a.step), Some(1));
-    assert!(t.acks.blocking_recv().is_none());
+    assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(1));
+    assert!(next_ack(&mut t.acks).is_none());
     let e = t.done.blocking_recv().unwrap().unwrap_err();
     assert!(matches!(e, Error::BadBatch(_)), "{e:?}");
     let msg = e.to_string();
@@ -135,16 +151,95 @@ fn stopping_drops_queued_batches_and_writes_a_checkpoint() {
             .blocking_send(Command::Train(Box::new(common::train_batch(&data, i))))
             .unwrap();
     }
-    assert_eq!(t.acks.blocking_recv().map(|a| a.step), Some(1));
-    assert_eq!(t.acks.blocking_recv().map(|a| a.step), Some(2));
+    assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(1));
+    assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(2));
     stop.cancel();
     // Queued after the stop: never trained.
     t.commands
         .blocking_send(Command::Train(Box::new(common::train_batch(&data, 2))))
         .unwrap();
-    assert!(t.acks.blocking_recv().is_none());
+    assert!(next_ack(&mut t.acks).is_none());
     let out = t.done.blocking_recv().unwrap().unwrap();
     assert!(!out.completed);
     assert_eq!((out.steps, out.batches), (2, 2));
     assert_eq!(step_of(&dir.path().join(STUDENT_FILE)), 2);
+}
+
+#[test]
+fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
+    let data = Dataset::load("synthetic:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup(dir.path());
+    s.sync.every = 3;
+    let mut t = spawn(s, 4, CancellationToken::new()).unwrap();
+    for i in 0..3 {
+        t.commands
+            .blocking_send(Command::Train(Box::new(common::train_batch(&data, i))))
+            .unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(i + 1));
+    }
+    let up = next_sync(&mut t.acks);
+    assert_eq!((up.base_version, up.samples, up.is_final), (0, 96, false));
+    let shapes = common::settings().spec.arch.param_shapes();
+    assert_eq!(
+        up.params
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect::<Vec<_>>(),
+        shapes
+    );
+    // A batch that arrives during the round waits for the average, then trains from it.
+    t.commands
+        .blocking_send(Command::Train(Box::new(common::train_batch(&data, 3))))
+        .unwrap();
+    let zeros: Vec<_> = shapes
+        .iter()
+        .map(|(n, s)| (n.clone(), s.clone(), vec![0f32; s.iter().product()]))
+        .collect();
+    t.commands
+        .blocking_send(Command::Params(Box::new(ParamsDown {
+            version: 1,
+            params: Some(zeros.clone()),
+            contributors: 2,
+        })))
+        .unwrap();
+    let a = next_ack(&mut t.acks).unwrap();
+    assert_eq!(a.step, 4);
+    assert!(a.sync_seconds > 0.0 && a.wait_seconds == 0.0, "{a:?}");
+    t.commands.blocking_send(Command::SyncNow).unwrap();
+    let up = next_sync(&mut t.acks);
+    assert_eq!((up.base_version, up.samples, up.is_final), (1, 32, true));
+    // Trained one step from the zero average: the output bias moved, nothing is NaN.
+    let flat: Vec<f32> = up.params.iter().flat_map(|(_, _, v)| v.clone()).collect();
+    assert!(flat.iter().all(|v| v.is_finite()));
+    assert!(
+        flat.iter().any(|&v| v != 0.0),
+        "the batch was trained before the average arrived"
+    );
+    // A lone contributor keeps its own parameters.
+    t.commands
+        .blocking_send(Command::Params(Box::new(ParamsDown {
+            version: 2,
+            params: None,
+            contributors: 1,
+        })))
+        .unwrap();
+    t.commands.blocking_send(Command::Finish).unwrap();
+    assert!(next_ack(&mut t.acks).is_none());
+    let out = t.done.blocking_recv().unwrap().unwrap();
+    assert!(out.completed);
+    assert_eq!((out.steps, out.rounds), (4, 2));
+    assert!(out.sync_seconds > 0.0);
+    let saved = Checkpoint::read(&out.checkpoint).unwrap();
+    let saved: Vec<f32> = saved
+        .params
+        .iter()
+        .flat_map(|(_, _, v)| v.clone())
+        .collect();
+    assert_eq!(
+        saved, flat,
+        "the final checkpoint holds the parameters it kept"
+    );
 }

@@ -1,0 +1,559 @@
+//! Synchronisation rounds between student workers: local SGD / periodic model averaging.
+//!
+//! A pure state machine (STYLE.md §7): calls that depend on time take `now: Instant`, nothing
+//! sleeps or does I/O; the async driver in [`crate::run`] moves parameters on the wire and calls
+//! [`SyncRounds::tick`] periodically.
+//!
+//! Semantics, decided here:
+//! - **What is averaged.** Every `sync_every` local updates a worker sends its whole parameter
+//!   set and the number of training rows it trained since it last took averaged parameters. A
+//!   round's result is the average of the contributions weighted by those rows (all weights 0:
+//!   plain mean). Optimizer state (momentum, Adam moments) stays local to each worker: moving it
+//!   would double the traffic, and local-SGD practice (Lin et al. 2020, "Don't use large
+//!   mini-batches, use local SGD") keeps it local. With `sync_every = 1` and plain SGD, averaging
+//!   the parameters after one step from a common start equals averaging the gradients, which is
+//!   synchronous data parallelism; with momentum or AdamW the local state makes it close to, not
+//!   equal to, it.
+//! - **Who is in a round.** The *live* workers: those with an open batch stream that have not
+//!   made their final contribution. A round opens with its first contribution and closes when
+//!   every live worker has contributed ([`CloseReason::AllReported`]), when a worker leaves and
+//!   the rest have all reported ([`CloseReason::WorkerLeft`]), or `round_timeout` after it opened
+//!   ([`CloseReason::Timeout`]; the workers that did not report are listed as `missing` and take
+//!   part in the next round with all the rows they trained meanwhile). A contribution already in
+//!   an open round stays in it if its worker dies: that work is real and its acks stand.
+//! - **Joining.** A worker that joins mid-run starts from the latest average ([`SyncRounds::latest`]).
+//! - **Only one contributor.** The average is its own parameters; the reply tells it to keep
+//!   them (`unchanged`), so a lone worker pays only the upload.
+//! - **Commit point.** Each contribution records the worker's highest ack sequence number when it
+//!   was sent; once in a closed round (or in the open one when the worker dies) those acks are in
+//!   the averaged model's history. Acks after it live only in the worker's own parameters and are
+//!   lost with it: the run rolls them back ([`SyncRounds::committed_seq`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distill_proto::params::Param;
+
+use crate::ledger::Worker;
+
+/// A parameter set shared between the round state and the senders.
+pub type Params = Arc<Vec<Param>>;
+
+/// One worker's parameters for a round.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    /// Who sent it.
+    pub worker: Worker,
+    /// The averaged version it last took (0: its own initial weights).
+    pub base_version: u64,
+    /// Rows trained since then: the weight in the average.
+    pub samples: u64,
+    /// Its parameters, in model order.
+    pub params: Params,
+    /// Sent in answer to `SyncNow` (the worker will train nothing more).
+    pub is_final: bool,
+    /// The worker's highest ack sequence number when it sent this (0: none).
+    pub last_ack_seq: u64,
+    /// Bytes of parameter values it carried on the wire.
+    pub wire_bytes: u64,
+}
+
+/// Why a round closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Every live worker contributed.
+    AllReported,
+    /// A worker left and every remaining live worker had contributed.
+    WorkerLeft,
+    /// The round timeout passed.
+    Timeout,
+}
+
+/// A closed round: the new average and who gets it.
+#[derive(Debug, Clone)]
+pub struct Closed {
+    /// The round number, which is the version of `params`.
+    pub version: u64,
+    /// The average.
+    pub params: Params,
+    /// Contributors, each with whether it may keep its own parameters (`unchanged`).
+    pub replies: Vec<(Worker, bool)>,
+    /// Live workers that did not contribute (timeout).
+    pub missing: Vec<Worker>,
+    /// Rows trained in the round, all contributors together.
+    pub samples: u64,
+    /// From the first contribution to the close.
+    pub seconds: f64,
+    /// Parameter bytes uploaded in the round.
+    pub up_bytes: u64,
+    /// Why it closed.
+    pub reason: CloseReason,
+}
+
+/// A mistake by a caller (a worker's message that does not fit the round state).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// The worker has no open stream (it left, or never joined).
+    #[error("worker {0} is not in the synchronisation rounds")]
+    NotLive(Worker),
+    /// The worker already contributed to the open round.
+    #[error("worker {0} already contributed to round {1}")]
+    Duplicate(Worker, u64),
+    /// Parameter sets of different shapes.
+    #[error("the contribution of {0} does not match the parameters of the others: {1}")]
+    Mismatch(Worker, String),
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    opened: Instant,
+    contribs: BTreeMap<Worker, Contribution>,
+}
+
+/// The synchronisation rounds of a run.
+#[derive(Debug)]
+pub struct SyncRounds {
+    timeout: Duration,
+    version: u64,
+    params: Option<Params>,
+    live: BTreeSet<Worker>,
+    /// Worker ids whose final contribution is in a closed round.
+    finished: BTreeSet<String>,
+    open: Option<OpenRound>,
+    committed_seq: BTreeMap<String, u64>,
+    seconds_total: f64,
+    up_bytes_total: u64,
+}
+
+impl SyncRounds {
+    /// No rounds yet; `latest` is a resumed average (its version and parameters), if any.
+    pub fn new(round_timeout: Duration, latest: Option<(u64, Params)>) -> Self {
+        let (version, params) = match latest {
+            Some((v, p)) => (v, Some(p)),
+            None => (0, None),
+        };
+        Self {
+            timeout: round_timeout,
+            version,
+            params,
+            live: BTreeSet::new(),
+            finished: BTreeSet::new(),
+            open: None,
+            committed_seq: BTreeMap::new(),
+            seconds_total: 0.0,
+            up_bytes_total: 0,
+        }
+    }
+
+    /// The latest average and its version (None before the first round).
+    pub fn latest(&self) -> Option<(u64, Params)> {
+        self.params.as_ref().map(|p| (self.version, p.clone()))
+    }
+
+    /// Rounds closed (the current version).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Total seconds rounds were open, and parameter bytes uploaded, over all rounds.
+    pub fn totals(&self) -> (f64, u64) {
+        (self.seconds_total, self.up_bytes_total)
+    }
+
+    /// The highest ack sequence number of `worker_id` that is in the averaged model (0: none).
+    pub fn committed_seq(&self, worker_id: &str) -> u64 {
+        self.committed_seq.get(worker_id).copied().unwrap_or(0)
+    }
+
+    /// A worker's stream opened: it takes part in rounds from now on. An older incarnation of
+    /// the same id is replaced (its contribution in the open round, if any, stays).
+    pub fn join(&mut self, worker: &Worker) {
+        self.live.retain(|w| w.id != worker.id);
+        self.finished.remove(&worker.id);
+        self.live.insert(worker.clone());
+    }
+
+    /// A worker's stream ended. It no longer holds up rounds; the open round closes if everyone
+    /// left in it has reported.
+    pub fn leave(&mut self, worker: &Worker, now: Instant) -> Option<Closed> {
+        if !self.live.remove(worker) {
+            return None;
+        }
+        if let Some(c) = self.open.as_ref().and_then(|r| r.contribs.get(worker)) {
+            // Its contribution will be averaged: its acks up to it are committed.
+            let seq = c.last_ack_seq;
+            let e = self.committed_seq.entry(worker.id.clone()).or_default();
+            *e = (*e).max(seq);
+        }
+        if self.all_reported() {
+            self.close(now, CloseReason::WorkerLeft)
+        } else {
+            None
+        }
+    }
+
+    /// Whether every live worker has made its final contribution and no round is open: the
+    /// latest average is the final student.
+    pub fn all_final(&self) -> bool {
+        self.open.is_none() && self.live.iter().all(|w| self.finished.contains(&w.id))
+    }
+
+    /// Whether `worker` has made its final contribution (and it was averaged).
+    pub fn is_finished(&self, worker_id: &str) -> bool {
+        self.finished.contains(worker_id)
+    }
+
+    /// A contribution arrived; returns the closed round when it completes one.
+    pub fn contribute(
+        &mut self,
+        c: Contribution,
+        now: Instant,
+    ) -> Result<Option<Closed>, SyncError> {
+        if !self.live.contains(&c.worker) {
+            return Err(SyncError::NotLive(c.worker));
+        }
+        let round = self.open.get_or_insert_with(|| OpenRound {
+            opened: now,
+            contribs: BTreeMap::new(),
+        });
+        if round.contribs.contains_key(&c.worker) {
+            return Err(SyncError::Duplicate(c.worker, self.version + 1));
+        }
+        if let Some(first) = round.contribs.values().next() {
+            check_same_shapes(&first.params, &c.params)
+                .map_err(|msg| SyncError::Mismatch(c.worker.clone(), msg))?;
+        } else if let Some(p) = &self.params {
+            check_same_shapes(p, &c.params)
+                .map_err(|msg| SyncError::Mismatch(c.worker.clone(), msg))?;
+        }
+        round.contribs.insert(c.worker.clone(), c);
+        Ok(if self.all_reported() {
+            self.close(now, CloseReason::AllReported)
+        } else {
+            None
+        })
+    }
+
+    /// When the open round times out, if one is open.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.open.as_ref().map(|r| r.opened + self.timeout)
+    }
+
+    /// Closes the open round if its timeout has passed.
+    pub fn tick(&mut self, now: Instant) -> Option<Closed> {
+        match self.next_deadline() {
+            Some(d) if now >= d => self.close(now, CloseReason::Timeout),
+            _ => None,
+        }
+    }
+
+    fn all_reported(&self) -> bool {
+        let Some(round) = &self.open else {
+            return false;
+        };
+        self.live
+            .iter()
+            .filter(|w| !self.finished.contains(&w.id))
+            .all(|w| round.contribs.contains_key(w))
+    }
+
+    fn close(&mut self, now: Instant, reason: CloseReason) -> Option<Closed> {
+        let round = self.open.take()?;
+        if round.contribs.is_empty() {
+            return None;
+        }
+        let contribs: Vec<&Contribution> = round.contribs.values().collect();
+        let single = contribs.len() == 1;
+        let params = if single {
+            contribs[0].params.clone()
+        } else {
+            Arc::new(average(
+                &contribs
+                    .iter()
+                    .map(|c| (c.samples, c.params.as_slice()))
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        self.version += 1;
+        self.params = Some(params.clone());
+        let up_bytes = contribs.iter().map(|c| c.wire_bytes).sum();
+        let seconds = now.saturating_duration_since(round.opened).as_secs_f64();
+        self.seconds_total += seconds;
+        self.up_bytes_total += up_bytes;
+        for c in &contribs {
+            let e = self.committed_seq.entry(c.worker.id.clone()).or_default();
+            *e = (*e).max(c.last_ack_seq);
+            if c.is_final {
+                self.finished.insert(c.worker.id.clone());
+            }
+        }
+        let missing = self
+            .live
+            .iter()
+            .filter(|w| !round.contribs.contains_key(w) && !self.finished.contains(&w.id))
+            .cloned()
+            .collect();
+        Some(Closed {
+            version: self.version,
+            params,
+            replies: contribs
+                .iter()
+                .map(|c| (c.worker.clone(), single))
+                .collect(),
+            missing,
+            samples: contribs.iter().map(|c| c.samples).sum(),
+            seconds,
+            up_bytes,
+            reason,
+        })
+    }
+}
+
+fn check_same_shapes(a: &[Param], b: &[Param]) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("{} parameters, expected {}", b.len(), a.len()));
+    }
+    for ((na, sa, _), (nb, sb, _)) in a.iter().zip(b) {
+        if na != nb || sa != sb {
+            return Err(format!("`{nb}` {sb:?} where `{na}` {sa:?} was expected"));
+        }
+    }
+    Ok(())
+}
+
+/// The weighted average of parameter sets of equal shapes, accumulated in f64. Weights are row
+/// counts; when they are all 0 every set counts once.
+pub fn average(sets: &[(u64, &[Param])]) -> Vec<Param> {
+    let total: u64 = sets.iter().map(|(w, _)| *w).sum();
+    let weights: Vec<f64> = if total == 0 {
+        vec![1.0 / sets.len().max(1) as f64; sets.len()]
+    } else {
+        sets.iter().map(|(w, _)| *w as f64 / total as f64).collect()
+    };
+    let Some((_, first)) = sets.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape, v0))| {
+            let mut acc = vec![0f64; v0.len()];
+            for ((_, set), &w) in sets.iter().zip(&weights) {
+                for (a, &x) in acc.iter_mut().zip(&set[i].2) {
+                    *a += w * f64::from(x);
+                }
+            }
+            (
+                name.clone(),
+                shape.clone(),
+                acc.into_iter().map(|a| a as f32).collect(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(vals: &[f32]) -> Params {
+        Arc::new(vec![
+            (
+                "w".into(),
+                vec![vals.len() - 1],
+                vals[..vals.len() - 1].to_vec(),
+            ),
+            ("b".into(), vec![1], vec![vals[vals.len() - 1]]),
+        ])
+    }
+
+    fn contrib(w: &Worker, samples: u64, vals: &[f32], seq: u64) -> Contribution {
+        Contribution {
+            worker: w.clone(),
+            base_version: 0,
+            samples,
+            params: p(vals),
+            is_final: false,
+            last_ack_seq: seq,
+            wire_bytes: 4 * vals.len() as u64,
+        }
+    }
+
+    fn flat(ps: &Params) -> Vec<f32> {
+        ps.iter().flat_map(|(_, _, v)| v.clone()).collect()
+    }
+
+    #[test]
+    fn averaging_known_sets_is_exact() {
+        let a = p(&[1.0, 2.0, -4.0]);
+        let b = p(&[3.0, 6.0, 4.0]);
+        let c = p(&[0.5, 0.25, 0.0]);
+        // Equal weights.
+        let m = average(&[(10, &a), (10, &b)]);
+        assert_eq!(flat(&Arc::new(m)), [2.0, 4.0, 0.0]);
+        // Weighted 1:3.
+        let m = average(&[(1, &a), (3, &b)]);
+        assert_eq!(flat(&Arc::new(m)), [2.5, 5.0, 2.0]);
+        // Three sets, weights 2:1:1.
+        let m = average(&[(2, &a), (1, &b), (1, &c)]);
+        assert_eq!(flat(&Arc::new(m)), [1.375, 2.5625, -1.0]);
+        // All-zero weights: a plain mean.
+        let m = average(&[(0, &a), (0, &b)]);
+        assert_eq!(flat(&Arc::new(m)), [2.0, 4.0, 0.0]);
+    }
+
+    #[test]
+    fn a_round_closes_when_every_live_worker_reported() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(Duration::from_secs(10), None);
+        s.join(&w1);
+        s.join(&w2);
+        assert!(
+            s.contribute(contrib(&w1, 100, &[1.0, 1.0, 1.0], 3), t0)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        let e = s
+            .contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 3), t0)
+            .unwrap_err();
+        assert_eq!(e, SyncError::Duplicate(w1.clone(), 1));
+        let closed = s
+            .contribute(
+                contrib(&w2, 300, &[5.0, 5.0, 5.0], 4),
+                t0 + Duration::from_secs(2),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.reason, CloseReason::AllReported);
+        assert_eq!(closed.version, 1);
+        assert_eq!(flat(&closed.params), [4.0, 4.0, 4.0]);
+        assert_eq!(closed.replies, [(w1.clone(), false), (w2.clone(), false)]);
+        assert_eq!(closed.samples, 400);
+        assert_eq!(closed.seconds, 2.0);
+        assert_eq!(closed.up_bytes, 24);
+        assert!(closed.missing.is_empty());
+        assert_eq!((s.committed_seq("a"), s.committed_seq("b")), (3, 4));
+        assert_eq!(s.latest().map(|(v, _)| v), Some(1));
+        assert!(s.next_deadline().is_none());
+    }
+
+    #[test]
+    fn a_round_with_a_missing_worker_closes_at_its_timeout() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(timeout, None);
+        s.join(&w1);
+        s.join(&w2);
+        assert!(
+            s.contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 1), t0)
+                .unwrap()
+                .is_none()
+        );
+        assert!(s.tick(t0 + timeout - Duration::from_millis(1)).is_none());
+        let closed = s.tick(t0 + timeout).unwrap();
+        assert_eq!(closed.reason, CloseReason::Timeout);
+        assert_eq!(closed.missing, std::slice::from_ref(&w2));
+        // The lone contributor keeps its own parameters.
+        assert_eq!(closed.replies, [(w1.clone(), true)]);
+        assert_eq!(flat(&closed.params), [2.0, 2.0, 2.0]);
+        // The late worker's contribution goes into the next round with its rows.
+        let t1 = t0 + Duration::from_secs(6);
+        assert!(
+            s.contribute(contrib(&w2, 30, &[6.0, 6.0, 6.0], 2), t1)
+                .unwrap()
+                .is_none()
+        );
+        let closed = s
+            .contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 5), t1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.version, 2);
+        assert_eq!(flat(&closed.params), [5.0, 5.0, 5.0]);
+    }
+
+    #[test]
+    fn a_departure_closes_the_round_and_keeps_the_dead_workers_contribution() {
+        let t0 = Instant::now();
+        let (w1, w2, w3) = (
+            Worker::new("a", 1),
+            Worker::new("b", 1),
+            Worker::new("c", 1),
+        );
+        let mut s = SyncRounds::new(Duration::from_secs(60), None);
+        for w in [&w1, &w2, &w3] {
+            s.join(w);
+        }
+        assert!(
+            s.contribute(contrib(&w1, 1, &[0.0, 0.0, 0.0], 7), t0)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            s.contribute(contrib(&w2, 1, &[2.0, 2.0, 2.0], 8), t0)
+                .unwrap()
+                .is_none()
+        );
+        // w2 dies with its contribution in the round: it counts, and so do its acks through 8.
+        assert!(s.leave(&w2, t0).is_none());
+        assert_eq!(s.committed_seq("b"), 8);
+        // w3 dies before contributing: the round closes with the two contributions.
+        let closed = s.leave(&w3, t0).unwrap();
+        assert_eq!(closed.reason, CloseReason::WorkerLeft);
+        assert_eq!(flat(&closed.params), [1.0, 1.0, 1.0]);
+        assert_eq!(s.committed_seq("c"), 0);
+        // A dead worker cannot contribute; a new incarnation can, and starts from the average.
+        let e = s.contribute(contrib(&w3, 1, &[0.0; 3], 9), t0).unwrap_err();
+        assert_eq!(e, SyncError::NotLive(w3.clone()));
+        let w3b = Worker::new("c", 2);
+        s.join(&w3b);
+        assert_eq!(
+            s.latest().map(|(v, p)| (v, flat(&p))),
+            Some((1, vec![1.0; 3]))
+        );
+    }
+
+    #[test]
+    fn final_contributions_end_the_rounds() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(Duration::from_secs(60), None);
+        s.join(&w1);
+        s.join(&w2);
+        let mut c = contrib(&w1, 5, &[1.0, 1.0, 1.0], 1);
+        c.is_final = true;
+        assert!(s.contribute(c, t0).unwrap().is_none());
+        assert!(!s.all_final());
+        let closed = s
+            .contribute(contrib(&w2, 5, &[3.0, 3.0, 3.0], 2), t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&closed.params), [2.0; 3]);
+        assert!(s.is_finished("a") && !s.is_finished("b"));
+        assert!(!s.all_final());
+        // The finished worker no longer holds up rounds: b's final one closes on its own.
+        let mut c = contrib(&w2, 0, &[2.0, 2.0, 2.0], 2);
+        c.is_final = true;
+        let closed = s.contribute(c, t0).unwrap().unwrap();
+        assert_eq!(closed.replies, [(w2.clone(), true)]);
+        assert!(s.all_final());
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(Duration::from_secs(60), None);
+        s.join(&w1);
+        s.join(&w2);
+        s.contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 1), t0)
+            .unwrap();
+        let e = s
+            .contribute(contrib(&w2, 1, &[1.0, 1.0], 1), t0)
+            .unwrap_err();
+        assert!(matches!(e, SyncError::Mismatch(..)), "{e:?}");
+    }
+}

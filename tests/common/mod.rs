@@ -1,0 +1,135 @@
+//! Helpers of the end-to-end tests that run the built `distill` binary as real processes.
+
+#![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::io::{BufRead, BufReader};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::Device;
+use distill_core::data::Dataset;
+use distill_core::optim::OptimConfig;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_core::train::{CrossEntropy, TrainConfig, Trainer};
+
+/// Kills every child still running when the test ends (also on failure).
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn distill() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+/// Starts `cmd`, returns the address from its first stdout line `listening on ADDR`.
+pub fn start(procs: &mut Procs, mut cmd: Command, log: &Path) -> String {
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    // Keep reading so the process can print its summary at the end.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    procs.0.push(child);
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log.display()))
+        .to_string()
+}
+
+pub fn train_teacher(data: &Dataset, arch: &str, seed: u64, path: &Path) {
+    let cfg = TrainConfig {
+        epochs: 2,
+        seed,
+        optim: OptimConfig::adamw(1e-3, 0.0),
+        eval_every_epoch: false,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(
+        ModelSpec::new(Arch::parse(arch).unwrap()),
+        cfg,
+        &Device::Cpu,
+    )
+    .unwrap();
+    t.run(data, &mut CrossEntropy, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    t.checkpoint().unwrap().save(path).unwrap();
+}
+
+/// Waits for a child to exit, with a deadline (the wait runs on a helper thread).
+pub fn wait_with_deadline(
+    mut child: Child,
+    deadline: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(status) => status.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what} did not finish within {deadline:?}");
+        }
+    }
+}
+
+/// The coordinator's `RunStatus` (None while it does not answer).
+pub fn run_status(addr: &str) -> Option<distill_proto::pb::RunStatusResponse> {
+    use distill_proto::pb::coordinator_client::CoordinatorClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+        c.run_status(distill_proto::pb::RunStatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+}
+
+/// Polls `cond` until it holds; panics at the deadline. (A condition on another process's
+/// state: nothing else to wait on.)
+pub fn wait_until<T>(deadline: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{what}: not reached within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a run's `report.json`.
+pub fn read_report(run_dir: &Path) -> serde_json::Value {
+    let p = run_dir.join("report.json");
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}

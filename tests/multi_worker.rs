@@ -1,0 +1,243 @@
+//! Several student workers train one student (issue: data parallel by periodic parameter
+//! averaging), with real processes on loopback: one teacher server, a coordinator and one or two
+//! student workers, each a process of the built `distill` binary.
+//!
+//! - `two_workers_share_the_batches_and_match_one_worker`: both workers ack a share of the
+//!   batches, synchronisation rounds ran, and the final student is as good as a one-worker run
+//!   of the same config (tolerance below).
+//! - `killing_one_worker_mid_run_still_completes_with_the_other`: SIGKILL one of two workers
+//!   while the run is between 20% and 70% trained; the other finishes, every batch is trained,
+//!   the killed worker's unaveraged batches are trained again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::{
+    Procs, distill, read_report, run_status, start, train_teacher, wait_until, wait_with_deadline,
+};
+use distill_core::data::Dataset;
+
+/// Tolerance of the 2-worker student against the 1-worker one: at most this many more test
+/// errors (of 2000) than 1.25 × the 1-worker errors. Averaging every 10 updates is close to, not
+/// equal to, one worker's sequence of updates.
+const EXTRA_ERRORS: u64 = 30;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    procs: Procs,
+    teacher: String,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Dataset::load("synthetic:0").unwrap();
+    let model = dir.path().join("teacher.safetensors");
+    train_teacher(&data, "mlp:784-64-10", 1, &model);
+    let mut procs = Procs(Vec::new());
+    let mut cmd = distill();
+    cmd.arg("teacher-server").arg("--model").arg(&model).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--member",
+        "t",
+    ]);
+    let teacher = start(&mut procs, cmd, &dir.path().join("teacher.log"));
+    Setup {
+        dir,
+        procs,
+        teacher: format!("http://{teacher}"),
+    }
+}
+
+/// Starts a coordinator for `workers` workers; returns its process and address.
+fn coordinator(s: &mut Setup, name: &str, workers: usize, epochs: u32) -> (Child, String, PathBuf) {
+    let d = s.dir.path();
+    let config = format!(
+        r#"
+data = "synthetic:0"
+run_dir = "{name}"
+epochs = {epochs}
+batch_size = 64
+seed = 3
+temperature = 4.0
+alpha = 0.7
+prefetch = 4
+lease_timeout_secs = 30.0
+min_workers = {workers}
+[sync]
+every = 10
+round_timeout_secs = 20.0
+[student]
+arch = "mlp:784-32-10"
+[optim]
+kind = "adamw"
+lr = 0.002
+[[members]]
+name = "t"
+endpoints = ["{}"]
+"#,
+        s.teacher
+    );
+    let cfg = d.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = distill();
+    cmd.arg("coordinator")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"]);
+    let addr = start(
+        &mut s.procs,
+        cmd,
+        &d.join(format!("{name}-coordinator.log")),
+    );
+    let child = s.procs.0.pop().unwrap();
+    (child, addr, d.join(name))
+}
+
+fn worker(d: &Path, addr: &str, id: &str) -> Child {
+    distill()
+        .arg("student-worker")
+        .args(["--coordinator", &format!("http://{addr}")])
+        .args(["--worker-id", id])
+        .arg("--work-dir")
+        .arg(d.join(id))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join(format!("{id}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn logs(d: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out += &format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+fn finish(d: &Path, coordinator: Child, workers: Vec<Child>) {
+    for (i, w) in workers.into_iter().enumerate() {
+        let st = wait_with_deadline(w, Duration::from_secs(300), "a student worker");
+        assert!(st.success(), "worker {i}: {st:?}\n{}", logs(d));
+    }
+    let st = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
+    assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
+}
+
+fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
+}
+
+#[test]
+fn two_workers_share_the_batches_and_match_one_worker() {
+    let mut s = setup();
+    let d = s.dir.path().to_path_buf();
+
+    let (c1, a1, run1) = coordinator(&mut s, "one", 1, 3);
+    let w = worker(&d, &a1, "solo");
+    finish(&d, c1, vec![w]);
+    let one = read_report(&run1);
+
+    let (c2, a2, run2) = coordinator(&mut s, "two", 2, 3);
+    let ws = vec![worker(&d, &a2, "w0"), worker(&d, &a2, "w1")];
+    finish(&d, c2, ws);
+    let two = read_report(&run2);
+
+    for r in [&one, &two] {
+        assert_eq!(u(r, "batches_trained"), u(r, "batches_expected"), "{r}");
+        assert_eq!(u(r, "batches_expected"), 3 * 12_000u64.div_ceil(64));
+    }
+    // Both workers trained a real share of the rows.
+    let shares = two["workers"].as_array().unwrap();
+    assert_eq!(shares.len(), 2, "{two}");
+    let total: u64 = shares.iter().map(|w| u(w, "samples")).sum();
+    assert!(total >= 3 * 12_000, "{two}");
+    for w in shares {
+        assert!(
+            u(w, "samples") * 5 >= total,
+            "a worker trained under 20%: {two}"
+        );
+    }
+    // Rounds ran and moved parameters: about one per 10 updates of each worker.
+    let sync = &two["sync"];
+    let rounds = u(sync, "rounds");
+    assert!(rounds >= u(&two, "batches_expected") / 40, "rounds: {sync}");
+    assert!(
+        sync["mean_bytes_per_round"].as_f64().unwrap() > 4.0 * 25_450.0,
+        "{sync}"
+    );
+    // As good as one worker, within the stated tolerance.
+    let (e1, e2) = (
+        u(&one, "student_test_errors"),
+        u(&two, "student_test_errors"),
+    );
+    assert!(
+        e1 < 2000 * 3 / 10,
+        "the 1-worker student did not learn: {one}"
+    );
+    assert!(
+        e2 <= e1 * 5 / 4 + EXTRA_ERRORS,
+        "2 workers: {e2} test errors; 1 worker: {e1}"
+    );
+    eprintln!("test errors: 1 worker {e1}, 2 workers {e2}; {rounds} rounds");
+}
+
+#[test]
+fn killing_one_worker_mid_run_still_completes_with_the_other() {
+    let mut s = setup();
+    let d = s.dir.path().to_path_buf();
+    let (c, addr, run) = coordinator(&mut s, "kill", 2, 6);
+    let mut victim = worker(&d, &addr, "victim");
+    let survivor = worker(&d, &addr, "survivor");
+    // Kill the victim once it has trained a share and the run is well under way, not done.
+    let at = wait_until(
+        Duration::from_secs(240),
+        "the run getting under way",
+        || {
+            let st = run_status(&addr)?;
+            let victim_rows = st
+                .workers
+                .iter()
+                .find(|w| w.worker_id == "victim")
+                .map_or(0, |w| w.samples);
+            (st.batches_trained * 5 >= st.batches_expected && victim_rows > 0).then_some(st)
+        },
+    );
+    victim.kill().unwrap();
+    let _ = victim.wait();
+    assert!(
+        at.batches_trained * 10 < at.batches_expected * 7,
+        "the kill came too late to test anything: {} of {}",
+        at.batches_trained,
+        at.batches_expected
+    );
+    finish(&d, c, vec![survivor]);
+    let r = read_report(&run);
+    assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
+    // The victim's leases and its batches since its last round went back in line.
+    assert!(u(&r, "requeued_batches") > 0, "{r}");
+    let shares = r["workers"].as_array().unwrap();
+    let rows = |id: &str| {
+        shares
+            .iter()
+            .find(|w| w["worker_id"] == id)
+            .map_or(0, |w| u(w, "samples"))
+    };
+    assert!(
+        rows("victim") > 0 && rows("survivor") > rows("victim"),
+        "{r}"
+    );
+    assert!(u(&r, "student_test_errors") < 2000 * 3 / 10, "{r}");
+}
