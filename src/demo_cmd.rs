@@ -11,17 +11,17 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::local::LocalMember;
 use anyhow::Context;
 use candle_core::Device;
-use coordinator::config::{MemberConfig, RunConfig, SoftTargetDtype, StudentConfig};
+use coordinator::config::{RunConfig, SoftTargetDtype, StudentConfig};
 use distill_core::data::Dataset;
 use distill_core::kd::Combine;
 use distill_core::optim::OptimConfig;
 use distill_core::spec::{Arch, ModelSpec};
 use distill_core::train::{CrossEntropy, Event, TrainConfig, Trainer};
-use tokio_util::sync::CancellationToken;
 
 /// Flags of `distill demo` (every one has a default).
 #[derive(clap::Args, Debug)]
@@ -254,30 +254,18 @@ async fn distil(
     teacher_files: &[PathBuf],
     optim: OptimConfig,
 ) -> anyhow::Result<coordinator::RunReport> {
-    let shutdown = CancellationToken::new();
-    let mut members = Vec::new();
-    let mut servers = Vec::new();
-    for (i, path) in teacher_files.iter().enumerate() {
-        let ck = distill_core::checkpoint::Checkpoint::read(path)?;
-        let opts = teacher_server::ServeOptions {
-            member: member_name(i),
-            ..Default::default()
-        };
-        let service = teacher_server::build_service(&ck, &Device::Cpu, &opts)?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        servers.push(tokio::spawn(teacher_server::serve(
-            service,
-            listener,
-            opts.max_message_bytes,
-            shutdown.clone(),
-        )));
-        members.push(MemberConfig {
-            name: member_name(i),
-            endpoints: vec![format!("http://{addr}")],
-            weight: 1.0,
-        });
-    }
+    let members = teacher_files
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            Ok(LocalMember {
+                name: member_name(i),
+                checkpoint: distill_core::checkpoint::Checkpoint::read(path)?,
+                replicas: 1,
+                opts: Default::default(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = RunConfig {
         data: a.data.clone(),
         run_dir: out.to_path_buf(),
@@ -304,36 +292,10 @@ async fn distil(
             input_dropout: 0.0,
         },
         optim,
-        members,
+        members: Vec::new(),
     };
-    cfg.validate()?;
-    let run = coordinator::prepare(cfg).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let coord_addr = listener.local_addr()?;
-    let coord = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
-    let workers: Vec<_> = (0..a.workers.max(1))
-        .map(|i| {
-            let worker_cfg = student_worker::WorkerConfig {
-                coordinator: format!("http://{coord_addr}"),
-                work_dir: out.join(format!("worker-{i}")),
-                worker_id: Some(format!("worker-{i}")),
-                connect_timeout: Duration::from_secs(30),
-                ..Default::default()
-            };
-            tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))
-        })
-        .collect();
-    let report = coord.await.context("coordinator task")??;
-    let mut results = Vec::new();
-    for w in workers {
-        results.push(w.await.context("worker task")?);
-    }
-    shutdown.cancel();
-    for s in servers {
-        s.await.context("teacher task")??;
-    }
-    for w in results {
-        let w = w?;
+    let outcome = crate::local::run(cfg, &members, a.workers, out.to_path_buf()).await?;
+    for w in &outcome.workers {
         tracing::info!(
             worker = %w.worker_id,
             steps = w.steps,
@@ -343,5 +305,5 @@ async fn distil(
             "worker finished"
         );
     }
-    report.context("the coordinator stopped before the run completed")
+    Ok(outcome.report)
 }

@@ -4,10 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod gpu_smoke_cmd;
 mod import_cmd;
+mod local;
 mod train_cmd;
 
 #[global_allocator]
@@ -38,6 +40,8 @@ enum Command {
     Coordinator(coordinator::cli::Args),
     /// Train a run's student on streamed batches (same as the `student-worker` binary).
     StudentWorker(student_worker::cli::Args),
+    /// Measure throughput on loopback and print the figures (see BENCHMARKS.md).
+    Bench(bench_cmd::BenchArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
     GpuSmoke(gpu_smoke_cmd::GpuSmokeArgs),
 }
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => block_on(coordinator::cli::run(a)),
         Command::StudentWorker(a) => return student_worker::cli::main(a),
         Command::GpuSmoke(a) => gpu_smoke_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

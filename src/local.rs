@@ -1,0 +1,105 @@
+//! A whole distillation run inside one process, on loopback: teacher servers (one or more
+//! replicas per member), the coordinator and student workers, each on its own `127.0.0.1:0`
+//! socket and talking real gRPC. `distill demo` and `distill bench` use it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use coordinator::RunReport;
+use coordinator::config::{MemberConfig, RunConfig};
+use distill_core::checkpoint::Checkpoint;
+use student_worker::WorkerReport;
+use tokio_util::sync::CancellationToken;
+
+/// One ensemble member served locally.
+pub struct LocalMember {
+    /// Member name.
+    pub name: String,
+    /// Its weights.
+    pub checkpoint: Checkpoint,
+    /// Replicas (servers) of it.
+    pub replicas: usize,
+    /// Server options of each replica (`member` is overwritten with `name`).
+    pub opts: teacher_server::ServeOptions,
+}
+
+/// What a local run produced.
+pub struct LocalOutcome {
+    /// The coordinator's report.
+    pub report: RunReport,
+    /// Each worker's report, in worker order.
+    pub workers: Vec<WorkerReport>,
+}
+
+/// Runs `cfg` (its `members` are replaced by the local servers, `min_workers` by `workers`)
+/// with `workers` student workers whose work dirs go under `work_root`.
+pub async fn run(
+    mut cfg: RunConfig,
+    members: &[LocalMember],
+    workers: usize,
+    work_root: PathBuf,
+) -> anyhow::Result<LocalOutcome> {
+    let shutdown = CancellationToken::new();
+    let mut servers = Vec::new();
+    cfg.members.clear();
+    for m in members {
+        let mut endpoints = Vec::new();
+        for _ in 0..m.replicas.max(1) {
+            let opts = teacher_server::ServeOptions {
+                member: m.name.clone(),
+                ..m.opts.clone()
+            };
+            let service = teacher_server::build_service(&m.checkpoint, &Device::Cpu, &opts)?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            endpoints.push(format!("http://{}", listener.local_addr()?));
+            servers.push(tokio::spawn(teacher_server::serve(
+                service,
+                listener,
+                opts.max_message_bytes,
+                shutdown.clone(),
+            )));
+        }
+        cfg.members.push(MemberConfig {
+            name: m.name.clone(),
+            endpoints,
+            weight: 1.0,
+        });
+    }
+    cfg.min_workers = workers.max(1);
+    cfg.validate()?;
+    let run = coordinator::prepare(cfg).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coord_addr = listener.local_addr()?;
+    let coord = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
+    let handles: Vec<_> = (0..workers.max(1))
+        .map(|i| {
+            let worker_cfg = student_worker::WorkerConfig {
+                coordinator: format!("http://{coord_addr}"),
+                work_dir: work_root.join(format!("worker-{i}")),
+                worker_id: Some(format!("worker-{i}")),
+                connect_timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))
+        })
+        .collect();
+    let report = coord.await.context("coordinator task")??;
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.context("worker task")?);
+    }
+    shutdown.cancel();
+    for s in servers {
+        s.await.context("teacher task")??;
+    }
+    let workers = results
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("a student worker failed")?;
+    Ok(LocalOutcome {
+        report: report.context("the coordinator stopped before the run completed")?,
+        workers,
+    })
+}
