@@ -55,7 +55,7 @@ pub struct TrainArgs {
     /// Score the test set only after the last epoch (default: after every epoch).
     #[arg(long)]
     pub eval_final_only: bool,
-    /// Device: `cpu` or `cuda:N` (needs a build with the `cuda` feature).
+    /// Device: `cpu`, `auto` or `cuda:N` (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", env = "DISTILL_DEVICE")]
     pub device: String,
     /// Arithmetic of the forward/backward passes: `f32`, or `bf16` (mixed precision: bf16

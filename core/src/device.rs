@@ -38,7 +38,22 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(name: &str, n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| Error::Config(format!("device `{name}` is not available: {e}")))
+    Device::new_cuda(n).map_err(|e| {
+        Error::Config(format!(
+            "device `{name}` is not available (no such NVIDIA GPU, or no driver): {}",
+            without_backtrace(e)
+        ))
+    })
+}
+
+/// candle attaches a backtrace to its errors when RUST_BACKTRACE is set; a device that is
+/// missing is a user-facing error, so only the message is kept.
+#[cfg(feature = "cuda")]
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
