@@ -44,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Local updates between synchronisation rounds (`workers`).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 10)]
     pub sync_every: u64,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
@@ -112,6 +112,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
             arch: a.student.clone(),
             dropout: 0.0,
             input_dropout: 0.0,
+            precision: Default::default(),
         },
         optim: OptimConfig::sgd(0.05, 0.9),
         members: Vec::new(),

@@ -73,8 +73,9 @@ pub struct DemoArgs {
     /// parameters every `--sync-every` updates).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Local updates between synchronisation rounds.
-    #[arg(long, default_value_t = 25)]
+    /// Local updates between synchronisation rounds (with AdamW and local optimizer state,
+    /// averaging often keeps the workers' models close: 5 beats 25 here).
+    #[arg(long, default_value_t = 5)]
     pub sync_every: u64,
 }
 
@@ -290,6 +291,7 @@ async fn distil(
             arch: a.student.clone(),
             dropout: 0.0,
             input_dropout: 0.0,
+            precision: Default::default(),
         },
         optim,
         members: Vec::new(),

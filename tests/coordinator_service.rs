@@ -54,6 +54,7 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
             arch: "mlp:784-16-10".into(),
             dropout: 0.0,
             input_dropout: 0.0,
+            precision: Default::default(),
         },
         optim: OptimConfig::adamw(1e-3, 0.0),
         members: vec![MemberConfig {

@@ -86,6 +86,10 @@ pub struct StudentConfig {
     /// Dropout on the input.
     #[serde(default)]
     pub input_dropout: f32,
+    /// `f32` (default) or `bf16` (bf16 forward/backward with f32 master weights; meant for
+    /// CUDA, slower on the CPU).
+    #[serde(default)]
+    pub precision: distill_core::model::Precision,
 }
 
 /// One ensemble member: a model served by one or more replicas.
@@ -201,7 +205,7 @@ fn default_min_workers() -> usize {
     1
 }
 fn default_sync_every() -> u64 {
-    25
+    10
 }
 fn default_sync_chunk_bytes() -> usize {
     4 << 20
@@ -338,6 +342,7 @@ impl RunConfig {
             batch_size: self.batch_size,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
+            precision: self.student.precision,
         })
     }
 

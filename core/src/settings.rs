@@ -27,6 +27,10 @@ pub struct StudentSettings {
     pub seed: u64,
     /// Write a worker checkpoint every this many updates (0: only at epoch ends and the end).
     pub checkpoint_every: u64,
+    /// Arithmetic of the student's forward and backward passes (f32, or bf16 with f32 master
+    /// weights; see [`crate::model::Precision`]).
+    #[serde(default)]
+    pub precision: crate::model::Precision,
 }
 
 impl StudentSettings {

@@ -75,6 +75,8 @@ impl Student {
         batches_per_epoch: u64,
         device: &Device,
     ) -> Result<Self> {
+        let mut model = model;
+        model.model.set_precision(settings.precision);
         let opt = Optimizer::new(settings.optim.clone(), model.named_vars()?)?;
         let objective = KdObjective::new(settings.temperature, settings.alpha);
         Ok(Self {
@@ -352,6 +354,7 @@ mod tests {
             batch_size: 16,
             seed: 9,
             checkpoint_every: 0,
+            precision: Default::default(),
         }
     }
 

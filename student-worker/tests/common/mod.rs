@@ -26,6 +26,7 @@ pub fn settings() -> StudentSettings {
         batch_size: 32,
         seed: 3,
         checkpoint_every: 0,
+        precision: Default::default(),
     }
 }
 
