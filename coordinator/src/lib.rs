@@ -102,7 +102,10 @@ pub async fn serve(
                 .await;
         }
     };
+    // Parameters and soft targets are megabytes per message: let HTTP/2 grow its flow-control
+    // windows instead of waiting for a window update every 64 KiB.
     let server = tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

@@ -32,6 +32,8 @@ use crate::teachers::{MemberStats, TeacherPool};
 
 /// File in the run directory holding the latest averaged student parameters.
 pub const AVERAGED_FILE: &str = "averaged.safetensors";
+/// Shortest time between two writes of [`AVERAGED_FILE`].
+const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 /// Checkpoint metadata key of [`AVERAGED_FILE`]: the round the parameters come from.
 pub const KEY_SYNC_VERSION: &str = "distill.sync.version";
 
@@ -210,6 +212,8 @@ pub struct Run {
     pub(crate) param_shapes: Vec<(String, Vec<usize>)>,
     /// Highest round written to [`AVERAGED_FILE`].
     persisted: Arc<Mutex<u64>>,
+    /// When the average was last written.
+    persisted_at: Mutex<Option<Instant>>,
     /// Set once the first batch was leased (after `min_workers` joined).
     started_leasing: std::sync::atomic::AtomicBool,
     /// Cancelled when the run is complete (report written) or the process shuts down.
@@ -289,6 +293,7 @@ impl Run {
             outboxes: Mutex::new(HashMap::new()),
             param_shapes,
             persisted: Arc::new(Mutex::new(0)),
+            persisted_at: Mutex::new(None),
             started_leasing: std::sync::atomic::AtomicBool::new(false),
             finished: CancellationToken::new(),
             started: Instant::now(),
@@ -542,6 +547,16 @@ impl Run {
 
     /// Writes the average into the run directory (off the async threads; newest wins).
     fn persist_average(&self, version: u64, params: Params) {
+        // At most one write per PERSIST_INTERVAL, and always the final average: a restarted
+        // coordinator loses at most that much averaging, never a worker's acked batch (those
+        // are re-trained from the ledger).
+        let final_round = self.sync.lock().map(|s| s.all_final()).unwrap_or(true);
+        if let Ok(mut last) = self.persisted_at.lock() {
+            if !final_round && last.is_some_and(|t| t.elapsed() < PERSIST_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let (dir, spec, persisted) = (
             self.cfg.run_dir.clone(),
             self.settings.spec.clone(),

@@ -88,6 +88,7 @@ impl TeacherPool {
                                 Error::Config(format!("member `{}`: endpoint `{e}`: {err}", m.name))
                             })?
                             .connect_timeout(Duration::from_secs(5))
+                            .http2_adaptive_window(true)
                             .timeout(timeout);
                         let client = TeacherClient::new(ep.connect_lazy())
                             .max_decoding_message_size(max_message_bytes)

@@ -558,6 +558,7 @@ fn channel(cfg: &WorkerConfig) -> Result<Channel> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Notice a dead coordinator on an idle stream.
+        .http2_adaptive_window(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);

@@ -136,6 +136,7 @@ pub async fn serve(
             .await;
     };
     let server = tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(teacher)
