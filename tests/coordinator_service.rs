@@ -205,3 +205,155 @@ async fn a_failed_teacher_request_is_retried_on_another_replica() {
     assert!(report.members[0].requests >= report.batches_expected);
     shutdown.cancel();
 }
+
+/// Opens a batch stream for a fresh worker `id`; returns the sender of its messages and the
+/// coordinator's replies.
+async fn open_stream(
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    id: &str,
+) -> (
+    tokio::sync::mpsc::Sender<WorkerMessage>,
+    tonic::Streaming<pb::CoordinatorMessage>,
+) {
+    let j = client
+        .join(JoinRequest {
+            worker_id: id.into(),
+            resume_step: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(WorkerMessage {
+        kind: Some(worker_message::Kind::Hello(pb::Hello {
+            worker_id: j.worker_id,
+            incarnation: j.incarnation,
+            credits: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let inbound = client
+        .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
+fn sync_up(params: &[distill_proto::params::Param], chunk_bytes: usize) -> Vec<WorkerMessage> {
+    let groups =
+        distill_proto::params::to_chunk_groups(params, distill_proto::DType::F32, chunk_bytes)
+            .unwrap();
+    let n = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunks)| WorkerMessage {
+            kind: Some(worker_message::Kind::Sync(pb::SyncUp {
+                base_version: 0,
+                samples: 500,
+                chunks,
+                last: i + 1 == n,
+                r#final: false,
+            })),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.sync.chunk_bytes = 4096; // several messages per parameter set
+    let shapes = Arch::parse(&cfg.student.arch).unwrap().param_shapes();
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+
+    // Worker a: gets a batch, contributes a parameter set in chunks; alone in the round, it is
+    // told to keep its own.
+    let (a_tx, mut a_in) = open_stream(&mut client, "a").await;
+    let first = a_in.message().await.unwrap().unwrap();
+    assert!(
+        matches!(first.kind, Some(pb::coordinator_message::Kind::Train(_))),
+        "{first:?}"
+    );
+    let params: Vec<distill_proto::params::Param> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (n, s))| {
+            (
+                n.clone(),
+                s.clone(),
+                vec![i as f32 + 0.5; s.iter().product()],
+            )
+        })
+        .collect();
+    for m in sync_up(&params, 4096) {
+        a_tx.send(m).await.unwrap();
+    }
+    let reply = loop {
+        match a_in.message().await.unwrap().unwrap().kind {
+            Some(pb::coordinator_message::Kind::Params(d)) => break d,
+            Some(pb::coordinator_message::Kind::Train(_)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(
+        reply.unchanged && reply.last && reply.chunks.is_empty(),
+        "{reply:?}"
+    );
+    assert_eq!((reply.version, reply.contributors), (1, 1));
+
+    // Worker b joins mid-run: the first thing it gets is round 1's parameters, exactly.
+    let (_b_tx, mut b_in) = open_stream(&mut client, "b").await;
+    let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
+    let mut messages = 0;
+    loop {
+        match b_in.message().await.unwrap().unwrap().kind {
+            Some(pb::coordinator_message::Kind::Params(d)) => {
+                assert_eq!(d.version, 1);
+                messages += 1;
+                for c in d.chunks {
+                    asm.add(c).unwrap();
+                }
+                if d.last {
+                    break;
+                }
+            }
+            other => panic!("a joining worker must get the average first, got {other:?}"),
+        }
+    }
+    assert!(messages > 1, "chunked into {messages} message(s)");
+    assert_eq!(asm.finish().unwrap(), params);
+    let st = client
+        .run_status(RunStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.sync_rounds, 1);
+
+    // A malformed contribution (a parameter of the wrong shape) ends a's stream with
+    // INVALID_ARGUMENT naming the parameter.
+    let mut bad = params.clone();
+    bad[0].1 = vec![1, bad[0].2.len()];
+    for m in sync_up(&bad, 1 << 20) {
+        let _ = a_tx.send(m).await;
+    }
+    let status = loop {
+        match a_in.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains(&shapes[0].0), "{status:?}");
+    shutdown.cancel();
+}
