@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use coordinator::config::{RunConfig, SoftTargetDtype, StudentConfig, SyncConfig};
+use coordinator::config::{RunConfig, SoftTargetEncoding, StudentConfig, SyncConfig};
 use distill_core::checkpoint::Checkpoint;
 use distill_core::kd::Combine;
 use distill_core::model::init_params;
@@ -97,13 +97,14 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         temperature: 4.0,
         alpha: 0.9,
         combine: Combine::MeanProb,
-        soft_target_dtype: SoftTargetDtype::F32,
+        soft_targets: SoftTargetEncoding::F32,
         checkpoint_every: 0,
         lease_timeout_secs: 60.0,
         prefetch: 8,
         teacher_timeout_secs: 30.0,
         max_message_mb: 64,
         min_workers: 1,
+        cache: None,
         sync: SyncConfig {
             every: a.sync_every,
             ..Default::default()

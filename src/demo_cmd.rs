@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::local::LocalMember;
 use anyhow::Context;
 use candle_core::Device;
-use coordinator::config::{RunConfig, SoftTargetDtype, StudentConfig};
+use coordinator::config::{RunConfig, SoftTargetEncoding, StudentConfig};
 use distill_core::data::Dataset;
 use distill_core::kd::Combine;
 use distill_core::optim::OptimConfig;
@@ -276,13 +276,14 @@ async fn distil(
         temperature: a.temperature,
         alpha: a.alpha,
         combine: Combine::MeanProb,
-        soft_target_dtype: SoftTargetDtype::F32,
+        soft_targets: SoftTargetEncoding::F32,
         checkpoint_every: 0,
         lease_timeout_secs: 60.0,
         prefetch: 8,
         teacher_timeout_secs: 30.0,
         max_message_mb: 64,
         min_workers: a.workers.max(1),
+        cache: None,
         sync: coordinator::config::SyncConfig {
             every: a.sync_every,
             ..Default::default()

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use candle_core::Device;
-use coordinator::config::{MemberConfig, RunConfig, SoftTargetDtype, StudentConfig};
+use coordinator::config::{MemberConfig, RunConfig, SoftTargetEncoding, StudentConfig};
 use distill_core::checkpoint::Checkpoint;
 use distill_core::kd::Combine;
 use distill_core::model::TrainableModel;
@@ -42,13 +42,14 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
         temperature: 3.0,
         alpha: 0.5,
         combine: Combine::MeanProb,
-        soft_target_dtype: SoftTargetDtype::F16,
+        soft_targets: SoftTargetEncoding::F16,
         checkpoint_every: 0,
         lease_timeout_secs: 30.0,
         prefetch: 2,
         teacher_timeout_secs: 10.0,
         max_message_mb: 64,
         min_workers: 1,
+        cache: None,
         sync: Default::default(),
         student: StudentConfig {
             arch: "mlp:784-16-10".into(),
@@ -355,5 +356,108 @@ async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it()
     };
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains(&shapes[0].0), "{status:?}");
+    shutdown.cancel();
+}
+
+/// Runs `cfg` to the end with one real worker (work dir `work`); returns the report and the
+/// final student's parameters.
+async fn run_to_end(
+    cfg: RunConfig,
+    work: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> (coordinator::RunReport, Vec<f32>) {
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    let stop = shutdown.child_token();
+    let served = tokio::spawn(coordinator::serve(run, cl, stop.clone()));
+    let worker = run_worker(caddr, work, &stop).await;
+    let report = served.await.unwrap().unwrap().expect("the run completed");
+    assert_eq!(report.student_test_errors, worker.test_errors);
+    let ck = Checkpoint::read(&report.student_checkpoint).unwrap();
+    (
+        report,
+        ck.params.into_iter().flat_map(|(_, _, v)| v).collect(),
+    )
+}
+
+#[tokio::test]
+async fn a_cached_run_asks_no_teacher_after_epoch_one_and_trains_the_same_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let endpoints = vec![teacher(&shutdown).await];
+    let cache = coordinator::cache::CacheConfig {
+        dir: dir.path().join("cache"),
+        mode: coordinator::cache::CacheMode::ReadWrite,
+    };
+    let base = |name: &str| {
+        let mut c = config(&dir.path().join(name), endpoints.clone());
+        c.epochs = 3;
+        c
+    };
+
+    // With the cache: epoch 1 asks the teacher for every batch, later epochs never.
+    let mut cfg = base("cached");
+    cfg.cache = Some(cache.clone());
+    let (cached, cached_student) = run_to_end(cfg, &dir.path().join("w1"), &shutdown).await;
+    assert_eq!(cached.batches_trained, 3 * 24);
+    assert_eq!(cached.teacher_batches_per_epoch, [24, 0, 0]);
+    assert_eq!(cached.cached_batches_per_epoch, [0, 24, 24]);
+    let c = cached.cache.as_ref().unwrap();
+    assert_eq!((c.rows_written, c.hit_rows), (12_000, 24_000));
+
+    // Without it: the same student, bit for bit (same seed, same soft targets).
+    let (plain, plain_student) = run_to_end(base("plain"), &dir.path().join("w2"), &shutdown).await;
+    assert!(plain.cache.is_none());
+    assert_eq!(plain.teacher_batches_per_epoch, [24, 24, 24]);
+    assert_eq!(cached_student, plain_student);
+
+    // Offline, from the cache alone (no teachers at all): the same student again.
+    let mut cfg = base("offline");
+    cfg.members.clear();
+    cfg.cache = Some(coordinator::cache::CacheConfig {
+        mode: coordinator::cache::CacheMode::Offline,
+        ..cache.clone()
+    });
+    let (offline, offline_student) = run_to_end(cfg, &dir.path().join("w3"), &shutdown).await;
+    assert_eq!(offline.teacher_batches_per_epoch, [0, 0, 0]);
+    assert!(offline.members.is_empty());
+    assert_eq!(offline_student, plain_student);
+
+    // Another temperature is another key: an offline run finds nothing and says so.
+    let mut cfg = base("other-t");
+    cfg.members.clear();
+    cfg.temperature = 5.0;
+    cfg.cache = Some(coordinator::cache::CacheConfig {
+        mode: coordinator::cache::CacheMode::Offline,
+        ..cache
+    });
+    let e = coordinator::prepare(cfg).await.err().unwrap().to_string();
+    assert!(e.contains("holds no complete soft targets"), "{e}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn top_k_soft_targets_travel_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.soft_targets = "topk:3".parse().unwrap();
+    cfg.epochs = 2;
+    let (report, _) = run_to_end(cfg, &dir.path().join("w"), &shutdown).await;
+    assert_eq!(report.batches_trained, 48);
+    // Chance is 1800 errors of 2000; the teacher is random, the hard labels teach.
+    assert!(
+        report.student_test_errors < 1500,
+        "{}",
+        report.student_test_errors
+    );
+    let bad = "topk:11"
+        .parse::<coordinator::config::SoftTargetEncoding>()
+        .unwrap();
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.soft_targets = bad;
+    let e = coordinator::prepare(cfg).await.err().unwrap().to_string();
+    assert!(e.contains("soft_targets"), "{e}");
     shutdown.cancel();
 }

@@ -40,9 +40,9 @@ pub struct RunConfig {
     /// How the members' soft targets combine: `mean-prob` (default) or `mean-logit`.
     #[serde(default)]
     pub combine: Combine,
-    /// Soft targets on the wire: `f32` (default) or `f16`.
-    #[serde(default)]
-    pub soft_target_dtype: SoftTargetDtype,
+    /// Soft targets on the wire (and in the cache): `f32` (default), `f16`, `bf16` or `topk:K`.
+    #[serde(default, alias = "soft_target_dtype")]
+    pub soft_targets: SoftTargetEncoding,
     /// Worker checkpoint every this many updates (0: at the end only).
     #[serde(default)]
     pub checkpoint_every: u64,
@@ -65,12 +65,16 @@ pub struct RunConfig {
     /// Parameter averaging between workers (`[sync]`).
     #[serde(default)]
     pub sync: SyncConfig,
+    /// The soft-target cache (`[cache]`; none by default).
+    #[serde(default)]
+    pub cache: Option<crate::cache::CacheConfig>,
     /// The student.
     pub student: StudentConfig,
     /// Optimizer, schedule and clipping of the student.
     #[serde(default)]
     pub optim: OptimConfig,
-    /// The teacher ensemble (at least one member).
+    /// The teacher ensemble (at least one member, except for an offline run from a cache).
+    #[serde(default)]
     pub members: Vec<MemberConfig>,
 }
 
@@ -160,15 +164,84 @@ impl ParamDtype {
     }
 }
 
-/// Element type of soft targets on the wire.
+/// How soft targets travel (and are cached).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SoftTargetDtype {
-    /// 4 bytes per probability.
+#[serde(try_from = "String", into = "String")]
+pub enum SoftTargetEncoding {
+    /// Dense, 4 bytes per probability.
     #[default]
     F32,
-    /// 2 bytes per probability.
+    /// Dense, 2 bytes per probability (11-bit significand).
     F16,
+    /// Dense, 2 bytes per probability (8-bit significand).
+    Bf16,
+    /// The k most probable classes and the rest's log-mass (`distill_core::topk`, f16 values):
+    /// 4 + k·(2 + 2) bytes per row for up to 65,536 classes.
+    TopK(usize),
+}
+
+impl SoftTargetEncoding {
+    /// Bytes of one row of `classes` soft targets.
+    pub fn row_bytes(self, classes: usize) -> Result<usize> {
+        Ok(match self {
+            SoftTargetEncoding::F32 => 4 * classes,
+            SoftTargetEncoding::F16 | SoftTargetEncoding::Bf16 => 2 * classes,
+            SoftTargetEncoding::TopK(_) => self
+                .topk_format(classes)?
+                .map_or(0, |f| f.bytes_per_sample()),
+        })
+    }
+
+    /// The top-k format for `classes` classes (None for dense encodings).
+    pub fn topk_format(self, classes: usize) -> Result<Option<distill_core::topk::TopKFormat>> {
+        match self {
+            SoftTargetEncoding::TopK(k) => distill_core::topk::TopKFormat::new(classes, k)
+                .map(Some)
+                .map_err(|e| Error::Config(format!("`soft_targets`: {e}"))),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl std::fmt::Display for SoftTargetEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SoftTargetEncoding::F32 => f.write_str("f32"),
+            SoftTargetEncoding::F16 => f.write_str("f16"),
+            SoftTargetEncoding::Bf16 => f.write_str("bf16"),
+            SoftTargetEncoding::TopK(k) => write!(f, "topk:{k}"),
+        }
+    }
+}
+
+impl std::str::FromStr for SoftTargetEncoding {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(SoftTargetEncoding::F32),
+            "f16" => Ok(SoftTargetEncoding::F16),
+            "bf16" => Ok(SoftTargetEncoding::Bf16),
+            other => match other.strip_prefix("topk:").map(str::parse::<usize>) {
+                Some(Ok(k)) if k >= 1 => Ok(SoftTargetEncoding::TopK(k)),
+                _ => Err(format!(
+                    "unknown soft-target encoding `{other}` (expected f32, f16, bf16 or topk:K with K >= 1)"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for SoftTargetEncoding {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<SoftTargetEncoding> for String {
+    fn from(e: SoftTargetEncoding) -> Self {
+        e.to_string()
+    }
 }
 
 fn default_run_dir() -> PathBuf {
@@ -228,10 +301,15 @@ impl RunConfig {
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut cfg = Self::from_toml(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        if cfg.run_dir.is_relative()
-            && let Some(dir) = path.parent()
-        {
-            cfg.run_dir = dir.join(&cfg.run_dir);
+        if let Some(dir) = path.parent() {
+            if cfg.run_dir.is_relative() {
+                cfg.run_dir = dir.join(&cfg.run_dir);
+            }
+            if let Some(c) = cfg.cache.as_mut()
+                && c.dir.is_relative()
+            {
+                c.dir = dir.join(&c.dir);
+            }
         }
         Ok(cfg)
     }
@@ -244,8 +322,15 @@ impl RunConfig {
         self.data
             .parse::<distill_core::data::DataSource>()
             .or_else(|e| bad("data", e.to_string()))?;
-        if self.members.is_empty() {
-            return bad("members", "at least one teacher member is needed".into());
+        let offline = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.mode == crate::cache::CacheMode::Offline);
+        if self.members.is_empty() && !offline {
+            return bad(
+                "members",
+                "at least one teacher member is needed (or a `[cache]` in mode \"offline\")".into(),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.members.iter().enumerate() {

@@ -42,9 +42,14 @@ pub async fn prepare(cfg: RunConfig) -> Result<Arc<Run>> {
         "data loaded"
     );
     let run = Run::new(cfg, data)?;
-    run.pool
+    let digests = run
+        .pool
         .check_models(run.data.row_len(), run.data.classes)
         .await?;
+    let r = run.clone();
+    tokio::task::spawn_blocking(move || r.open_cache(&digests))
+        .await
+        .map_err(|e| Error::Internal(format!("cache task: {e}")))??;
     Ok(run)
 }
 
@@ -85,7 +90,9 @@ pub async fn serve(
     let teacher_eval = {
         let (run, stop) = (run.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = run.clone().evaluate_teachers(stop).await {
+            if run.is_offline() {
+                tracing::info!("offline run: no teachers to evaluate");
+            } else if let Err(e) = run.clone().evaluate_teachers(stop).await {
                 tracing::warn!(error = %e, "teacher evaluation did not finish");
             }
         })

@@ -24,7 +24,8 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RunConfig, SoftTargetDtype};
+use crate::cache::{CacheKey, SoftTargetCache};
+use crate::config::{RunConfig, SoftTargetEncoding};
 use crate::error::{Error, Result};
 use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
 use crate::sync::{Closed, Contribution, Params, SyncRounds};
@@ -84,6 +85,32 @@ impl SyncReply {
             .as_ref()
             .map_or(0, |g| distill_proto::params::value_bytes(g))
     }
+}
+
+/// The run's soft-target cache and its key.
+#[derive(Clone)]
+pub(crate) struct RunCache {
+    cache: SoftTargetCache,
+    key: CacheKey,
+    /// No teachers: every batch must come from the cache.
+    offline: bool,
+}
+
+/// How the run used the soft-target cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    /// The cache directory.
+    pub dir: PathBuf,
+    /// `read-write`, `read-only` or `offline`.
+    pub mode: String,
+    /// Digest of the run's key in the cache.
+    pub key: String,
+    /// Rows found in the cache.
+    pub hit_rows: u64,
+    /// Rows looked up and not found (then asked of the teachers).
+    pub missed_rows: u64,
+    /// Rows written to the cache.
+    pub rows_written: u64,
 }
 
 /// Rows and batches one worker trained.
@@ -172,6 +199,12 @@ pub struct RunReport {
     pub workers: Vec<WorkerShare>,
     /// Synchronisation rounds.
     pub sync: SyncReport,
+    /// Per epoch, batches whose soft targets came from the teachers.
+    pub teacher_batches_per_epoch: Vec<u64>,
+    /// Per epoch, batches whose soft targets came from the cache.
+    pub cached_batches_per_epoch: Vec<u64>,
+    /// The soft-target cache, when the run had one.
+    pub cache: Option<CacheReport>,
 }
 
 #[derive(Default)]
@@ -185,6 +218,9 @@ struct Stats {
     epoch_batches: u64,
     sync_secs: f64,
     down_bytes: u64,
+    /// Per epoch: batches whose soft targets came from the teachers, and from the cache.
+    teacher_batches: Vec<u64>,
+    cached_batches: Vec<u64>,
     per_worker: BTreeMap<String, WorkerShare>,
 }
 
@@ -214,6 +250,8 @@ pub struct Run {
     persisted: Arc<Mutex<u64>>,
     /// When the average was last written.
     persisted_at: Mutex<Option<Instant>>,
+    /// The soft-target cache and this run's key in it (set by [`Run::open_cache`]).
+    cache: std::sync::OnceLock<RunCache>,
     /// Set once the first batch was leased (after `min_workers` joined).
     started_leasing: std::sync::atomic::AtomicBool,
     /// Cancelled when the run is complete (report written) or the process shuts down.
@@ -243,6 +281,7 @@ impl Run {
                 data.classes
             )));
         }
+        cfg.soft_targets.topk_format(data.classes)?;
         let settings_json = serde_json::to_string(&settings)
             .map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
         let ledger = Ledger::new(LedgerConfig {
@@ -295,9 +334,99 @@ impl Run {
             persisted: Arc::new(Mutex::new(0)),
             persisted_at: Mutex::new(None),
             started_leasing: std::sync::atomic::AtomicBool::new(false),
+            cache: std::sync::OnceLock::new(),
             finished: CancellationToken::new(),
             started: Instant::now(),
         }))
+    }
+
+    /// Opens the soft-target cache of the config, if any, under this run's key: the members'
+    /// names, weights and weight digests (`digests`, from their replicas' Describe), T, the
+    /// combination, the encoding and the data. In an offline run (no teachers) the key comes
+    /// from the cache: the one complete key for this data, T, combination and encoding.
+    pub fn open_cache(&self, digests: &[Option<String>]) -> Result<()> {
+        let Some(cc) = &self.cfg.cache else {
+            return Ok(());
+        };
+        let cache = SoftTargetCache::open_config(cc)?;
+        let encoding = self.cfg.soft_targets.to_string();
+        let offline = cc.mode == crate::cache::CacheMode::Offline;
+        let key = if offline {
+            let t = self.cfg.temperature as f32;
+            let fits: Vec<_> = cache
+                .keys()?
+                .into_iter()
+                .filter(|k| {
+                    k.key.data == self.data.source
+                        && k.key.train_size == self.data.train.len()
+                        && k.key.temperature == t
+                        && k.key.combine == self.cfg.combine
+                        && k.key.encoding == encoding
+                })
+                .collect();
+            let complete: Vec<_> = fits.iter().filter(|k| k.is_complete()).collect();
+            match complete.as_slice() {
+                [one] => one.key.clone(),
+                [] => {
+                    return Err(Error::Config(format!(
+                        "`cache`: {} holds no complete soft targets for data {}, T = {t}, {} and \
+                         encoding {encoding} (partial: {})",
+                        cache.path().display(),
+                        self.data.source,
+                        self.cfg.combine,
+                        fits.iter()
+                            .map(|k| format!("{} ({} rows)", k.description, k.rows))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+                many => {
+                    return Err(Error::Config(format!(
+                        "`cache`: {} holds several ensembles for this run; keep one: {}",
+                        cache.path().display(),
+                        many.iter()
+                            .map(|k| k.description.clone())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+            }
+        } else {
+            let mut members = Vec::new();
+            for (m, d) in self.pool.members.iter().zip(digests) {
+                let Some(d) = d else {
+                    tracing::warn!(member = %m.name, "no replica told its weights digest; the soft-target cache is off for this run");
+                    return Ok(());
+                };
+                members.push(crate::cache::MemberIdentity {
+                    name: m.name.clone(),
+                    weights_digest: d.clone(),
+                    weight: m.weight,
+                });
+            }
+            CacheKey {
+                data: self.data.source.clone(),
+                train_size: self.data.train.len(),
+                members,
+                temperature: self.cfg.temperature as f32,
+                combine: self.cfg.combine,
+                encoding,
+                row_bytes: self.cfg.soft_targets.row_bytes(self.data.classes)?,
+            }
+        };
+        key.validate()?;
+        tracing::info!(cache = %cache.path().display(), key = %key.description(), offline, "soft-target cache open");
+        let _ = self.cache.set(RunCache {
+            cache,
+            key,
+            offline,
+        });
+        Ok(())
+    }
+
+    /// Whether the run has no teachers (offline from a cache).
+    pub fn is_offline(&self) -> bool {
+        self.cache.get().is_some_and(|c| c.offline)
     }
 
     /// The report, once the run is complete.
@@ -645,6 +774,8 @@ impl Run {
             "seconds": elapsed,
             "samples_per_sec": if elapsed > 0.0 { s.samples as f64 / elapsed } else { 0.0 },
             "student_wait_seconds": s.wait_secs,
+            "teacher_batches": s.teacher_batches.get(epoch as usize).copied().unwrap_or(0),
+            "cached_batches": s.cached_batches.get(epoch as usize).copied().unwrap_or(0),
         });
         tracing::info!(epoch, mean_loss, samples = s.samples, "epoch complete");
         let path = self.cfg.run_dir.join("metrics.jsonl");
@@ -1002,7 +1133,9 @@ impl Run {
         }
     }
 
-    /// Builds one training batch: inputs, labels and the ensemble's soft targets.
+    /// Builds one training batch: inputs, labels and the ensemble's soft targets — from the
+    /// soft-target cache when it holds every row of the batch, else from the teachers (and then
+    /// written to the cache).
     async fn prepare(
         self: Arc<Self>,
         lease: Lease,
@@ -1010,28 +1143,59 @@ impl Run {
     ) -> Result<CoordinatorMessage> {
         let (inputs, labels) = self.inputs_and_labels(&self.data.train, &lease.samples)?;
         let t = self.cfg.temperature as f32;
-        let logits = self.member_logits(&inputs, t, &stop).await?;
         let rows = lease.samples.len();
         let classes = self.data.classes;
-        let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
-        let mode = self.cfg.combine;
-        let probs = tokio::task::spawn_blocking(move || {
-            combine_host(&logits, rows, classes, &weights, mode)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
-        let soft = match self.cfg.soft_target_dtype {
-            SoftTargetDtype::F32 => HostTensor::from_f32(vec![rows, classes], &probs),
-            SoftTargetDtype::F16 => HostTensor::new(
-                vec![rows, classes],
-                DType::F16,
-                probs
-                    .iter()
-                    .flat_map(|p| half::f16::from_f32(*p).to_le_bytes())
-                    .collect::<Vec<_>>(),
-            ),
+        let encoding = self.cfg.soft_targets;
+        let cache = self.cache.get().cloned();
+        let cached = match &cache {
+            Some(c) => {
+                let (c, samples) = (c.clone(), lease.samples.clone());
+                tokio::task::spawn_blocking(move || c.cache.get_batch(&c.key, &samples))
+                    .await
+                    .map_err(|e| Error::Internal(format!("cache task: {e}")))??
+            }
+            None => None,
+        };
+        let (bytes, from_cache) = match cached {
+            Some(bytes) => (bytes, true),
+            None => {
+                if cache.as_ref().is_some_and(|c| c.offline) {
+                    return Err(Error::Internal(format!(
+                        "offline run: the cache has no soft targets for {}",
+                        lease.batch
+                    )));
+                }
+                let logits = self.member_logits(&inputs, t, &stop).await?;
+                let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
+                let mode = self.cfg.combine;
+                let bytes = tokio::task::spawn_blocking(move || {
+                    let probs = combine_host(&logits, rows, classes, &weights, mode)?;
+                    encode_targets(&probs, rows, classes, encoding)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
+                if let Some(c) = cache.filter(|c| !c.cache.is_read_only()) {
+                    let (samples, b) = (lease.samples.clone(), bytes.clone());
+                    tokio::task::spawn_blocking(move || c.cache.put_batch(&c.key, &samples, &b))
+                        .await
+                        .map_err(|e| Error::Internal(format!("cache task: {e}")))??;
+                }
+                (bytes, false)
+            }
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            let e = lease.batch.epoch as usize;
+            if s.teacher_batches.len() <= e {
+                s.teacher_batches.resize(e + 1, 0);
+                s.cached_batches.resize(e + 1, 0);
+            }
+            if from_cache {
+                s.cached_batches[e] += 1;
+            } else {
+                s.teacher_batches[e] += 1;
+            }
         }
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        let (soft_targets, topk_targets) = target_fields(bytes, rows, classes, encoding)?;
         Ok(CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Train(pb::TrainBatch {
                 lease_id: lease.id,
@@ -1039,11 +1203,23 @@ impl Run {
                 index: lease.batch.index,
                 inputs: Some(inputs.into()),
                 labels: Some(labels.into()),
-                soft_targets: Some(soft.into()),
+                soft_targets,
                 temperature: t,
-                members: self.pool.members.iter().map(|m| m.name.clone()).collect(),
+                members: self.member_names(),
+                topk_targets,
+                encoding: encoding.to_string(),
+                cached: from_cache,
             })),
         })
+    }
+
+    /// Names of the members whose answers make the soft targets (from the cache key in an
+    /// offline run).
+    fn member_names(&self) -> Vec<String> {
+        match self.cache.get() {
+            Some(c) if c.offline => c.key.members.iter().map(|m| m.name.clone()).collect(),
+            _ => self.pool.members.iter().map(|m| m.name.clone()).collect(),
+        }
     }
 
     /// Asks every member for the test split at T = 1 and counts each one's errors and the
@@ -1146,6 +1322,29 @@ impl Run {
                 mean_bytes_per_round: per_round((up_bytes + s.down_bytes) as f64),
                 worker_sync_seconds: s.sync_secs,
             },
+            teacher_batches_per_epoch: s.teacher_batches.clone(),
+            cached_batches_per_epoch: s.cached_batches.clone(),
+            cache: self.cache.get().map(|c| {
+                let st = c.cache.stats();
+                CacheReport {
+                    dir: self
+                        .cfg
+                        .cache
+                        .as_ref()
+                        .map(|c| c.dir.clone())
+                        .unwrap_or_default(),
+                    mode: self
+                        .cfg
+                        .cache
+                        .as_ref()
+                        .map(|c| c.mode.as_str().to_string())
+                        .unwrap_or_default(),
+                    key: c.key.digest(),
+                    hit_rows: st.hit_rows,
+                    missed_rows: st.missed_rows,
+                    rows_written: st.rows_written,
+                }
+            }),
         };
         drop(s);
         write_report(&self.cfg.run_dir, &report)?;
@@ -1197,6 +1396,62 @@ fn read_averaged(
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| bad(format!("no valid `{KEY_SYNC_VERSION}` metadata")))?;
     Ok(Some((version, Arc::new(ck.params))))
+}
+
+/// Encodes combined probabilities (`rows × classes`) in `encoding`, row after row.
+pub fn encode_targets(
+    probs: &[f32],
+    rows: usize,
+    classes: usize,
+    encoding: SoftTargetEncoding,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(rows * encoding.row_bytes(classes)?);
+    match encoding {
+        SoftTargetEncoding::F32 => probs
+            .iter()
+            .for_each(|p| out.extend_from_slice(&p.to_le_bytes())),
+        SoftTargetEncoding::F16 => probs
+            .iter()
+            .for_each(|p| out.extend_from_slice(&half::f16::from_f32(*p).to_le_bytes())),
+        SoftTargetEncoding::Bf16 => probs
+            .iter()
+            .for_each(|p| out.extend_from_slice(&half::bf16::from_f32(*p).to_le_bytes())),
+        SoftTargetEncoding::TopK(_) => {
+            let format = encoding
+                .topk_format(classes)?
+                .ok_or_else(|| Error::Internal("top-k without a format".into()))?;
+            out = distill_core::topk::encode_probs(probs, rows, &format)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The batch's soft-target fields for encoded rows.
+fn target_fields(
+    bytes: Vec<u8>,
+    rows: usize,
+    classes: usize,
+    encoding: SoftTargetEncoding,
+) -> Result<(Option<pb::Tensor>, Option<pb::TopKTargets>)> {
+    let dense = |dtype: DType| {
+        HostTensor::new(vec![rows, classes], dtype, bytes.clone())
+            .map(|t| (Some(t.into()), None))
+            .map_err(|e| Error::Internal(e.to_string()))
+    };
+    match encoding {
+        SoftTargetEncoding::F32 => dense(DType::F32),
+        SoftTargetEncoding::F16 => dense(DType::F16),
+        SoftTargetEncoding::Bf16 => dense(DType::BF16),
+        SoftTargetEncoding::TopK(k) => Ok((
+            None,
+            Some(pb::TopKTargets {
+                k: k as u32,
+                classes: classes as u32,
+                value_dtype: pb::DType::DtypeF16 as i32,
+                data: bytes.into(),
+            }),
+        )),
+    }
 }
 
 /// Writes `report.json` into `dir` atomically.

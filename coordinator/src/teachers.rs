@@ -120,9 +120,17 @@ impl TeacherPool {
 
     /// Asks every replica what it serves and checks it fits the data: `row_len` input values
     /// and `classes` logits. A replica that does not answer is only logged (it may come up
-    /// later); one that serves a model of another shape is an error.
-    pub async fn check_models(&self, row_len: usize, classes: usize) -> Result<()> {
+    /// later); one that serves a model of another shape, or other weights than another replica
+    /// of the same member, is an error. Returns each member's weights digest (None when no
+    /// replica answered).
+    pub async fn check_models(
+        &self,
+        row_len: usize,
+        classes: usize,
+    ) -> Result<Vec<Option<String>>> {
+        let mut digests = Vec::with_capacity(self.members.len());
         for m in &self.members {
+            let mut digest: Option<String> = None;
             for r in &m.replicas {
                 let d = tokio::time::timeout(
                     self.timeout,
@@ -139,6 +147,15 @@ impl TeacherPool {
                                 m.name, r.endpoint, d.model_id, inputs, d.num_classes
                             )));
                         }
+                        match &digest {
+                            Some(other) if *other != d.weights_digest => {
+                                return Err(Error::Config(format!(
+                                    "member `{}`: replica {} serves weights {} but another replica serves {other}; replicas of a member must serve the same model",
+                                    m.name, r.endpoint, d.weights_digest
+                                )));
+                            }
+                            _ => digest = Some(d.weights_digest.clone()),
+                        }
                         tracing::info!(member = %m.name, replica = %r.endpoint, model = %d.model_id, "teacher replica ready");
                     }
                     Ok(Err(status)) => {
@@ -149,8 +166,9 @@ impl TeacherPool {
                     }
                 }
             }
+            digests.push(digest);
         }
-        Ok(())
+        Ok(digests)
     }
 
     /// Requests retried on another replica so far.

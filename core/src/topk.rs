@@ -72,7 +72,7 @@
 //!   target against the exact teacher distribution) depends on how much mass the teacher puts
 //!   outside its top k and how far that mass is from uniform; [`loss_gap`] measures it for given
 //!   logits (and reports the rest's mean mass) so that benchmarks can state it.
-//! - Dense f16 soft targets already exist on the wire (`coordinator::config::SoftTargetDtype::F16`,
+//! - Dense f16 soft targets already exist on the wire (`coordinator::config::SoftTargetEncoding::F16`,
 //!   carried by `distill_proto::HostTensor` with `DType::F16`; `HostTensor` also carries BF16), so
 //!   this module adds no dense encoder; [`dense_bytes_per_sample`] gives their size for
 //!   comparisons.

@@ -45,10 +45,20 @@ pub struct TrainData {
     pub x_shape: Vec<usize>,
     /// Hard labels, `rows` values.
     pub y: Vec<u32>,
-    /// Soft targets, row-major `rows × classes` probabilities.
-    pub soft: Vec<f32>,
+    /// The soft targets.
+    pub soft: Targets,
     /// Rows in the batch (B).
     pub rows: usize,
+}
+
+/// A batch's soft targets, as they came.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// Row-major `rows × classes` probabilities.
+    Dense(Vec<f32>),
+    /// The top-k encoding (`distill_core::topk`): the k most probable classes per row and the
+    /// rest's mass, spread uniformly.
+    TopK(distill_core::topk::SparseTargets),
 }
 
 /// A decoded evaluation batch in host memory.
@@ -79,6 +89,9 @@ pub fn decode_train(b: pb::TrainBatch, spec: &BatchSpec) -> Result<TrainData> {
         soft_targets,
         temperature,
         members: _, // informational: which members were combined
+        topk_targets,
+        encoding: _, // informational: the fields say what they hold
+        cached: _,   // informational: whether the coordinator's cache answered
     } = b;
     let ctx = |m: String| {
         Error::BadBatch(format!(
@@ -99,7 +112,18 @@ pub fn decode_train(b: pb::TrainBatch, spec: &BatchSpec) -> Result<TrainData> {
     }
     let (x, x_shape, rows) = decode_inputs(inputs, spec).map_err(ctx)?;
     let y = decode_labels(labels, rows, spec.classes).map_err(ctx)?;
-    let soft = decode_soft_targets(soft_targets, rows, spec.classes).map_err(ctx)?;
+    let soft = match (soft_targets, topk_targets) {
+        (Some(t), None) => {
+            Targets::Dense(decode_soft_targets(Some(t), rows, spec.classes).map_err(ctx)?)
+        }
+        (None, Some(t)) => Targets::TopK(decode_topk(t, rows, spec.classes).map_err(ctx)?),
+        (Some(_), Some(_)) => {
+            return Err(ctx(
+                "both `soft_targets` and `topk_targets` are set; a batch carries one".into(),
+            ));
+        }
+        (None, None) => return Err(ctx("missing tensor `soft_targets`".into())),
+    };
     Ok(TrainData {
         lease_id,
         epoch,
@@ -205,6 +229,37 @@ fn decode_labels(
         .collect()
 }
 
+fn decode_topk(
+    t: pb::TopKTargets,
+    rows: usize,
+    classes: usize,
+) -> std::result::Result<distill_core::topk::SparseTargets, String> {
+    use distill_core::topk::{TopKFormat, ValueDtype};
+    let pb::TopKTargets {
+        k,
+        classes: c,
+        value_dtype,
+        data,
+    } = t;
+    if c as usize != classes {
+        return Err(format!(
+            "`topk_targets` are over {c} classes, the run has {classes}"
+        ));
+    }
+    let value = match DType::try_from(value_dtype) {
+        Ok(DType::F16) => ValueDtype::F16,
+        Ok(DType::BF16) => ValueDtype::Bf16,
+        _ => {
+            return Err(format!(
+                "`topk_targets.value_dtype` must be F16 or BF16, got {value_dtype}"
+            ));
+        }
+    };
+    let format = TopKFormat::with_value_dtype(classes, k as usize, value)
+        .map_err(|e| format!("`topk_targets`: {e}"))?;
+    distill_core::topk::decode(&data, rows, &format).map_err(|e| format!("`topk_targets`: {e}"))
+}
+
 fn decode_soft_targets(
     t: Option<pb::Tensor>,
     rows: usize,
@@ -296,6 +351,9 @@ mod tests {
             ),
             temperature: 4.0,
             members: vec!["a".into()],
+            topk_targets: None,
+            encoding: "f32".into(),
+            cached: false,
         }
     }
 
@@ -314,7 +372,7 @@ mod tests {
         assert_eq!(d.x[..4], [0.0, 0.2, 0.4, 1.0]);
         assert_eq!(d.x[4], 1.0 / 255.0);
         assert_eq!(d.y, vec![2, 0]);
-        assert_eq!(d.soft, vec![0.1, 0.2, 0.7, 0.5, 0.25, 0.25]);
+        assert_eq!(d.soft, Targets::Dense(vec![0.1, 0.2, 0.7, 0.5, 0.25, 0.25]));
 
         // Flattened f32 rows and f16 soft targets are fine too.
         let mut b = good();
@@ -326,7 +384,7 @@ mod tests {
         b.soft_targets = tensor(&[2, 3], pb::DType::DtypeF16, h);
         let d = decode_train(b, &spec()).unwrap();
         assert_eq!(d.x_shape, vec![2, 1, 2, 2]);
-        assert_eq!(d.soft, vec![0.5, 0.25, 0.25, 1.0, 0.0, 0.0]);
+        assert_eq!(d.soft, Targets::Dense(vec![0.5, 0.25, 0.25, 1.0, 0.0, 0.0]));
     }
 
     #[test]

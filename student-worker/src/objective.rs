@@ -3,7 +3,15 @@
 
 use candle_core::Tensor;
 use distill_core::kd::kd_loss;
+use distill_core::topk::{SparseTargets, kd_loss_topk};
 use distill_core::train::{Batch, Objective};
+
+/// One batch's soft targets.
+#[derive(Debug, Clone)]
+enum Targets {
+    Dense(Tensor),
+    TopK(SparseTargets),
+}
 
 /// `alpha·T²·KL(p_teacher(T) ‖ p_student(T)) + (1 − alpha)·CE(y, p_student(1))` for one batch.
 ///
@@ -14,7 +22,7 @@ use distill_core::train::{Batch, Objective};
 pub struct KdObjective {
     temperature: f64,
     alpha: f64,
-    targets: Option<Tensor>,
+    targets: Option<Targets>,
 }
 
 impl KdObjective {
@@ -29,7 +37,13 @@ impl KdObjective {
 
     /// Sets the soft targets `[B, classes]` of the next [`Objective::loss`] call.
     pub fn set_targets(&mut self, soft_targets: Tensor) {
-        self.targets = Some(soft_targets);
+        self.targets = Some(Targets::Dense(soft_targets));
+    }
+
+    /// Sets top-k soft targets (`distill_core::topk`) for the next [`Objective::loss`] call;
+    /// the loss is then [`kd_loss_topk`], which never builds the dense target.
+    pub fn set_sparse_targets(&mut self, soft_targets: SparseTargets) {
+        self.targets = Some(Targets::TopK(soft_targets));
     }
 }
 
@@ -46,14 +60,11 @@ impl Objective for KdObjective {
                 "KD objective called without the batch's soft targets".into(),
             )
         })?;
-        Ok(kd_loss(
-            logits,
-            &targets,
-            Some(&batch.y),
-            self.temperature,
-            self.alpha,
-        )?
-        .total)
+        let (t, a, y) = (self.temperature, self.alpha, Some(&batch.y));
+        Ok(match targets {
+            Targets::Dense(p) => kd_loss(logits, &p, y, t, a)?.total,
+            Targets::TopK(p) => kd_loss_topk(logits, &p, y, t, a)?.total,
+        })
     }
 }
 

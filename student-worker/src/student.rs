@@ -32,7 +32,7 @@ use distill_core::optim::{OptimState, Optimizer};
 use distill_core::settings::StudentSettings;
 use distill_core::train::{Batch, StepOutput, count_correct, step_rng, train_step};
 
-use crate::decode::{EvalData, TrainData};
+use crate::decode::{EvalData, Targets, TrainData};
 use crate::objective::KdObjective;
 use crate::{Error, Result};
 
@@ -160,11 +160,16 @@ impl Student {
     pub fn train(&mut self, d: &TrainData) -> Result<StepOutput> {
         let x = Tensor::from_slice(&d.x, d.x_shape.as_slice(), &self.device)?;
         let y = Tensor::from_slice(&d.y, d.rows, &self.device)?;
-        let classes = d.soft.len() / d.rows.max(1);
-        let soft = Tensor::from_slice(&d.soft, (d.rows, classes), &self.device)?;
+        match &d.soft {
+            Targets::Dense(p) => {
+                let classes = p.len() / d.rows.max(1);
+                let soft = Tensor::from_slice(p, (d.rows, classes), &self.device)?;
+                self.objective.set_targets(soft);
+            }
+            Targets::TopK(t) => self.objective.set_sparse_targets(t.clone()),
+        }
         let step = self.step();
         let lr = self.next_lr();
-        self.objective.set_targets(soft);
         // The batch has no row indices in a split: the coordinator owns the data.
         let batch = Batch { idx: &[], x, y };
         let out = train_step(
@@ -376,7 +381,7 @@ mod tests {
                     x: data.train.rows_f32(&idx),
                     x_shape: vec![16, 1, 28, 28],
                     y,
-                    soft,
+                    soft: Targets::Dense(soft),
                     rows: 16,
                 }
             })

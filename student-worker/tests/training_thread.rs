@@ -243,3 +243,38 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
         "the final checkpoint holds the parameters it kept"
     );
 }
+
+#[test]
+fn trains_on_top_k_targets_and_rejects_malformed_ones() {
+    let data = Dataset::load("synthetic:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = spawn(setup(dir.path()), 4, CancellationToken::new()).unwrap();
+    let mut losses = Vec::new();
+    for i in 0..40 {
+        t.commands
+            .blocking_send(Command::Train(Box::new(common::train_batch_topk(
+                &data, i, 2,
+            ))))
+            .unwrap();
+        losses.push(next_ack(&mut t.acks).unwrap().loss);
+    }
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (early, late) = (mean(&losses[..8]), mean(&losses[32..]));
+    assert!(late < 0.8 * early, "top-k KD loss {early} -> {late}");
+    // An index out of range (class 10 of 10) is named, and the thread ends cleanly.
+    let mut bad = common::train_batch_topk(&data, 40, 2);
+    if let Some(tk) = bad.topk_targets.as_mut() {
+        let mut v = tk.data.to_vec();
+        v[4..6].copy_from_slice(&10u16.to_le_bytes());
+        tk.data = v.into();
+    }
+    t.commands
+        .blocking_send(Command::Train(Box::new(bad)))
+        .unwrap();
+    assert!(next_ack(&mut t.acks).is_none());
+    let e = t.done.blocking_recv().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains("epoch 0 batch 40") && e.contains("`topk_targets`"),
+        "{e}"
+    );
+}

@@ -66,7 +66,31 @@ pub fn train_batch(data: &Dataset, i: usize) -> pb::TrainBatch {
         soft_targets: tensor(vec![32, 10], pb::DType::DtypeF32, soft),
         temperature: T,
         members: vec!["a".into(), "b".into()],
+        topk_targets: None,
+        encoding: "f32".into(),
+        cached: false,
     }
+}
+
+/// [`train_batch`] with its soft targets in the top-k encoding (f16 values).
+pub fn train_batch_topk(data: &Dataset, i: usize, k: usize) -> pb::TrainBatch {
+    let mut b = train_batch(data, i);
+    let soft = b.soft_targets.take().unwrap();
+    let probs: Vec<f32> = soft
+        .data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let format = distill_core::topk::TopKFormat::new(10, k).unwrap();
+    let bytes = distill_core::topk::encode_probs(&probs, 32, &format).unwrap();
+    b.topk_targets = Some(pb::TopKTargets {
+        k: k as u32,
+        classes: 10,
+        value_dtype: pb::DType::DtypeF16 as i32,
+        data: bytes.into(),
+    });
+    b.encoding = format!("topk:{k}");
+    b
 }
 
 /// Test rows `start..start + n` of `synthetic:0`.
