@@ -1448,7 +1448,7 @@ fn target_fields(
                 k: k as u32,
                 classes: classes as u32,
                 value_dtype: pb::DType::DtypeF16 as i32,
-                data: bytes.into(),
+                data: bytes,
             }),
         )),
     }

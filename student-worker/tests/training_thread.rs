@@ -266,7 +266,7 @@ fn trains_on_top_k_targets_and_rejects_malformed_ones() {
     if let Some(tk) = bad.topk_targets.as_mut() {
         let mut v = tk.data.to_vec();
         v[4..6].copy_from_slice(&10u16.to_le_bytes());
-        tk.data = v.into();
+        tk.data = v;
     }
     t.commands
         .blocking_send(Command::Train(Box::new(bad)))

@@ -87,7 +87,7 @@ pub fn train_batch_topk(data: &Dataset, i: usize, k: usize) -> pb::TrainBatch {
         k: k as u32,
         classes: 10,
         value_dtype: pb::DType::DtypeF16 as i32,
-        data: bytes.into(),
+        data: bytes,
     });
     b.encoding = format!("topk:{k}");
     b
