@@ -1,22 +1,25 @@
 //! Training throughput at batch 128 on random data: samples/s of a full step (training forward
-//! with the spec's dropout, cross-entropy, backward, optimizer update) for the MNIST networks,
-//! with SGD (momentum 0.9) and AdamW; plus the optimizer update alone, ours (fused, in place)
-//! against candle-nn's `AdamW`/`SGD` on the same parameters.
+//! with the spec's dropout, loss, backward, optimizer update) for the MNIST networks, with SGD
+//! (momentum 0.9) and AdamW, through `train_step` (the fast MLP path on the CPU) and through
+//! candle's autograd (`train_step_autograd`, the path before issue 7), plus the student's
+//! distillation step (KD loss against soft targets, T = 20, alpha = 0.9). The last column is the
+//! optimizer update alone (our fused in-place pass), on gradients of one real step.
 //!
 //! `cargo bench -p distill-core --bench train_speed`. Environment: `BENCH_SECS` (seconds per
-//! case, default 4), `BENCH_ARCHS` (comma-separated, default the three below). Set
-//! `RAYON_NUM_THREADS` to pin the thread count; on a shared machine check it is quiet.
+//! case, default 4), `BENCH_ARCHS` (comma-separated, default the three below), `BENCH_PATHS`
+//! (`fast,autograd` by default), `BENCH_OBJ` (`ce,kd` by default; kd runs for MLPs only). Set
+//! `RAYON_NUM_THREADS` to pin the thread count; on a shared machine check it is quiet. Lines
+//! starting with `RESULT` carry the figures as JSON.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benches fail loudly by design
 
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use candle_nn::optim::{AdamW, Optimizer as _, ParamsAdamW, SGD};
 use distill_core::model::TrainableModel;
 use distill_core::optim::{OptimConfig, Optimizer};
 use distill_core::spec::{Arch, ModelSpec};
-use distill_core::train::{Batch, CrossEntropy, step_rng, train_step};
+use distill_core::speed::{Budget, StepObjective, StepPath, measure};
 
 const BATCH: usize = 128;
 
@@ -32,15 +35,16 @@ fn main() -> anyhow::Result<()> {
     let archs = std::env::var("BENCH_ARCHS").unwrap_or_else(|_| {
         "mlp:784-800-800-10,mlp:784-1200-1200-10,conv:32-64-256-10".to_string()
     });
+    let paths = std::env::var("BENCH_PATHS").unwrap_or_else(|_| "fast,autograd".into());
+    let objs = std::env::var("BENCH_OBJ").unwrap_or_else(|_| "ce,kd".into());
     let budget = Duration::from_secs_f64(secs);
-    let dev = Device::Cpu;
     println!(
         "threads {}, batch {BATCH}, {secs} s per case",
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<22} {:<7} {:>12} {:>12} {:>14} {:>14}",
-        "arch", "optim", "step/s", "samples/s", "update ms", "candle-nn ms"
+        "{:<22} {:<6} {:<4} {:>14} {:>14} {:>8} {:>10}",
+        "arch", "optim", "loss", "fast samples/s", "autograd s/s", "speedup", "update ms"
     );
     for arch in archs.split(',') {
         let arch = Arch::parse(arch.trim())?;
@@ -50,95 +54,90 @@ fn main() -> anyhow::Result<()> {
             spec.dropout = 0.5;
             spec.input_dropout = 0.2;
         }
-        let n = BATCH * 8;
-        let x = Tensor::rand(0f32, 1f32, [vec![n], arch.input_shape()].concat(), &dev)?;
-        let y = Tensor::from_vec(
-            (0..n as u32)
-                .map(|i| (i * 7) % arch.classes() as u32)
-                .collect::<Vec<_>>(),
-            n,
-            &dev,
-        )?;
+        let is_mlp = matches!(arch, Arch::Mlp { .. });
         for (name, cfg) in [
             ("sgd", OptimConfig::sgd(0.01, 0.9)),
             ("adamw", OptimConfig::adamw(1e-4, 0.0)),
         ] {
-            let tm = TrainableModel::init(spec.clone(), 0, &dev)?;
-            let mut opt = Optimizer::new(cfg.clone(), tm.named_vars()?)?;
-            let mut step = |i: u64| -> anyhow::Result<()> {
-                let b = (i as usize) % 8;
-                let idx: Vec<usize> = (b * BATCH..(b + 1) * BATCH).collect();
-                let batch = Batch {
-                    idx: &idx,
-                    x: x.narrow(0, b * BATCH, BATCH)?,
-                    y: y.narrow(0, b * BATCH, BATCH)?,
-                };
-                let mut rng = step_rng(0, i);
-                train_step(&tm, &mut opt, &batch, cfg.lr, &mut rng, &mut CrossEntropy)?;
-                Ok(())
-            };
-            for i in 0..3 {
-                step(i)?;
-            }
-            let t = Instant::now();
-            let mut steps = 0u64;
-            while t.elapsed() < budget || steps < 5 {
-                step(3 + steps)?;
-                steps += 1;
-            }
-            let per_s = steps as f64 / t.elapsed().as_secs_f64();
-
-            // The update alone, on gradients of one real step.
-            let vars = tm.named_vars()?;
-            let logits = tm.model.forward(&x.narrow(0, 0, BATCH)?)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y.narrow(0, 0, BATCH)?)?;
-            let grads = loss.backward()?;
-            let ours = time_per_call(budget / 4, || {
-                opt.step(&grads, cfg.lr)?;
-                Ok(())
-            })?;
-            let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-            let theirs = if name == "sgd" {
-                // candle-nn's SGD has no momentum: a lower bound on its cost.
-                let mut o = SGD::new(plain, cfg.lr)?;
-                time_per_call(budget / 4, || Ok(o.step(&grads)?))?
-            } else {
-                let mut o = AdamW::new(
-                    plain,
-                    ParamsAdamW {
-                        lr: cfg.lr,
-                        weight_decay: 0.0,
-                        ..Default::default()
+            for obj in objs.split(',') {
+                let objective = match obj.trim() {
+                    "ce" => StepObjective::CrossEntropy,
+                    "kd" if is_mlp => StepObjective::Kd {
+                        temperature: 20.0,
+                        alpha: 0.9,
                     },
-                )?;
-                time_per_call(budget / 4, || Ok(o.step(&grads)?))?
-            };
-            println!(
-                "{:<22} {:<7} {:>12.1} {:>12.0} {:>14.2} {:>14.2}",
-                arch.to_string(),
-                name,
-                per_s,
-                per_s * BATCH as f64,
-                ours * 1e3,
-                theirs * 1e3
-            );
+                    _ => continue,
+                };
+                let run = |path: &str, p: StepPath| -> anyhow::Result<Option<f64>> {
+                    if !paths.split(',').any(|x| x.trim() == path) {
+                        return Ok(None);
+                    }
+                    Ok(Some(measure(
+                        &spec,
+                        &cfg,
+                        BATCH,
+                        Budget::Seconds(secs),
+                        objective,
+                        p,
+                    )?))
+                };
+                let fast = run("fast", StepPath::Default)?;
+                let slow = run("autograd", StepPath::Autograd)?;
+                let update = update_ms(&spec, &cfg, budget / 4)?;
+                let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                let speedup = match (fast, slow) {
+                    (Some(f), Some(s)) => format!("{:.2}x", f / s),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<22} {:<6} {:<4} {:>14} {:>14} {:>8} {:>10.2}",
+                    arch.to_string(),
+                    name,
+                    obj.trim(),
+                    fmt(fast),
+                    fmt(slow),
+                    speedup,
+                    update
+                );
+                println!(
+                    "RESULT {}",
+                    serde_json::json!({
+                        "arch": arch.to_string(), "optim": name, "loss": obj.trim(),
+                        "threads": candle_core::utils::get_num_threads(), "batch": BATCH,
+                        "fast_samples_per_s": fast, "autograd_samples_per_s": slow,
+                        "update_ms": update,
+                    })
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// Mean seconds per call of `f` over about `budget` (at least 5 calls, after 2 warm-up calls).
-fn time_per_call(
-    budget: Duration,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
-    f()?;
-    f()?;
+/// Milliseconds per optimizer update (the fused in-place pass), on the gradients of one step.
+fn update_ms(spec: &ModelSpec, cfg: &OptimConfig, budget: Duration) -> anyhow::Result<f64> {
+    let dev = Device::Cpu;
+    let arch = &spec.arch;
+    let tm = TrainableModel::init(spec.clone(), 0, &dev)?;
+    let mut opt = Optimizer::new(cfg.clone(), tm.named_vars()?)?;
+    let x = Tensor::rand(0f32, 1f32, [vec![BATCH], arch.input_shape()].concat(), &dev)?;
+    let y = Tensor::from_vec(
+        (0..BATCH as u32)
+            .map(|i| (i * 7) % arch.classes() as u32)
+            .collect::<Vec<_>>(),
+        BATCH,
+        &dev,
+    )?;
+    let logits = tm.model.forward(&x)?;
+    let grads = candle_nn::loss::cross_entropy(&logits, &y)?.backward()?;
+    for _ in 0..2 {
+        opt.step(&grads, cfg.lr)?;
+    }
     let t = Instant::now();
     let mut n = 0u32;
     while t.elapsed() < budget || n < 5 {
-        f()?;
+        opt.step(&grads, cfg.lr)?;
         n += 1;
     }
-    Ok(t.elapsed().as_secs_f64() / n as f64)
+    Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(n))
 }

@@ -155,6 +155,24 @@ impl Model {
         self.precision = precision;
     }
 
+    /// The `(weight [out, in], bias [out])` of every layer when the fast MLP training step
+    /// ([`crate::fast_mlp`]) applies: an MLP with its weights on the CPU, computing in f32.
+    pub(crate) fn fast_mlp_layers(&self) -> Option<Vec<(Tensor, Tensor)>> {
+        let Layers::Mlp(linears) = &self.layers else {
+            return None;
+        };
+        if !self.device.is_cpu() || self.precision != Precision::F32 {
+            return None;
+        }
+        linears
+            .iter()
+            .map(|l| {
+                let (w, b) = (l.weight(), l.bias()?);
+                (w.dtype() == DType::F32 && b.dtype() == DType::F32).then(|| (w.clone(), b.clone()))
+            })
+            .collect()
+    }
+
     /// Inference: logits with dropout off.
     ///
     /// # Shapes

@@ -112,6 +112,10 @@ pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
 /// One optimisation step: training forward pass (dropout masks from `rng`), the objective's
 /// loss, backward, clipping and the optimizer update at learning rate `lr`.
 ///
+/// MLPs training in f32 on the CPU take the fast path of [`crate::fast_mlp`] (no autograd graph
+/// for the network; same results within rounding, same dropout masks); everything else runs
+/// [`train_step_autograd`].
+///
 /// A non-finite loss is an error and leaves the parameters untouched.
 ///
 /// # Shapes
@@ -124,8 +128,37 @@ pub fn train_step(
     rng: &mut ChaCha8Rng,
     objective: &mut dyn Objective,
 ) -> Result<StepOutput> {
+    if let Some(out) = crate::fast_mlp::train_step(model, opt, batch, lr, rng, objective)? {
+        return Ok(out);
+    }
+    train_step_autograd(model, opt, batch, lr, rng, objective)
+}
+
+/// [`train_step`] through candle's autograd for every model (any arch, device and precision):
+/// the reference the fast path is tested against.
+pub fn train_step_autograd(
+    model: &TrainableModel,
+    opt: &mut Optimizer,
+    batch: &Batch<'_>,
+    lr: f64,
+    rng: &mut ChaCha8Rng,
+    objective: &mut dyn Objective,
+) -> Result<StepOutput> {
     let logits = model.model.forward_train(&batch.x, rng)?;
     let loss = objective.loss(batch, &logits)?;
+    let value = check_loss(&loss, objective, opt)?;
+    let grads = loss.backward()?;
+    let stats = opt.step(&grads, lr)?;
+    Ok(StepOutput {
+        loss: value,
+        correct: count_correct(&logits.detach(), &batch.y)?,
+        samples: batch.x.dim(0)?,
+        grad_norm: stats.grad_norm,
+    })
+}
+
+/// The loss's value, or the "diverged" error when it is not finite (before any update).
+pub(crate) fn check_loss(loss: &Tensor, objective: &dyn Objective, opt: &Optimizer) -> Result<f32> {
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !value.is_finite() {
         return Err(Error::Config(format!(
@@ -135,14 +168,7 @@ pub fn train_step(
             opt.step_count() + 1
         )));
     }
-    let grads = loss.backward()?;
-    let stats = opt.step(&grads, lr)?;
-    Ok(StepOutput {
-        loss: value,
-        correct: count_correct(&logits.detach(), &batch.y)?,
-        samples: batch.x.dim(0)?,
-        grad_norm: stats.grad_norm,
-    })
+    Ok(value)
 }
 
 /// Rows of `logits` `[B, classes]` whose arg-max equals `labels` `[B]`.
