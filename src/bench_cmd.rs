@@ -1,7 +1,18 @@
 //! `distill bench`: throughput figures measured in one run on loopback, printed as a table
 //! (BENCHMARKS.md holds the results with the commands).
 //!
-//! Sections (`--only` picks some; all by default):
+//! Sections (`--only` picks some; all by default). Figures are ratios measured in the same run;
+//! single-worker runs here set `sync.every = 0` (no averaging rounds: one worker has nothing to
+//! average, and a lone worker's upload would only cost time).
+//! - `e2e` (a): end-to-end distillation samples/s (one worker, a teacher that keeps up) ÷ the
+//!   same student trained on soft targets precomputed in memory (the limit).
+//! - `teacher` (b): teacher-server rows/s ÷ in-process forward at batch 128 and 1024.
+//! - `slow` (c): teachers with a fixed extra latency per pass (4× the student's step time, one
+//!   batch per pass) behind 1, 2 and 4 replicas: student wait fraction and samples/s.
+//! - `bytes` (d): soft-target bytes per sample on the wire for each encoding, for 10 and 32,000
+//!   classes, and the KD-loss difference of top-k against dense targets.
+//! - `cache` (e): epochs 2+ with the soft-target cache ÷ student-only, and the teacher batches
+//!   asked per epoch (0 after epoch 1 is the proof).
 //! - `workers`: the same distillation with 1 and 2 student workers (synchronisation rounds
 //!   every `--sync-every` updates) behind a teacher fast enough not to be the bottleneck:
 //!   samples/s, rounds, seconds per round (coordinator: first contribution to close; workers:
@@ -25,7 +36,8 @@ use crate::local::LocalMember;
 /// Flags of `distill bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Sections to run (comma-separated): workers. Default: all.
+    /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, workers. Default:
+    /// all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -70,9 +82,286 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.student,
         a.batch
     );
+    let mut limit = None;
+    if wants("e2e") || wants("slow") || wants("cache") {
+        let (sps, step) = student_only(&a)?;
+        println!();
+        println!(
+            "[student-only] {} trained on precomputed soft targets: {sps:.0} samples/s ({:.1} ms per step)",
+            a.student,
+            1e3 * step
+        );
+        limit = Some((sps, step));
+    }
+    let mut e2e_sps = None;
+    if let (true, Some((sps, _))) = (wants("e2e"), limit) {
+        e2e_sps = Some(rt.block_on(e2e(&a, &out, sps))?);
+    }
+    if wants("teacher") {
+        rt.block_on(teacher(&a))?;
+    }
+    if let (true, Some((sps, step))) = (wants("slow"), limit) {
+        rt.block_on(slow(&a, &out, step, e2e_sps.unwrap_or(sps)))?;
+    }
+    if wants("bytes") {
+        bytes()?;
+    }
+    if let (true, Some((sps, _))) = (wants("cache"), limit) {
+        rt.block_on(cache(&a, &out, sps))?;
+    }
     if wants("workers") {
         rt.block_on(workers(&a, &out))?;
     }
+    Ok(())
+}
+
+/// Samples/s and seconds per step of the student trained on soft targets held in memory (the
+/// worker's `Student::train`, the same update the distributed run makes).
+fn student_only(a: &BenchArgs) -> anyhow::Result<(f64, f64)> {
+    use student_worker::decode::{Targets, TrainData};
+    let data = distill_core::data::Dataset::load(&a.data)?;
+    let teacher = random_teacher(&a.teacher)?.to_model(&candle_core::Device::Cpu)?;
+    let cfg = base_config(a, PathBuf::from("unused"));
+    let settings = cfg.student_settings()?;
+    let n = data.train.len();
+    let batches = n.div_ceil(a.batch);
+    let mut student =
+        student_worker::student::Student::new(settings, batches as u64, &candle_core::Device::Cpu)?;
+    let mut prepared = Vec::with_capacity(batches);
+    for b in 0..batches {
+        let idx: Vec<usize> = (b * a.batch..((b + 1) * a.batch).min(n)).collect();
+        let x = data.train.rows_f32(&idx);
+        let mut shape = vec![idx.len()];
+        shape.extend(&data.input_shape);
+        let xt = candle_core::Tensor::from_slice(&x, shape.as_slice(), &candle_core::Device::Cpu)?;
+        let z = teacher.forward(&xt)?;
+        let p = distill_core::kd::tempered_softmax(&z, cfg.temperature)?;
+        let soft = p.flatten_all()?.to_vec1::<f32>()?;
+        prepared.push(TrainData {
+            lease_id: b as u64,
+            epoch: 0,
+            index: b as u32,
+            x,
+            x_shape: shape,
+            y: data.train.labels(&idx),
+            soft: Targets::Dense(soft),
+            rows: idx.len(),
+        });
+    }
+    student.train(&prepared[0])?; // warm-up
+    let t0 = Instant::now();
+    let mut rows = 0;
+    for _ in 0..a.epochs {
+        for d in &prepared {
+            student.train(d)?;
+            rows += d.rows;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let steps = (prepared.len() * a.epochs as usize) as f64;
+    Ok((rows as f64 / secs, secs / steps))
+}
+
+fn one_worker_config(a: &BenchArgs, dir: PathBuf) -> RunConfig {
+    let mut cfg = base_config(a, dir);
+    cfg.sync.every = 0;
+    cfg
+}
+
+async fn e2e(a: &BenchArgs, out: &std::path::Path, limit: f64) -> anyhow::Result<f64> {
+    let members = [LocalMember {
+        name: "t".into(),
+        checkpoint: random_teacher(&a.teacher)?,
+        replicas: 1,
+        opts: Default::default(),
+    }];
+    let dir = out.join("e2e");
+    let o = crate::local::run(one_worker_config(a, dir.clone()), &members, 1, dir).await?;
+    let r = &o.report;
+    println!();
+    println!(
+        "[e2e] (a) end-to-end distillation, 1 worker, teacher {}",
+        a.teacher
+    );
+    println!(
+        "end-to-end {:.0} samples/s, student waited {:.1}% of its time; ÷ student-only = {:.3} (target ≥ 0.95)",
+        r.samples_per_sec,
+        100.0 * r.student_wait_fraction,
+        r.samples_per_sec / limit
+    );
+    print_time_line(r, a.batch, limit);
+    Ok(r.samples_per_sec)
+}
+
+/// Where a worker's time per batch went: the step (slower than alone when other roles share the
+/// cores), the wait for batches, and the rest (decode, acks).
+fn print_time_line(r: &coordinator::RunReport, batch: usize, limit: f64) {
+    let n = r.batches_trained.max(1) as f64;
+    let wall = 1e3 * (r.batches_trained as f64 * batch as f64) / r.samples_per_sec.max(1e-9) / n;
+    let step = 1e3 * r.student_step_seconds / n;
+    let wait = 1e3 * r.student_wait_seconds / n;
+    println!(
+        "per batch: {wall:.2} ms wall = {step:.2} ms step (alone: {:.2} ms) + {wait:.2} ms waiting + {:.2} ms other",
+        1e3 * batch as f64 / limit,
+        (wall - step - wait).max(0.0)
+    );
+}
+
+async fn teacher(a: &BenchArgs) -> anyhow::Result<()> {
+    use teacher_server::bench::{in_process, served};
+    let arch = "mlp:784-1200-1200-10";
+    let ck = random_teacher(arch)?;
+    println!();
+    println!("[teacher] (b) teacher server ÷ in-process forward, {arch}, 16 requests in flight");
+    println!(
+        "{:>6} {:>14} {:>14} {:>14} {:>10} {:>10}",
+        "batch", "in-process/s", "server f32/s", "server u8/s", "f32 ratio", "u8 ratio"
+    );
+    let secs = 3.0;
+    for batch in [128usize, 1024] {
+        let local = in_process(&ck, batch, secs)?;
+        let f = served(&ck, batch, secs, 16, distill_proto::DType::F32).await?;
+        let u = served(&ck, batch, secs, 16, distill_proto::DType::U8).await?;
+        println!(
+            "{batch:>6} {local:>14.0} {f:>14.0} {u:>14.0} {:>10.3} {:>10.3}",
+            f / local,
+            u / local
+        );
+    }
+    let _ = a;
+    Ok(())
+}
+
+async fn slow(
+    a: &BenchArgs,
+    out: &std::path::Path,
+    step_secs: f64,
+    reference: f64,
+) -> anyhow::Result<()> {
+    let latency = std::time::Duration::from_secs_f64(4.0 * step_secs);
+    println!();
+    println!(
+        "[slow] (c) teachers {:.0} ms per pass (4× the student step), one batch per pass, prefetch 8",
+        1e3 * latency.as_secs_f64()
+    );
+    println!(
+        "{:>9} {:>12} {:>12} {:>16}",
+        "replicas", "samples/s", "wait %", "÷ end-to-end (a)"
+    );
+    for replicas in [1usize, 2, 4] {
+        let members = [LocalMember {
+            name: "t".into(),
+            checkpoint: random_teacher(&a.teacher)?,
+            replicas,
+            opts: teacher_server::ServeOptions {
+                max_batch: a.batch,
+                simulate_latency: latency,
+                ..Default::default()
+            },
+        }];
+        let dir = out.join(format!("slow-{replicas}"));
+        let mut cfg = one_worker_config(a, dir.clone());
+        cfg.epochs = 1;
+        let o = crate::local::run(cfg, &members, 1, dir).await?;
+        let r = &o.report;
+        println!(
+            "{replicas:>9} {:>12.0} {:>12.1} {:>16.3}",
+            r.samples_per_sec,
+            100.0 * r.student_wait_fraction,
+            r.samples_per_sec / reference
+        );
+    }
+    Ok(())
+}
+
+fn bytes() -> anyhow::Result<()> {
+    use coordinator::config::SoftTargetEncoding as E;
+    use prost::Message;
+    println!();
+    println!("[bytes] (d) soft-target bytes per sample on the wire (TrainBatch fields, protobuf)");
+    println!(
+        "{:>8} {:>10} {:>14} {:>14}",
+        "classes", "encoding", "bytes/sample", "KD loss Δ rel"
+    );
+    let rows = 128;
+    for classes in [10usize, 32_000] {
+        // Peaked, Zipf-like teacher logits at T: what a trained teacher's look like.
+        let mut logits = Vec::with_capacity(rows * classes);
+        for r in 0..rows {
+            for c in 0..classes {
+                let rank = ((c + 7 * r) % classes) as f32 + 1.0;
+                logits.push(-2.0 * rank.ln());
+            }
+        }
+        let z =
+            candle_core::Tensor::from_slice(&logits, (rows, classes), &candle_core::Device::Cpu)?;
+        let probs = candle_core::D::Minus1;
+        let p = candle_nn::ops::softmax(&z, probs)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let student = (z.affine(0.5, 0.0)?).clone();
+        let mut encodings = vec![E::F32, E::F16, E::Bf16];
+        encodings.push(E::TopK(if classes > 32 { 32 } else { 3 }));
+        for enc in encodings {
+            let bytes = coordinator::run::encode_targets(&p, rows, classes, enc)?;
+            let (dense, topk) = coordinator::run::target_fields(bytes, rows, classes, enc)?;
+            let wire = dense.map_or(0, |t| t.encoded_len()) + topk.map_or(0, |t| t.encoded_len());
+            let gap = match enc.topk_format(classes)? {
+                Some(f) => {
+                    let g = distill_core::topk::loss_gap(&logits, rows, &student, 1.0, &f)?;
+                    format!("{:.2e}", g.rel_diff)
+                }
+                None => "-".into(),
+            };
+            println!(
+                "{classes:>8} {:>10} {:>14.1} {gap:>14}",
+                enc.to_string(),
+                wire as f64 / rows as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn cache(a: &BenchArgs, out: &std::path::Path, limit: f64) -> anyhow::Result<()> {
+    let members = [LocalMember {
+        name: "t".into(),
+        checkpoint: random_teacher(&a.teacher)?,
+        replicas: 1,
+        opts: Default::default(),
+    }];
+    let dir = out.join("cache-run");
+    let mut cfg = one_worker_config(a, dir.clone());
+    cfg.epochs = cfg.epochs.max(3);
+    cfg.cache = Some(coordinator::cache::CacheConfig {
+        dir: out.join("cache"),
+        mode: coordinator::cache::CacheMode::ReadWrite,
+    });
+    let o = crate::local::run(cfg, &members, 1, dir.clone()).await?;
+    let r = &o.report;
+    // Epochs 2+ from the per-epoch lines of metrics.jsonl (cumulative samples and seconds).
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .with_context(|| format!("reading {}", dir.join("metrics.jsonl").display()))?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let get = |i: usize, k: &str| lines.get(i).and_then(|l| l[k].as_f64()).unwrap_or(0.0);
+    let last = lines.len().saturating_sub(1);
+    let later = (get(last, "samples") - get(0, "samples"))
+        / (get(last, "seconds") - get(0, "seconds")).max(1e-9);
+    println!();
+    println!("[cache] (e) soft-target cache, {} epochs", r.epochs);
+    println!(
+        "epoch 1 (teachers) {:.0} samples/s; epochs 2+ (cache) {later:.0} samples/s; ÷ student-only = {:.3} (target ≥ 0.98)",
+        get(0, "samples") / get(0, "seconds").max(1e-9),
+        later / limit
+    );
+    println!(
+        "teacher batches per epoch {:?}, cached batches per epoch {:?}",
+        r.teacher_batches_per_epoch, r.cached_batches_per_epoch
+    );
+    print_time_line(r, a.batch, limit);
     Ok(())
 }
 

@@ -80,6 +80,7 @@ pub async fn run(
                 work_dir: work_root.join(format!("worker-{i}")),
                 worker_id: Some(format!("worker-{i}")),
                 connect_timeout: Duration::from_secs(30),
+                prefetch: 8,
                 ..Default::default()
             };
             tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))

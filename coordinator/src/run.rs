@@ -1427,7 +1427,7 @@ pub fn encode_targets(
 }
 
 /// The batch's soft-target fields for encoded rows.
-fn target_fields(
+pub fn target_fields(
     bytes: Vec<u8>,
     rows: usize,
     classes: usize,

@@ -199,6 +199,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
 
     let window = cfg.prefetch as usize;
     let shapes = settings.spec.arch.param_shapes();
+    let reader_spec = batch_spec.clone();
     let stop = CancellationToken::new();
     let training = trainer::spawn(
         Setup {
@@ -241,7 +242,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             return Err(stopped(done, &stop).await);
         }
     };
-    let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(inbound, commands, shapes));
+    let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(
+        inbound,
+        commands,
+        shapes,
+        reader_spec,
+        cfg.device.clone(),
+    ));
     let mut reader_result: Option<Result<()>> = None;
     let mut cancelled = false;
 
@@ -455,6 +462,8 @@ async fn read_batches(
     mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
     commands: mpsc::Sender<Command>,
     shapes: Vec<(String, Vec<usize>)>,
+    batch_spec: BatchSpec,
+    device: Device,
 ) -> Result<()> {
     use pb::coordinator_message::Kind;
     let mut done = false;
@@ -529,7 +538,20 @@ async fn read_batches(
                 }
             }
             Some(Kind::SyncNow(_)) => Command::SyncNow,
-            Some(Kind::Train(b)) => Command::Train(Box::new(b)),
+            Some(Kind::Train(b)) => {
+                // Decode and copy to the device here, off the training thread, so it overlaps
+                // the update in progress.
+                let (spec, dev) = (batch_spec.clone(), device.clone());
+                let ready = tokio::task::spawn_blocking(move || {
+                    decode::decode_train(b, &spec).and_then(|d| student::upload(d, &dev))
+                })
+                .await;
+                match ready {
+                    Ok(Ok(u)) => Command::Uploaded(Box::new(u)),
+                    Ok(Err(e)) => Command::Invalid(e),
+                    Err(e) => Command::Invalid(Error::Panic(e.to_string())),
+                }
+            }
             Some(Kind::Eval(b)) => Command::Eval(Box::new(b)),
             Some(Kind::Done(pb::Done { reason })) => {
                 tracing::info!(%reason, "coordinator: done");

@@ -158,15 +158,16 @@ impl Student {
     /// # Shapes
     /// `d.x`: `[B, ...input_shape]`, `d.y`: `[B]`, `d.soft`: `[B, classes]`.
     pub fn train(&mut self, d: &TrainData) -> Result<StepOutput> {
-        let x = Tensor::from_slice(&d.x, d.x_shape.as_slice(), &self.device)?;
-        let y = Tensor::from_slice(&d.y, d.rows, &self.device)?;
-        match &d.soft {
-            Targets::Dense(p) => {
-                let classes = p.len() / d.rows.max(1);
-                let soft = Tensor::from_slice(p, (d.rows, classes), &self.device)?;
-                self.objective.set_targets(soft);
-            }
-            Targets::TopK(t) => self.objective.set_sparse_targets(t.clone()),
+        let u = upload(d.clone(), &self.device)?;
+        self.train_uploaded(u)
+    }
+
+    /// One KD update on a batch already on the device (see [`upload`]).
+    pub fn train_uploaded(&mut self, u: Uploaded) -> Result<StepOutput> {
+        let Uploaded { x, y, soft, .. } = u;
+        match soft {
+            UploadedTargets::Dense(p) => self.objective.set_targets(p),
+            UploadedTargets::TopK(t) => self.objective.set_sparse_targets(t),
         }
         let step = self.step();
         let lr = self.next_lr();
@@ -256,6 +257,55 @@ impl Student {
         atomic_write(&dir.join(STUDENT_FILE), &student)?;
         Ok(Bytes::from(student))
     }
+}
+
+/// A training batch on the model's device, ready for [`Student::train_uploaded`].
+#[derive(Debug)]
+pub struct Uploaded {
+    /// Lease id to ack with.
+    pub lease_id: u64,
+    /// Epoch of the batch.
+    pub epoch: u32,
+    /// Rows in the batch.
+    pub rows: usize,
+    /// Inputs `[B, ...input_shape]`.
+    pub x: Tensor,
+    /// Labels `[B]`.
+    pub y: Tensor,
+    /// The soft targets.
+    pub soft: UploadedTargets,
+}
+
+/// Soft targets of an [`Uploaded`] batch.
+#[derive(Debug)]
+pub enum UploadedTargets {
+    /// Probabilities `[B, classes]` on the device.
+    Dense(Tensor),
+    /// Top-k targets (host side; the sparse loss gathers on the device).
+    TopK(distill_core::topk::SparseTargets),
+}
+
+/// Copies a decoded batch to `device`. The worker does this off the training thread, so the
+/// conversion and the host→device copy of batch n+1 overlap the update of batch n (on CUDA the
+/// copy goes through candle's one stream; it overlaps the host work, not the kernels).
+pub fn upload(d: TrainData, device: &Device) -> Result<Uploaded> {
+    let x = Tensor::from_vec(d.x, d.x_shape.as_slice(), device)?;
+    let y = Tensor::from_vec(d.y, d.rows, device)?;
+    let soft = match d.soft {
+        Targets::Dense(p) => {
+            let classes = p.len() / d.rows.max(1);
+            UploadedTargets::Dense(Tensor::from_vec(p, (d.rows, classes), device)?)
+        }
+        Targets::TopK(t) => UploadedTargets::TopK(t),
+    };
+    Ok(Uploaded {
+        lease_id: d.lease_id,
+        epoch: d.epoch,
+        rows: d.rows,
+        x,
+        y,
+        soft,
+    })
 }
 
 /// Keeps the current optimizer file as `prev`, then writes the new one.

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::{BatchSpec, decode_eval, decode_train};
-use crate::student::{STUDENT_FILE, Student};
+use crate::student::{STUDENT_FILE, Student, Uploaded, upload};
 use crate::{Error, Result};
 use distill_proto::params::Param;
 
@@ -35,6 +35,10 @@ use distill_proto::params::Param;
 pub enum Command {
     /// Train one step on this batch and ack it.
     Train(Box<pb::TrainBatch>),
+    /// Train one step on this batch, already decoded and on the device, and ack it.
+    Uploaded(Box<Uploaded>),
+    /// A batch that failed to decode: keep the state, end with this error.
+    Invalid(Error),
     /// Count this test batch's errors.
     Eval(Box<pb::EvalBatch>),
     /// Write the final checkpoint and end.
@@ -335,28 +339,41 @@ fn run(
             Command::SyncNow => {
                 contribute(&student, &mut sy, true, &acks)?;
             }
-            Command::Train(b) => {
+            Command::Invalid(e) => {
+                // The state is consistent (nothing trained on the batch): keep it.
+                if let Err(ce) = student.save(&work_dir, &worker_id) {
+                    tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
+                }
+                return Err(e);
+            }
+            cmd @ (Command::Train(_) | Command::Uploaded(_)) => {
                 let wait = if queued {
                     0.0
                 } else {
                     idle.elapsed().as_secs_f64()
                 };
-                let d = match decode_train(*b, &batch_spec) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // The state is consistent (nothing trained on the batch): keep it.
-                        if let Err(ce) = student.save(&work_dir, &worker_id) {
-                            tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
+                let d = match cmd {
+                    Command::Uploaded(u) => *u,
+                    Command::Train(b) => {
+                        match decode_train(*b, &batch_spec).and_then(|d| upload(d, &device)) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                if let Err(ce) = student.save(&work_dir, &worker_id) {
+                                    tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
+                                }
+                                return Err(e);
+                            }
                         }
-                        return Err(e);
                     }
+                    _ => continue,
                 };
+                let (rows, epoch, lease_id) = (d.rows, d.epoch, d.lease_id);
                 let started = Instant::now();
-                let out = student.train(&d)?;
+                let out = student.train_uploaded(d)?;
                 let step_seconds = started.elapsed().as_secs_f64();
                 let step = student.step();
                 t.batches += 1;
-                t.samples += d.rows as u64;
+                t.samples += rows as u64;
                 t.wait_seconds += wait;
                 t.step_seconds += step_seconds;
                 t.loss_sum += f64::from(out.loss);
@@ -368,7 +385,7 @@ fn run(
                 if epoch_end {
                     tracing::info!(
                         step,
-                        epoch = d.epoch,
+                        epoch,
                         mean_loss = t.loss_sum / t.loss_n.max(1) as f64,
                         samples_per_s =
                             t.samples as f64 / (t.step_seconds + t.wait_seconds).max(1e-9),
@@ -377,9 +394,9 @@ fn run(
                     );
                     (t.loss_sum, t.loss_n) = (0.0, 0);
                 }
-                tracing::debug!(step, lease = d.lease_id, loss = out.loss, "trained");
+                tracing::debug!(step, lease = lease_id, loss = out.loss, "trained");
                 let ack = pb::Ack {
-                    lease_id: d.lease_id,
+                    lease_id,
                     loss: out.loss,
                     step,
                     wait_seconds: wait as f32,
@@ -390,7 +407,7 @@ fn run(
                     break;
                 }
                 sy.steps += 1;
-                sy.samples += d.rows as u64;
+                sy.samples += rows as u64;
                 if sync.every > 0 && sy.steps >= sync.every {
                     contribute(&student, &mut sy, false, &acks)?;
                 }

@@ -6,6 +6,7 @@
 //! listener and calls [`serve`]. Tests call [`serve`] in-process on `127.0.0.1:0`.
 
 pub mod batcher;
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod service;
