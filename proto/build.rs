@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "distill/v1/tensor.proto",
         "distill/v1/teacher.proto",
         "distill/v1/coordinator.proto",
+        "distill/v1/registry.proto",
     ];
     let includes = ["."];
     let fds = protox::compile(protos, includes)?;
