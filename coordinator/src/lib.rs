@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod membership;
 pub mod run;
 pub mod service;
 pub mod sync;
