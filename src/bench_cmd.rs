@@ -13,6 +13,10 @@
 //!   classes, and the KD-loss difference of top-k against dense targets.
 //! - `cache` (e): epochs 2+ with the soft-target cache ÷ student-only, and the teacher batches
 //!   asked per epoch (0 after epoch 1 is the proof).
+//! - `cpu`: CPU samples/s of one training step (batch 128) of the student (SGD, AdamW), the
+//!   teacher (`mlp:784-1200-1200-10`, dropout) and the distillation step (KD loss at T = 20):
+//!   the candle side of the candle ÷ PyTorch comparison (BENCHMARKS.md has the PyTorch side and
+//!   the commands).
 //! - `workers`: the same distillation with 1 and 2 student workers (synchronisation rounds
 //!   every `--sync-every` updates) behind a teacher fast enough not to be the bottleneck:
 //!   samples/s, rounds, seconds per round (coordinator: first contribution to close; workers:
@@ -36,8 +40,8 @@ use crate::local::LocalMember;
 /// Flags of `distill bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, workers. Default:
-    /// all.
+    /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers.
+    /// Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -58,6 +62,9 @@ pub struct BenchArgs {
     /// Local updates between synchronisation rounds (`workers`).
     #[arg(long, default_value_t = 10)]
     pub sync_every: u64,
+    /// Batches prepared ahead per worker (coordinator `prefetch` and the worker's credit window).
+    #[arg(long, default_value_t = 8)]
+    pub prefetch: usize,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -109,8 +116,60 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let (true, Some((sps, _))) = (wants("cache"), limit) {
         rt.block_on(cache(&a, &out, sps))?;
     }
+    if wants("cpu") {
+        cpu()?;
+    }
     if wants("workers") {
         rt.block_on(workers(&a, &out))?;
+    }
+    Ok(())
+}
+
+fn cpu() -> anyhow::Result<()> {
+    use distill_core::speed::{StepObjective, measure_steps};
+    println!();
+    println!(
+        "[cpu] one training step on the CPU, batch 128, {} threads (RAYON_NUM_THREADS to change)",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
+    );
+    let student = ModelSpec::new(Arch::parse("mlp:784-800-800-10")?);
+    let teacher = ModelSpec {
+        arch: Arch::parse("mlp:784-1200-1200-10")?,
+        dropout: 0.5,
+        input_dropout: 0.2,
+    };
+    let kd = StepObjective::Kd {
+        temperature: 20.0,
+        alpha: 0.9,
+    };
+    for (what, spec, optim, objective) in [
+        (
+            "student 784-800-800-10, SGD",
+            &student,
+            OptimConfig::sgd(0.01, 0.9),
+            StepObjective::CrossEntropy,
+        ),
+        (
+            "student 784-800-800-10, AdamW",
+            &student,
+            OptimConfig::adamw(1e-3, 0.0),
+            StepObjective::CrossEntropy,
+        ),
+        (
+            "teacher 784-1200-1200-10, dropout, SGD",
+            &teacher,
+            OptimConfig::sgd(0.01, 0.9),
+            StepObjective::CrossEntropy,
+        ),
+        (
+            "distillation step (student, KD at T = 20)",
+            &student,
+            OptimConfig::sgd(0.01, 0.9),
+            kd,
+        ),
+    ] {
+        let sps = measure_steps(spec, &optim, 128, 150, objective)?;
+        println!("{what:<44} {sps:>10.0} samples/s");
     }
     Ok(())
 }
@@ -241,8 +300,9 @@ async fn slow(
     let latency = std::time::Duration::from_secs_f64(4.0 * step_secs);
     println!();
     println!(
-        "[slow] (c) teachers {:.0} ms per pass (4× the student step), one batch per pass, prefetch 8",
-        1e3 * latency.as_secs_f64()
+        "[slow] (c) teachers {:.0} ms per pass (4× the student step), one batch per pass, prefetch {}",
+        1e3 * latency.as_secs_f64(),
+        a.prefetch
     );
     println!(
         "{:>9} {:>12} {:>12} {:>16}",
@@ -389,7 +449,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         soft_targets: SoftTargetEncoding::F32,
         checkpoint_every: 0,
         lease_timeout_secs: 60.0,
-        prefetch: 8,
+        prefetch: a.prefetch,
         teacher_timeout_secs: 30.0,
         max_message_mb: 64,
         min_workers: 1,

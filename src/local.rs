@@ -68,6 +68,8 @@ pub async fn run(
         });
     }
     cfg.min_workers = workers.max(1);
+    // The worker's credit window matches the coordinator's prefetch.
+    let prefetch = cfg.prefetch.clamp(1, 1024);
     cfg.validate()?;
     let run = coordinator::prepare(cfg).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -80,7 +82,7 @@ pub async fn run(
                 work_dir: work_root.join(format!("worker-{i}")),
                 worker_id: Some(format!("worker-{i}")),
                 connect_timeout: Duration::from_secs(30),
-                prefetch: 8,
+                prefetch: prefetch as u32,
                 ..Default::default()
             };
             tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))
