@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod membership;
+pub mod registry;
 pub mod run;
 pub mod service;
 pub mod sync;

@@ -363,10 +363,12 @@ pub struct Probe {
 }
 
 /// A successful registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// The replica's id.
     pub replica: ReplicaId,
+    /// Its normalised address (what heartbeats must carry).
+    pub address: String,
     /// Lease length.
     pub lease_ttl: Duration,
     /// Heartbeat period to ask for.
@@ -683,13 +685,14 @@ impl Membership {
                 events.push(Event::Joined {
                     member: member.into(),
                     replica: id,
-                    address,
+                    address: address.clone(),
                 });
                 (id, false)
             }
         };
         Ok(Registration {
             replica: id,
+            address,
             lease_ttl: self.cfg.lease_ttl,
             heartbeat_interval: self.cfg.heartbeat_interval,
             renewed,
@@ -1271,6 +1274,7 @@ mod tests {
             reg,
             Registration {
                 replica: 2,
+                address: "http://10.0.0.5:50051".into(),
                 lease_ttl: secs(10),
                 heartbeat_interval: secs(2),
                 renewed: false,
