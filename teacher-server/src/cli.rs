@@ -7,6 +7,11 @@ use anyhow::Context;
 
 use crate::{ServeOptions, build_service, load_checkpoint, serve};
 
+// Declared here so that the module stays within the files of this change; it belongs in
+// lib.rs next to the other modules.
+#[path = "register.rs"]
+pub mod register;
+
 /// Serve a distill checkpoint's tempered logits (z/T) over gRPC.
 #[derive(clap::Parser, Debug)]
 #[command(name = "teacher-server", version, about)]
@@ -38,6 +43,15 @@ pub struct Args {
     /// Benchmarking aid: add this much latency (ms) to every forward pass.
     #[arg(long, default_value_t = 0)]
     pub simulate_latency_ms: u64,
+    /// Coordinator to register this replica with, under `--member` (elastic membership), e.g.
+    /// http://coord:50050; heartbeats keep the registration, it deregisters on shutdown.
+    #[arg(long, env = "DISTILL_REGISTER")]
+    pub register: Option<String>,
+    /// Address the coordinator should dial this replica at, HOST:PORT or http://HOST:PORT
+    /// (default: the bound listen address; an unspecified host such as 0.0.0.0 is replaced by
+    /// the coordinator with the host the registration came from).
+    #[arg(long, env = "DISTILL_ADVERTISE", requires = "register")]
+    pub advertise: Option<String>,
 }
 
 /// Loads the model, prints `listening on HOST:PORT`, serves until SIGINT/SIGTERM.
@@ -56,8 +70,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    println!("listening on {}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    println!("listening on {local}");
     let shutdown = distill_proto::shutdown::on_signal();
+    let registrar = match args.register {
+        Some(coordinator) => {
+            let advertise = args.advertise.unwrap_or_else(|| local.to_string());
+            let reg_opts = register::RegisterOptions::new(
+                coordinator,
+                register::with_scheme(&advertise),
+                service.info().clone(),
+                u32::try_from(opts.max_inflight).unwrap_or(u32::MAX),
+            );
+            let view = service.clone();
+            let in_flight =
+                std::sync::Arc::new(move || u32::try_from(view.inflight()).unwrap_or(u32::MAX));
+            Some(register::spawn(reg_opts, in_flight, shutdown.clone())?)
+        }
+        None => None,
+    };
     serve(service, listener, opts.max_message_bytes, shutdown).await?;
+    if let Some(r) = registrar {
+        // It deregisters within its call deadline once the token is cancelled.
+        let _ = r.task.await;
+    }
     Ok(())
 }
