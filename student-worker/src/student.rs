@@ -251,11 +251,37 @@ impl Student {
     /// Writes the worker checkpoint into `dir` (see the module docs for the order) and returns
     /// the bytes of `student.safetensors`.
     pub fn save(&self, dir: &Path, worker_id: &str) -> Result<Bytes> {
-        let student = self.checkpoint(worker_id)?.to_bytes()?;
-        let optimizer = self.opt.state()?.to_bytes()?;
-        write_optimizer(dir, &optimizer)?;
-        atomic_write(&dir.join(STUDENT_FILE), &student)?;
-        Ok(Bytes::from(student))
+        let files = self.serialize(worker_id)?;
+        files.write(dir)?;
+        Ok(files.student)
+    }
+
+    /// The worker checkpoint's files in memory (cheap next to writing them: the training
+    /// thread serialises, a writer thread may write).
+    pub fn serialize(&self, worker_id: &str) -> Result<CheckpointFiles> {
+        Ok(CheckpointFiles {
+            student: Bytes::from(self.checkpoint(worker_id)?.to_bytes()?),
+            optimizer: self.opt.state()?.to_bytes()?,
+        })
+    }
+}
+
+/// A serialised worker checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    /// `student.safetensors`.
+    pub student: Bytes,
+    /// `optimizer.safetensors`.
+    pub optimizer: Vec<u8>,
+}
+
+impl CheckpointFiles {
+    /// Writes the files into `dir` in the documented order (optimizer state first, the
+    /// student last, each atomically).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        write_optimizer(dir, &self.optimizer)?;
+        atomic_write(&dir.join(STUDENT_FILE), &self.student)?;
+        Ok(())
     }
 }
 

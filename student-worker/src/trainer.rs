@@ -188,6 +188,50 @@ pub fn spawn(setup: Setup, capacity: usize, stop: CancellationToken) -> Result<T
     })
 }
 
+/// Writes periodic checkpoints on a thread of its own, in order, so the training thread only
+/// serialises them. At most one write waits while another runs (backpressure); the first error
+/// is reported by the next `submit` or by `finish`. The final and stop checkpoints are written
+/// by the training thread itself after `finish`, so they are always the last word.
+struct Writer {
+    tx: Option<std::sync::mpsc::SyncSender<crate::student::CheckpointFiles>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Writer {
+    fn start(dir: PathBuf) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<crate::student::CheckpointFiles>(1);
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for files in rx {
+                    files.write(&dir)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::io("checkpoint-writer thread", e))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&mut self, files: crate::student::CheckpointFiles) -> Result<()> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(files).is_ok());
+        if sent { Ok(()) } else { self.finish() }
+    }
+
+    /// Waits for every submitted checkpoint to be written; the writer's first error, if any.
+    fn finish(&mut self) -> Result<()> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Panic("checkpoint writer panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Sends the student's parameters for a round and starts waiting for the average.
 fn contribute(
     student: &Student,
@@ -289,6 +333,7 @@ fn run(
         checkpoint_bytes: bytes,
     };
     let mut sy = SyncState::default();
+    let mut writer = Writer::start(work_dir.clone())?;
     loop {
         let idle = Instant::now();
         let (cmd, queued) = match sy.backlog.pop_front() {
@@ -341,7 +386,10 @@ fn run(
             }
             Command::Invalid(e) => {
                 // The state is consistent (nothing trained on the batch): keep it.
-                if let Err(ce) = student.save(&work_dir, &worker_id) {
+                if let Err(ce) = writer
+                    .finish()
+                    .and_then(|()| student.save(&work_dir, &worker_id))
+                {
                     tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
                 }
                 return Err(e);
@@ -358,7 +406,10 @@ fn run(
                         match decode_train(*b, &batch_spec).and_then(|d| upload(d, &device)) {
                             Ok(d) => d,
                             Err(e) => {
-                                if let Err(ce) = student.save(&work_dir, &worker_id) {
+                                if let Err(ce) = writer
+                                    .finish()
+                                    .and_then(|()| student.save(&work_dir, &worker_id))
+                                {
                                     tracing::error!(error = %ce, "writing the checkpoint after a bad batch");
                                 }
                                 return Err(e);
@@ -380,7 +431,7 @@ fn run(
                 t.loss_n += 1;
                 let epoch_end = batches_per_epoch > 0 && step % batches_per_epoch == 0;
                 if (checkpoint_every > 0 && step % checkpoint_every == 0) || epoch_end {
-                    student.save(&work_dir, &worker_id)?;
+                    writer.submit(student.serialize(&worker_id)?)?;
                 }
                 if epoch_end {
                     tracing::info!(
@@ -418,6 +469,7 @@ fn run(
                 t.test_total += d.rows as u64;
             }
             Command::Finish => {
+                writer.finish()?;
                 let bytes = student.save(&work_dir, &worker_id)?;
                 tracing::info!(
                     step = student.step(),
@@ -428,6 +480,9 @@ fn run(
                 return Ok(outcome(true, &student, &t, bytes));
             }
         }
+    }
+    if let Err(e) = writer.finish() {
+        tracing::warn!(error = %e, "an earlier checkpoint could not be written");
     }
     let bytes = student.save(&work_dir, &worker_id)?;
     tracing::info!(
