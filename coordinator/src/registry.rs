@@ -556,6 +556,15 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_reflection_descriptor_set_has_the_registry() {
+        let fds = distill_proto::FILE_DESCRIPTOR_SET;
+        let has = |needle: &[u8]| fds.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"distill/v1/registry.proto"));
+        assert!(has(b"Registry"));
+        assert!(has(b"HeartbeatRequest"));
+    }
+
     #[tokio::test]
     async fn tick_expires_leases_and_wakes_waiters() {
         let svc = service();
