@@ -451,6 +451,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         lease_timeout_secs: 60.0,
         prefetch: a.prefetch,
         teacher_timeout_secs: 30.0,
+        teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: 1,
         cache: None,

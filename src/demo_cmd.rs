@@ -281,6 +281,7 @@ async fn distil(
         lease_timeout_secs: 60.0,
         prefetch: 8,
         teacher_timeout_secs: 30.0,
+        teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: a.workers.max(1),
         cache: None,

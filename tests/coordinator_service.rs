@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Starts one teacher (random weights are enough: the run's mechanics are under test).
 async fn teacher(shutdown: &CancellationToken) -> String {
+    teacher_at("127.0.0.1:0", shutdown).await
+}
+
+/// [`teacher`] listening on `addr`.
+async fn teacher_at(addr: &str, shutdown: &CancellationToken) -> String {
     let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
     let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
     let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
@@ -26,7 +31,7 @@ async fn teacher(shutdown: &CancellationToken) -> String {
         ..Default::default()
     };
     let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
-    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tl = tokio::net::TcpListener::bind(addr).await.unwrap();
     let taddr = tl.local_addr().unwrap();
     tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
     format!("http://{taddr}")
@@ -47,6 +52,7 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
         lease_timeout_secs: 30.0,
         prefetch: 2,
         teacher_timeout_secs: 10.0,
+        teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: 1,
         cache: None,
@@ -459,5 +465,98 @@ async fn top_k_soft_targets_travel_and_train() {
     cfg.soft_targets = bad;
     let e = coordinator::prepare(cfg).await.err().unwrap().to_string();
     assert!(e.contains("soft_targets"), "{e}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn under_degrade_a_member_that_is_down_is_left_out_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // A port nobody listens on: member "gone" never answers.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.members.push(MemberConfig {
+        name: "gone".into(),
+        endpoints: vec![format!("http://{dead}")],
+        weight: 3.0,
+    });
+    cfg.teacher_policy = coordinator::config::TeacherPolicy::Degrade;
+    cfg.teacher_timeout_secs = 2.0;
+    let (report, _) = run_to_end(cfg, &dir.path().join("w"), &shutdown).await;
+    assert_eq!(report.batches_trained, 24);
+    assert_eq!(
+        report.degraded_batches, 24,
+        "every batch lacked member `gone`"
+    );
+    let gone = report.members.iter().find(|m| m.member == "gone").unwrap();
+    assert_eq!(gone.requests, 0);
+    assert!(gone.failures >= 24, "{gone:?}");
+    assert!(report.retries > 0);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let late = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.members.push(MemberConfig {
+        name: "late".into(),
+        endpoints: vec![format!("http://{late}")],
+        weight: 1.0,
+    });
+    cfg.teacher_timeout_secs = 2.0;
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    let worker = {
+        let (dir, shutdown) = (dir.path().to_path_buf(), shutdown.clone());
+        tokio::spawn(async move { run_worker(caddr, &dir, &shutdown).await })
+    };
+    let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+    // Wait (with a deadline) until the coordinator has found member `late` down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = client
+            .run_status(RunStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let failures = st
+            .members
+            .iter()
+            .find(|m| m.member == "late")
+            .map_or(0, |m| m.failures);
+        if failures >= 2 {
+            assert_eq!(
+                st.batches_trained, 0,
+                "nothing trains while a member is down"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member `late` never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It comes up: the run resumes and completes with every member in every batch.
+    teacher_at(&late.to_string(), &shutdown).await;
+    worker.await.unwrap();
+    let report = served.await.unwrap().unwrap().expect("the run completed");
+    assert_eq!(report.batches_trained, 24);
+    assert_eq!(report.degraded_batches, 0);
+    let m = report.members.iter().find(|m| m.member == "late").unwrap();
+    assert!(m.requests >= 24 && m.failures >= 2, "{m:?}");
     shutdown.cancel();
 }

@@ -52,6 +52,9 @@ pub struct RunConfig {
     /// Batches prepared ahead per worker (soft targets requested ahead of need).
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// What to do when every replica of a member is down: `wait` (default) or `degrade`.
+    #[serde(default)]
+    pub teacher_policy: TeacherPolicy,
     /// Deadline of one teacher request, in seconds.
     #[serde(default = "default_teacher_timeout")]
     pub teacher_timeout_secs: f64,
@@ -162,6 +165,18 @@ impl ParamDtype {
             ParamDtype::F16 => distill_proto::DType::F16,
         }
     }
+}
+
+/// What the run does while every replica of a member is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherPolicy {
+    /// Pause the batches that need it, retry with backoff, resume when a replica is back.
+    #[default]
+    Wait,
+    /// Combine the members that answer (weights renormalised) and record on each batch which
+    /// members contributed; such batches are counted (`degraded_batches`) and never cached.
+    Degrade,
 }
 
 /// How soft targets travel (and are cached).

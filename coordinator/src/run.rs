@@ -25,7 +25,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheKey, SoftTargetCache};
-use crate::config::{RunConfig, SoftTargetEncoding};
+use crate::config::{RunConfig, SoftTargetEncoding, TeacherPolicy};
 use crate::error::{Error, Result};
 use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
 use crate::sync::{Closed, Contribution, Params, SyncRounds};
@@ -189,6 +189,8 @@ pub struct RunReport {
     pub requeued_batches: u64,
     /// Teacher requests retried on another replica.
     pub retries: u64,
+    /// Batches whose soft targets came from only the members that answered (`degrade`).
+    pub degraded_batches: u64,
     /// Per-member teacher statistics.
     pub members: Vec<MemberStats>,
     /// Wall-clock seconds of the run.
@@ -218,6 +220,8 @@ struct Stats {
     epoch_batches: u64,
     sync_secs: f64,
     down_bytes: u64,
+    /// Batches whose soft targets came from a subset of the members (`degrade` policy).
+    degraded_batches: u64,
     /// Per epoch: batches whose soft targets came from the teachers, and from the cache.
     teacher_batches: Vec<u64>,
     cached_batches: Vec<u64>,
@@ -833,6 +837,7 @@ impl Run {
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
             done,
+            degraded_batches: s.degraded_batches,
             sync_rounds: lock(&self.sync)?.version(),
             workers: s
                 .per_worker
@@ -1113,16 +1118,47 @@ impl Run {
         temperature: f32,
         stop: &CancellationToken,
     ) -> Result<Vec<Vec<f32>>> {
+        let (logits, _) = self
+            .answering_members(inputs, temperature, stop, TeacherPolicy::Wait)
+            .await?;
+        Ok(logits)
+    }
+
+    /// The tempered logits of the members that answer, with their indices. Under `wait` that
+    /// is every member (a member that is down is waited for, with backoff, until `stop`); under
+    /// `degrade` it is the members that answered, as long as one did.
+    async fn answering_members(
+        &self,
+        inputs: &HostTensor,
+        temperature: f32,
+        stop: &CancellationToken,
+        policy: TeacherPolicy,
+    ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let calls =
                 (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
             let results = futures::future::join_all(calls).await;
-            match results.into_iter().collect::<Result<Vec<_>>>() {
-                Ok(v) => return Ok(v),
-                Err(e @ Error::TeacherRejected { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "a teacher member is down; waiting for it (policy `wait`)");
+            if let Some(Err(e @ Error::TeacherRejected { .. })) = results
+                .iter()
+                .find(|r| matches!(r, Err(Error::TeacherRejected { .. })))
+                .map(|r| r.as_ref().map(|_| ()).map_err(clone_rejection))
+            {
+                return Err(e);
+            }
+            let answered: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+            let degrade = policy == TeacherPolicy::Degrade && !answered.is_empty();
+            if answered.len() == results.len() || degrade {
+                let mut logits = Vec::with_capacity(answered.len());
+                for r in results.into_iter().flatten() {
+                    logits.push(r);
+                }
+                return Ok((logits, answered));
+            }
+            match results.into_iter().find_map(|r| r.err()) {
+                None => return Err(Error::Internal("no member answered".into())),
+                Some(e) => {
+                    tracing::warn!(error = %e, ?backoff, policy = ?policy, "teacher members are down; waiting for them");
                     tokio::select! {
                         _ = stop.cancelled() => return Err(Error::ShuttingDown),
                         _ = tokio::time::sleep(backoff) => {}
@@ -1156,6 +1192,7 @@ impl Run {
             }
             None => None,
         };
+        let mut contributors: Option<Vec<String>> = None;
         let (bytes, from_cache) = match cached {
             Some(bytes) => (bytes, true),
             None => {
@@ -1165,8 +1202,21 @@ impl Run {
                         lease.batch
                     )));
                 }
-                let logits = self.member_logits(&inputs, t, &stop).await?;
-                let weights: Vec<f32> = self.pool.members.iter().map(|m| m.weight).collect();
+                let (logits, answered) = self
+                    .answering_members(&inputs, t, &stop, self.cfg.teacher_policy)
+                    .await?;
+                let weights: Vec<f32> = answered
+                    .iter()
+                    .map(|&i| self.pool.members[i].weight)
+                    .collect();
+                if answered.len() < self.pool.members.len() {
+                    contributors = Some(
+                        answered
+                            .iter()
+                            .map(|&i| self.pool.members[i].name.clone())
+                            .collect(),
+                    );
+                }
                 let mode = self.cfg.combine;
                 let bytes = tokio::task::spawn_blocking(move || {
                     let probs = combine_host(&logits, rows, classes, &weights, mode)?;
@@ -1174,7 +1224,9 @@ impl Run {
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
-                if let Some(c) = cache.filter(|c| !c.cache.is_read_only()) {
+                // Degraded targets are not the ensemble's: they never go into the cache.
+                if let Some(c) = cache.filter(|c| !c.cache.is_read_only() && contributors.is_none())
+                {
                     let (samples, b) = (lease.samples.clone(), bytes.clone());
                     tokio::task::spawn_blocking(move || c.cache.put_batch(&c.key, &samples, &b))
                         .await
@@ -1194,6 +1246,12 @@ impl Run {
             } else {
                 s.teacher_batches[e] += 1;
             }
+            if contributors.is_some() {
+                s.degraded_batches += 1;
+            }
+        }
+        if let Some(c) = &contributors {
+            tracing::warn!(batch = %lease.batch, members = ?c, "degraded batch: soft targets from the members that answered");
         }
         let (soft_targets, topk_targets) = target_fields(bytes, rows, classes, encoding)?;
         Ok(CoordinatorMessage {
@@ -1205,7 +1263,7 @@ impl Run {
                 labels: Some(labels.into()),
                 soft_targets,
                 temperature: t,
-                members: self.member_names(),
+                members: contributors.unwrap_or_else(|| self.member_names()),
                 topk_targets,
                 encoding: encoding.to_string(),
                 cached: from_cache,
@@ -1310,6 +1368,7 @@ impl Run {
             },
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
+            degraded_batches: s.degraded_batches,
             members: self.pool.stats(),
             run_seconds: self.started.elapsed().as_secs_f64(),
             student_checkpoint: student_path,
@@ -1451,6 +1510,16 @@ pub fn target_fields(
                 data: bytes,
             }),
         )),
+    }
+}
+
+fn clone_rejection(e: &Error) -> Error {
+    match e {
+        Error::TeacherRejected { member, msg } => Error::TeacherRejected {
+            member: member.clone(),
+            msg: msg.clone(),
+        },
+        other => Error::Internal(other.to_string()),
     }
 }
 

@@ -257,7 +257,7 @@ impl TeacherPool {
             last_err = err;
             if attempt + 1 < attempts {
                 self.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
@@ -266,4 +266,18 @@ impl TeacherPool {
             msg: format!("every replica failed; last error: {last_err}"),
         })
     }
+}
+
+/// `d` scaled by a pseudo-random factor in [0.5, 1.5), so replicas that failed together are not
+/// retried in lockstep.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos()),
+    );
+    let f = 0.5 + (h.finish() % 1000) as f64 / 1000.0;
+    d.mul_f64(f)
 }
