@@ -641,12 +641,17 @@ impl Run {
 
     /// Sends a closed round's average to its contributors and persists it.
     fn deliver(&self, closed: Closed) {
-        let groups = match self.chunk(&closed.params) {
-            Ok(g) => Arc::new(g),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode the averaged parameters");
-                return;
+        // Encoded only if some contributor needs the average (a lone one keeps its own).
+        let groups = if closed.replies.iter().any(|(_, unchanged)| !unchanged) {
+            match self.chunk(&closed.params) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode the averaged parameters");
+                    return;
+                }
             }
+        } else {
+            None
         };
         let contributors = closed.replies.len() as u32;
         tracing::info!(
@@ -663,7 +668,7 @@ impl Run {
             for (w, unchanged) in &closed.replies {
                 let reply = SyncReply {
                     version: closed.version,
-                    groups: (!unchanged).then(|| groups.clone()),
+                    groups: if *unchanged { None } else { groups.clone() },
                     contributors,
                 };
                 match outboxes.get(&w.id) {
