@@ -467,6 +467,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         },
         optim: OptimConfig::sgd(0.05, 0.9),
         members: Vec::new(),
+        membership: Default::default(),
     }
 }
 

@@ -297,6 +297,7 @@ async fn distil(
         },
         optim,
         members: Vec::new(),
+        membership: Default::default(),
     };
     let outcome = crate::local::run(cfg, &members, a.workers, out.to_path_buf()).await?;
     for w in &outcome.workers {

@@ -69,6 +69,7 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
             endpoints,
             weight: 1.0,
         }],
+        membership: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Elastic teacher membership over real gRPC: the coordinator's `Registry` service in-process on
-//! 127.0.0.1:0 and the teacher server's registration task (`teacher-server --register`). No
-//! teacher model is needed: the task only states the model's identity.
+//! 127.0.0.1:0 and the teacher server's registration task (`teacher-server --register`). The
+//! first three tests need no teacher model (the task only states the model's identity); the
+//! last runs a whole distillation with a registered teacher server.
 //!
 //! - `registers_heartbeats_and_expires_at_the_ttl_after_a_crash`: it registers (an unspecified
 //!   advertised host becomes the caller's), heartbeats renew the lease and report the load; the
@@ -9,6 +10,10 @@
 //! - `an_expired_lease_or_a_restarted_coordinator_makes_it_register_again`: the lease expired
 //!   while the replica lives → it registers again; the coordinator stopped (unreachable) and
 //!   started again on the same port knowing nobody → it registers with the new one.
+//!
+//! - `a_registered_replica_serves_a_member_without_static_endpoints`: a run whose member `b`
+//!   has no static endpoint; a teacher server registers as `b` with the coordinator's Registry
+//!   and a real student worker completes the run with `b`'s soft targets.
 //!
 //! Waits are on conditions with deadlines (watch channels, or polling the membership), never a
 //! bare sleep.
@@ -23,7 +28,7 @@ use coordinator::membership::{Event, Health, Membership, MembershipConfig, Remov
 use coordinator::registry::{self, RegistryService};
 use distill_proto::pb::registry_server::RegistryServer;
 use teacher_server::ModelInfo;
-use teacher_server::cli::register::{self, RegisterOptions, Registrar, RegistrationState};
+use teacher_server::register::{self, RegisterOptions, Registrar, RegistrationState};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -290,4 +295,151 @@ async fn an_expired_lease_or_a_restarted_coordinator_makes_it_register_again() {
         .unwrap();
     assert!(coord.replicas().is_empty());
     coord.stop().await;
+}
+
+/// A teacher server for member `member` in this process on 127.0.0.1:0 (random weights: the
+/// run's mechanics are under test); returns its service (for its identity and load) and address.
+async fn teacher(
+    member: &str,
+    seed: u64,
+    shutdown: &CancellationToken,
+) -> (teacher_server::TeacherService, SocketAddr) {
+    use distill_core::model::TrainableModel;
+    use distill_core::spec::{Arch, ModelSpec};
+    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
+    let m = TrainableModel::init(spec.clone(), seed, &candle_core::Device::Cpu).unwrap();
+    let ck = distill_core::checkpoint::Checkpoint::from_tensors(spec, &m.named_tensors().unwrap())
+        .unwrap();
+    let opts = teacher_server::ServeOptions {
+        member: member.into(),
+        ..Default::default()
+    };
+    let svc = teacher_server::build_service(&ck, &candle_core::Device::Cpu, &opts).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(teacher_server::serve(
+        svc.clone(),
+        listener,
+        64 << 20,
+        shutdown.clone(),
+    ));
+    (svc, addr)
+}
+
+/// The whole path: a run whose member `b` has no static endpoint; a teacher server registers
+/// as `b` with the coordinator's Registry (served next to the Coordinator service), the pool
+/// sends it requests at once, and a real student worker completes the run.
+#[tokio::test]
+async fn a_registered_replica_serves_a_member_without_static_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (_, a_addr) = teacher("a", 1, &shutdown).await;
+    let (b_svc, b_addr) = teacher("b", 2, &shutdown).await;
+    let toml = format!(
+        r#"
+data = "synthetic:5"
+epochs = 1
+batch_size = 500
+seed = 1
+temperature = 3.0
+alpha = 0.5
+soft_targets = "f16"
+prefetch = 2
+teacher_timeout_secs = 10.0
+[student]
+arch = "mlp:784-16-10"
+[optim]
+kind = "adamw"
+lr = 0.001
+[[members]]
+name = "a"
+endpoints = ["http://{a_addr}"]
+[[members]]
+name = "b"
+[membership]
+lease_ttl_secs = 5.0
+heartbeat_secs = 0.1
+"#
+    );
+    let mut cfg = coordinator::RunConfig::from_toml(&toml).unwrap();
+    assert!(cfg.members[1].endpoints.is_empty());
+    cfg.run_dir = dir.path().join("run");
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = listener.local_addr().unwrap();
+    let served = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
+
+    // `b` registers with the coordinator's address (the same port as the Coordinator service).
+    let mut opts = RegisterOptions::new(
+        format!("http://{caddr}"),
+        format!("http://{b_addr}"),
+        b_svc.info().clone(),
+        64,
+    );
+    opts.backoff_initial = Duration::from_millis(20);
+    opts.backoff_max = Duration::from_millis(200);
+    let view = b_svc.clone();
+    let in_flight = Arc::new(move || u32::try_from(view.inflight()).unwrap_or(u32::MAX));
+    let registration_stop = CancellationToken::new();
+    let mut reg = register::spawn(opts, in_flight, registration_stop.clone()).unwrap();
+    let expected = format!("http://{b_addr}");
+    tokio::time::timeout(
+        DEADLINE,
+        reg.state.wait_for(
+            |s| matches!(s, RegistrationState::Registered { address, .. } if *address == expected),
+        ),
+    )
+    .await
+    .expect("timed out waiting for the registration")
+    .expect("the registration task ended");
+
+    let worker = tokio::time::timeout(
+        Duration::from_secs(300),
+        student_worker::run(
+            student_worker::WorkerConfig {
+                coordinator: format!("http://{caddr}"),
+                work_dir: dir.path().join("worker"),
+                connect_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ),
+    )
+    .await
+    .expect("the run did not complete in time")
+    .unwrap();
+    let report = tokio::time::timeout(DEADLINE, served)
+        .await
+        .expect("the coordinator did not stop")
+        .unwrap()
+        .unwrap()
+        .expect("the run completed");
+    assert_eq!(report.student_test_errors, worker.test_errors);
+    assert_eq!(report.batches_trained, report.batches_expected);
+    assert_eq!(report.batches_trained, 24);
+    assert_eq!(report.degraded_batches, 0);
+    let stats = |name: &str| {
+        report
+            .members
+            .iter()
+            .find(|m| m.member == name)
+            .unwrap_or_else(|| panic!("no stats of member {name}: {:?}", report.members))
+            .clone()
+    };
+    // Every batch asked both members (and the teacher evaluation asked them for the test split).
+    assert!(stats("a").requests >= 24, "{:?}", report.members);
+    assert!(stats("b").requests >= 24, "{:?}", report.members);
+    assert!(
+        report.teachers.iter().any(|t| t.member == "b"),
+        "{:?}",
+        report.teachers
+    );
+
+    // The coordinator is gone: the registration task gives up its lease and stops.
+    registration_stop.cancel();
+    tokio::time::timeout(DEADLINE, reg.task)
+        .await
+        .expect("the registration task did not stop")
+        .unwrap();
+    shutdown.cancel();
 }

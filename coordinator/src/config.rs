@@ -3,6 +3,7 @@
 //! naming the key.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use distill_core::kd::Combine;
 use distill_core::optim::OptimConfig;
@@ -79,6 +80,59 @@ pub struct RunConfig {
     /// The teacher ensemble (at least one member, except for an offline run from a cache).
     #[serde(default)]
     pub members: Vec<MemberConfig>,
+    /// Leases of registered replicas, health checks and probes (`[membership]`).
+    #[serde(default)]
+    pub membership: MembershipSettings,
+}
+
+/// Elastic membership and replica health (`[membership]`): maps to
+/// [`crate::membership::MembershipConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipSettings {
+    /// Lease of a registered replica, in seconds: removed after this long without a heartbeat.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: f64,
+    /// Heartbeat period asked of registered replicas, in seconds (below `lease_ttl_secs`).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: f64,
+    /// Consecutive failed requests that take a replica out of rotation.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Delay before the first probe of a replica out of rotation, in seconds.
+    #[serde(default = "default_probe_initial")]
+    pub probe_initial_secs: f64,
+    /// Longest delay between two probes, in seconds.
+    #[serde(default = "default_probe_max")]
+    pub probe_max_secs: f64,
+}
+
+impl Default for MembershipSettings {
+    fn default() -> Self {
+        Self {
+            lease_ttl_secs: default_lease_ttl(),
+            heartbeat_secs: default_heartbeat(),
+            failure_threshold: default_failure_threshold(),
+            probe_initial_secs: default_probe_initial(),
+            probe_max_secs: default_probe_max(),
+        }
+    }
+}
+
+impl MembershipSettings {
+    /// The state machine's tunables (the rest at their defaults; probe jitter seeded with
+    /// `seed`).
+    pub fn to_config(&self, seed: u64) -> crate::membership::MembershipConfig {
+        crate::membership::MembershipConfig {
+            lease_ttl: Duration::from_secs_f64(self.lease_ttl_secs),
+            heartbeat_interval: Duration::from_secs_f64(self.heartbeat_secs),
+            failure_threshold: self.failure_threshold,
+            probe_initial: Duration::from_secs_f64(self.probe_initial_secs),
+            probe_max: Duration::from_secs_f64(self.probe_max_secs),
+            seed: seed ^ crate::membership::MembershipConfig::default().seed,
+            ..Default::default()
+        }
+    }
 }
 
 /// The student network.
@@ -105,7 +159,9 @@ pub struct StudentConfig {
 pub struct MemberConfig {
     /// Member name (as the replicas' `--member`).
     pub name: String,
-    /// Replica addresses, e.g. `http://10.0.0.5:50051`.
+    /// Static replica addresses, e.g. `http://10.0.0.5:50051` (may be empty: a member served
+    /// only by replicas that register with the coordinator).
+    #[serde(default)]
     pub endpoints: Vec<String>,
     /// Weight of this member in the combination (> 0; renormalised).
     #[serde(default = "default_weight")]
@@ -301,6 +357,21 @@ fn default_sync_chunk_bytes() -> usize {
 fn default_round_timeout() -> f64 {
     30.0
 }
+fn default_lease_ttl() -> f64 {
+    10.0
+}
+fn default_heartbeat() -> f64 {
+    2.0
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_probe_initial() -> f64 {
+    0.25
+}
+fn default_probe_max() -> f64 {
+    30.0
+}
 
 impl RunConfig {
     /// Parses TOML text; unknown keys and bad values are errors naming the key.
@@ -355,14 +426,9 @@ impl RunConfig {
                     format!("`{}` is empty or repeated", m.name),
                 );
             }
-            if m.endpoints.is_empty() {
-                return bad(
-                    &format!("members[{i}].endpoints"),
-                    "at least one replica endpoint is needed".into(),
-                );
-            }
             for e in &m.endpoints {
-                if tonic::transport::Endpoint::from_shared(e.clone()).is_err() || !e.contains("://")
+                if tonic::transport::Endpoint::from_shared(e.clone()).is_err()
+                    || crate::membership::normalize_address(e).is_err()
                 {
                     return bad(
                         &format!("members[{i}].endpoints"),
@@ -408,6 +474,38 @@ impl RunConfig {
                     self.sync.chunk_bytes
                 ),
             );
+        }
+        let ms = &self.membership;
+        for (key, v) in [
+            ("membership.lease_ttl_secs", ms.lease_ttl_secs),
+            ("membership.heartbeat_secs", ms.heartbeat_secs),
+            ("membership.probe_initial_secs", ms.probe_initial_secs),
+            ("membership.probe_max_secs", ms.probe_max_secs),
+        ] {
+            if !v.is_finite() || v <= 0.0 || v > 1e6 {
+                return bad(key, format!("must be finite, > 0 and at most 1e6, got {v}"));
+            }
+        }
+        if ms.heartbeat_secs >= ms.lease_ttl_secs {
+            return bad(
+                "membership.heartbeat_secs",
+                format!(
+                    "must be below membership.lease_ttl_secs ({}), got {}",
+                    ms.lease_ttl_secs, ms.heartbeat_secs
+                ),
+            );
+        }
+        if ms.probe_max_secs < ms.probe_initial_secs {
+            return bad(
+                "membership.probe_max_secs",
+                format!(
+                    "must be at least membership.probe_initial_secs ({}), got {}",
+                    ms.probe_initial_secs, ms.probe_max_secs
+                ),
+            );
+        }
+        if ms.failure_threshold == 0 {
+            return bad("membership.failure_threshold", "must be at least 1".into());
         }
         if self.min_workers == 0 {
             return bad("min_workers", "must be at least 1".into());
@@ -510,8 +608,24 @@ weight = 2.0
                 "members[1].weight",
             ),
             (
-                GOOD.replace("\"http://127.0.0.1:5002\"", ""),
+                GOOD.replace("\"http://127.0.0.1:5002\"", "\"http://127.0.0.1\""),
                 "members[1].endpoints",
+            ),
+            (
+                format!("{GOOD}\n[membership]\nttl = 3.0\n"),
+                "unknown field `ttl`",
+            ),
+            (
+                format!("{GOOD}\n[membership]\nlease_ttl_secs = 1.0\n"),
+                "membership.heartbeat_secs",
+            ),
+            (
+                format!("{GOOD}\n[membership]\nfailure_threshold = 0\n"),
+                "membership.failure_threshold",
+            ),
+            (
+                format!("{GOOD}\n[membership]\nprobe_max_secs = 0.1\n"),
+                "membership.probe_max_secs",
             ),
             (GOOD.replace("synthetic:1", "floppy:/x"), "`data`"),
             (GOOD.replace("mlp:784-32-10", "mlp:784"), "student.arch"),
@@ -544,6 +658,28 @@ weight = 2.0
             let e = RunConfig::from_toml(&edit).unwrap_err().to_string();
             assert!(e.contains(needle), "wanted `{needle}` in: {e}");
         }
+    }
+
+    #[test]
+    fn a_member_may_have_no_static_endpoints_and_membership_has_defaults() {
+        let c = RunConfig::from_toml(&GOOD.replace("\"http://127.0.0.1:5002\"", "")).unwrap();
+        assert!(c.members[1].endpoints.is_empty());
+        assert_eq!(c.membership, MembershipSettings::default());
+        let no_key = GOOD.replace("endpoints = [\"http://127.0.0.1:5002\"]\n", "");
+        assert!(
+            RunConfig::from_toml(&no_key).unwrap().members[1]
+                .endpoints
+                .is_empty()
+        );
+        let c = RunConfig::from_toml(&format!(
+            "{GOOD}\n[membership]\nlease_ttl_secs = 4.0\nheartbeat_secs = 0.5\nfailure_threshold = 2\n"
+        ))
+        .unwrap();
+        let m = c.membership.to_config(c.seed);
+        assert_eq!(m.lease_ttl, Duration::from_secs(4));
+        assert_eq!(m.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(m.failure_threshold, 2);
+        assert_eq!(m.probe_initial, Duration::from_millis(250));
     }
 
     #[test]

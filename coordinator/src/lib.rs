@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distill_proto::pb::coordinator_server::CoordinatorServer;
+use distill_proto::pb::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::RunConfig;
 pub use error::{Error, Result};
+pub use registry::RegistryService;
 pub use run::{Run, RunReport};
 pub use service::CoordinatorService;
 
@@ -48,6 +50,22 @@ pub async fn prepare(cfg: RunConfig) -> Result<Arc<Run>> {
         .pool
         .check_models(run.data.row_len(), run.data.classes)
         .await?;
+    {
+        // `check_models` pinned them as it recorded the replicas; pinned again here so that the
+        // cache key and the membership can never disagree.
+        let mut m = run
+            .pool
+            .registry()
+            .membership()
+            .lock()
+            .map_err(|_| Error::Internal("membership lock poisoned".into()))?;
+        for (member, digest) in run.pool.members.iter().zip(&digests) {
+            if let Some(d) = digest {
+                m.pin_digest(&member.name, d)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+            }
+        }
+    }
     let r = run.clone();
     tokio::task::spawn_blocking(move || r.open_cache(&digests))
         .await
@@ -67,6 +85,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
+    health_reporter
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distill_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -75,6 +96,20 @@ pub async fn serve(
     let svc = CoordinatorServer::new(CoordinatorService::new(run.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
+    let registry = RegistryServer::new(run.pool.registry().clone())
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    // Expires the leases of registered replicas that stopped heartbeating.
+    let lease_ticker = tokio::spawn(registry::run_ticker(
+        run.pool.registry().clone(),
+        Duration::from_millis(100),
+        shutdown.clone(),
+    ));
+    // Probes the replicas taken out of rotation until they answer again.
+    let prober = {
+        let (run, stop) = (run.clone(), shutdown.clone());
+        tokio::spawn(async move { run.pool.run_prober(stop).await })
+    };
 
     let ticker = {
         let (run, stop) = (run.clone(), shutdown.clone());
@@ -109,6 +144,9 @@ pub async fn serve(
             health_reporter
                 .set_not_serving::<CoordinatorServer<CoordinatorService>>()
                 .await;
+            health_reporter
+                .set_not_serving::<RegistryServer<RegistryService>>()
+                .await;
         }
     };
     // Parameters and soft targets are megabytes per message: let HTTP/2 grow its flow-control
@@ -118,6 +156,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)
+        .add_service(registry)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     // Graceful shutdown would also wait for idle client connections to close; give streams a
     // short grace to deliver their last messages, then drop what is left.
@@ -137,5 +176,7 @@ pub async fn serve(
     }
     ticker.abort();
     teacher_eval.abort();
+    lease_ticker.abort();
+    prober.abort();
     Ok(run.report())
 }

@@ -61,7 +61,9 @@ impl RegistryService {
             .map_err(|_| Status::internal("membership lock poisoned"))
     }
 
-    fn publish(&self, events: &[Event]) {
+    /// Logs `events` and, if there are any, wakes the waiters of [`RegistryService::changed`]
+    /// (also for events that the teacher pool's requests and probes cause).
+    pub fn publish(&self, events: &[Event]) {
         for e in events {
             e.log();
         }

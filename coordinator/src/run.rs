@@ -28,6 +28,8 @@ use crate::cache::{CacheKey, SoftTargetCache};
 use crate::config::{RunConfig, SoftTargetEncoding, TeacherPolicy};
 use crate::error::{Error, Result};
 use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
+use crate::membership::Membership;
+use crate::registry::RegistryService;
 use crate::sync::{Closed, Contribution, Params, SyncRounds};
 use crate::teachers::{MemberStats, TeacherPool};
 
@@ -296,8 +298,18 @@ impl Run {
             lease_timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
         })
         .map_err(|e| Error::Config(e.to_string()))?;
+        let mut membership = Membership::new(
+            cfg.membership.to_config(cfg.seed),
+            cfg.members
+                .iter()
+                .map(|m| (m.name.clone(), m.endpoints.clone())),
+        )
+        .map_err(|e| Error::Config(format!("`members`: {e}")))?;
+        membership.expect_model(data.row_len() as u64, data.classes as u32);
+        let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
         let pool = TeacherPool::new(
             &cfg.members,
+            registry,
             Duration::from_secs_f64(cfg.teacher_timeout_secs),
             cfg.max_message_bytes(),
         )?;
@@ -1140,7 +1152,13 @@ impl Run {
         policy: TeacherPolicy,
     ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
         let mut backoff = Duration::from_millis(100);
+        let changed = self.pool.registry().changed();
         loop {
+            // Armed before the requests, so a replica that joins (or comes back) meanwhile
+            // ends the wait below at once.
+            let membership_changed = changed.notified();
+            tokio::pin!(membership_changed);
+            membership_changed.as_mut().enable();
             let calls =
                 (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
             let results = futures::future::join_all(calls).await;
@@ -1167,6 +1185,7 @@ impl Run {
                     tokio::select! {
                         _ = stop.cancelled() => return Err(Error::ShuttingDown),
                         _ = tokio::time::sleep(backoff) => {}
+                        _ = membership_changed => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -5,12 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::register;
 use crate::{ServeOptions, build_service, load_checkpoint, serve};
-
-// Declared here so that the module stays within the files of this change; it belongs in
-// lib.rs next to the other modules.
-#[path = "register.rs"]
-pub mod register;
 
 /// Serve a distill checkpoint's tempered logits (z/T) over gRPC.
 #[derive(clap::Parser, Debug)]

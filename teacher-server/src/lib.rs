@@ -9,6 +9,7 @@ pub mod batcher;
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod register;
 pub mod service;
 
 use std::time::Duration;
