@@ -284,12 +284,25 @@ async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it()
         .await
         .unwrap();
 
-    // Worker a: gets a batch, contributes a parameter set in chunks; alone in the round, it is
-    // told to keep its own.
+    // Worker a: gets the seeded initial parameters (version 0) first, then a batch; it
+    // contributes a parameter set in chunks; alone in the round, it is told to keep its own.
     let (a_tx, mut a_in) = open_stream(&mut client, "a").await;
-    let first = a_in.message().await.unwrap().unwrap();
+    let init = distill_core::model::init_params(&Arch::parse("mlp:784-16-10").unwrap(), 1);
+    let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
+    let first = loop {
+        match a_in.message().await.unwrap().unwrap().kind {
+            Some(pb::coordinator_message::Kind::Params(d)) => {
+                assert_eq!(d.version, 0);
+                for c in d.chunks {
+                    asm.add(c).unwrap();
+                }
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(asm.finish().unwrap(), init, "the seeded initial parameters");
     assert!(
-        matches!(first.kind, Some(pb::coordinator_message::Kind::Train(_))),
+        matches!(first, Some(pb::coordinator_message::Kind::Train(_))),
         "{first:?}"
     );
     let params: Vec<distill_proto::params::Param> = shapes

@@ -186,6 +186,10 @@ pub struct SyncConfig {
     /// Seconds a round waits for every live worker before it closes without the missing ones.
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: f64,
+    /// Shortest time between two commit points of the run state (`state.redb`): a restarted
+    /// coordinator redoes at most this much training. 0: at every round.
+    #[serde(default = "default_state_every")]
+    pub state_every_secs: f64,
 }
 
 impl Default for SyncConfig {
@@ -195,6 +199,7 @@ impl Default for SyncConfig {
             dtype: ParamDtype::default(),
             chunk_bytes: default_sync_chunk_bytes(),
             round_timeout_secs: default_round_timeout(),
+            state_every_secs: default_state_every(),
         }
     }
 }
@@ -357,6 +362,9 @@ fn default_sync_chunk_bytes() -> usize {
 fn default_round_timeout() -> f64 {
     30.0
 }
+fn default_state_every() -> f64 {
+    5.0
+}
 fn default_lease_ttl() -> f64 {
     10.0
 }
@@ -506,6 +514,15 @@ impl RunConfig {
         }
         if ms.failure_threshold == 0 {
             return bad("membership.failure_threshold", "must be at least 1".into());
+        }
+        if !self.sync.state_every_secs.is_finite() || self.sync.state_every_secs < 0.0 {
+            return bad(
+                "sync.state_every_secs",
+                format!(
+                    "must be finite and >= 0, got {}",
+                    self.sync.state_every_secs
+                ),
+            );
         }
         if self.min_workers == 0 {
             return bad("min_workers", "must be at least 1".into());

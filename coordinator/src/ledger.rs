@@ -449,6 +449,25 @@ impl Ledger {
         Ok((ledger, events))
     }
 
+    /// Every worker id the ledger knows, with its current incarnation.
+    pub fn incarnations(&self) -> BTreeMap<String, u64> {
+        self.state
+            .workers
+            .iter()
+            .map(|(id, w)| (id.clone(), w.incarnation))
+            .collect()
+    }
+
+    /// The worker ids with acks in the current epoch.
+    pub fn workers_with_acks(&self) -> std::collections::BTreeSet<String> {
+        self.state
+            .acked
+            .iter()
+            .flatten()
+            .map(|a| a.worker.id.clone())
+            .collect()
+    }
+
     /// The state to persist.
     pub fn snapshot(&self) -> LedgerState {
         self.state.clone()

@@ -14,6 +14,7 @@ pub mod membership;
 pub mod registry;
 pub mod run;
 pub mod service;
+pub mod state;
 pub mod sync;
 pub mod teachers;
 

@@ -33,11 +33,7 @@ use crate::registry::RegistryService;
 use crate::sync::{Closed, Contribution, Params, SyncRounds};
 use crate::teachers::{MemberStats, TeacherPool};
 
-/// File in the run directory holding the latest averaged student parameters.
-pub const AVERAGED_FILE: &str = "averaged.safetensors";
-/// Shortest time between two writes of [`AVERAGED_FILE`].
-const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
-/// Checkpoint metadata key of [`AVERAGED_FILE`]: the round the parameters come from.
+/// Checkpoint metadata key of the stored average: the round the parameters come from.
 pub const KEY_SYNC_VERSION: &str = "distill.sync.version";
 
 /// Averaged parameters on their way to one worker.
@@ -193,6 +189,8 @@ pub struct RunReport {
     pub retries: u64,
     /// Batches whose soft targets came from only the members that answered (`degrade`).
     pub degraded_batches: u64,
+    /// Times the coordinator resumed this run from its stored state.
+    pub resumes: u64,
     /// Per-member teacher statistics.
     pub members: Vec<MemberStats>,
     /// Wall-clock seconds of the run.
@@ -230,6 +228,54 @@ struct Stats {
     per_worker: BTreeMap<String, WorkerShare>,
 }
 
+impl Stats {
+    fn counters(&self) -> crate::state::Counters {
+        crate::state::Counters {
+            samples: self.samples,
+            wait_secs: self.wait_secs,
+            step_secs: self.step_secs,
+            sync_secs: self.sync_secs,
+            down_bytes: self.down_bytes,
+            per_worker: self
+                .per_worker
+                .iter()
+                .map(|(k, w)| (k.clone(), (w.samples, w.batches)))
+                .collect(),
+            teacher_batches: self.teacher_batches.clone(),
+            cached_batches: self.cached_batches.clone(),
+            degraded_batches: self.degraded_batches,
+        }
+    }
+
+    fn from_counters(c: crate::state::Counters) -> Self {
+        Self {
+            samples: c.samples,
+            wait_secs: c.wait_secs,
+            step_secs: c.step_secs,
+            sync_secs: c.sync_secs,
+            down_bytes: c.down_bytes,
+            per_worker: c
+                .per_worker
+                .into_iter()
+                .map(|(k, (samples, batches))| {
+                    (
+                        k.clone(),
+                        WorkerShare {
+                            worker_id: k,
+                            samples,
+                            batches,
+                        },
+                    )
+                })
+                .collect(),
+            teacher_batches: c.teacher_batches,
+            cached_batches: c.cached_batches,
+            degraded_batches: c.degraded_batches,
+            ..Default::default()
+        }
+    }
+}
+
 /// Shared state of the run.
 pub struct Run {
     pub(crate) cfg: RunConfig,
@@ -252,8 +298,12 @@ pub struct Run {
     outboxes: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<SyncReply>)>>,
     /// Names and shapes of the student's parameters, in model order.
     pub(crate) param_shapes: Vec<(String, Vec<usize>)>,
-    /// Highest round written to [`AVERAGED_FILE`].
+    /// Highest round written to the run state.
     persisted: Arc<Mutex<u64>>,
+    /// The run's store (runs with synchronisation rounds).
+    store: Option<Arc<crate::state::RunStore>>,
+    /// Times this run was resumed from its store.
+    resumes: u64,
     /// When the average was last written.
     persisted_at: Mutex<Option<Instant>>,
     /// The soft-target cache and this run's key in it (set by [`Run::open_cache`]).
@@ -290,7 +340,7 @@ impl Run {
         cfg.soft_targets.topk_format(data.classes)?;
         let settings_json = serde_json::to_string(&settings)
             .map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
-        let ledger = Ledger::new(LedgerConfig {
+        let mut ledger = Ledger::new(LedgerConfig {
             samples: data.train.len(),
             batch_size: cfg.batch_size,
             epochs: cfg.epochs,
@@ -320,14 +370,63 @@ impl Run {
         let resolved =
             toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
         distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
-        let latest = read_averaged(&cfg.run_dir, &settings)?;
-        if let Some((v, _)) = &latest {
-            tracing::info!(
-                version = v,
-                "resuming from the averaged parameters in the run directory"
+        // Runs with synchronisation rounds keep their state in `state.redb` and resume from it.
+        let store = if cfg.sync.every > 0 {
+            Some(Arc::new(crate::state::RunStore::open(&cfg.run_dir)?))
+        } else {
+            None
+        };
+        let mut latest = None;
+        let mut workers_map = HashMap::new();
+        let mut stats = Stats::default();
+        let mut committed = BTreeMap::new();
+        let mut resumes = 0;
+        if let Some((saved, average)) = store.as_ref().map(|s| s.load()).transpose()?.flatten() {
+            if saved.config != settings_json {
+                return Err(Error::Config(format!(
+                    "{} holds the state of a run with other student settings ({}); move it away \
+                     to start afresh",
+                    cfg.run_dir.join(crate::state::STATE_FILE).display(),
+                    saved.config
+                )));
+            }
+            let (mut restored, events) =
+                Ledger::restore(saved.ledger).map_err(|e| Error::Config(e.to_string()))?;
+            if restored.config() != ledger.config() {
+                return Err(Error::Config(format!(
+                    "{}: the stored run has another data size, batch size, epochs or seed",
+                    cfg.run_dir.join(crate::state::STATE_FILE).display()
+                )));
+            }
+            log_events(&events);
+            for id in restored.workers_with_acks() {
+                let through = saved.committed.get(&id).copied().unwrap_or(0);
+                let rb = restored.rollback(&id, through);
+                log_events(&rb.events);
+            }
+            workers_map = restored.incarnations().into_iter().collect();
+            ledger = restored;
+            if saved.sync_version > 0
+                && let Some(bytes) = average
+            {
+                let ck = distill_core::checkpoint::Checkpoint::from_bytes(&bytes)?;
+                latest = Some((saved.sync_version, Arc::new(ck.params)));
+            }
+            committed = saved.committed;
+            stats = Stats::from_counters(saved.counters);
+            resumes = saved.resumes + 1;
+            let p = ledger.progress();
+            tracing::warn!(
+                resumes,
+                version = saved.sync_version,
+                batches_trained = p.total_acked,
+                epoch = p.epoch,
+                "resuming the run from its stored state"
             );
         }
-        let sync = SyncRounds::new(Duration::from_secs_f64(cfg.sync.round_timeout_secs), latest);
+        let mut sync =
+            SyncRounds::new(Duration::from_secs_f64(cfg.sync.round_timeout_secs), latest);
+        sync.restore_committed(committed);
         let param_shapes = settings.spec.arch.param_shapes();
         Ok(Arc::new(Self {
             cfg,
@@ -336,10 +435,12 @@ impl Run {
             data: Arc::new(data),
             pool,
             ledger: Mutex::new(ledger),
+            store,
+            resumes,
             changed: Notify::new(),
-            workers: Mutex::new(HashMap::new()),
+            workers: Mutex::new(workers_map),
             next_worker: AtomicU64::new(0),
-            stats: Mutex::new(Stats::default()),
+            stats: Mutex::new(stats),
             queues: Mutex::new(BTreeMap::new()),
             evaluator: Mutex::new(None),
             teacher_eval: Mutex::new(None),
@@ -597,6 +698,20 @@ impl Run {
             None
         };
         lock(&self.outboxes)?.insert(worker.id.clone(), (worker.incarnation, tx));
+        // With rounds, the coordinator's average is the model: every stream starts from it (the
+        // seeded initial parameters before the first round), so a worker that reconnects or
+        // restarts drops whatever it trained after its last averaged contribution.
+        let latest = latest.or_else(|| {
+            self.sync_enabled().then(|| {
+                (
+                    0,
+                    Arc::new(distill_core::model::init_params(
+                        &self.settings.spec.arch,
+                        self.settings.seed,
+                    )),
+                )
+            })
+        });
         let start = match latest {
             Some((version, params)) => Some(SyncReply {
                 version,
@@ -697,21 +812,33 @@ impl Run {
 
     /// Writes the average into the run directory (off the async threads; newest wins).
     fn persist_average(&self, version: u64, params: Params) {
-        // At most one write per PERSIST_INTERVAL, and always the final average: a restarted
+        // At most one write per `state_every_secs`, and always the final average: a restarted
         // coordinator loses at most that much averaging, never a worker's acked batch (those
         // are re-trained from the ledger).
         let final_round = self.sync.lock().map(|s| s.all_final()).unwrap_or(true);
         if let Ok(mut last) = self.persisted_at.lock() {
-            if !final_round && last.is_some_and(|t| t.elapsed() < PERSIST_INTERVAL) {
+            let every = Duration::from_secs_f64(self.cfg.sync.state_every_secs);
+            if !final_round && last.is_some_and(|t| t.elapsed() < every) {
                 return;
             }
             *last = Some(Instant::now());
         }
-        let (dir, spec, persisted) = (
-            self.cfg.run_dir.clone(),
-            self.settings.spec.clone(),
-            self.persisted.clone(),
-        );
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        // The commit point: the ledger and the commit sequence numbers as of this round.
+        let saved = match (self.ledger.lock(), self.sync.lock(), self.stats.lock()) {
+            (Ok(l), Ok(sy), Ok(st)) => crate::state::Saved {
+                config: self.settings_json.clone(),
+                ledger: l.snapshot(),
+                sync_version: version,
+                committed: sy.committed(),
+                counters: st.counters(),
+                resumes: self.resumes,
+            },
+            _ => return,
+        };
+        let (spec, persisted) = (self.settings.spec.clone(), self.persisted.clone());
         let write = move || -> Result<()> {
             let mut last = lock(&persisted)?;
             if *last >= version {
@@ -724,13 +851,13 @@ impl Run {
             };
             ck.extra
                 .insert(KEY_SYNC_VERSION.into(), version.to_string());
-            ck.save(&dir.join(AVERAGED_FILE))?;
+            store.save(&saved, Some(&ck.to_bytes()?))?;
             *last = version;
             Ok(())
         };
         let task = move || {
             if let Err(e) = write() {
-                tracing::warn!(error = %e, "cannot write the averaged parameters");
+                tracing::warn!(error = %e, "cannot write the run state");
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -855,6 +982,7 @@ impl Run {
             retries: self.pool.retries(),
             done,
             degraded_batches: s.degraded_batches,
+            resumes: self.resumes,
             sync_rounds: lock(&self.sync)?.version(),
             workers: s
                 .per_worker
@@ -1393,6 +1521,7 @@ impl Run {
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
             degraded_batches: s.degraded_batches,
+            resumes: self.resumes,
             members: self.pool.stats(),
             run_seconds: self.started.elapsed().as_secs_f64(),
             student_checkpoint: student_path,
@@ -1454,31 +1583,6 @@ pub struct ContributionHeader {
     pub is_final: bool,
     /// Parameter bytes it carried.
     pub wire_bytes: u64,
-}
-
-/// The averaged parameters kept in `dir` by an earlier coordinator of this run, if any.
-fn read_averaged(
-    dir: &std::path::Path,
-    settings: &StudentSettings,
-) -> Result<Option<(u64, Params)>> {
-    let path = dir.join(AVERAGED_FILE);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let ck = distill_core::checkpoint::Checkpoint::read(&path)?;
-    let bad = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
-    if ck.spec.arch != settings.spec.arch {
-        return Err(bad(format!(
-            "holds a {} student, but the run trains {}; move the file away to start afresh",
-            ck.spec.arch, settings.spec.arch
-        )));
-    }
-    let version = ck
-        .extra
-        .get(KEY_SYNC_VERSION)
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| bad(format!("no valid `{KEY_SYNC_VERSION}` metadata")))?;
-    Ok(Some((version, Arc::new(ck.params))))
 }
 
 /// Encodes combined probabilities (`rows × classes`) in `encoding`, row after row.

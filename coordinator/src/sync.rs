@@ -161,6 +161,16 @@ impl SyncRounds {
         (self.seconds_total, self.up_bytes_total)
     }
 
+    /// Every worker's highest ack sequence number inside the averaged model.
+    pub fn committed(&self) -> BTreeMap<String, u64> {
+        self.committed_seq.clone()
+    }
+
+    /// Restores the commit points of a resumed run.
+    pub fn restore_committed(&mut self, committed: BTreeMap<String, u64>) {
+        self.committed_seq = committed;
+    }
+
     /// The highest ack sequence number of `worker_id` that is in the averaged model (0: none).
     pub fn committed_seq(&self, worker_id: &str) -> u64 {
         self.committed_seq.get(worker_id).copied().unwrap_or(0)

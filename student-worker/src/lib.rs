@@ -201,6 +201,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
     let shapes = settings.spec.arch.param_shapes();
     let reader_spec = batch_spec.clone();
     let stop = CancellationToken::new();
+    let stream = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let training = trainer::spawn(
         Setup {
             settings,
@@ -211,6 +212,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             worker_id: worker_id.clone(),
             resume,
             sync,
+            stream: stream.clone(),
         },
         window + 2,
         stop.clone(),
@@ -242,15 +244,22 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             return Err(stopped(done, &stop).await);
         }
     };
+    // With synchronisation rounds the coordinator's average is the model, so a worker whose
+    // stream breaks (the coordinator died or restarted) can join again and carry on from the
+    // average it is sent first; it keeps a command sender so its training thread outlives the
+    // stream.
+    let mut keep_commands = (sync.every > 0).then(|| commands.clone());
     let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(
         inbound,
         commands,
-        shapes,
-        reader_spec,
+        shapes.clone(),
+        reader_spec.clone(),
         cfg.device.clone(),
+        0,
     ));
     let mut reader_result: Option<Result<()>> = None;
     let mut cancelled = false;
+    let mut out_tx = out_tx;
 
     // Forward acks until the training thread ends (its ack channel closes).
     loop {
@@ -259,6 +268,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
                 tracing::info!("shutdown: finishing the current update and writing a checkpoint");
                 cancelled = true;
                 stop.cancel();
+                keep_commands = None;
                 reader.abort(); // drops the command sender, waking the training thread
             }
             up = acks.recv() => match up {
@@ -277,6 +287,28 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             },
             r = &mut reader, if reader_result.is_none() => {
                 let r = r.unwrap_or_else(|e| if e.is_cancelled() { Ok(()) } else { Err(Error::Panic(e.to_string())) });
+                if let (Err(e), Some(commands)) = (&r, &keep_commands)
+                    && is_stream_break(e)
+                {
+                    tracing::warn!(error = %e, "the batch stream broke; joining the run again");
+                    match reopen(&mut client, &cfg, &worker_id, &shutdown).await {
+                        Ok((tx, inbound)) => {
+                            out_tx = tx;
+                            let n = stream.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+                            reader = tokio::spawn(read_batches(
+                                inbound,
+                                commands.clone(),
+                                shapes.clone(),
+                                reader_spec.clone(),
+                                cfg.device.clone(),
+                                n,
+                            ));
+                            continue;
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not join the run again"),
+                    }
+                }
+                keep_commands = None;
                 if r.is_err() {
                     stop.cancel(); // the stream is broken: acks cannot reach the coordinator
                 }
@@ -360,6 +392,53 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
         rounds,
         checkpoint,
     })
+}
+
+/// Whether a reader error means the stream (or the coordinator) went away, not that the
+/// coordinator refused this worker or sent something malformed.
+fn is_stream_break(e: &Error) -> bool {
+    match e {
+        Error::Protocol(_) => true,
+        Error::Rpc(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Internal
+        ),
+        _ => false,
+    }
+}
+
+/// Joins the run again (a new incarnation, retried with backoff while the coordinator is
+/// unreachable) and opens a new batch stream; returns its sender and inbound side.
+async fn reopen(
+    client: &mut CoordinatorClient<Channel>,
+    cfg: &WorkerConfig,
+    worker_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<(
+    mpsc::Sender<pb::WorkerMessage>,
+    tonic::Streaming<pb::CoordinatorMessage>,
+)> {
+    let j = join(client, cfg, worker_id.to_string(), 0, shutdown).await?;
+    tracing::info!(
+        worker_id,
+        incarnation = j.incarnation,
+        "joined the run again"
+    );
+    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(cfg.prefetch as usize + 4);
+    tx.send(pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: worker_id.to_string(),
+            incarnation: j.incarnation,
+            credits: cfg.prefetch,
+        })),
+    })
+    .await
+    .map_err(|_| Error::Protocol("the outgoing stream closed before Hello".into()))?;
+    let inbound = client.batches(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
 }
 
 /// Ends a training thread that got no batches and returns the cancellation error.
@@ -464,6 +543,7 @@ async fn read_batches(
     shapes: Vec<(String, Vec<usize>)>,
     batch_spec: BatchSpec,
     device: Device,
+    generation: u64,
 ) -> Result<()> {
     use pb::coordinator_message::Kind;
     let mut done = false;
@@ -547,7 +627,7 @@ async fn read_batches(
                 })
                 .await;
                 match ready {
-                    Ok(Ok(u)) => Command::Uploaded(Box::new(u)),
+                    Ok(Ok(u)) => Command::Uploaded(Box::new(u), generation),
                     Ok(Err(e)) => Command::Invalid(e),
                     Err(e) => Command::Invalid(Error::Panic(e.to_string())),
                 }

@@ -35,8 +35,10 @@ use distill_proto::params::Param;
 pub enum Command {
     /// Train one step on this batch and ack it.
     Train(Box<pb::TrainBatch>),
-    /// Train one step on this batch, already decoded and on the device, and ack it.
-    Uploaded(Box<Uploaded>),
+    /// Train one step on this batch, already decoded and on the device, and ack it. The number
+    /// is the batch stream it came on ([`Setup::stream`]); batches of an older stream are
+    /// dropped untrained (their leases died with that stream).
+    Uploaded(Box<Uploaded>, u64),
     /// A batch that failed to decode: keep the state, end with this error.
     Invalid(Error),
     /// Count this test batch's errors.
@@ -122,6 +124,8 @@ pub struct Setup {
     pub resume: Option<Checkpoint>,
     /// Synchronisation rounds.
     pub sync: SyncSettings,
+    /// The current batch stream's number (the worker bumps it when it joins the run again).
+    pub stream: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How the training thread ended.
@@ -305,6 +309,7 @@ fn run(
         worker_id,
         resume,
         sync,
+        stream,
     } = setup;
     let checkpoint_every = settings.checkpoint_every;
     let mut student = match &resume {
@@ -394,14 +399,20 @@ fn run(
                 }
                 return Err(e);
             }
-            cmd @ (Command::Train(_) | Command::Uploaded(_)) => {
+            cmd @ (Command::Train(_) | Command::Uploaded(..)) => {
                 let wait = if queued {
                     0.0
                 } else {
                     idle.elapsed().as_secs_f64()
                 };
                 let d = match cmd {
-                    Command::Uploaded(u) => *u,
+                    Command::Uploaded(_, n)
+                        if n < stream.load(std::sync::atomic::Ordering::Acquire) =>
+                    {
+                        tracing::debug!("batch of an earlier stream dropped");
+                        continue;
+                    }
+                    Command::Uploaded(u, _) => *u,
                     Command::Train(b) => {
                         match decode_train(*b, &batch_spec).and_then(|d| upload(d, &device)) {
                             Ok(d) => d,

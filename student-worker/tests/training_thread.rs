@@ -30,6 +30,7 @@ fn setup(dir: &std::path::Path) -> Setup {
         worker_id: "w1".into(),
         resume: None,
         sync: SyncSettings::default(),
+        stream: Default::default(),
     }
 }
 
