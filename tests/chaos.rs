@@ -1,5 +1,12 @@
 //! Chaos (issue 6), with real processes on loopback killed with SIGKILL mid-run.
 //!
+//! - `teacher_and_worker_failures`: one run per scenario against an uninterrupted run of the same
+//!   config and seed (members `t`, two replicas, and `u`, one replica): (a) one replica of `t`
+//!   killed; (b) `u`'s only replica killed under `wait`, then started again on the same port;
+//!   (c) the same under `degrade`, never restarted; (d) the student worker killed and started
+//!   again on its work dir. Every kill lands between 25% and 75% of the run. Each run completes
+//!   with every batch trained, counts what happened (failures, retries, degraded batches,
+//!   requeued batches), and its student is within the tolerance below of the uninterrupted one.
 //! - `killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run`: the coordinator is
 //!   killed while the run is between 25% and 75% trained and started again on the same run
 //!   directory and port; the worker joins again by itself, the run resumes from the stored state
@@ -23,6 +30,16 @@ use distill_core::data::Dataset;
 const EXTRA_ERRORS: u64 = 40;
 
 fn config(d: &Path, name: &str, teacher: &str) -> std::path::PathBuf {
+    config_with(
+        d,
+        name,
+        &format!("[[members]]\nname = \"t\"\nendpoints = [\"{teacher}\"]\n"),
+        "",
+    )
+}
+
+/// A run config with these `[[members]]` and extra top-level keys.
+fn config_with(d: &Path, name: &str, members: &str, top: &str) -> std::path::PathBuf {
     let cfg = d.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
@@ -37,6 +54,8 @@ temperature = 4.0
 alpha = 0.7
 prefetch = 4
 lease_timeout_secs = 30.0
+teacher_timeout_secs = 5.0
+{top}
 [sync]
 every = 5
 round_timeout_secs = 10.0
@@ -46,9 +65,7 @@ arch = "mlp:784-32-10"
 [optim]
 kind = "adamw"
 lr = 0.002
-[[members]]
-name = "t"
-endpoints = ["{teacher}"]
+{members}
 "#
         ),
     )
@@ -174,4 +191,200 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
         "resumed: {e1} test errors; uninterrupted: {e0}"
     );
     eprintln!("test errors: uninterrupted {e0}, coordinator killed and resumed {e1}");
+}
+
+/// A teacher server process of `model` for `member` on `listen`; returns it and its URL.
+fn teacher(
+    procs: &mut Procs,
+    d: &Path,
+    model: &Path,
+    member: &str,
+    listen: &str,
+    log: &str,
+) -> (Child, String) {
+    let mut cmd = distill();
+    cmd.arg("teacher-server")
+        .arg("--model")
+        .arg(model)
+        .args(["--listen", listen, "--member", member]);
+    let addr = start(procs, cmd, &d.join(log));
+    (procs.0.pop().unwrap(), format!("http://{addr}"))
+}
+
+/// Waits until the run at `addr` is a quarter trained.
+fn a_quarter_in(addr: &str) -> distill_proto::pb::RunStatusResponse {
+    wait_until(Duration::from_secs(240), "a quarter of the run", || {
+        let st = run_status(addr)?;
+        (st.batches_trained * 4 >= st.batches_expected).then_some(st)
+    })
+}
+
+fn not_too_late(at: &distill_proto::pb::RunStatusResponse, what: &str) {
+    assert!(
+        at.batches_trained * 4 < at.batches_expected * 3,
+        "{what}: the kill came too late: {} of {}",
+        at.batches_trained,
+        at.batches_expected
+    );
+}
+
+fn member<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["member"] == name))
+        .unwrap_or_else(|| panic!("member {name}: {report}"))
+}
+
+#[test]
+fn teacher_and_worker_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = Dataset::load("synthetic:0").unwrap();
+    let (tm, um) = (d.join("t.safetensors"), d.join("u.safetensors"));
+    train_teacher(&data, "mlp:784-64-10", 1, &tm);
+    train_teacher(&data, "mlp:784-48-10", 2, &um);
+    let mut procs = Procs(Vec::new());
+    let free_port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // Runs scenario `name`: fresh teachers (t twice, u once, u on `u_listen`), a coordinator, a
+    // worker; `chaos` acts a quarter into the run and returns what it must wait for at the end.
+    let mut run = |name: &str,
+                   top: &str,
+                   chaos: &mut dyn FnMut(&mut Procs, &str, &mut Vec<Child>, &mut Child, &str)|
+     -> serde_json::Value {
+        let u_listen = free_port();
+        let (t1, t1u) = teacher(
+            &mut procs,
+            d,
+            &tm,
+            "t",
+            "127.0.0.1:0",
+            &format!("{name}-t1.log"),
+        );
+        let (t2, t2u) = teacher(
+            &mut procs,
+            d,
+            &tm,
+            "t",
+            "127.0.0.1:0",
+            &format!("{name}-t2.log"),
+        );
+        let (u1, u1u) = teacher(
+            &mut procs,
+            d,
+            &um,
+            "u",
+            &u_listen,
+            &format!("{name}-u1.log"),
+        );
+        let members = format!(
+            "[[members]]\nname = \"t\"\nendpoints = [\"{t1u}\", \"{t2u}\"]\n[[members]]\nname = \"u\"\nendpoints = [\"{u1u}\"]\n"
+        );
+        let cfg = config_with(d, name, &members, top);
+        let (c, addr) = coordinator(
+            &mut procs,
+            d,
+            &cfg,
+            "127.0.0.1:0",
+            &format!("{name}-coordinator.log"),
+        );
+        let mut w = worker(d, &addr, &format!("{name}-worker"));
+        let mut teachers = vec![t1, t2, u1];
+        chaos(&mut procs, &addr, &mut teachers, &mut w, &u_listen);
+        let st = wait_with_deadline(w, Duration::from_secs(300), "the worker");
+        assert!(st.success(), "{name}: {}", logs(d));
+        assert!(
+            wait_with_deadline(c, Duration::from_secs(60), "the coordinator").success(),
+            "{name}: {}",
+            logs(d)
+        );
+        for mut t in teachers {
+            let _ = t.kill();
+            let _ = t.wait();
+        }
+        let r = read_report(&d.join(name));
+        assert_eq!(
+            u(&r, "batches_trained"),
+            u(&r, "batches_expected"),
+            "{name}: {r}"
+        );
+        r
+    };
+
+    let calm = run("calm", "", &mut |_, _, _, _, _| {});
+    let e0 = u(&calm, "student_test_errors");
+    assert!(
+        e0 < 2000 * 3 / 10,
+        "the uninterrupted student did not learn: {calm}"
+    );
+    let close = |r: &serde_json::Value, what: &str| {
+        let e = u(r, "student_test_errors");
+        assert!(
+            e <= e0 * 5 / 4 + EXTRA_ERRORS,
+            "{what}: {e} test errors; uninterrupted: {e0}"
+        );
+        eprintln!("{what}: {e} test errors (uninterrupted {e0})");
+    };
+
+    // (a) One replica of `t` dies: its requests go to the other.
+    let a = run("replica", "", &mut |_, addr, teachers, _, _| {
+        let at = a_quarter_in(addr);
+        teachers[1].kill().unwrap();
+        let _ = teachers[1].wait();
+        not_too_late(&at, "(a)");
+    });
+    assert!(u(member(&a, "t"), "failures") >= 1, "(a): {a}");
+    assert_eq!(u(&a, "degraded_batches"), 0);
+    close(&a, "(a) one replica killed");
+
+    // (b) `u`'s only replica dies under `wait`; the run waits, then resumes when it is back.
+    let b = run("wait", "", &mut |procs, addr, teachers, _, u_listen| {
+        let at = a_quarter_in(addr);
+        teachers[2].kill().unwrap();
+        let _ = teachers[2].wait();
+        not_too_late(&at, "(b)");
+        wait_until(Duration::from_secs(60), "member u seen down", || {
+            let st = run_status(addr)?;
+            (st.members.iter().find(|m| m.member == "u")?.failures >= 1).then_some(())
+        });
+        let (back, _) = teacher(procs, d, &um, "u", u_listen, "wait-u-again.log");
+        teachers[2] = back;
+    });
+    assert!(u(member(&b, "u"), "failures") >= 1, "(b): {b}");
+    assert_eq!(
+        u(&b, "degraded_batches"),
+        0,
+        "(b) waits, never degrades: {b}"
+    );
+    close(
+        &b,
+        "(b) every replica of u killed under wait, one restarted",
+    );
+
+    // (c) The same under `degrade`, never restarted: batches combine `t` alone.
+    let c = run(
+        "degrade",
+        "teacher_policy = \"degrade\"",
+        &mut |_, addr, teachers, _, _| {
+            let at = a_quarter_in(addr);
+            teachers[2].kill().unwrap();
+            let _ = teachers[2].wait();
+            not_too_late(&at, "(c)");
+        },
+    );
+    assert!(u(&c, "degraded_batches") > 0, "(c): {c}");
+    close(&c, "(c) every replica of u killed under degrade");
+
+    // (d) The worker dies and is started again on its work dir.
+    let dd = run("worker", "", &mut |_, addr, _, w, _| {
+        let at = a_quarter_in(addr);
+        w.kill().unwrap();
+        let _ = w.wait();
+        not_too_late(&at, "(d)");
+        *w = worker(d, addr, "worker-worker");
+    });
+    assert!(u(&dd, "requeued_batches") > 0, "(d): {dd}");
+    close(&dd, "(d) worker killed and restarted");
 }
