@@ -193,6 +193,10 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     eprintln!("test errors: uninterrupted {e0}, coordinator killed and resumed {e1}");
 }
 
+/// What a scenario does a quarter into its run: (processes, coordinator address, the teacher
+/// processes t1, t2, u1, the worker, u1's listen address).
+type Chaos<'a> = dyn FnMut(&mut Procs, &str, &mut Vec<Child>, &mut Child, &str) + 'a;
+
 /// A teacher server process of `model` for `member` on `listen`; returns it and its URL.
 fn teacher(
     procs: &mut Procs,
@@ -250,10 +254,7 @@ fn teacher_and_worker_failures() {
     };
     // Runs scenario `name`: fresh teachers (t twice, u once, u on `u_listen`), a coordinator, a
     // worker; `chaos` acts a quarter into the run and returns what it must wait for at the end.
-    let mut run = |name: &str,
-                   top: &str,
-                   chaos: &mut dyn FnMut(&mut Procs, &str, &mut Vec<Child>, &mut Child, &str)|
-     -> serde_json::Value {
+    let mut run = |name: &str, top: &str, chaos: &mut Chaos| -> serde_json::Value {
         let u_listen = free_port();
         let (t1, t1u) = teacher(
             &mut procs,
