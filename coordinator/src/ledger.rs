@@ -58,6 +58,11 @@ pub struct LedgerConfig {
     pub seed: u64,
     /// How long a worker may hold a batch before it is leased again.
     pub lease_timeout: Duration,
+    /// Hold the epoch barrier until every ack of the epoch is committed ([`Ledger::commit`]):
+    /// with parameter averaging an ack is only in the model once its worker's parameters were
+    /// averaged, and an ack that is not may still have to be rolled back.
+    #[serde(default)]
+    pub hold_for_commit: bool,
 }
 
 impl LedgerConfig {
@@ -369,6 +374,9 @@ pub struct LedgerState {
     next_ack_seq: u64,
     /// Per worker id, the highest ack seq in completed epochs.
     finished_last_seq: BTreeMap<String, u64>,
+    /// Per worker id, the highest committed ack seq ([`Ledger::commit`]).
+    #[serde(default)]
+    committed: BTreeMap<String, u64>,
     counters: LedgerCounters,
 }
 
@@ -409,6 +417,7 @@ impl Ledger {
             next_lease_id: 1,
             next_ack_seq: 1,
             finished_last_seq: BTreeMap::new(),
+            committed: BTreeMap::new(),
             counters: LedgerCounters::default(),
             config,
         };
@@ -876,16 +885,63 @@ impl Ledger {
         }
         self.state.acked_in_epoch += 1;
         self.state.total_acked += 1;
-        let mut events = Vec::new();
-        if self.state.acked_in_epoch == self.batches() {
-            events = self.advance_epoch();
-        }
+        let events = self.try_advance();
         AckOutcome::Acked {
             batch,
             seq,
             late,
             events,
         }
+    }
+
+    /// Passes the epoch barrier if every batch of the current epoch is acked (and, with
+    /// `hold_for_commit`, every one of those acks committed).
+    fn try_advance(&mut self) -> Vec<LedgerEvent> {
+        if self.is_done() || self.state.acked_in_epoch != self.batches() || self.awaiting_commit() {
+            return Vec::new();
+        }
+        self.advance_epoch()
+    }
+
+    /// Whether every batch of the current epoch is acked but some ack is not committed yet
+    /// (only with `hold_for_commit`): the barrier waits for a synchronisation round.
+    pub fn awaiting_commit(&self) -> bool {
+        self.state.config.hold_for_commit
+            && !self.is_done()
+            && self.state.acked_in_epoch == self.batches()
+            && self
+                .state
+                .acked
+                .iter()
+                .flatten()
+                .any(|a| a.seq > self.state.committed.get(&a.worker.id).copied().unwrap_or(0))
+    }
+
+    /// Passes the epoch barrier if nothing holds it any more (after a restore).
+    pub fn settle(&mut self) -> Vec<LedgerEvent> {
+        self.try_advance()
+    }
+
+    /// Whether `worker_id` holds acks of the current epoch that are not committed.
+    pub fn has_uncommitted(&self, worker_id: &str) -> bool {
+        let c = self.state.committed.get(worker_id).copied().unwrap_or(0);
+        self.state
+            .acked
+            .iter()
+            .flatten()
+            .any(|a| a.worker.id == worker_id && a.seq > c)
+    }
+
+    /// Every ack of `worker_id` up to `through_seq` is in the model (its parameters were
+    /// averaged); passes the epoch barrier when that was all it waited for.
+    pub fn commit(&mut self, worker_id: &str, through_seq: u64) -> Vec<LedgerEvent> {
+        let e = self
+            .state
+            .committed
+            .entry(worker_id.to_string())
+            .or_insert(0);
+        *e = (*e).max(through_seq);
+        self.try_advance()
     }
 
     /// Passes the epoch barrier: every batch of the current epoch is acked.
@@ -1085,6 +1141,7 @@ mod tests {
             epochs,
             seed: 42,
             lease_timeout: TIMEOUT,
+            hold_for_commit: false,
         }
     }
 
@@ -1713,5 +1770,51 @@ mod tests {
             seen.rolled_back_batches > 0 && seen.restores > 0,
             "{seen:?}"
         );
+    }
+
+    #[test]
+    fn with_hold_for_commit_the_barrier_waits_for_commits_and_rollback_stays_possible() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(LedgerConfig {
+            hold_for_commit: true,
+            ..cfg(8, 4, 2)
+        })
+        .unwrap();
+        let w = joined(&mut l, "w", 1);
+        let mut seqs = Vec::new();
+        for _ in 0..2 {
+            let ls = lease(&mut l, &w, t0);
+            match l.ack(&w, ls.id, t0) {
+                AckOutcome::Acked { seq, events, .. } => {
+                    assert!(events.is_empty(), "{events:?}");
+                    seqs.push(seq);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Every batch of epoch 0 is acked, none averaged: the barrier holds.
+        assert!(l.awaiting_commit());
+        assert!(l.has_uncommitted("w"));
+        assert_eq!(l.lease(&w, t0).unwrap(), None);
+        assert_eq!(l.progress().epoch, 0);
+        // Committing the first ack is not enough; a rollback of the second is still possible.
+        assert!(l.commit("w", seqs[0]).is_empty());
+        let rb = l.rollback("w", seqs[0]);
+        assert_eq!(rb.requeued.len(), 1);
+        assert!(!rb.lost_in_finished_epochs);
+        assert!(!l.awaiting_commit());
+        // Trained again and committed: the barrier passes.
+        let ls = lease(&mut l, &w, t0);
+        let seq = match l.ack(&w, ls.id, t0) {
+            AckOutcome::Acked { seq, .. } => seq,
+            other => panic!("{other:?}"),
+        };
+        assert!(l.awaiting_commit());
+        assert_eq!(
+            l.commit("w", seq),
+            vec![LedgerEvent::EpochCompleted { epoch: 0 }]
+        );
+        assert_eq!(l.progress().epoch, 1);
+        assert!(!l.has_uncommitted("w"));
     }
 }

@@ -346,6 +346,7 @@ impl Run {
             epochs: cfg.epochs,
             seed: cfg.seed,
             lease_timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
+            hold_for_commit: cfg.sync.every > 0,
         })
         .map_err(|e| Error::Config(e.to_string()))?;
         let mut membership = Membership::new(
@@ -404,6 +405,7 @@ impl Run {
                 let rb = restored.rollback(&id, through);
                 log_events(&rb.events);
             }
+            log_events(&restored.settle());
             workers_map = restored.incarnations().into_iter().collect();
             ledger = restored;
             if saved.sync_version > 0
@@ -806,6 +808,22 @@ impl Run {
                 }
             }
         }
+        // The contributors' acks up to their contributions are now in the model.
+        let commits: Vec<(String, u64)> = match self.sync.lock() {
+            Ok(sy) => closed
+                .replies
+                .iter()
+                .map(|(w, _)| (w.id.clone(), sy.committed_seq(&w.id)))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut events = Vec::new();
+        if let Ok(mut l) = self.ledger.lock() {
+            for (id, seq) in commits {
+                events.extend(l.commit(&id, seq));
+            }
+        }
+        self.on_ledger_events(&events);
         self.persist_average(closed.version, closed.params);
         self.changed.notify_waiters();
     }
@@ -889,17 +907,8 @@ impl Run {
                 share.samples += rows as u64;
                 share.batches += 1;
                 tracing::debug!(%worker, %batch, loss = ack.loss, "batch trained");
-                for e in &events {
-                    if let LedgerEvent::EpochCompleted { epoch } = e {
-                        let mean = s.epoch_loss / s.epoch_batches.max(1) as f64;
-                        self.write_epoch_metrics(*epoch, mean, &s);
-                        s.epoch_loss = 0.0;
-                        s.epoch_batches = 0;
-                    }
-                }
                 drop(s);
-                log_events(&events);
-                self.changed.notify_waiters();
+                self.on_ledger_events(&events);
                 Ok(true)
             }
             AckOutcome::Duplicate { batch } => {
@@ -911,6 +920,22 @@ impl Run {
                 Ok(false)
             }
         }
+    }
+
+    /// Logs ledger events, writes an epoch's metrics line when one completes, wakes producers.
+    fn on_ledger_events(&self, events: &[LedgerEvent]) {
+        if let Ok(mut s) = self.stats.lock() {
+            for e in events {
+                if let LedgerEvent::EpochCompleted { epoch } = e {
+                    let mean = s.epoch_loss / s.epoch_batches.max(1) as f64;
+                    self.write_epoch_metrics(*epoch, mean, &s);
+                    s.epoch_loss = 0.0;
+                    s.epoch_batches = 0;
+                }
+            }
+        }
+        log_events(events);
+        self.changed.notify_waiters();
     }
 
     fn write_epoch_metrics(&self, epoch: u32, mean_loss: f64, s: &Stats) {
@@ -1027,6 +1052,8 @@ impl Run {
         let mut pending = FuturesOrdered::new();
         let mut have_credit = false;
         let mut asked_final = false;
+        // The epoch whose barrier this worker was asked to help pass (a non-final round).
+        let mut asked_commit: Option<u32> = None;
         loop {
             if !have_credit
                 && pending.len() < prefetch
@@ -1055,7 +1082,23 @@ impl Run {
                     }
                 }
             }
-            let trained = self.ledger.lock().map(|l| l.is_done()).unwrap_or(true);
+            let (trained, awaiting, epoch) = match self.ledger.lock() {
+                Ok(l) => (l.is_done(), l.awaiting_commit(), l.progress().epoch),
+                Err(_) => return,
+            };
+            if awaiting && pending.is_empty() && asked_commit != Some(epoch) {
+                // Every batch of the epoch is acked but not all are averaged yet: a round now
+                // (every worker takes part, so it closes at once) lets the barrier pass.
+                asked_commit = Some(epoch);
+                let msg = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {
+                        r#final: false,
+                    })),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
             if trained && pending.is_empty() {
                 if !self.sync_enabled() {
                     break;
@@ -1070,7 +1113,9 @@ impl Run {
                 if !finished && !asked_final {
                     asked_final = true;
                     let msg = CoordinatorMessage {
-                        kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {})),
+                        kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {
+                            r#final: true,
+                        })),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;

@@ -617,7 +617,7 @@ async fn read_batches(
                     }))
                 }
             }
-            Some(Kind::SyncNow(_)) => Command::SyncNow,
+            Some(Kind::SyncNow(pb::SyncNow { r#final })) => Command::SyncNow(r#final),
             Some(Kind::Train(b)) => {
                 // Decode and copy to the device here, off the training thread, so it overlaps
                 // the update in progress.

@@ -47,8 +47,8 @@ pub enum Command {
     Finish,
     /// Averaged parameters from a synchronisation round: continue from them.
     Params(Box<ParamsDown>),
-    /// Every batch is trained: contribute the parameters one last time.
-    SyncNow,
+    /// Contribute the parameters now; `true`: one last time (every batch is trained).
+    SyncNow(bool),
 }
 
 /// Averaged parameters, assembled from a run of `SyncDown` messages.
@@ -386,8 +386,8 @@ fn run(
                 sy.base_version = version;
                 (sy.steps, sy.samples) = (0, 0);
             }
-            Command::SyncNow => {
-                contribute(&student, &mut sy, true, &acks)?;
+            Command::SyncNow(is_final) => {
+                contribute(&student, &mut sy, is_final, &acks)?;
             }
             Command::Invalid(e) => {
                 // The state is consistent (nothing trained on the batch): keep it.

@@ -209,7 +209,7 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
     let a = next_ack(&mut t.acks).unwrap();
     assert_eq!(a.step, 4);
     assert!(a.sync_seconds > 0.0 && a.wait_seconds == 0.0, "{a:?}");
-    t.commands.blocking_send(Command::SyncNow).unwrap();
+    t.commands.blocking_send(Command::SyncNow(true)).unwrap();
     let up = next_sync(&mut t.acks);
     assert_eq!((up.base_version, up.samples, up.is_final), (1, 32, true));
     // Trained one step from the zero average: the output bias moved, nothing is NaN.
