@@ -18,13 +18,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, read_report, run_status, start, train_teacher, wait_until, wait_with_deadline,
+    Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
+    wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
+
+/// Workers keep trying to reach a restarted coordinator for this long.
+const RECONNECT: &[&str] = &["--connect-timeout-s", "60"];
 
 /// Test errors (of 2000) the resumed student may have beyond 1.25 × the uninterrupted one's.
 const EXTRA_ERRORS: u64 = 40;
@@ -90,34 +94,6 @@ fn coordinator(
     (procs.0.pop().unwrap(), addr)
 }
 
-fn worker(d: &Path, addr: &str, id: &str) -> Child {
-    distill()
-        .arg("student-worker")
-        .args(["--coordinator", &format!("http://{addr}")])
-        .args(["--worker-id", id, "--connect-timeout-s", "60"])
-        .arg("--work-dir")
-        .arg(d.join(id))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join(format!("{id}.log"))).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn logs(d: &Path) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(d).unwrap().flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "log") {
-            out += &format!(
-                "--- {}\n{}\n",
-                p.display(),
-                std::fs::read_to_string(&p).unwrap_or_default()
-            );
-        }
-    }
-    out
-}
-
 fn u(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
 }
@@ -139,7 +115,7 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     // The uninterrupted run.
     let cfg = config(d, "calm", &teacher);
     let (c, calm_addr) = coordinator(&mut procs, d, &cfg, "127.0.0.1:0", "calm-coordinator.log");
-    let w = worker(d, &calm_addr, "calm-worker");
+    let w = worker(d, &calm_addr, "calm-worker", RECONNECT);
     let st = wait_with_deadline(w, Duration::from_secs(300), "the calm worker");
     assert!(st.success(), "{}", logs(d));
     assert!(wait_with_deadline(c, Duration::from_secs(60), "the calm coordinator").success());
@@ -153,7 +129,7 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     let listen = port.to_string();
     let cfg = config(d, "chaos", &teacher);
     let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "chaos-coordinator-1.log");
-    let w = worker(d, &listen, "chaos-worker");
+    let w = worker(d, &listen, "chaos-worker", RECONNECT);
     let at = wait_until(Duration::from_secs(240), "a quarter of the run", || {
         let st = run_status(&listen)?;
         (st.batches_trained * 4 >= st.batches_expected && st.sync_rounds >= 2).then_some(st)
@@ -291,7 +267,7 @@ fn teacher_and_worker_failures() {
             "127.0.0.1:0",
             &format!("{name}-coordinator.log"),
         );
-        let mut w = worker(d, &addr, &format!("{name}-worker"));
+        let mut w = worker(d, &addr, &format!("{name}-worker"), RECONNECT);
         let mut teachers = vec![t1, t2, u1];
         chaos(&mut procs, &addr, &mut teachers, &mut w, &u_listen);
         let st = wait_with_deadline(w, Duration::from_secs(300), "the worker");
@@ -384,7 +360,7 @@ fn teacher_and_worker_failures() {
         w.kill().unwrap();
         let _ = w.wait();
         not_too_late(&at, "(d)");
-        *w = worker(d, addr, "worker-worker");
+        *w = worker(d, addr, "worker-worker", RECONNECT);
     });
     assert!(u(&dd, "requeued_batches") > 0, "(d): {dd}");
     close(&dd, "(d) worker killed and restarted");

@@ -14,11 +14,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, read_report, run_status, start, train_teacher, wait_until, wait_with_deadline,
+    Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
+    wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -99,34 +100,6 @@ endpoints = ["{}"]
     (child, addr, d.join(name))
 }
 
-fn worker(d: &Path, addr: &str, id: &str) -> Child {
-    distill()
-        .arg("student-worker")
-        .args(["--coordinator", &format!("http://{addr}")])
-        .args(["--worker-id", id])
-        .arg("--work-dir")
-        .arg(d.join(id))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join(format!("{id}.log"))).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn logs(d: &Path) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(d).unwrap().flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "log") {
-            out += &format!(
-                "--- {}\n{}\n",
-                p.display(),
-                std::fs::read_to_string(&p).unwrap_or_default()
-            );
-        }
-    }
-    out
-}
-
 fn finish(d: &Path, coordinator: Child, workers: Vec<Child>) {
     for (i, w) in workers.into_iter().enumerate() {
         let st = wait_with_deadline(w, Duration::from_secs(300), "a student worker");
@@ -146,12 +119,12 @@ fn two_workers_share_the_batches_and_match_one_worker() {
     let d = s.dir.path().to_path_buf();
 
     let (c1, a1, run1) = coordinator(&mut s, "one", 1, 3);
-    let w = worker(&d, &a1, "solo");
+    let w = worker(&d, &a1, "solo", &[]);
     finish(&d, c1, vec![w]);
     let one = read_report(&run1);
 
     let (c2, a2, run2) = coordinator(&mut s, "two", 2, 3);
-    let ws = vec![worker(&d, &a2, "w0"), worker(&d, &a2, "w1")];
+    let ws = vec![worker(&d, &a2, "w0", &[]), worker(&d, &a2, "w1", &[])];
     finish(&d, c2, ws);
     let two = read_report(&run2);
 
@@ -199,8 +172,8 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     let mut s = setup();
     let d = s.dir.path().to_path_buf();
     let (c, addr, run) = coordinator(&mut s, "kill", 2, 6);
-    let mut victim = worker(&d, &addr, "victim");
-    let survivor = worker(&d, &addr, "survivor");
+    let mut victim = worker(&d, &addr, "victim", &[]);
+    let survivor = worker(&d, &addr, "survivor", &[]);
     // Kill the victim once it has trained a share and the run is well under way, not done.
     let at = wait_until(
         Duration::from_secs(240),

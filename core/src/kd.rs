@@ -470,7 +470,7 @@ impl CustomOp2 for KdFusedGrad {
 }
 
 /// Hard labels as a u32 tensor on their device, after checking shape and range.
-fn checked_labels(y: &Tensor, n: usize, c: usize) -> Result<Tensor> {
+pub(crate) fn checked_labels(y: &Tensor, n: usize, c: usize) -> Result<Tensor> {
     if y.dims() != [n] {
         return Err(Error::Input(format!(
             "labels have shape {:?}, expected [{n}]",

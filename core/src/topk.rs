@@ -81,7 +81,7 @@ use candle_core::{D, DType, Tensor, Var};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-use crate::kd::{self, KdLoss, check_temperature, tempered_log_softmax};
+use crate::kd::{self, KdLoss, check_temperature, checked_labels, tempered_log_softmax};
 use crate::{Error, Result};
 
 /// The largest number of classes an encoding can address (u32 indices).
@@ -636,32 +636,6 @@ pub fn kd_loss_topk(
         }
     };
     Ok(KdLoss { total, soft, hard })
-}
-
-/// Hard labels as a u32 tensor after checking shape and range (as `kd::kd_loss` does).
-fn checked_labels(y: &Tensor, n: usize, c: usize) -> Result<Tensor> {
-    if y.dims() != [n] {
-        return Err(Error::Input(format!(
-            "labels have shape {:?}, expected [{n}]",
-            y.dims()
-        )));
-    }
-    let values: Vec<i64> = match y.dtype() {
-        DType::U8 => y.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
-        DType::U32 => y.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
-        DType::I64 => y.to_vec1::<i64>()?,
-        other => {
-            return Err(Error::Input(format!(
-                "labels must be u8, u32 or i64, got {other:?}"
-            )));
-        }
-    };
-    if let Some(bad) = values.iter().find(|&&v| v < 0 || v as u64 >= c as u64) {
-        return Err(Error::Input(format!(
-            "label {bad} out of range for {c} classes"
-        )));
-    }
-    Ok(y.to_dtype(DType::U32)?)
 }
 
 /// How far the top-k target moves the KD loss from the dense one: see [`loss_gap`].

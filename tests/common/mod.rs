@@ -133,3 +133,35 @@ pub fn read_report(run_dir: &Path) -> serde_json::Value {
     )
     .unwrap()
 }
+
+/// Starts a student-worker process with id `id`, work dir `d/id`, stderr in `d/id.log`, and
+/// the extra flags `extra`.
+pub fn worker(d: &Path, addr: &str, id: &str, extra: &[&str]) -> Child {
+    distill()
+        .arg("student-worker")
+        .args(["--coordinator", &format!("http://{addr}")])
+        .args(["--worker-id", id])
+        .args(extra)
+        .arg("--work-dir")
+        .arg(d.join(id))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join(format!("{id}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Every `*.log` file in `d`, for a failure message.
+pub fn logs(d: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out += &format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+    }
+    out
+}
