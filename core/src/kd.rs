@@ -360,17 +360,6 @@ impl KdFused {
     }
 }
 
-/// The f32 data of a contiguous CPU tensor argument.
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("kd-loss-fused: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("kd-loss-fused: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp2 for KdFused {
     fn name(&self) -> &'static str {
         "kd-loss-fused"
@@ -383,7 +372,10 @@ impl CustomOp2 for KdFused {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (s, p) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        let (s, p) = (
+            crate::model::f32_slice(s1, l1, self.name())?,
+            crate::model::f32_slice(s2, l2, self.name())?,
+        );
         let (n, c) = l1.shape().dims2()?;
         if l2.shape() != l1.shape() || self.labels.as_ref().is_some_and(|y| y.len() != n) {
             candle_core::bail!("kd-loss-fused: shapes do not fit");
@@ -445,7 +437,10 @@ impl CustomOp2 for KdFusedGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (s, p) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        let (s, p) = (
+            crate::model::f32_slice(s1, l1, self.name())?,
+            crate::model::f32_slice(s2, l2, self.name())?,
+        );
         let (n, c) = l1.shape().dims2()?;
         let lo = &self.loss;
         let [w0, w1, w2] = self.weights;

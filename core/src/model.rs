@@ -383,7 +383,7 @@ fn conv_relu_pool_candle(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize) -> 
 }
 
 /// The contiguous f32 data of a CPU tensor argument.
-fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &'static str,
