@@ -574,3 +574,52 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
     assert!(m.requests >= 24 && m.failures >= 2, "{m:?}");
     shutdown.cancel();
 }
+
+/// `RunStatus` polled while averaging rounds close must never deadlock: a closing round writes
+/// the run state holding the ledger, the rounds and the statistics at once, and the status
+/// reads the same locks (it once took the rounds while holding the statistics).
+#[test]
+fn run_status_while_rounds_close_does_not_deadlock() {
+    use coordinator::run::ContributionHeader;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.sync.every = 1;
+    cfg.sync.state_every_secs = 0.0; // every round writes the run state
+    cfg.student.arch = "mlp:784-4-10".into();
+    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
+    let arch = Arch::parse(&cfg.student.arch).unwrap();
+    let run = coordinator::Run::new(cfg, data).unwrap();
+    let w = run.join("w").unwrap();
+    let (mut replies, _) = run.open_sync(&w).unwrap();
+    let params = distill_core::model::init_params(&arch, 3);
+    const ROUNDS: u64 = 400;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (r1, r2) = (run.clone(), run.clone());
+    let poller = std::thread::spawn(move || {
+        let mut polls = 0u64;
+        while r2.status().unwrap().sync_rounds < ROUNDS {
+            polls += 1;
+        }
+        polls
+    });
+    std::thread::spawn(move || {
+        for v in 0..ROUNDS {
+            let up = ContributionHeader {
+                base_version: v,
+                samples: 10,
+                is_final: false,
+                wire_bytes: 0,
+            };
+            r1.contribute(&w, up, params.clone()).unwrap();
+            // A lone contributor's round closes at once and tells it to keep its parameters.
+            let reply = replies.try_recv().unwrap();
+            assert_eq!(reply.version, v + 1);
+        }
+        let _ = tx.send(poller.join().unwrap());
+    });
+    let polls = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("RunStatus and the closing rounds deadlocked");
+    assert!(polls > 0);
+    assert_eq!(run.status().unwrap().sync_rounds, ROUNDS);
+}

@@ -277,6 +277,12 @@ impl Stats {
 }
 
 /// Shared state of the run.
+///
+/// Lock order: `workers` → `ledger` → `sync` → `stats` → any other lock. A function that holds
+/// more than one of these takes them in that order (`persist_average` holds `ledger`, `sync` and
+/// `stats` at once for a consistent commit point); elsewhere a guard is dropped before the next
+/// lock is taken. Taking `sync` while holding `stats` once deadlocked `RunStatus` against a
+/// closing round.
 pub struct Run {
     pub(crate) cfg: RunConfig,
     pub(crate) settings: StudentSettings,
@@ -971,6 +977,15 @@ impl Run {
             let l = lock(&self.ledger)?;
             (l.progress(), l.counters().clone(), l.is_done())
         };
+        let sync_rounds = lock(&self.sync)?.version();
+        let queues = lock(&self.queues)?
+            .iter()
+            .map(|(w, &d)| pb::QueueDepth {
+                worker_id: w.clone(),
+                depth: d as u32,
+            })
+            .collect();
+        let members = self.pool.stats();
         let s = lock(&self.stats)?;
         Ok(pb::RunStatusResponse {
             epoch: progress.epoch,
@@ -980,9 +995,7 @@ impl Run {
             samples_per_sec: samples_per_sec(&s),
             student_wait_seconds: s.wait_secs,
             student_step_seconds: s.step_secs,
-            members: self
-                .pool
-                .stats()
+            members: members
                 .into_iter()
                 .map(|m| pb::MemberStatus {
                     mean_latency_ms: if m.requests > 0 {
@@ -996,19 +1009,13 @@ impl Run {
                     failures: m.failures,
                 })
                 .collect(),
-            queues: lock(&self.queues)?
-                .iter()
-                .map(|(w, &d)| pb::QueueDepth {
-                    worker_id: w.clone(),
-                    depth: d as u32,
-                })
-                .collect(),
+            queues,
             requeued_batches: counters.requeued_batches,
             retries: self.pool.retries(),
             done,
             degraded_batches: s.degraded_batches,
             resumes: self.resumes,
-            sync_rounds: lock(&self.sync)?.version(),
+            sync_rounds,
             workers: s
                 .per_worker
                 .values()
@@ -1531,16 +1538,16 @@ impl Run {
             let l = lock(&self.ledger)?;
             (l.progress(), l.counters().clone())
         };
-        let s = lock(&self.stats)?;
-        let (teachers, ensemble) = match lock(&self.teacher_eval)?.clone() {
-            Some((t, e)) => (t, Some(e)),
-            None => (Vec::new(), None),
-        };
-        let total = s.wait_secs + s.step_secs;
         let (rounds, (round_secs, up_bytes)) = {
             let sy = lock(&self.sync)?;
             (sy.version(), sy.totals())
         };
+        let (teachers, ensemble) = match lock(&self.teacher_eval)?.clone() {
+            Some((t, e)) => (t, Some(e)),
+            None => (Vec::new(), None),
+        };
+        let s = lock(&self.stats)?;
+        let total = s.wait_secs + s.step_secs;
         let per_round = |x: f64| if rounds > 0 { x / rounds as f64 } else { 0.0 };
         let report = RunReport {
             data: self.data.source.clone(),

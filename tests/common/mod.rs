@@ -38,12 +38,22 @@ pub fn distill() -> Command {
 pub fn start(procs: &mut Procs, mut cmd: Command, log: &Path) -> String {
     let stderr = std::fs::File::create(log).unwrap();
     let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
-    let mut line = String::new();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut line).unwrap();
-    // Keep reading so the process can print its summary at the end.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     procs.0.push(child);
+    // The first line, read on a helper thread so a process that never prints fails the test
+    // (the child is in `procs`, killed when the test unwinds).
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = out.read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+        // Keep reading so the process can print its summary at the end.
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(read) => read.unwrap(),
+        Err(_) => panic!("no `listening on` line within 120 s; see {}", log.display()),
+    };
     line.trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}; see {}", log.display()))
@@ -99,9 +109,13 @@ pub fn run_status(addr: &str) -> Option<distill_proto::pb::RunStatusResponse> {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = CoordinatorClient::connect(format!("http://{addr}"))
-            .await
-            .ok()?;
+        // Bounded: a coordinator that accepts but never answers reads as not answering, so the
+        // caller's deadline fails the test instead of hanging it.
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10));
+        let mut c = CoordinatorClient::new(ep.connect().await.ok()?);
         c.run_status(distill_proto::pb::RunStatusRequest {})
             .await
             .ok()
