@@ -105,6 +105,14 @@ pub struct MembershipSettings {
     /// Longest delay between two probes, in seconds.
     #[serde(default = "default_probe_max")]
     pub probe_max_secs: f64,
+    /// Send a second copy of a teacher request that outlived the member's hedge delay to
+    /// another replica, and take the first answer.
+    #[serde(default = "default_true")]
+    pub hedge: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for MembershipSettings {
@@ -115,6 +123,7 @@ impl Default for MembershipSettings {
             failure_threshold: default_failure_threshold(),
             probe_initial_secs: default_probe_initial(),
             probe_max_secs: default_probe_max(),
+            hedge: true,
         }
     }
 }
@@ -129,6 +138,7 @@ impl MembershipSettings {
             failure_threshold: self.failure_threshold,
             probe_initial: Duration::from_secs_f64(self.probe_initial_secs),
             probe_max: Duration::from_secs_f64(self.probe_max_secs),
+            hedge: self.hedge,
             seed: seed ^ crate::membership::MembershipConfig::default().seed,
             ..Default::default()
         }

@@ -86,6 +86,8 @@ pub struct MembershipConfig {
     pub hedge_min_samples: u64,
     /// A replica whose latency EWMA exceeds this multiple of the fastest one's is a straggler.
     pub straggler_factor: f64,
+    /// Whether requests are hedged at all ([`Membership::hedge_after`] is None when not).
+    pub hedge: bool,
     /// Seed of the probe jitter.
     pub seed: u64,
 }
@@ -107,6 +109,7 @@ impl Default for MembershipConfig {
             hedge_min: Duration::from_millis(5),
             hedge_min_samples: 8,
             straggler_factor: 3.0,
+            hedge: true,
             seed: 0x5eed,
         }
     }
@@ -341,6 +344,8 @@ pub struct ReplicaView {
     pub consecutive_failures: u32,
     /// EWMA of its request latencies (None before the first timed request).
     pub latency: Option<Duration>,
+    /// Requests it answered (timed).
+    pub answered: u64,
     /// Requests in flight at its last heartbeat.
     pub in_flight: Option<u32>,
     /// Its stated in-flight limit (0: not stated).
@@ -818,6 +823,21 @@ impl Membership {
         events
     }
 
+    /// A request to replica `id` was given up unanswered after `elapsed` because a hedged copy
+    /// answered first: its latency is at least `elapsed`, so its EWMA moves up towards it (never
+    /// down). Its failure count, its sample count and the member's smoothed latency are left
+    /// alone (the request neither failed nor was timed to the end).
+    pub fn record_slow(&mut self, id: ReplicaId, elapsed: Duration) {
+        let (alpha, secs) = (self.cfg.latency_alpha, elapsed.as_secs_f64());
+        if let Some(r) = self.replicas.get_mut(&id) {
+            r.latency_ewma = Some(match r.latency_ewma {
+                None => secs,
+                Some(e) if secs > e => e + alpha * (secs - e),
+                Some(e) => e,
+            });
+        }
+    }
+
     /// A request to replica `id` failed at `now` (an error or a timeout; not a rejection of
     /// the request itself, which says nothing about the replica's health).
     pub fn record_failure(&mut self, id: ReplicaId, now: Instant) -> Vec<Event> {
@@ -996,6 +1016,9 @@ impl Membership {
     /// How long to wait for a request to `member` before sending a hedged copy to another
     /// replica (None: not enough samples yet, or no other replica to send it to).
     pub fn hedge_after(&self, member: &str) -> Option<Duration> {
+        if !self.cfg.hedge {
+            return None;
+        }
         let m = self.members.get(member)?;
         let (srtt, var) = m.srtt?;
         if m.samples < self.cfg.hedge_min_samples || self.rotation(member).len() < 2 {
@@ -1178,6 +1201,7 @@ impl Replica {
             },
             consecutive_failures: self.failures,
             latency: self.latency_ewma.map(Duration::from_secs_f64),
+            answered: self.samples,
             in_flight: self.load.map(|l| l.in_flight),
             max_in_flight: self.load.map_or(0, |l| l.max_in_flight),
             identity: self.identity.clone(),
@@ -1867,5 +1891,57 @@ mod tests {
         let _ = m.record_failure(fast, t0);
         let _ = m.record_failure(fast, t0);
         assert!(!m.is_straggler(slow));
+    }
+
+    #[test]
+    fn a_request_given_up_for_its_hedge_only_raises_the_latency_estimate() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let r = register(&mut m, "b", "http://h:1", t0).replica;
+        let _other = register(&mut m, "b", "http://h:2", t0);
+        m.record_slow(r, Duration::from_millis(40));
+        assert_eq!(
+            m.replica(r).unwrap().latency,
+            Some(Duration::from_millis(40))
+        );
+        for _ in 0..8 {
+            let _ = m.record_success(r, Duration::from_millis(10));
+        }
+        let _ = m.record_failure(r, t0);
+        let before = m.replica(r).unwrap();
+        let hedge = m.hedge_after("b");
+        // A shorter wait says nothing: the estimate stays.
+        m.record_slow(r, Duration::from_millis(1));
+        assert_eq!(m.replica(r).unwrap().latency, before.latency);
+        // A longer one moves it up by α of the gap; failures, counts and the member's smoothed
+        // latency (hence the hedge delay) are untouched.
+        m.record_slow(r, Duration::from_millis(810));
+        let after = m.replica(r).unwrap();
+        let want = before.latency.unwrap().as_secs_f64()
+            + 0.125 * (0.810 - before.latency.unwrap().as_secs_f64());
+        assert!((after.latency.unwrap().as_secs_f64() - want).abs() < 1e-9);
+        assert_eq!(after.consecutive_failures, 1);
+        assert_eq!(after.answered, 8);
+        assert_eq!(m.hedge_after("b"), hedge);
+        m.record_slow(999, Duration::from_secs(1)); // unknown: ignored
+    }
+
+    #[test]
+    fn hedging_can_be_turned_off() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(
+            MembershipConfig {
+                hedge: false,
+                ..cfg()
+            },
+            [("b".to_string(), vec![])],
+        )
+        .unwrap();
+        let r1 = register(&mut m, "b", "http://h:1", t0).replica;
+        let _ = register(&mut m, "b", "http://h:2", t0);
+        for _ in 0..8 {
+            let _ = m.record_success(r1, Duration::from_millis(10));
+        }
+        assert_eq!(m.hedge_after("b"), None);
     }
 }

@@ -1007,6 +1007,8 @@ impl Run {
                     member: m.member,
                     requests: m.requests,
                     failures: m.failures,
+                    hedged_requests: m.hedged_requests,
+                    hedge_wins: m.hedge_wins,
                 })
                 .collect(),
             queues,

@@ -11,6 +11,22 @@
 //! on another replica of the same member, with exponential backoff and jitter, up to
 //! `2 × replicas in rotation` attempts; then the member counts as down for that request and the
 //! caller gets [`Error::Teacher`] — at once when no replica is in rotation.
+//!
+//! Stragglers are avoided two ways:
+//! - **Choice by expected completion.** A request goes to the replica with the least
+//!   `(outstanding + 1) × latency`, where `latency` is the replica's EWMA relative to the
+//!   member's fastest (ratios under [`SIMILAR`] count as 1, so replicas of about the same speed
+//!   share the load by outstanding requests, round-robin on ties). A replica three times slower
+//!   gets a request only when the fast ones have three in flight each. A replica not timed yet
+//!   counts as fast (so it is tried), and one not chosen for [`EXPLORE_EVERY`] requests of its
+//!   member is chosen once, so a straggler that recovered is noticed.
+//! - **Hedging.** A request still unanswered after the member's hedge delay
+//!   ([`Membership::hedge_after`]: smoothed latency + 4 mean deviations, RFC 6298) is sent to a
+//!   second replica as well; the first answer wins and the other request is cancelled. The
+//!   loser's elapsed time is recorded as a lower bound of its latency
+//!   ([`Membership::record_slow`]), so a replica that keeps losing is chosen less.
+//!   `[membership] hedge = false` turns hedging off; `hedged_requests` and `hedge_wins` count
+//!   it per member in `RunStatus` and `report.json`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,11 +44,47 @@ use crate::error::{Error, Result};
 use crate::membership::{Membership, ModelIdentity, ReplicaId, ReplicaView};
 use crate::registry::RegistryService;
 
+/// Latency ratios (to the member's fastest replica) below this count as equal when choosing.
+pub const SIMILAR: f64 = 1.5;
+
+/// A replica not chosen for this many requests of its member is chosen once (its latency
+/// estimate may be stale).
+pub const EXPLORE_EVERY: u64 = 32;
+
 /// A replica's client, created on first use and kept while the replica is known.
 struct Replica {
     address: String,
     client: TeacherClient<Channel>,
     outstanding: AtomicUsize,
+    /// The member's pick number when this replica was last chosen.
+    last_pick: AtomicU64,
+}
+
+/// One request in flight to a replica: its outstanding count goes down when the request ends,
+/// also when it is cancelled (the loser of a hedge is dropped mid-flight).
+struct InFlight<'a>(&'a Replica);
+
+impl<'a> InFlight<'a> {
+    fn start(r: &'a Replica) -> Self {
+        r.outstanding.fetch_add(1, Ordering::Relaxed);
+        Self(r)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one request to one replica ended.
+enum Outcome {
+    /// Tempered logits.
+    Answered(Vec<f32>),
+    /// The teacher refused the request itself (no replica would take it).
+    Rejected(String),
+    /// An error or a timeout, already recorded; another replica may answer.
+    Failed(String),
 }
 
 /// Latency and count statistics of one member.
@@ -49,6 +101,10 @@ pub struct MemberStats {
     /// Failed attempts (each retried elsewhere or given up), and requests given up at once
     /// because no replica of the member was in rotation.
     pub failures: u64,
+    /// Hedged copies sent (a request outlived the member's hedge delay).
+    pub hedged_requests: u64,
+    /// Hedged copies that answered before the original.
+    pub hedge_wins: u64,
 }
 
 fn is_rejection(code: tonic::Code) -> bool {
@@ -81,6 +137,8 @@ pub struct Member {
     /// Combination weight.
     pub weight: f32,
     stats: Mutex<MemberStats>,
+    /// Requests of this member so far (the round-robin and exploration clock).
+    picks: AtomicU64,
 }
 
 /// Every member of the ensemble, over the run's membership (static and registered replicas).
@@ -121,6 +179,7 @@ impl TeacherPool {
                         member: m.name.clone(),
                         ..Default::default()
                     }),
+                    picks: AtomicU64::new(0),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -166,6 +225,7 @@ impl TeacherPool {
             address: address.to_string(),
             client,
             outstanding: AtomicUsize::new(0),
+            last_pick: AtomicU64::new(0),
         });
         clients.insert(id, r.clone());
         Ok(r)
@@ -299,31 +359,63 @@ impl TeacherPool {
         }
     }
 
-    /// Picks the replica for an attempt among those in rotation: fewest requests outstanding,
-    /// ties round-robin by attempt.
+    /// Picks the replica for a request among those in rotation, other than `except` (None when
+    /// there is no other): the least expected completion time, see the module docs.
     fn choose(
         &self,
+        member: &Member,
         rotation: &[ReplicaView],
-        attempt: usize,
-    ) -> Result<(ReplicaId, Arc<Replica>)> {
-        let mut best: Option<((usize, usize), ReplicaId, Arc<Replica>)> = None;
-        for (i, v) in rotation.iter().enumerate() {
-            let r = self.client(v.id, &v.address)?;
-            let key = (
-                r.outstanding.load(Ordering::Relaxed),
-                (i + attempt) % rotation.len(),
-            );
-            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                best = Some((key, v.id, r));
-            }
+        except: Option<ReplicaId>,
+    ) -> Result<Option<(ReplicaId, Arc<Replica>)>> {
+        let pick = member.picks.fetch_add(1, Ordering::Relaxed) + 1;
+        let candidates: Vec<(&ReplicaView, Arc<Replica>)> = rotation
+            .iter()
+            .filter(|v| Some(v.id) != except)
+            .map(|v| Ok((v, self.client(v.id, &v.address)?)))
+            .collect::<Result<_>>()?;
+        let chosen = if except.is_none()
+            && let Some((v, r)) = candidates
+                .iter()
+                .filter(|(v, r)| {
+                    v.latency.is_some()
+                        && pick.saturating_sub(r.last_pick.load(Ordering::Relaxed)) > EXPLORE_EVERY
+                })
+                .min_by_key(|(_, r)| r.last_pick.load(Ordering::Relaxed))
+        {
+            Some((v.id, r.clone()))
+        } else {
+            let fastest = candidates
+                .iter()
+                .filter_map(|(v, _)| v.latency)
+                .min()
+                .map(|d| d.as_secs_f64().max(1e-9));
+            let n = candidates.len().max(1);
+            candidates
+                .iter()
+                .enumerate()
+                .map(|(i, (v, r))| {
+                    let ratio = match (v.latency, fastest) {
+                        (Some(l), Some(f)) => l.as_secs_f64() / f,
+                        _ => 1.0,
+                    };
+                    let ratio = if ratio < SIMILAR { 1.0 } else { ratio };
+                    let load = (r.outstanding.load(Ordering::Relaxed) + 1) as f64;
+                    let turn = (i + n - (pick as usize % n)) % n;
+                    ((load * ratio, turn), v.id, r)
+                })
+                .min_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
+                .map(|(_, id, r)| (id, r.clone()))
+        };
+        if let Some((_, r)) = &chosen {
+            r.last_pick.store(pick, Ordering::Relaxed);
         }
-        best.map(|(_, id, r)| (id, r))
-            .ok_or_else(|| Error::Internal("no replica to choose from".into()))
+        Ok(chosen)
     }
 
     /// Tempered logits z/T (`rows × classes`, f32) of member `member` for `inputs`, from the
-    /// member's replicas in rotation now (registered ones included). With none in rotation it
-    /// fails at once with [`Error::Teacher`], so the run's policy decides.
+    /// member's replicas in rotation now (registered ones included), hedged on a second replica
+    /// when the first is slow. With none in rotation it fails at once with [`Error::Teacher`],
+    /// so the run's policy decides.
     pub async fn infer(
         &self,
         member: usize,
@@ -331,13 +423,28 @@ impl TeacherPool {
         temperature: f32,
     ) -> Result<Vec<f32>> {
         let m = &self.members[member];
+        let req = InferRequest {
+            request_id: 0,
+            inputs: Some(inputs.clone().into()),
+            temperature,
+            output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+        };
+        let rows = inputs.shape().first().copied();
         let mut attempts = None;
         let mut backoff = Duration::from_millis(20);
         let mut last_err = String::new();
         let mut attempt = 0;
+        let mut failed: Option<ReplicaId> = None;
         loop {
             let rotation = self.membership()?.rotation(&m.name);
-            if rotation.is_empty() {
+            // A retry goes to another replica than the one that just failed, when there is one.
+            let except = failed.filter(|_| rotation.len() > 1);
+            let chosen = if rotation.is_empty() {
+                None
+            } else {
+                self.choose(m, &rotation, except)?
+            };
+            let Some((id, r)) = chosen else {
                 // A request given up: counted with the failed attempts.
                 if let Ok(mut s) = m.stats.lock() {
                     s.failures += 1;
@@ -350,68 +457,32 @@ impl TeacherPool {
                         format!("no replica in rotation; last error: {last_err}")
                     },
                 });
-            }
-            let attempts = *attempts.get_or_insert(2 * rotation.len());
-            let (id, r) = self.choose(&rotation, attempt)?;
-            r.outstanding.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
-            let req = InferRequest {
-                request_id: 0,
-                inputs: Some(inputs.clone().into()),
-                temperature,
-                output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
             };
-            let result = tokio::time::timeout(self.timeout, r.client.clone().infer(req)).await;
-            r.outstanding.fetch_sub(1, Ordering::Relaxed);
-            // Whether the failure says something about the replica's health (a busy replica
-            // is retried elsewhere but stays in rotation).
-            let mut unhealthy = true;
-            let err = match result {
-                Ok(Ok(resp)) => {
-                    let resp = resp.into_inner();
-                    match resp.logits.map(HostTensor::try_from) {
-                        Some(Ok(t))
-                            if t.dtype() == DType::F32
-                                && t.shape().first() == inputs.shape().first() =>
-                        {
-                            let latency = started.elapsed();
-                            let secs = latency.as_secs_f64();
-                            if let Ok(mut s) = m.stats.lock() {
-                                s.requests += 1;
-                                s.total_latency_secs += secs;
-                                s.max_latency_secs = s.max_latency_secs.max(secs);
-                            }
-                            let events = self.membership()?.record_success(id, latency);
-                            self.registry.publish(&events);
-                            return Ok(t.to_f32_vec());
-                        }
-                        other => format!("malformed reply from {}: {other:?}", r.address),
-                    }
+            let attempts = *attempts.get_or_insert(2 * rotation.len());
+            let hedge = match self.membership()?.hedge_after(&m.name) {
+                Some(after) if after < self.timeout && rotation.len() > 1 => Some(after),
+                _ => None,
+            };
+            let outcome = match hedge {
+                Some(after) => {
+                    self.hedged(m, (id, &r), after, &rotation, &req, rows)
+                        .await?
                 }
-                Ok(Err(status)) if is_rejection(status.code()) => {
-                    // The teacher refused the request itself: another replica of the same model
-                    // would refuse it too, so retrying (or waiting) cannot help. Not a failure
-                    // of the replica.
+                None => self.call(m, id, &r, req.clone(), rows).await?,
+            };
+            match outcome {
+                Outcome::Answered(logits) => return Ok(logits),
+                Outcome::Rejected(msg) => {
                     return Err(Error::TeacherRejected {
                         member: m.name.clone(),
-                        msg: format!("{}: {}: {}", r.address, status.code(), status.message()),
+                        msg,
                     });
                 }
-                Ok(Err(status)) => {
-                    unhealthy = status.code() != tonic::Code::ResourceExhausted;
-                    format!("{}: {}: {}", r.address, status.code(), status.message())
+                Outcome::Failed(err) => {
+                    last_err = err;
+                    failed = Some(id);
                 }
-                Err(_) => format!("{}: no answer within {:?}", r.address, self.timeout),
-            };
-            if let Ok(mut s) = m.stats.lock() {
-                s.failures += 1;
             }
-            if unhealthy {
-                let events = self.membership()?.record_failure(id, Instant::now());
-                self.registry.publish(&events);
-            }
-            tracing::warn!(member = %m.name, replica = id, attempt, error = %err, "teacher request failed; retrying");
-            last_err = err;
             attempt += 1;
             if attempt >= attempts {
                 break;
@@ -424,6 +495,136 @@ impl TeacherPool {
             member: m.name.clone(),
             msg: format!("every replica failed; last error: {last_err}"),
         })
+    }
+
+    /// [`Self::call`] to `first`; when it has not answered after `after`, the same request to
+    /// the best other replica in rotation as well. The first answer (or rejection) wins and the
+    /// other request is cancelled, its elapsed time recorded as a lower bound of its replica's
+    /// latency; when one copy fails, the other is still awaited.
+    async fn hedged(
+        &self,
+        m: &Member,
+        first: (ReplicaId, &Arc<Replica>),
+        after: Duration,
+        rotation: &[ReplicaView],
+        req: &InferRequest,
+        rows: Option<usize>,
+    ) -> Result<Outcome> {
+        let (id, r) = first;
+        let started = Instant::now();
+        let primary = self.call(m, id, r, req.clone(), rows);
+        tokio::pin!(primary);
+        tokio::select! {
+            o = &mut primary => return o,
+            () = tokio::time::sleep(after) => {}
+        }
+        let Some((id2, r2)) = self.choose(m, rotation, Some(id))? else {
+            return primary.await;
+        };
+        if let Ok(mut s) = m.stats.lock() {
+            s.hedged_requests += 1;
+        }
+        tracing::debug!(member = %m.name, slow = id, hedge = id2, after_ms = after.as_secs_f64() * 1e3, "teacher request hedged");
+        let started2 = Instant::now();
+        let secondary = self.call(m, id2, &r2, req.clone(), rows);
+        tokio::pin!(secondary);
+        let (mut first_failed, mut second_failed) = (None, None);
+        loop {
+            tokio::select! {
+                o = &mut primary, if first_failed.is_none() => match o? {
+                    Outcome::Failed(e) => first_failed = Some(e),
+                    done => {
+                        if second_failed.is_none() {
+                            self.membership()?.record_slow(id2, started2.elapsed());
+                        }
+                        return Ok(done);
+                    }
+                },
+                o = &mut secondary, if second_failed.is_none() => match o? {
+                    Outcome::Failed(e) => second_failed = Some(e),
+                    done => {
+                        if matches!(done, Outcome::Answered(_))
+                            && let Ok(mut s) = m.stats.lock()
+                        {
+                            s.hedge_wins += 1;
+                        }
+                        if first_failed.is_none() {
+                            self.membership()?.record_slow(id, started.elapsed());
+                        }
+                        return Ok(done);
+                    }
+                },
+            }
+            if let (Some(e), Some(_)) = (&first_failed, &second_failed) {
+                return Ok(Outcome::Failed(e.clone()));
+            }
+        }
+    }
+
+    /// One request to one replica, with the request deadline. Records the outcome: latency and
+    /// count on success, a failure in the member's statistics and (unless the replica was only
+    /// busy) in the membership.
+    async fn call(
+        &self,
+        m: &Member,
+        id: ReplicaId,
+        r: &Replica,
+        req: InferRequest,
+        rows: Option<usize>,
+    ) -> Result<Outcome> {
+        let _in_flight = InFlight::start(r);
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, r.client.clone().infer(req)).await;
+        // Whether the failure says something about the replica's health (a busy replica is
+        // retried elsewhere but stays in rotation).
+        let mut unhealthy = true;
+        let err = match result {
+            Ok(Ok(resp)) => {
+                let resp = resp.into_inner();
+                match resp.logits.map(HostTensor::try_from) {
+                    Some(Ok(t))
+                        if t.dtype() == DType::F32 && t.shape().first() == rows.as_ref() =>
+                    {
+                        let latency = started.elapsed();
+                        let secs = latency.as_secs_f64();
+                        if let Ok(mut s) = m.stats.lock() {
+                            s.requests += 1;
+                            s.total_latency_secs += secs;
+                            s.max_latency_secs = s.max_latency_secs.max(secs);
+                        }
+                        let events = self.membership()?.record_success(id, latency);
+                        self.registry.publish(&events);
+                        return Ok(Outcome::Answered(t.to_f32_vec()));
+                    }
+                    other => format!("malformed reply from {}: {other:?}", r.address),
+                }
+            }
+            Ok(Err(status)) if is_rejection(status.code()) => {
+                // The teacher refused the request itself: another replica of the same model
+                // would refuse it too, so retrying (or waiting) cannot help. Not a failure of
+                // the replica.
+                return Ok(Outcome::Rejected(format!(
+                    "{}: {}: {}",
+                    r.address,
+                    status.code(),
+                    status.message()
+                )));
+            }
+            Ok(Err(status)) => {
+                unhealthy = status.code() != tonic::Code::ResourceExhausted;
+                format!("{}: {}: {}", r.address, status.code(), status.message())
+            }
+            Err(_) => format!("{}: no answer within {:?}", r.address, self.timeout),
+        };
+        if let Ok(mut s) = m.stats.lock() {
+            s.failures += 1;
+        }
+        if unhealthy {
+            let events = self.membership()?.record_failure(id, Instant::now());
+            self.registry.publish(&events);
+        }
+        tracing::warn!(member = %m.name, replica = id, error = %err, "teacher request failed");
+        Ok(Outcome::Failed(err))
     }
 }
 

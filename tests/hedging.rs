@@ -1,0 +1,119 @@
+//! Straggler avoidance and hedged requests in the coordinator's teacher pool, against real
+//! teacher servers on loopback: one replica answers at once, the other takes 1.5 s per pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use coordinator::RegistryService;
+use coordinator::config::{MemberConfig, MembershipSettings};
+use coordinator::membership::Membership;
+use coordinator::teachers::TeacherPool;
+use distill_core::checkpoint::Checkpoint;
+use distill_core::model::TrainableModel;
+use distill_core::spec::{Arch, ModelSpec};
+use distill_proto::HostTensor;
+use tokio_util::sync::CancellationToken;
+
+const SLOW: Duration = Duration::from_millis(1500);
+const REQUESTS: u64 = 100;
+
+/// A teacher server whose every forward pass takes at least `latency`.
+async fn teacher(latency: Duration, shutdown: &CancellationToken) -> String {
+    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
+    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
+    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
+    let opts = teacher_server::ServeOptions {
+        member: "t".into(),
+        simulate_latency: latency,
+        ..Default::default()
+    };
+    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
+    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tl.local_addr().unwrap();
+    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
+    format!("http://{addr}")
+}
+
+/// One member `t` over `endpoints`.
+fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
+    let settings = MembershipSettings {
+        hedge,
+        ..Default::default()
+    };
+    let membership = Membership::new(
+        settings.to_config(1),
+        [("t".to_string(), endpoints.to_vec())],
+    )
+    .unwrap();
+    let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
+    let members = [MemberConfig {
+        name: "t".into(),
+        endpoints: endpoints.to_vec(),
+        weight: 1.0,
+    }];
+    TeacherPool::new(&members, registry, Duration::from_secs(30), 64 << 20).unwrap()
+}
+
+/// Requests answered by each replica, in `endpoints` order.
+fn answered(pool: &TeacherPool, endpoints: &[String]) -> Vec<u64> {
+    let m = pool.registry().membership().lock().unwrap();
+    let views = m.replicas("t");
+    endpoints
+        .iter()
+        .map(|e| {
+            let e = coordinator::membership::normalize_address(e).unwrap();
+            views.iter().find(|v| v.address == e).unwrap().answered
+        })
+        .collect()
+}
+
+/// `REQUESTS` requests one after another; returns (answered per replica, member statistics).
+async fn run(hedge: bool) -> (Vec<u64>, coordinator::teachers::MemberStats) {
+    let shutdown = CancellationToken::new();
+    let endpoints = vec![
+        teacher(SLOW, &shutdown).await,
+        teacher(Duration::ZERO, &shutdown).await,
+    ];
+    let pool = pool(&endpoints, hedge);
+    let rows = HostTensor::from_f32(vec![4, 784], &[0.5; 4 * 784]).unwrap();
+    for _ in 0..REQUESTS {
+        let logits = pool.infer(0, &rows, 2.0).await.unwrap();
+        assert_eq!(logits.len(), 4 * 10);
+    }
+    let counts = answered(&pool, &endpoints);
+    let stats = pool.stats().remove(0);
+    eprintln!("hedge = {hedge}: answered per replica (slow, fast) {counts:?}; {stats:?}");
+    shutdown.cancel();
+    (counts, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replica_is_avoided_and_its_requests_are_hedged() {
+    let (counts, stats) = run(true).await;
+    // Every request got exactly one answer (a hedge's loser is cancelled, not answered).
+    assert_eq!(stats.requests, REQUESTS, "{stats:?}");
+    assert_eq!(counts.iter().sum::<u64>(), REQUESTS, "{counts:?}");
+    // The slow replica answered only while it was untimed (it counts as fast until then);
+    // afterwards it is chosen only to refresh its estimate (every 32 requests), and each of
+    // those requests is hedged on the fast replica, which answers first.
+    assert!(
+        counts[0] <= 2,
+        "the slow replica answered {counts:?}; {stats:?}"
+    );
+    assert!(stats.hedged_requests >= 2, "{stats:?}");
+    assert!(stats.hedge_wins >= 2, "{stats:?}");
+    assert_eq!(stats.failures, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_hedging_the_refresh_requests_wait_for_the_slow_replica() {
+    let (counts, stats) = run(false).await;
+    assert_eq!(stats.requests, REQUESTS, "{stats:?}");
+    assert_eq!(stats.hedged_requests, 0, "{stats:?}");
+    // Chosen once untimed and once per 32 requests after that, and each time answered by it.
+    assert!(counts[0] >= 3, "{counts:?}");
+    assert!(counts[0] <= 2 + REQUESTS / 32, "{counts:?}");
+}
