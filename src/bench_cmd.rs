@@ -7,8 +7,9 @@
 //! - `e2e` (a): end-to-end distillation samples/s (one worker, a teacher that keeps up) ÷ the
 //!   same student trained on soft targets precomputed in memory (the limit).
 //! - `teacher` (b): teacher-server rows/s ÷ in-process forward at batch 128 and 1024.
-//! - `slow` (c): teachers with a fixed extra latency per pass (4× the student's step time, one
-//!   batch per pass) behind 1, 2 and 4 replicas: student wait fraction and samples/s.
+//! - `slow` (c): teachers with a fixed extra latency per pass (4× the student's step time)
+//!   behind 1, 2 and 4 replicas answering one batch per pass, then 1 and 2 replicas batching up
+//!   to 1,024 rows per pass (the server's default): student wait fraction and samples/s.
 //! - `bytes` (d): soft-target bytes per sample on the wire for each encoding, for 10 and 32,000
 //!   classes, and the KD-loss difference of top-k against dense targets.
 //! - `cache` (e): epochs 2+ with the soft-target cache ÷ student-only, and the teacher batches
@@ -63,7 +64,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     pub sync_every: u64,
     /// Batches prepared ahead per worker (coordinator `prefetch` and the worker's credit window).
-    #[arg(long, default_value_t = 8)]
+    /// 16 covers the `slow` section's teachers (4× the student step): about 4 × teacher latency
+    /// ÷ student step is needed; at 8 four replicas reach only ~0.7 of (a).
+    #[arg(long, default_value_t = 16)]
     pub prefetch: usize,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
@@ -300,32 +303,43 @@ async fn slow(
     let latency = std::time::Duration::from_secs_f64(4.0 * step_secs);
     println!();
     println!(
-        "[slow] (c) teachers {:.0} ms per pass (4× the student step), one batch per pass, prefetch {}",
+        "[slow] (c) teachers {:.0} ms per pass (4× the student step), prefetch {}",
         1e3 * latency.as_secs_f64(),
         a.prefetch
     );
     println!(
-        "{:>9} {:>12} {:>12} {:>16}",
-        "replicas", "samples/s", "wait %", "÷ end-to-end (a)"
+        "{:>9} {:>14} {:>12} {:>12} {:>16}",
+        "replicas", "rows per pass", "samples/s", "wait %", "÷ end-to-end (a)"
     );
-    for replicas in [1usize, 2, 4] {
+    // One batch per pass: each replica answers one batch per latency, so 4 replicas exactly
+    // match the student (the worst case). Then the server's default batching (up to 1,024
+    // rows per pass): requests that arrive while a pass runs share the next one, as on a GPU
+    // whose latency hardly grows with the batch.
+    let cases = [
+        (1usize, a.batch),
+        (2, a.batch),
+        (4, a.batch),
+        (1, 1024),
+        (2, 1024),
+    ];
+    for (replicas, max_batch) in cases {
         let members = [LocalMember {
             name: "t".into(),
             checkpoint: random_teacher(&a.teacher)?,
             replicas,
             opts: teacher_server::ServeOptions {
-                max_batch: a.batch,
+                max_batch,
                 simulate_latency: latency,
                 ..Default::default()
             },
         }];
-        let dir = out.join(format!("slow-{replicas}"));
+        let dir = out.join(format!("slow-{replicas}-{max_batch}"));
         let mut cfg = one_worker_config(a, dir.clone());
         cfg.epochs = 1;
         let o = crate::local::run(cfg, &members, 1, dir).await?;
         let r = &o.report;
         println!(
-            "{replicas:>9} {:>12.0} {:>12.1} {:>16.3}",
+            "{replicas:>9} {max_batch:>14} {:>12.0} {:>12.1} {:>16.3}",
             r.samples_per_sec,
             100.0 * r.student_wait_fraction,
             r.samples_per_sec / reference
