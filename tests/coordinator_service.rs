@@ -623,3 +623,70 @@ fn run_status_while_rounds_close_does_not_deadlock() {
     assert!(polls > 0);
     assert_eq!(run.status().unwrap().sync_rounds, ROUNDS);
 }
+
+/// `[sync] outer_lr` reaches the rounds: with two contributors the new parameters are the
+/// previous ones plus `outer_lr` times the averaged change, and both workers receive them.
+#[test]
+fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributors() {
+    use coordinator::run::ContributionHeader;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.sync.every = 1;
+    cfg.sync.outer_lr = 3.0;
+    cfg.student.arch = "mlp:784-2-10".into();
+    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
+    let arch = Arch::parse(&cfg.student.arch).unwrap();
+    let run = coordinator::Run::new(cfg, data).unwrap();
+    let (w1, w2) = (run.join("a").unwrap(), run.join("b").unwrap());
+    let (mut r1, _) = run.open_sync(&w1).unwrap();
+    let (mut r2, _) = run.open_sync(&w2).unwrap();
+    let shapes: Vec<(String, Vec<usize>)> = distill_core::model::init_params(&arch, 0)
+        .into_iter()
+        .map(|(n, s, _)| (n, s))
+        .collect();
+    // Every value of every parameter set to `x`.
+    let filled = |x: f32| -> Vec<distill_proto::params::Param> {
+        shapes
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone(), vec![x; s.iter().product()]))
+            .collect()
+    };
+    let header = |base_version| ContributionHeader {
+        base_version,
+        samples: 10,
+        is_final: false,
+        wire_bytes: 0,
+    };
+    let received = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<coordinator::run::SyncReply>| {
+        let reply = rx.try_recv().expect("a reply");
+        let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
+        for group in reply.groups.expect("parameters").iter() {
+            for chunk in group {
+                asm.add(chunk.clone()).unwrap();
+            }
+        }
+        let values: Vec<f32> = asm
+            .finish()
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, _, v)| v)
+            .collect();
+        (reply.version, values)
+    };
+    // Round 1 has no previous parameters: the plain average, 2.
+    run.contribute(&w1, header(0), filled(1.0)).unwrap();
+    run.contribute(&w2, header(0), filled(3.0)).unwrap();
+    for rx in [&mut r1, &mut r2] {
+        let (version, v) = received(rx);
+        assert_eq!(version, 1);
+        assert!(v.iter().all(|&x| x == 2.0));
+    }
+    // Round 2: average 2.5, change 0.5, three times that: 3.5.
+    run.contribute(&w1, header(1), filled(2.0)).unwrap();
+    run.contribute(&w2, header(1), filled(3.0)).unwrap();
+    for rx in [&mut r1, &mut r2] {
+        let (version, v) = received(rx);
+        assert_eq!(version, 2);
+        assert!(v.iter().all(|&x| x == 3.5), "{:?}", &v[..4]);
+    }
+}

@@ -433,7 +433,8 @@ impl Run {
             );
         }
         let mut sync =
-            SyncRounds::new(Duration::from_secs_f64(cfg.sync.round_timeout_secs), latest);
+            SyncRounds::new(Duration::from_secs_f64(cfg.sync.round_timeout_secs), latest)
+                .with_outer_lr(cfg.sync.outer_lr);
         sync.restore_committed(committed);
         let param_shapes = settings.spec.arch.param_shapes();
         Ok(Arc::new(Self {

@@ -115,6 +115,8 @@ struct OpenRound {
 #[derive(Debug)]
 pub struct SyncRounds {
     timeout: Duration,
+    /// Step on the averaged change of a round with several contributors (1: plain average).
+    outer_lr: f64,
     version: u64,
     params: Option<Params>,
     live: BTreeSet<Worker>,
@@ -135,6 +137,7 @@ impl SyncRounds {
         };
         Self {
             timeout: round_timeout,
+            outer_lr: 1.0,
             version,
             params,
             live: BTreeSet::new(),
@@ -144,6 +147,15 @@ impl SyncRounds {
             seconds_total: 0.0,
             up_bytes_total: 0,
         }
+    }
+
+    /// Rounds with several contributors step `outer_lr` times the averaged change from the
+    /// previous round's parameters: `previous + outer_lr × (average − previous)` (see
+    /// `[sync] outer_lr`). The first round, with no previous parameters here, is a plain
+    /// average; so is every round at 1 (the default).
+    pub fn with_outer_lr(mut self, outer_lr: f64) -> Self {
+        self.outer_lr = outer_lr;
+        self
     }
 
     /// The latest average and its version (None before the first round).
@@ -278,12 +290,16 @@ impl SyncRounds {
         let params = if single {
             contribs[0].params.clone()
         } else {
-            Arc::new(average(
-                &contribs
-                    .iter()
-                    .map(|c| (c.samples, c.params.as_slice()))
-                    .collect::<Vec<_>>(),
-            ))
+            let sets: Vec<_> = contribs
+                .iter()
+                .map(|c| (c.samples, c.params.as_slice()))
+                .collect();
+            match &self.params {
+                Some(prev) if self.outer_lr != 1.0 => {
+                    Arc::new(outer_step(prev, &sets, self.outer_lr))
+                }
+                _ => Arc::new(average(&sets)),
+            }
         };
         self.version += 1;
         self.params = Some(params.clone());
@@ -318,6 +334,23 @@ impl SyncRounds {
             reason,
         })
     }
+}
+
+/// `prev + lr × (weighted average of sets − prev)`, accumulated in f64 (shapes as in
+/// [`average`]; `prev` has the same shapes, checked when the contributions were accepted).
+pub fn outer_step(prev: &[Param], sets: &[(u64, &[Param])], lr: f64) -> Vec<Param> {
+    average(sets)
+        .into_iter()
+        .zip(prev)
+        .map(|((name, shape, avg), (_, _, p))| {
+            let v = avg
+                .iter()
+                .zip(p)
+                .map(|(&a, &p)| (f64::from(p) + lr * (f64::from(a) - f64::from(p))) as f32)
+                .collect();
+            (name, shape, v)
+        })
+        .collect()
 }
 
 fn check_same_shapes(a: &[Param], b: &[Param]) -> Result<(), String> {
@@ -411,6 +444,47 @@ mod tests {
         // All-zero weights: a plain mean.
         let m = average(&[(0, &a), (0, &b)]);
         assert_eq!(flat(&Arc::new(m)), [2.0, 4.0, 0.0]);
+    }
+
+    #[test]
+    fn an_outer_step_scales_the_averaged_change_from_the_previous_parameters() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(Duration::from_secs(10), None).with_outer_lr(2.0);
+        s.join(&w1);
+        s.join(&w2);
+        // The first round has no previous parameters here: a plain average.
+        let _ = s.contribute(contrib(&w1, 1, &[1.0, 2.0, -4.0], 1), t0);
+        let c = s
+            .contribute(contrib(&w2, 1, &[3.0, 6.0, 4.0], 1), t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&c.params), [2.0, 4.0, 0.0]);
+        // Then previous + 2 × (average − previous): the two changes summed.
+        let _ = s.contribute(contrib(&w1, 1, &[2.5, 4.0, 1.0], 2), t0);
+        let c = s
+            .contribute(contrib(&w2, 3, &[2.5, 5.0, -1.0], 2), t0)
+            .unwrap()
+            .unwrap();
+        // Average weighted 1:3 is [2.5, 4.75, -0.5]; change [0.5, 0.75, -0.5]; doubled.
+        assert_eq!(flat(&c.params), [3.0, 5.5, -1.0]);
+        assert_eq!(flat(&s.latest().unwrap().1), [3.0, 5.5, -1.0]);
+        assert!(c.replies.iter().all(|(_, unchanged)| !unchanged));
+        // A lone contributor keeps its own parameters whatever the step.
+        s.leave(&w2, t0);
+        let c = s
+            .contribute(contrib(&w1, 1, &[9.0, 9.0, 9.0], 3), t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&c.params), [9.0, 9.0, 9.0]);
+        assert_eq!(c.replies, vec![(w1.clone(), true)]);
+        // The free function, at a fractional step.
+        let prev = p(&[0.0, 0.0, 0.0]);
+        let a = p(&[1.0, 2.0, 4.0]);
+        assert_eq!(
+            flat(&Arc::new(outer_step(&prev, &[(1, &a)], 0.5))),
+            [0.5, 1.0, 2.0]
+        );
     }
 
     #[test]
