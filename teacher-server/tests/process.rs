@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use candle_core::Device;
 use distill_core::checkpoint::Checkpoint;
@@ -30,10 +31,20 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    // The first line, read on a helper thread so a server that never prints fails the test.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(out.read_line(&mut line).map(|_| line));
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(read) => read.unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("no `listening on` line within 60 s");
+        }
+    };
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -62,7 +73,21 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = child.wait().unwrap();
+    // The exit, waited for on a helper thread with a deadline.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(status) => status.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the server did not exit within 60 s of SIGTERM");
+        }
+    };
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
 
