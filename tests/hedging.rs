@@ -1,5 +1,6 @@
-//! Straggler avoidance and hedged requests in the coordinator's teacher pool, against real
-//! teacher servers on loopback: one replica answers at once, the other takes 1.5 s per pass.
+//! The coordinator's teacher pool choosing replicas, against real teacher servers on loopback:
+//! straggler avoidance and hedged requests (one replica answers at once, the other takes 1.5 s
+//! per pass), and the load replicas report in heartbeats.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -116,4 +117,50 @@ async fn without_hedging_the_refresh_requests_wait_for_the_slow_replica() {
     // Chosen once untimed and once per 32 requests after that, and each time answered by it.
     assert!(counts[0] >= 3, "{counts:?}");
     assert!(counts[0] <= 2 + REQUESTS / 32, "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_replicas_report_steers_requests() {
+    use coordinator::membership::Load;
+    let shutdown = CancellationToken::new();
+    let endpoints = vec![
+        teacher(Duration::ZERO, &shutdown).await,
+        teacher(Duration::ZERO, &shutdown).await,
+    ];
+    let pool = pool(&endpoints, false);
+    let ids: Vec<_> = {
+        let m = pool.registry().membership().lock().unwrap();
+        let views = m.replicas("t");
+        endpoints
+            .iter()
+            .map(|e| {
+                let e = coordinator::membership::normalize_address(e).unwrap();
+                views.iter().find(|v| v.address == e).unwrap().id
+            })
+            .collect()
+    };
+    // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
+    let report = |i: usize, in_flight: u32, max_in_flight: u32| {
+        let mut m = pool.registry().membership().lock().unwrap();
+        let load = Load {
+            in_flight,
+            max_in_flight,
+        };
+        let hb = m.heartbeat(ids[i], &endpoints[i], load, std::time::Instant::now());
+        assert!(hb.value);
+    };
+    let rows = HostTensor::from_f32(vec![2, 784], &[0.25; 2 * 784]).unwrap();
+    // Replica 0 is busy with 50 requests from elsewhere: everything goes to replica 1.
+    report(0, 50, 0);
+    for _ in 0..20 {
+        pool.infer(0, &rows, 1.0).await.unwrap();
+    }
+    assert_eq!(answered(&pool, &endpoints), [0, 20]);
+    // Replica 1 is at its stated limit: replica 0 takes the requests, busy as it is.
+    report(1, 8, 8);
+    for _ in 0..10 {
+        pool.infer(0, &rows, 1.0).await.unwrap();
+    }
+    assert_eq!(answered(&pool, &endpoints), [10, 20]);
+    shutdown.cancel();
 }

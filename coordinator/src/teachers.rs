@@ -17,7 +17,11 @@
 //!   `(outstanding + 1) × latency`, where `latency` is the replica's EWMA relative to the
 //!   member's fastest (ratios under [`SIMILAR`] count as 1, so replicas of about the same speed
 //!   share the load by outstanding requests, round-robin on ties). A replica three times slower
-//!   gets a request only when the fast ones have three in flight each. A replica not timed yet
+//!   gets a request only when the fast ones have three in flight each. `outstanding` is the
+//!   larger of this coordinator's requests in flight and the count the replica last reported in
+//!   a heartbeat (a teacher shared with other runs or production traffic is busier than our own
+//!   count says), and a replica at its reported `max_in_flight` is chosen only when every
+//!   replica is. A replica not timed yet
 //!   counts as fast (so it is tried), and one not chosen for [`EXPLORE_EVERY`] requests of its
 //!   member is chosen once, so a straggler that recovered is noticed.
 //! - **Hedging.** A request still unanswered after the member's hedge delay
@@ -399,9 +403,16 @@ impl TeacherPool {
                         _ => 1.0,
                     };
                     let ratio = if ratio < SIMILAR { 1.0 } else { ratio };
-                    let load = (r.outstanding.load(Ordering::Relaxed) + 1) as f64;
+                    // Requests in flight at the replica: ours, or what its last heartbeat
+                    // reported (other runs and clients of a shared teacher), whichever is more.
+                    let busy = r
+                        .outstanding
+                        .load(Ordering::Relaxed)
+                        .max(v.in_flight.unwrap_or(0) as usize);
+                    // A replica at its stated limit only when every replica is.
+                    let full = v.max_in_flight > 0 && busy >= v.max_in_flight as usize;
                     let turn = (i + n - (pick as usize % n)) % n;
-                    ((load * ratio, turn), v.id, r)
+                    ((full, (busy + 1) as f64 * ratio, turn), v.id, r)
                 })
                 .min_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
                 .map(|(_, id, r)| (id, r.clone()))
