@@ -10,7 +10,7 @@ use std::time::Duration;
 use candle_core::Device;
 use coordinator::RegistryService;
 use coordinator::config::{MemberConfig, MembershipSettings};
-use coordinator::membership::Membership;
+use coordinator::membership::{Membership, ReplicaView};
 use coordinator::teachers::TeacherPool;
 use distill_core::checkpoint::Checkpoint;
 use distill_core::model::TrainableModel;
@@ -58,17 +58,22 @@ fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
     TeacherPool::new(&members, registry, Duration::from_secs(30), 64 << 20).unwrap()
 }
 
-/// Requests answered by each replica, in `endpoints` order.
-fn answered(pool: &TeacherPool, endpoints: &[String]) -> Vec<u64> {
+/// The membership's view of each replica, in `endpoints` order.
+fn views(pool: &TeacherPool, endpoints: &[String]) -> Vec<ReplicaView> {
     let m = pool.registry().membership().lock().unwrap();
     let views = m.replicas("t");
     endpoints
         .iter()
         .map(|e| {
             let e = coordinator::membership::normalize_address(e).unwrap();
-            views.iter().find(|v| v.address == e).unwrap().answered
+            views.iter().find(|v| v.address == e).unwrap().clone()
         })
         .collect()
+}
+
+/// Requests answered by each replica, in `endpoints` order.
+fn answered(pool: &TeacherPool, endpoints: &[String]) -> Vec<u64> {
+    views(pool, endpoints).iter().map(|v| v.answered).collect()
 }
 
 /// `REQUESTS` requests one after another; returns (answered per replica, member statistics).
@@ -128,17 +133,7 @@ async fn the_load_replicas_report_steers_requests() {
         teacher(Duration::ZERO, &shutdown).await,
     ];
     let pool = pool(&endpoints, false);
-    let ids: Vec<_> = {
-        let m = pool.registry().membership().lock().unwrap();
-        let views = m.replicas("t");
-        endpoints
-            .iter()
-            .map(|e| {
-                let e = coordinator::membership::normalize_address(e).unwrap();
-                views.iter().find(|v| v.address == e).unwrap().id
-            })
-            .collect()
-    };
+    let ids: Vec<_> = views(&pool, &endpoints).iter().map(|v| v.id).collect();
     // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
     let report = |i: usize, in_flight: u32, max_in_flight: u32| {
         let mut m = pool.registry().membership().lock().unwrap();
