@@ -575,20 +575,44 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
     shutdown.cancel();
 }
 
+/// A run with a round after every update and student `arch`, built in this process with
+/// `tweak` applied to its config; no teacher is asked (the tests drive the rounds directly).
+fn run_with_rounds(
+    dir: &std::path::Path,
+    arch: &str,
+    tweak: impl FnOnce(&mut RunConfig),
+) -> (std::sync::Arc<coordinator::Run>, Arch) {
+    let mut cfg = config(dir, vec!["http://127.0.0.1:1".into()]);
+    cfg.sync.every = 1;
+    cfg.student.arch = arch.into();
+    tweak(&mut cfg);
+    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
+    (
+        coordinator::Run::new(cfg, data).unwrap(),
+        Arch::parse(arch).unwrap(),
+    )
+}
+
+/// A contribution's header: 10 rows trained since round `base_version`.
+fn header(base_version: u64) -> coordinator::run::ContributionHeader {
+    coordinator::run::ContributionHeader {
+        base_version,
+        samples: 10,
+        is_final: false,
+        wire_bytes: 0,
+    }
+}
+
 /// `RunStatus` polled while averaging rounds close must never deadlock: a closing round writes
 /// the run state holding the ledger, the rounds and the statistics at once, and the status
 /// reads the same locks (it once took the rounds while holding the statistics).
 #[test]
 fn run_status_while_rounds_close_does_not_deadlock() {
-    use coordinator::run::ContributionHeader;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
-    cfg.sync.every = 1;
-    cfg.sync.state_every_secs = 0.0; // every round writes the run state
-    cfg.student.arch = "mlp:784-4-10".into();
-    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
-    let arch = Arch::parse(&cfg.student.arch).unwrap();
-    let run = coordinator::Run::new(cfg, data).unwrap();
+    // Every round writes the run state.
+    let (run, arch) = run_with_rounds(dir.path(), "mlp:784-4-10", |c| {
+        c.sync.state_every_secs = 0.0
+    });
     let w = run.join("w").unwrap();
     let (mut replies, _) = run.open_sync(&w).unwrap();
     let params = distill_core::model::init_params(&arch, 3);
@@ -604,13 +628,7 @@ fn run_status_while_rounds_close_does_not_deadlock() {
     });
     std::thread::spawn(move || {
         for v in 0..ROUNDS {
-            let up = ContributionHeader {
-                base_version: v,
-                samples: 10,
-                is_final: false,
-                wire_bytes: 0,
-            };
-            r1.contribute(&w, up, params.clone()).unwrap();
+            r1.contribute(&w, header(v), params.clone()).unwrap();
             // A lone contributor's round closes at once and tells it to keep its parameters.
             let reply = replies.try_recv().unwrap();
             assert_eq!(reply.version, v + 1);
@@ -628,15 +646,8 @@ fn run_status_while_rounds_close_does_not_deadlock() {
 /// previous ones plus `outer_lr` times the averaged change, and both workers receive them.
 #[test]
 fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributors() {
-    use coordinator::run::ContributionHeader;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
-    cfg.sync.every = 1;
-    cfg.sync.outer_lr = 3.0;
-    cfg.student.arch = "mlp:784-2-10".into();
-    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
-    let arch = Arch::parse(&cfg.student.arch).unwrap();
-    let run = coordinator::Run::new(cfg, data).unwrap();
+    let (run, arch) = run_with_rounds(dir.path(), "mlp:784-2-10", |c| c.sync.outer_lr = 3.0);
     let (w1, w2) = (run.join("a").unwrap(), run.join("b").unwrap());
     let (mut r1, _) = run.open_sync(&w1).unwrap();
     let (mut r2, _) = run.open_sync(&w2).unwrap();
@@ -650,12 +661,6 @@ fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributors() {
             .iter()
             .map(|(n, s)| (n.clone(), s.clone(), vec![x; s.iter().product()]))
             .collect()
-    };
-    let header = |base_version| ContributionHeader {
-        base_version,
-        samples: 10,
-        is_final: false,
-        wire_bytes: 0,
     };
     let received = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<coordinator::run::SyncReply>| {
         let reply = rx.try_recv().expect("a reply");

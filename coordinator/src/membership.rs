@@ -795,7 +795,7 @@ impl Membership {
         let Some(r) = self.replicas.get_mut(&id) else {
             return events;
         };
-        r.failures = 0;
+        let back = r.answered(id);
         r.samples += 1;
         r.latency_ewma = Some(match r.latency_ewma {
             None => secs,
@@ -812,13 +812,7 @@ impl Membership {
                 }
             });
         }
-        if r.probing.take().is_some() {
-            events.push(Event::BackInRotation {
-                member: r.member.clone(),
-                replica: id,
-                address: r.address.clone(),
-            });
-        }
+        events.extend(back);
         self.member_transitions(&mut events);
         events
     }
@@ -909,17 +903,12 @@ impl Membership {
                 r.identity = Some(identity);
             }
         }
-        let mut events = Vec::new();
-        if let Some(r) = self.replicas.get_mut(&id) {
-            r.failures = 0;
-            if r.probing.take().is_some() {
-                events.push(Event::BackInRotation {
-                    member: r.member.clone(),
-                    replica: id,
-                    address: r.address.clone(),
-                });
-            }
-        }
+        let mut events: Vec<Event> = self
+            .replicas
+            .get_mut(&id)
+            .and_then(|r| r.answered(id))
+            .into_iter()
+            .collect();
         self.member_transitions(&mut events);
         events
     }
@@ -1186,6 +1175,17 @@ impl Replica {
             load: None,
             identity: None,
         }
+    }
+
+    /// The replica (`id`) answered a request or a probe: its failure count restarts, and it
+    /// is back in rotation if it was out (the event saying so).
+    fn answered(&mut self, id: ReplicaId) -> Option<Event> {
+        self.failures = 0;
+        self.probing.take().map(|_| Event::BackInRotation {
+            member: self.member.clone(),
+            replica: id,
+            address: self.address.clone(),
+        })
     }
 
     fn view(&self, id: ReplicaId) -> ReplicaView {
