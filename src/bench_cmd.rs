@@ -408,8 +408,8 @@ fn bytes() -> anyhow::Result<()> {
         let mut encodings = vec![E::F32, E::F16, E::Bf16];
         encodings.push(E::TopK(if classes > 32 { 32 } else { 3 }));
         for enc in encodings {
-            let bytes = coordinator::run::encode_targets(&p, rows, classes, enc)?;
-            let (dense, topk) = coordinator::run::target_fields(bytes, rows, classes, enc)?;
+            let bytes = coordinator::driver::batch::encode_targets(&p, rows, classes, enc)?;
+            let (dense, topk) = coordinator::driver::batch::target_fields(bytes, rows, classes, enc)?;
             let wire = dense.map_or(0, |t| t.encoded_len()) + topk.map_or(0, |t| t.encoded_len());
             let gap = match enc.topk_format(classes)? {
                 Some(f) => {
@@ -488,6 +488,9 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: 1,
+        eval_timeout_secs: 600.0,
+        hello_timeout_secs: 10.0,
+        stall_timeout_secs: 120.0,
         cache: None,
         sync: SyncConfig {
             every: a.sync_every,

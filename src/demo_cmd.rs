@@ -174,7 +174,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let report = rt.block_on(distil(&a, &out, &teacher_files, student_optim))?;
     let mut report = report;
     report.baseline_student_test_errors = Some(baseline_errors);
-    coordinator::run::write_report(&out, &report)?;
+    coordinator::driver::write_report(&out, &report)?;
 
     // 4. The table.
     let pct = |e: u64| 100.0 * e as f64 / report.test_size.max(1) as f64;
@@ -303,6 +303,9 @@ async fn distil(
         teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: a.workers.max(1),
+        eval_timeout_secs: 600.0,
+        hello_timeout_secs: 10.0,
+        stall_timeout_secs: 120.0,
         cache: None,
         sync: coordinator::config::SyncConfig {
             every: a.sync_every,

@@ -49,12 +49,15 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
         combine: Combine::MeanProb,
         soft_targets: SoftTargetEncoding::F16,
         checkpoint_every: 0,
-        lease_timeout_secs: 30.0,
+        lease_timeout_secs: 60.0,
         prefetch: 2,
         teacher_timeout_secs: 10.0,
         teacher_policy: Default::default(),
         max_message_mb: 64,
         min_workers: 1,
+        eval_timeout_secs: 600.0,
+        hello_timeout_secs: 10.0,
+        stall_timeout_secs: 120.0,
         cache: None,
         sync: Default::default(),
         student: StudentConfig {
@@ -575,123 +578,373 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
     shutdown.cancel();
 }
 
-/// A run with a round after every update and student `arch`, built in this process with
-/// `tweak` applied to its config; no teacher is asked (the tests drive the rounds directly).
-fn run_with_rounds(
+/// A run with a round after every update and student `arch`, served in this process with
+/// `tweak` applied to its config; its one teacher never answers (the tests drive the rounds by
+/// hand over the wire, and no batch is ever ready).
+async fn serve_with_rounds(
     dir: &std::path::Path,
     arch: &str,
     tweak: impl FnOnce(&mut RunConfig),
-) -> (std::sync::Arc<coordinator::Run>, Arch) {
+    shutdown: &CancellationToken,
+) -> (CoordinatorClient<tonic::transport::Channel>, Arch) {
     let mut cfg = config(dir, vec!["http://127.0.0.1:1".into()]);
     cfg.sync.every = 1;
     cfg.student.arch = arch.into();
     tweak(&mut cfg);
-    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
-    (
-        coordinator::Run::new(cfg, data).unwrap(),
-        Arch::parse(arch).unwrap(),
-    )
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    let client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+    (client, Arch::parse(arch).unwrap())
 }
 
-/// A contribution's header: 10 rows trained since round `base_version`.
-fn header(base_version: u64) -> coordinator::run::ContributionHeader {
-    coordinator::run::ContributionHeader {
-        base_version,
-        samples: 10,
-        is_final: false,
-        wire_bytes: 0,
+/// A worker driven by hand: its batch stream, and what it sends and reads.
+struct HandWorker {
+    up: tokio::sync::mpsc::Sender<WorkerMessage>,
+    down: tonic::Streaming<pb::CoordinatorMessage>,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl HandWorker {
+    async fn join(
+        client: &mut CoordinatorClient<tonic::transport::Channel>,
+        id: &str,
+        arch: &Arch,
+    ) -> Self {
+        let j = client
+            .join(JoinRequest {
+                worker_id: id.into(),
+                resume_step: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (up, rx) = tokio::sync::mpsc::channel(16);
+        up.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Hello(pb::Hello {
+                worker_id: j.worker_id,
+                incarnation: j.incarnation,
+                credits: 1,
+            })),
+        })
+        .await
+        .unwrap();
+        let down = client
+            .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let shapes = distill_core::model::init_params(arch, 0)
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect();
+        let mut w = Self { up, down, shapes };
+        // Every stream of a run with rounds starts from the run's parameters.
+        assert_eq!(w.params().await.0, 0);
+        w
     }
-}
 
-/// `RunStatus` polled while averaging rounds close must never deadlock: a closing round writes
-/// the run state holding the ledger, the rounds and the statistics at once, and the status
-/// reads the same locks (it once took the rounds while holding the statistics).
-#[test]
-fn run_status_while_rounds_close_does_not_deadlock() {
-    let dir = tempfile::tempdir().unwrap();
-    // Every round writes the run state.
-    let (run, arch) = run_with_rounds(dir.path(), "mlp:784-4-10", |c| {
-        c.sync.state_every_secs = 0.0
-    });
-    let w = run.join("w").unwrap();
-    let (mut replies, _) = run.open_sync(&w).unwrap();
-    let params = distill_core::model::init_params(&arch, 3);
-    const ROUNDS: u64 = 400;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (r1, r2) = (run.clone(), run.clone());
-    let poller = std::thread::spawn(move || {
-        let mut polls = 0u64;
-        while r2.status().unwrap().sync_rounds < ROUNDS {
-            polls += 1;
-        }
-        polls
-    });
-    std::thread::spawn(move || {
-        for v in 0..ROUNDS {
-            r1.contribute(&w, header(v), params.clone()).unwrap();
-            // A lone contributor's round closes at once and tells it to keep its parameters.
-            let reply = replies.try_recv().unwrap();
-            assert_eq!(reply.version, v + 1);
-        }
-        let _ = tx.send(poller.join().unwrap());
-    });
-    let polls = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("RunStatus and the closing rounds deadlocked");
-    assert!(polls > 0);
-    assert_eq!(run.status().unwrap().sync_rounds, ROUNDS);
-}
-
-/// `[sync] outer_lr` reaches the rounds: with two contributors the new parameters are the
-/// previous ones plus `outer_lr` times the averaged change, and both workers receive them.
-#[test]
-fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributors() {
-    let dir = tempfile::tempdir().unwrap();
-    let (run, arch) = run_with_rounds(dir.path(), "mlp:784-2-10", |c| c.sync.outer_lr = 3.0);
-    let (w1, w2) = (run.join("a").unwrap(), run.join("b").unwrap());
-    let (mut r1, _) = run.open_sync(&w1).unwrap();
-    let (mut r2, _) = run.open_sync(&w2).unwrap();
-    let shapes: Vec<(String, Vec<usize>)> = distill_core::model::init_params(&arch, 0)
-        .into_iter()
-        .map(|(n, s, _)| (n, s))
-        .collect();
-    // Every value of every parameter set to `x`.
-    let filled = |x: f32| -> Vec<distill_proto::params::Param> {
-        shapes
+    /// Every parameter set to `x`.
+    fn filled(&self, x: f32) -> Vec<distill_proto::params::Param> {
+        self.shapes
             .iter()
             .map(|(n, s)| (n.clone(), s.clone(), vec![x; s.iter().product()]))
             .collect()
-    };
-    let received = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<coordinator::run::SyncReply>| {
-        let reply = rx.try_recv().expect("a reply");
-        let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
-        for group in reply.groups.expect("parameters").iter() {
-            for chunk in group {
-                asm.add(chunk.clone()).unwrap();
+    }
+
+    /// Sends a contribution of every parameter at `x` on top of round `base`, claiming
+    /// `samples` rows.
+    async fn contribute(&self, base: u64, x: f32, samples: u64) {
+        let groups = distill_proto::params::to_chunk_groups(
+            &self.filled(x),
+            distill_proto::DType::F32,
+            1 << 20,
+        )
+        .unwrap();
+        let n = groups.len();
+        for (i, chunks) in groups.into_iter().enumerate() {
+            self.up
+                .send(WorkerMessage {
+                    kind: Some(worker_message::Kind::Sync(pb::SyncUp {
+                        base_version: base,
+                        samples,
+                        chunks,
+                        last: i + 1 == n,
+                        r#final: false,
+                    })),
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The next parameters the coordinator sends: their version and values.
+    async fn params(&mut self) -> (u64, Vec<f32>) {
+        let mut asm = distill_proto::params::ParamAssembler::new(self.shapes.clone());
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.down.message())
+                .await
+                .expect("parameters within 30 s")
+                .unwrap()
+                .expect("the stream is open");
+            if let Some(pb::coordinator_message::Kind::Params(d)) = msg.kind {
+                for c in d.chunks {
+                    asm.add(c).unwrap();
+                }
+                if d.last {
+                    let values = asm
+                        .finish()
+                        .unwrap()
+                        .into_iter()
+                        .flat_map(|(_, _, v)| v)
+                        .collect();
+                    return (d.version, values);
+                }
             }
         }
-        let values: Vec<f32> = asm
-            .finish()
+    }
+}
+
+/// `RunStatus` polled while averaging rounds close must always answer: a closing round writes
+/// the run state, and the status reads the same state (it once deadlocked against it).
+#[tokio::test]
+async fn run_status_while_rounds_close_always_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // Every round writes the run state.
+    let (mut client, arch) = serve_with_rounds(
+        dir.path(),
+        "mlp:784-4-10",
+        |c| c.sync.state_every_secs = 0.0,
+        &shutdown,
+    )
+    .await;
+    let mut w = HandWorker::join(&mut client, "w", &arch).await;
+    const ROUNDS: u64 = 200;
+    let mut poller = client.clone();
+    let polls = tokio::spawn(async move {
+        let mut polls = 0u64;
+        loop {
+            let st = tokio::time::timeout(
+                Duration::from_secs(10),
+                poller.run_status(RunStatusRequest {}),
+            )
+            .await
+            .expect("RunStatus answered within 10 s while rounds close")
             .unwrap()
-            .into_iter()
-            .flat_map(|(_, _, v)| v)
-            .collect();
-        (reply.version, values)
-    };
+            .into_inner();
+            polls += 1;
+            if st.sync_rounds >= ROUNDS {
+                return polls;
+            }
+        }
+    });
+    for v in 0..ROUNDS {
+        w.contribute(v, 1.0, 10).await;
+        // A lone contributor's round closes at once and tells it to keep its parameters.
+        let (version, values) = w.params().await;
+        assert_eq!(version, v + 1);
+        assert!(values.is_empty() || values.iter().all(|&x| x == 1.0));
+    }
+    let polls = tokio::time::timeout(Duration::from_secs(60), polls)
+        .await
+        .expect("the poller saw every round")
+        .unwrap();
+    assert!(polls > 0);
+    shutdown.cancel();
+}
+
+/// `[sync] outer_lr` reaches the rounds: with two contributors the new parameters are the
+/// previous ones plus `outer_lr` times the averaged change, and both workers receive them. The
+/// rows the workers claim (1 and 1000) are not their weights: neither trained a batch, so the
+/// rounds are plain means.
+#[tokio::test]
+async fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributors() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (mut client, arch) = serve_with_rounds(
+        dir.path(),
+        "mlp:784-2-10",
+        |c| {
+            c.sync.outer_lr = 3.0;
+            c.min_workers = 2;
+        },
+        &shutdown,
+    )
+    .await;
+    let mut w1 = HandWorker::join(&mut client, "a", &arch).await;
+    let mut w2 = HandWorker::join(&mut client, "b", &arch).await;
     // Round 1 has no previous parameters: the plain average, 2.
-    run.contribute(&w1, header(0), filled(1.0)).unwrap();
-    run.contribute(&w2, header(0), filled(3.0)).unwrap();
-    for rx in [&mut r1, &mut r2] {
-        let (version, v) = received(rx);
+    w1.contribute(0, 1.0, 1).await;
+    w2.contribute(0, 3.0, 1000).await;
+    for w in [&mut w1, &mut w2] {
+        let (version, v) = w.params().await;
         assert_eq!(version, 1);
-        assert!(v.iter().all(|&x| x == 2.0));
+        assert!(v.iter().all(|&x| x == 2.0), "{:?}", &v[..4]);
     }
     // Round 2: average 2.5, change 0.5, three times that: 3.5.
-    run.contribute(&w1, header(1), filled(2.0)).unwrap();
-    run.contribute(&w2, header(1), filled(3.0)).unwrap();
-    for rx in [&mut r1, &mut r2] {
-        let (version, v) = received(rx);
+    w1.contribute(1, 2.0, 1).await;
+    w2.contribute(1, 3.0, 1000).await;
+    for w in [&mut w1, &mut w2] {
+        let (version, v) = w.params().await;
         assert_eq!(version, 2);
         assert!(v.iter().all(|&x| x == 3.5), "{:?}", &v[..4]);
     }
+    shutdown.cancel();
+}
+
+/// Serves `cfg` in this process; returns the address and the server task.
+async fn serve_config(
+    cfg: RunConfig,
+    shutdown: &CancellationToken,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<coordinator::Result<Option<coordinator::RunReport>>>,
+) {
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let caddr = cl.local_addr().unwrap();
+    (caddr, tokio::spawn(coordinator::serve(run, cl, shutdown.clone())))
+}
+
+/// A batch that cannot be prepared (here the teacher refuses every 500-row request: it takes
+/// at most 100 rows) ends the run with an error naming the batch and the cause. It used to
+/// keep the worker's credit, so after `prefetch` refusals the run stalled for ever.
+#[tokio::test]
+async fn a_batch_that_keeps_failing_ends_the_run_with_an_error_instead_of_stalling_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
+    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
+    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
+    let opts = teacher_server::ServeOptions {
+        member: "t".into(),
+        max_batch: 100,
+        ..Default::default()
+    };
+    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
+    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taddr = tl.local_addr().unwrap();
+    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
+    let cfg = config(dir.path(), vec![format!("http://{taddr}")]);
+    let (caddr, served) = serve_config(cfg, &shutdown).await;
+    let worker_stop = CancellationToken::new();
+    let worker = {
+        let (dir, stop) = (dir.path().to_path_buf(), worker_stop.clone());
+        tokio::spawn(async move {
+            student_worker::run(
+                student_worker::WorkerConfig {
+                    coordinator: format!("http://{caddr}"),
+                    work_dir: dir.join("worker"),
+                    connect_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                },
+                stop,
+            )
+            .await
+        })
+    };
+    let err = tokio::time::timeout(Duration::from_secs(120), served)
+        .await
+        .expect("the run ended instead of stalling")
+        .unwrap()
+        .expect_err("the run failed");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("could not be prepared") && msg.contains("epoch 0 batch"),
+        "{msg}"
+    );
+    assert!(msg.contains("refused"), "{msg}");
+    worker_stop.cancel();
+    let _ = worker.await;
+    shutdown.cancel();
+}
+
+/// Two coordinators on one run directory: the second is refused before it writes anything
+/// (runs without rounds used to take no lock at all, and the config was overwritten first).
+#[tokio::test]
+async fn a_second_coordinator_on_the_same_run_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.sync.every = 0;
+    let first = coordinator::prepare(cfg.clone()).await.unwrap();
+    let written = std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap();
+    let mut other = cfg.clone();
+    other.seed = 99;
+    let e = coordinator::prepare(other).await.err().unwrap().to_string();
+    assert!(e.contains("in use by another coordinator"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap(),
+        written,
+        "the refused coordinator wrote nothing"
+    );
+    drop(first);
+    coordinator::prepare(cfg).await.unwrap();
+}
+
+/// A stream that never says `Hello` is closed with DEADLINE_EXCEEDED (it used to wait for
+/// ever).
+#[tokio::test]
+async fn a_stream_without_hello_is_closed_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.hello_timeout_secs = 0.2;
+    let (caddr, _served) = serve_config(cfg, &shutdown).await;
+    let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+    let (_tx, rx) = tokio::sync::mpsc::channel::<WorkerMessage>(1);
+    let st = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.batches(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("an answer within 30 s")
+    .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::DeadlineExceeded, "{st:?}");
+    shutdown.cancel();
+}
+
+/// A report that cannot be written (here `report.json` is a directory) ends the run with an
+/// error naming the file, and the stored state stays for a resume (a failed finish used to
+/// leave a single-worker run hanging).
+#[tokio::test]
+async fn a_report_that_cannot_be_written_fails_the_run_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.batch_size = 2000;
+    std::fs::create_dir_all(cfg.run_dir.join("report.json/blocked")).unwrap();
+    let (caddr, served) = serve_config(cfg, &shutdown).await;
+    let worker_stop = CancellationToken::new();
+    let worker = {
+        let (dir, stop) = (dir.path().to_path_buf(), worker_stop.clone());
+        tokio::spawn(async move {
+            student_worker::run(
+                student_worker::WorkerConfig {
+                    coordinator: format!("http://{caddr}"),
+                    work_dir: dir.join("worker"),
+                    connect_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                },
+                stop,
+            )
+            .await
+        })
+    };
+    let err = tokio::time::timeout(Duration::from_secs(120), served)
+        .await
+        .expect("the run ended instead of hanging")
+        .unwrap()
+        .expect_err("the run failed")
+        .to_string();
+    assert!(err.contains("report.json"), "{err}");
+    assert!(dir.path().join("run/state.redb").exists());
+    worker_stop.cancel();
+    let _ = worker.await;
+    shutdown.cancel();
 }

@@ -66,12 +66,23 @@ pub struct RunConfig {
     /// leave, later.
     #[serde(default = "default_min_workers")]
     pub min_workers: usize,
+    /// Seconds the elected worker may take to evaluate the final student before another is
+    /// elected.
+    #[serde(default = "default_eval_timeout")]
+    pub eval_timeout_secs: f64,
+    /// Seconds a new batch stream may take to send its `Hello`.
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout_secs: f64,
+    /// Seconds one message to a worker may wait for the worker to read it; a worker that stops
+    /// reading for longer loses its stream (and its leases go back in line).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: f64,
     /// Parameter averaging between workers (`[sync]`).
     #[serde(default)]
     pub sync: SyncConfig,
     /// The soft-target cache (`[cache]`; none by default).
     #[serde(default)]
-    pub cache: Option<crate::cache::CacheConfig>,
+    pub cache: Option<crate::store::cache::CacheConfig>,
     /// The student.
     pub student: StudentConfig,
     /// Optimizer, schedule and clipping of the student.
@@ -375,6 +386,19 @@ fn default_weight() -> f32 {
 fn default_min_workers() -> usize {
     1
 }
+fn default_eval_timeout() -> f64 {
+    600.0
+}
+fn default_hello_timeout() -> f64 {
+    10.0
+}
+fn default_stall_timeout() -> f64 {
+    120.0
+}
+
+/// The longest duration a config may name, in seconds (about 31 years): long enough for any
+/// run, short enough that adding it to an instant cannot overflow.
+pub const MAX_SECS: f64 = 1e9;
 fn default_sync_every() -> u64 {
     10
 }
@@ -441,7 +465,7 @@ impl RunConfig {
         let offline = self
             .cache
             .as_ref()
-            .is_some_and(|c| c.mode == crate::cache::CacheMode::Offline);
+            .is_some_and(|c| c.mode == crate::store::cache::CacheMode::Offline);
         if self.members.is_empty() && !offline {
             return bad(
                 "members",
@@ -476,10 +500,26 @@ impl RunConfig {
         for (key, v) in [
             ("lease_timeout_secs", self.lease_timeout_secs),
             ("teacher_timeout_secs", self.teacher_timeout_secs),
+            ("eval_timeout_secs", self.eval_timeout_secs),
+            ("hello_timeout_secs", self.hello_timeout_secs),
+            ("stall_timeout_secs", self.stall_timeout_secs),
         ] {
-            if !v.is_finite() || v <= 0.0 {
-                return bad(key, format!("must be finite and > 0, got {v}"));
+            if !v.is_finite() || v <= 0.0 || v > MAX_SECS {
+                return bad(key, format!("must be finite, > 0 and at most {MAX_SECS}, got {v}"));
             }
+        }
+        let t = self.temperature as f32;
+        if !self.temperature.is_finite() || !t.is_normal() || t <= 0.0 || t > 1e6 {
+            return bad(
+                "temperature",
+                format!("must be > 0 and at most 1e6 (as f32), got {}", self.temperature),
+            );
+        }
+        if self.max_message_mb > 4096 {
+            return bad(
+                "max_message_mb",
+                format!("must be at most 4096, got {}", self.max_message_mb),
+            );
         }
         if !self.sync.round_timeout_secs.is_finite()
             || self.sync.round_timeout_secs <= 0.0
@@ -495,7 +535,7 @@ impl RunConfig {
             );
         }
         if self.sync.chunk_bytes < 1024
-            || self.sync.chunk_bytes + (64 << 10) > self.max_message_bytes()
+            || self.sync.chunk_bytes.saturating_add(64 << 10) > self.max_message_bytes()
         {
             return bad(
                 "sync.chunk_bytes",
@@ -544,7 +584,10 @@ impl RunConfig {
                 format!("must be in (0, 64], got {}", self.sync.outer_lr),
             );
         }
-        if !self.sync.state_every_secs.is_finite() || self.sync.state_every_secs < 0.0 {
+        if !self.sync.state_every_secs.is_finite()
+            || self.sync.state_every_secs < 0.0
+            || self.sync.state_every_secs > MAX_SECS
+        {
             return bad(
                 "sync.state_every_secs",
                 format!(
@@ -556,8 +599,12 @@ impl RunConfig {
         if self.min_workers == 0 {
             return bad("min_workers", "must be at least 1".into());
         }
-        if self.prefetch == 0 {
-            return bad("prefetch", "must be at least 1".into());
+        let max_prefetch = crate::driver::context::MAX_CREDITS as usize;
+        if self.prefetch == 0 || self.prefetch > max_prefetch {
+            return bad(
+                "prefetch",
+                format!("must be 1 to {max_prefetch}, got {}", self.prefetch),
+            );
         }
         if self.max_message_mb == 0 {
             return bad("max_message_mb", "must be at least 1".into());
@@ -592,7 +639,7 @@ impl RunConfig {
 
     /// Largest gRPC message in bytes.
     pub fn max_message_bytes(&self) -> usize {
-        self.max_message_mb << 20
+        self.max_message_mb.saturating_mul(1 << 20)
     }
 }
 

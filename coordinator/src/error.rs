@@ -34,12 +34,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The run state could not be read or written (the message names the file).
+    #[error("run state: {0}")]
+    Store(String),
+    /// The run cannot go on (the message says why); its state on disk is resumable.
+    #[error("the run failed: {0}")]
+    RunFailed(String),
     /// Serving failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// The soft-target cache failed (the message names its file).
     #[error(transparent)]
-    Cache(#[from] crate::cache::CacheError),
+    Cache(#[from] crate::store::cache::CacheError),
+    /// The caller took too long (a first message, an evaluation).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A bug of ours (a task panicked, a lock was poisoned).
     #[error("internal: {0}")]
     Internal(String),
@@ -57,11 +66,15 @@ impl From<Error> for tonic::Status {
             Error::Stale(_) | Error::TeacherRejected { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            Error::ShuttingDown | Error::Teacher { .. } => tonic::Status::unavailable(msg),
+            Error::ShuttingDown | Error::Teacher { .. } | Error::RunFailed(_) => {
+                tonic::Status::unavailable(msg)
+            }
+            Error::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
             Error::Core(_)
             | Error::Io { .. }
             | Error::Transport(_)
             | Error::Cache(_)
+            | Error::Store(_)
             | Error::Internal(_) => tonic::Status::internal(msg),
         }
     }

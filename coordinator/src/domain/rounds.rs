@@ -1,7 +1,7 @@
 //! Synchronisation rounds between student workers: local SGD / periodic model averaging.
 //!
 //! A pure state machine (STYLE.md §7): calls that depend on time take `now: Instant`, nothing
-//! sleeps or does I/O; the async driver in [`crate::run`] moves parameters on the wire and calls
+//! sleeps or does I/O; the driver ([`crate::driver`]) moves parameters on the wire and calls
 //! [`SyncRounds::tick`] periodically.
 //!
 //! Semantics, decided here:
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use distill_proto::params::Param;
 
-use crate::ledger::Worker;
+use super::ledger::Worker;
 
 /// A parameter set shared between the round state and the senders.
 pub type Params = Arc<Vec<Param>>;
@@ -178,8 +178,13 @@ impl SyncRounds {
         self.committed_seq.clone()
     }
 
-    /// Restores the commit points of a resumed run.
-    pub fn restore_committed(&mut self, committed: BTreeMap<String, u64>) {
+    /// Restores a resumed run: its latest average (version and parameters), if it had one,
+    /// and its commit points.
+    pub fn restore(&mut self, latest: Option<(u64, Params)>, committed: BTreeMap<String, u64>) {
+        if let Some((version, params)) = latest {
+            self.version = version;
+            self.params = Some(params);
+        }
         self.committed_seq = committed;
     }
 
@@ -368,7 +373,8 @@ fn check_same_shapes(a: &[Param], b: &[Param]) -> Result<(), String> {
 /// The weighted average of parameter sets of equal shapes, accumulated in f64. Weights are row
 /// counts; when they are all 0 every set counts once.
 pub fn average(sets: &[(u64, &[Param])]) -> Vec<Param> {
-    let total: u64 = sets.iter().map(|(w, _)| *w).sum();
+    // Saturating: row counts come from the ledger, but a sum must never wrap.
+    let total: u64 = sets.iter().fold(0u64, |a, (w, _)| a.saturating_add(*w));
     let weights: Vec<f64> = if total == 0 {
         vec![1.0 / sets.len().max(1) as f64; sets.len()]
     } else {

@@ -168,6 +168,9 @@ pub enum ReleaseReason {
     NewIncarnation,
     /// The ledger was restored from persisted state, which keeps no deadlines.
     Restore,
+    /// The coordinator could not prepare the batch (a teacher refused it, the cache failed); it
+    /// goes back in line for the next lease.
+    NotPrepared,
 }
 
 /// A state change worth logging.
@@ -915,6 +918,12 @@ impl Ledger {
                 .iter()
                 .flatten()
                 .any(|a| a.seq > self.state.committed.get(&a.worker.id).copied().unwrap_or(0))
+    }
+
+    /// Puts an outstanding lease back in line at once (its batch could not be prepared); `None`
+    /// when the lease is not outstanding.
+    pub fn release(&mut self, lease_id: u64, reason: ReleaseReason) -> Option<LedgerEvent> {
+        self.put_back(lease_id, reason)
     }
 
     /// Passes the epoch barrier if nothing holds it any more (after a restore).

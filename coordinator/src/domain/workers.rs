@@ -1,0 +1,270 @@
+//! The run's one table of worker identities and their batch streams.
+//!
+//! A worker is `(id, incarnation)` ([`Worker`]); each `Join` of an id makes its next incarnation
+//! the current one. A current incarnation may have one open batch stream ([`StreamId`]): the
+//! stream holds the worker's credits (its prefetch window), the leases being prepared for it in
+//! lease order, the leases sent and not yet acked, and what it was last sent of the rounds.
+//! [`super::run_state::RunState`] owns the table; nothing else keeps worker identity.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::ledger::{BatchId, Worker};
+
+/// A batch stream, numbered in opening order.
+pub type StreamId = u64;
+
+/// A lease being prepared for a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preparing {
+    /// The lease.
+    pub lease_id: u64,
+    /// Its batch.
+    pub batch: BatchId,
+    /// Set once its soft targets are ready: (from the cache, degraded).
+    pub ready: Option<(bool, bool)>,
+}
+
+/// One open batch stream.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    /// Whose stream it is.
+    pub worker: Worker,
+    /// Credits left: how many more batches the worker will take now.
+    pub credits: u32,
+    /// Leases being prepared, in lease order (sent in that order).
+    pub preparing: VecDeque<Preparing>,
+    /// Leases sent and not yet acked; an ack of one of these returns its credit.
+    pub in_flight: BTreeSet<u64>,
+    /// The round version of the parameters it was last sent.
+    pub sent_version: u64,
+    /// The epoch whose barrier it was asked to help pass with a non-final round.
+    pub asked_commit: Option<u32>,
+    /// Whether it was asked for its final contribution.
+    pub asked_final: bool,
+}
+
+impl Stream {
+    /// Credits in use or held: what the cap on a worker's credits bounds.
+    pub fn credits_held(&self) -> u64 {
+        u64::from(self.credits) + self.preparing.len() as u64 + self.in_flight.len() as u64
+    }
+}
+
+/// One worker id.
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    incarnation: u64,
+    stream: Option<StreamId>,
+    /// Training rows acked since its last contribution to a round: its weight in the next one.
+    rows_since_contribution: u64,
+}
+
+/// Why a worker may not do what it asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerError {
+    /// The id never joined.
+    #[error("worker `{0}` has not joined this run")]
+    Unknown(String),
+    /// A newer incarnation replaced it.
+    #[error("worker `{id}` incarnation {incarnation} was replaced by incarnation {current}")]
+    Replaced {
+        id: String,
+        incarnation: u64,
+        current: u64,
+    },
+    /// It already has an open stream.
+    #[error("worker {0} already has an open batch stream")]
+    StreamOpen(Worker),
+}
+
+/// Every worker id of the run and the open streams.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerTable {
+    workers: BTreeMap<String, Entry>,
+    streams: BTreeMap<StreamId, Stream>,
+    next_stream: StreamId,
+    next_auto_id: u64,
+}
+
+impl WorkerTable {
+    /// A table that knows the ids and current incarnations of a restored run.
+    pub fn restored(incarnations: impl IntoIterator<Item = (String, u64)>) -> Self {
+        Self {
+            workers: incarnations
+                .into_iter()
+                .map(|(id, incarnation)| {
+                    (
+                        id,
+                        Entry {
+                            incarnation,
+                            ..Entry::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The next incarnation of `requested_id` (a fresh `worker-N` id when empty), and the
+    /// incarnation it replaces with that one's stream, if any. Nothing changes until
+    /// [`Self::commit_join`].
+    pub fn next_join(&mut self, requested_id: &str) -> (Worker, Option<(Worker, Option<StreamId>)>) {
+        let id = if requested_id.is_empty() {
+            loop {
+                let id = format!("worker-{}", self.next_auto_id);
+                self.next_auto_id += 1;
+                if !self.workers.contains_key(&id) {
+                    break id;
+                }
+            }
+        } else {
+            requested_id.to_string()
+        };
+        match self.workers.get(&id) {
+            Some(e) => (
+                Worker::new(id.clone(), e.incarnation.saturating_add(1)),
+                Some((Worker::new(id, e.incarnation), e.stream)),
+            ),
+            None => (Worker::new(id, 1), None),
+        }
+    }
+
+    /// Makes `worker` the current incarnation of its id (its rows count from zero).
+    pub fn commit_join(&mut self, worker: &Worker) {
+        self.workers.insert(
+            worker.id.clone(),
+            Entry {
+                incarnation: worker.incarnation,
+                stream: None,
+                rows_since_contribution: 0,
+            },
+        );
+    }
+
+    /// Checks that `worker` is the current incarnation of a joined id.
+    pub fn check(&self, worker: &Worker) -> Result<(), WorkerError> {
+        match self.workers.get(&worker.id) {
+            None => Err(WorkerError::Unknown(worker.id.clone())),
+            Some(e) if e.incarnation != worker.incarnation => Err(WorkerError::Replaced {
+                id: worker.id.clone(),
+                incarnation: worker.incarnation,
+                current: e.incarnation,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether `worker` is the current incarnation of its id.
+    pub fn is_current(&self, worker: &Worker) -> bool {
+        self.check(worker).is_ok()
+    }
+
+    /// Opens a stream for the current incarnation `worker` with `credits`.
+    pub fn open_stream(&mut self, worker: &Worker, credits: u32) -> Result<StreamId, WorkerError> {
+        self.check(worker)?;
+        let entry = self
+            .workers
+            .get_mut(&worker.id)
+            .ok_or_else(|| WorkerError::Unknown(worker.id.clone()))?;
+        if entry.stream.is_some() {
+            return Err(WorkerError::StreamOpen(worker.clone()));
+        }
+        let id = self.next_stream;
+        self.next_stream += 1;
+        entry.stream = Some(id);
+        self.streams.insert(
+            id,
+            Stream {
+                worker: worker.clone(),
+                credits,
+                preparing: VecDeque::new(),
+                in_flight: BTreeSet::new(),
+                sent_version: 0,
+                asked_commit: None,
+                asked_final: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Removes a stream; returns it, and whether its worker is still the current incarnation.
+    pub fn close_stream(&mut self, stream: StreamId) -> Option<(Stream, bool)> {
+        let s = self.streams.remove(&stream)?;
+        let current = match self.workers.get_mut(&s.worker.id) {
+            Some(e) if e.incarnation == s.worker.incarnation => {
+                if e.stream == Some(stream) {
+                    e.stream = None;
+                }
+                true
+            }
+            _ => false,
+        };
+        Some((s, current))
+    }
+
+    /// The open stream of a worker id, if its current incarnation has one.
+    pub fn stream_of(&self, worker: &Worker) -> Option<StreamId> {
+        self.workers
+            .get(&worker.id)
+            .filter(|e| e.incarnation == worker.incarnation)
+            .and_then(|e| e.stream)
+    }
+
+    /// A stream.
+    pub fn stream(&self, id: StreamId) -> Option<&Stream> {
+        self.streams.get(&id)
+    }
+
+    /// A stream, to change.
+    pub fn stream_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
+        self.streams.get_mut(&id)
+    }
+
+    /// The open streams' ids, in opening order.
+    pub fn stream_ids(&self) -> Vec<StreamId> {
+        self.streams.keys().copied().collect()
+    }
+
+    /// Open streams.
+    pub fn open_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The stream preparing lease `lease_id`.
+    pub fn preparing_stream(&self, lease_id: u64) -> Option<StreamId> {
+        self.streams
+            .iter()
+            .find(|(_, s)| s.preparing.iter().any(|p| p.lease_id == lease_id))
+            .map(|(&id, _)| id)
+    }
+
+    /// Counts `rows` acked by `worker_id` towards its next contribution.
+    pub fn add_rows(&mut self, worker_id: &str, rows: u64) {
+        if let Some(e) = self.workers.get_mut(worker_id) {
+            e.rows_since_contribution = e.rows_since_contribution.saturating_add(rows);
+        }
+    }
+
+    /// The rows acked by `worker_id` since its last contribution, and starts counting again.
+    pub fn take_rows(&mut self, worker_id: &str) -> u64 {
+        self.workers
+            .get_mut(worker_id)
+            .map_or(0, |e| std::mem::take(&mut e.rows_since_contribution))
+    }
+
+    /// The rows acked by `worker_id` since its last contribution.
+    pub fn rows(&self, worker_id: &str) -> u64 {
+        self.workers
+            .get(worker_id)
+            .map_or(0, |e| e.rows_since_contribution)
+    }
+
+    /// Per open stream: its worker and how many batches are being prepared for it.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.streams
+            .values()
+            .map(|s| (s.worker.id.clone(), s.preparing.len()))
+            .collect()
+    }
+}

@@ -1,0 +1,308 @@
+//! A prepared run: its config, data, teacher pool, soft-target cache and stored state, ready to
+//! be served ([`crate::serve`]). Built by [`crate::prepare`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distill_core::data::Dataset;
+use distill_core::settings::StudentSettings;
+
+use crate::config::RunConfig;
+use crate::domain::ledger::{Ledger, LedgerConfig};
+use crate::membership::Membership;
+use crate::domain::rounds::SyncRounds;
+use crate::domain::run_state::{RunSettings, RunState};
+use crate::error::{Error, Result};
+use crate::registry::RegistryService;
+use crate::store::cache::{CacheKey, CacheMode, MemberIdentity, SoftTargetCache};
+use crate::store::run_store::{RunStore, STATE_FILE};
+use crate::store::RunDirLock;
+use crate::teachers::TeacherPool;
+
+/// Most credits a worker may hold (its prefetch window is capped at this).
+pub const MAX_CREDITS: u32 = 1024;
+
+/// A batch whose preparation fails this many times ends the run.
+pub const MAX_BATCH_FAILURES: u32 = 3;
+
+/// Checkpoint metadata key of the stored average: the round the parameters come from.
+pub const KEY_SYNC_VERSION: &str = "distill.sync.version";
+
+/// The run's soft-target cache and its key.
+#[derive(Clone)]
+pub struct RunCache {
+    /// The cache.
+    pub cache: SoftTargetCache,
+    /// This run's key in it.
+    pub key: CacheKey,
+    /// No teachers: every batch must come from the cache.
+    pub offline: bool,
+}
+
+/// What every task of a run shares, read-only.
+pub struct RunContext {
+    /// The resolved config.
+    pub cfg: RunConfig,
+    /// What the workers train with.
+    pub settings: StudentSettings,
+    /// The same, as the JSON a worker is sent.
+    pub settings_json: String,
+    /// The data set.
+    pub data: Arc<Dataset>,
+    /// The teacher ensemble.
+    pub pool: Arc<TeacherPool>,
+    /// The soft-target cache, when the run has one.
+    pub cache: Option<RunCache>,
+    /// Names and shapes of the student's parameters, in model order.
+    pub param_shapes: Vec<(String, Vec<usize>)>,
+    /// Batches per epoch.
+    pub batches_per_epoch: u64,
+}
+
+impl RunContext {
+    /// Whether the run has no teachers (offline from a cache).
+    pub fn is_offline(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.offline)
+    }
+
+    /// Names of the members whose answers make the soft targets (from the cache key in an
+    /// offline run).
+    pub fn member_names(&self) -> Vec<String> {
+        match &self.cache {
+            Some(c) if c.offline => c.key.members.iter().map(|m| m.name.clone()).collect(),
+            _ => self.pool.members.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+}
+
+/// A run ready to serve: its context, its state and its store.
+pub struct Run {
+    /// What the run's tasks share.
+    pub ctx: Arc<RunContext>,
+    /// The Registry service over the run's membership.
+    pub registry: RegistryService,
+    pub(crate) state: RunState,
+    pub(crate) store: Arc<RunStore>,
+    pub(crate) _lock: RunDirLock,
+}
+
+impl Run {
+    /// Builds the run on loaded `data`: locks the run directory, writes the resolved config,
+    /// prepares the ledger, the rounds and the teacher clients, and resumes from the stored
+    /// state when the run directory has one. The cache is opened by [`Run::open_cache`].
+    pub fn new(cfg: RunConfig, data: Dataset) -> Result<Self> {
+        cfg.validate()?;
+        let settings = cfg.student_settings()?;
+        let classes = settings.spec.arch.classes();
+        if classes != data.classes || settings.spec.arch.input_size() != data.row_len() {
+            return Err(Error::Config(format!(
+                "`student.arch`: {} takes {} inputs and {} classes, but {} has rows of {} values and {} classes",
+                settings.spec.arch,
+                settings.spec.arch.input_size(),
+                classes,
+                data.source,
+                data.row_len(),
+                data.classes
+            )));
+        }
+        cfg.soft_targets.topk_format(data.classes)?;
+        let settings_json = serde_json::to_string(&settings)
+            .map_err(|e| Error::Internal(format!("settings to JSON: {e}")))?;
+        let ledger = Ledger::new(LedgerConfig {
+            samples: data.train.len(),
+            batch_size: cfg.batch_size,
+            epochs: cfg.epochs,
+            seed: cfg.seed,
+            lease_timeout: secs(cfg.lease_timeout_secs, "lease_timeout_secs")?,
+            hold_for_commit: cfg.sync.every > 0,
+        })
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let mut membership = Membership::new(
+            cfg.membership.to_config(cfg.seed),
+            cfg.members
+                .iter()
+                .map(|m| (m.name.clone(), m.endpoints.clone())),
+        )
+        .map_err(|e| Error::Config(format!("`members`: {e}")))?;
+        membership.expect_model(data.row_len() as u64, data.classes as u32);
+        let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
+        let pool = TeacherPool::new(
+            &cfg.members,
+            registry.clone(),
+            secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
+            cfg.max_message_bytes(),
+        )?;
+        // The lock comes first: nothing is written into a run directory another coordinator
+        // is using.
+        let lock = RunDirLock::acquire(&cfg.run_dir)?;
+        let resolved =
+            toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
+        distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
+        let store = Arc::new(RunStore::open(&cfg.run_dir)?);
+        let restored = match store.load()? {
+            Some((saved, average)) => {
+                let average = match (saved.sync_version, average) {
+                    (v, Some(bytes)) if v > 0 => {
+                        let ck = distill_core::checkpoint::Checkpoint::from_bytes(&bytes)
+                            .map_err(|e| {
+                                Error::Store(format!("{}: the stored average: {e}", store.path().display()))
+                            })?;
+                        Some((v, Arc::new(ck.params)))
+                    }
+                    _ => None,
+                };
+                Some((saved, average))
+            }
+            None => None,
+        };
+        let rounds = SyncRounds::new(
+            secs(cfg.sync.round_timeout_secs, "sync.round_timeout_secs")?,
+            None,
+        )
+        .with_outer_lr(cfg.sync.outer_lr);
+        let run_settings = RunSettings {
+            train_rows: data.train.len(),
+            batch_size: cfg.batch_size,
+            prefetch: cfg.prefetch,
+            min_workers: cfg.min_workers,
+            rounds: cfg.sync.every > 0,
+            persist_every: secs(cfg.sync.state_every_secs, "sync.state_every_secs")?,
+            eval_timeout: secs(cfg.eval_timeout_secs, "eval_timeout_secs")?,
+            max_batch_failures: MAX_BATCH_FAILURES,
+            max_credits: MAX_CREDITS,
+            settings_json: settings_json.clone(),
+        };
+        let state = RunState::new(run_settings, ledger, rounds, restored).map_err(|e| {
+            Error::Config(format!(
+                "{}: {e}; move it away to start afresh",
+                cfg.run_dir.join(STATE_FILE).display()
+            ))
+        })?;
+        if state.resumes() > 0 {
+            let p = state.ledger().progress();
+            tracing::warn!(
+                resumes = state.resumes(),
+                batches_trained = p.total_acked,
+                epoch = p.epoch,
+                "resuming the run from its stored state"
+            );
+        }
+        let param_shapes = settings.spec.arch.param_shapes();
+        let batches_per_epoch = state.batches_per_epoch();
+        Ok(Self {
+            ctx: Arc::new(RunContext {
+                cfg,
+                settings,
+                settings_json,
+                data: Arc::new(data),
+                pool: Arc::new(pool),
+                cache: None,
+                param_shapes,
+                batches_per_epoch,
+            }),
+            registry,
+            state,
+            store,
+            _lock: lock,
+        })
+    }
+
+    /// Opens the soft-target cache of the config, if any, under this run's key: the members'
+    /// names, weights and weight digests (`digests`, from their replicas' Describe), T, the
+    /// combination, the encoding and the data. In an offline run (no teachers) the key comes
+    /// from the cache: the one complete key for this data, T, combination and encoding.
+    pub fn open_cache(&mut self, digests: &[Option<String>]) -> Result<()> {
+        let ctx = &self.ctx;
+        let Some(cc) = &ctx.cfg.cache else {
+            return Ok(());
+        };
+        let cache = SoftTargetCache::open_config(cc)?;
+        let encoding = ctx.cfg.soft_targets.to_string();
+        let offline = cc.mode == CacheMode::Offline;
+        let data = &ctx.data;
+        let key = if offline {
+            let t = ctx.cfg.temperature as f32;
+            let fits: Vec<_> = cache
+                .keys()?
+                .into_iter()
+                .filter(|k| {
+                    k.key.data == data.source
+                        && k.key.train_size == data.train.len()
+                        && k.key.temperature == t
+                        && k.key.combine == ctx.cfg.combine
+                        && k.key.encoding == encoding
+                })
+                .collect();
+            let complete: Vec<_> = fits.iter().filter(|k| k.is_complete()).collect();
+            match complete.as_slice() {
+                [one] => one.key.clone(),
+                [] => {
+                    return Err(Error::Config(format!(
+                        "`cache`: {} holds no complete soft targets for data {}, T = {t}, {} and \
+                         encoding {encoding} (partial: {})",
+                        cache.path().display(),
+                        data.source,
+                        ctx.cfg.combine,
+                        fits.iter()
+                            .map(|k| format!("{} ({} rows)", k.description, k.rows))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+                many => {
+                    return Err(Error::Config(format!(
+                        "`cache`: {} holds several ensembles for this run; keep one: {}",
+                        cache.path().display(),
+                        many.iter()
+                            .map(|k| k.description.clone())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+            }
+        } else {
+            let mut members = Vec::new();
+            for (m, d) in ctx.pool.members.iter().zip(digests) {
+                let Some(d) = d else {
+                    tracing::warn!(member = %m.name, "no replica told its weights digest; the soft-target cache is off for this run");
+                    return Ok(());
+                };
+                members.push(MemberIdentity {
+                    name: m.name.clone(),
+                    weights_digest: d.clone(),
+                    weight: m.weight,
+                });
+            }
+            CacheKey {
+                data: data.source.clone(),
+                train_size: data.train.len(),
+                members,
+                temperature: ctx.cfg.temperature as f32,
+                combine: ctx.cfg.combine,
+                encoding,
+                row_bytes: ctx.cfg.soft_targets.row_bytes(data.classes)?,
+            }
+        };
+        key.validate()?;
+        tracing::info!(cache = %cache.path().display(), key = %key.description(), offline, "soft-target cache open");
+        let ctx = Arc::get_mut(&mut self.ctx)
+            .ok_or_else(|| Error::Internal("the run context is shared before serving".into()))?;
+        ctx.cache = Some(RunCache {
+            cache,
+            key,
+            offline,
+        });
+        Ok(())
+    }
+
+    /// Batches per epoch.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.state.batches_per_epoch()
+    }
+}
+
+/// A config duration, refused (naming the key) when it cannot be one.
+fn secs(v: f64, key: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|e| Error::Config(format!("`{key}`: {v} seconds is not a duration: {e}")))
+}

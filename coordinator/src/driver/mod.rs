@@ -1,0 +1,755 @@
+//! The one task that owns a run's [`RunState`]: an actor fed by a bounded command channel.
+//!
+//! Handlers (see [`crate::api`]) send [`Command`]s; the driver applies each to the state with the
+//! current instant, performs the [`Action`]s that come back (hands batches, parameters and
+//! requests to each stream's feeder, starts batch preparations, writes commit points, the
+//! metrics and the report) and sleeps until the next command or the state's next deadline. No
+//! lock guards run state: the driver is its only owner. Work that takes time (asking the
+//! teachers, the cache, disk writes) runs in tasks the driver tracks; each reports back with a
+//! command, and all are awaited before the driver returns.
+
+pub mod batch;
+pub mod context;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use distill_core::checkpoint::Checkpoint;
+use distill_proto::pb::{self, CoordinatorMessage, coordinator_message};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::counters::AckTimes;
+use crate::domain::report::{CacheReport, RunReport, SyncReport, TeacherErrors};
+use crate::domain::rounds::Params;
+use crate::domain::run_state::{Action, Facts, Finish, ParamsToSend, RunState, StreamError};
+use crate::domain::workers::StreamId;
+use crate::error::{Error, Result};
+use crate::store::run_store::RunStore;
+use crate::teachers::MemberStats;
+use context::{KEY_SYNC_VERSION, Run, RunContext};
+
+/// Commands waiting for the driver, at most.
+pub const COMMAND_QUEUE: usize = 1024;
+
+/// Messages waiting for one stream's feeder, at most: a worker's whole credit window, its
+/// parameter replies and a few requests. A stream that falls this far behind is closed.
+pub const OUTBOX: usize = context::MAX_CREDITS as usize + 64;
+
+/// What goes down one stream, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// One message.
+    Message(Box<CoordinatorMessage>),
+    /// Several messages (a parameter set in chunks).
+    Messages(Vec<CoordinatorMessage>),
+    /// The final parameters the worker lacks (if any), then the test split.
+    Evaluate(Vec<CoordinatorMessage>),
+    /// `Done`, then the end of the stream.
+    Done,
+    /// The stream ends with this error.
+    Close(Error),
+}
+
+/// What a worker's `Join` gets.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// Its id and incarnation.
+    pub worker: crate::domain::ledger::Worker,
+}
+
+/// A status snapshot for `RunStatus`.
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    /// The run's figures.
+    pub facts: Facts,
+    /// Per-member teacher statistics.
+    pub members: Vec<MemberStats>,
+    /// Teacher requests retried on another replica.
+    pub retries: u64,
+}
+
+/// An input to the driver.
+#[derive(Debug)]
+pub enum Command {
+    /// A worker joins.
+    Join {
+        requested_id: String,
+        reply: oneshot::Sender<Result<Joined>>,
+    },
+    /// A batch stream opened (after its `Hello`).
+    OpenStream {
+        worker: crate::domain::ledger::Worker,
+        credits: u32,
+        outbox: mpsc::Sender<Outgoing>,
+        reply: oneshot::Sender<Result<StreamId>>,
+    },
+    /// A stream ended.
+    StreamClosed { stream: StreamId },
+    /// A stream must end with an error (a malformed message).
+    CloseStream { stream: StreamId, error: Error },
+    /// More credits.
+    Credits { stream: StreamId, n: u32 },
+    /// An ack.
+    Ack {
+        stream: StreamId,
+        lease_id: u64,
+        times: AckTimes,
+    },
+    /// A whole contribution to a round.
+    Contribute {
+        stream: StreamId,
+        base_version: u64,
+        params: Params,
+        is_final: bool,
+        wire_bytes: u64,
+    },
+    /// The evaluator's result, with its decoded checkpoint.
+    Eval {
+        stream: StreamId,
+        errors: u64,
+        total: u64,
+        checkpoint: Box<Checkpoint>,
+    },
+    /// A status snapshot.
+    Status { reply: oneshot::Sender<StatusView> },
+    /// A batch preparation ended.
+    Prepared {
+        lease_id: u64,
+        result: std::result::Result<batch::PreparedBatch, batch::PrepareError>,
+    },
+    /// A commit point was written (or not).
+    Persisted { result: Result<()> },
+    /// The student and the report were written (or not).
+    Finished { result: Result<RunReport> },
+    /// The teachers' own test errors.
+    TeacherErrors { errors: Vec<TeacherErrors>, ensemble: u64 },
+}
+
+impl std::fmt::Debug for batch::PreparedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedBatch")
+            .field("lease_id", &self.batch.lease_id)
+            .field("from_cache", &self.from_cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for batch::PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (fatal: {})", self.error, self.fatal)
+    }
+}
+
+/// The sending side of the driver's command channel.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    /// A handle and the receiving end of its channel (for a driver, or a test standing in for
+    /// one).
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx }, rx)
+    }
+
+    /// Sends a command; an error once the driver has stopped.
+    pub async fn send(&self, cmd: Command) -> Result<()> {
+        self.tx.send(cmd).await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Sends a command that answers on `rx`, and waits for the answer.
+    pub async fn ask<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T> {
+        self.send(cmd).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+/// How the run ended.
+pub enum Outcome {
+    /// Complete: the report was written.
+    Complete(Box<RunReport>),
+    /// Stopped by the shutdown token before it completed.
+    Stopped,
+    /// Failed with this error (the stored state is resumable).
+    Failed(String),
+}
+
+/// The driver: the run state and everything that acts on it.
+pub struct Driver {
+    ctx: Arc<RunContext>,
+    state: RunState,
+    store: Arc<RunStore>,
+    rx: mpsc::Receiver<Command>,
+    tx: mpsc::Sender<Command>,
+    outboxes: HashMap<StreamId, mpsc::Sender<Outgoing>>,
+    prepared: HashMap<u64, pb::TrainBatch>,
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+    /// The latest average in wire chunks, by version (encoded once for every recipient).
+    encoded: Option<(u64, Arc<Vec<Vec<pb::ParamChunk>>>)>,
+    initial: Option<Arc<Vec<Vec<pb::ParamChunk>>>>,
+    teacher_eval: Option<(Vec<TeacherErrors>, u64)>,
+    checkpoint: Option<Box<Checkpoint>>,
+    report: Option<RunReport>,
+    failure: Option<String>,
+    started: Instant,
+}
+
+impl Driver {
+    /// A driver for `run` and the handle that feeds it.
+    pub fn new(run: Run, shutdown: &CancellationToken) -> (Self, Handle, Arc<RunContext>) {
+        let (handle, rx) = Handle::channel(COMMAND_QUEUE);
+        let tx = handle.tx.clone();
+        let Run {
+            ctx, state, store, ..
+        } = run;
+        let driver = Self {
+            ctx: ctx.clone(),
+            state,
+            store,
+            rx,
+            tx,
+            outboxes: HashMap::new(),
+            prepared: HashMap::new(),
+            tasks: JoinSet::new(),
+            stop: shutdown.child_token(),
+            encoded: None,
+            initial: None,
+            teacher_eval: None,
+            checkpoint: None,
+            report: None,
+            failure: None,
+            started: Instant::now(),
+        };
+        (driver, handle, ctx)
+    }
+
+    /// Runs until the run is complete, fails, or `shutdown` is cancelled; then waits for every
+    /// task it started.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Outcome {
+        if !self.ctx.is_offline() {
+            let (ctx, stop, tx) = (self.ctx.clone(), self.stop.clone(), self.tx.clone());
+            self.tasks.spawn(async move {
+                match batch::evaluate_teachers(ctx, stop).await {
+                    Ok((errors, ensemble)) => {
+                        let _ = tx.send(Command::TeacherErrors { errors, ensemble }).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "teacher evaluation did not finish"),
+                }
+            });
+        }
+        let outcome = loop {
+            let deadline = self.state.next_deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Outcome::Stopped,
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break Outcome::Stopped,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.state.tick(Instant::now());
+                }
+            }
+            self.perform();
+            if let Some(report) = self.report.take() {
+                break Outcome::Complete(Box::new(report));
+            }
+            if let Some(e) = self.failure.take() {
+                break Outcome::Failed(e);
+            }
+        };
+        // Everything the streams were told is queued in their outboxes; dropping them lets
+        // each feeder deliver what is queued and end.
+        if let Outcome::Failed(e) = &outcome {
+            for tx in self.outboxes.values() {
+                let _ = tx.try_send(Outgoing::Close(Error::RunFailed(e.clone())));
+            }
+        }
+        self.outboxes.clear();
+        self.stop.cancel();
+        drop(self.rx);
+        while self.tasks.join_next().await.is_some() {}
+        outcome
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Join {
+                requested_id,
+                reply,
+            } => {
+                let r = self
+                    .state
+                    .join(&requested_id, now)
+                    .map(|worker| Joined { worker })
+                    .map_err(run_error);
+                let _ = reply.send(r);
+            }
+            Command::OpenStream {
+                worker,
+                credits,
+                outbox,
+                reply,
+            } => match self.state.open_stream(&worker, credits, now) {
+                Ok(stream) => {
+                    self.outboxes.insert(stream, outbox);
+                    let _ = reply.send(Ok(stream));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(run_error(e)));
+                }
+            },
+            Command::StreamClosed { stream } => {
+                self.outboxes.remove(&stream);
+                self.state.stream_closed(stream, now);
+            }
+            Command::CloseStream { stream, error } => self.close(stream, error, now),
+            Command::Credits { stream, n } => self.state.add_credits(stream, n, now),
+            Command::Ack {
+                stream,
+                lease_id,
+                times,
+            } => self.state.ack(stream, lease_id, times, now),
+            Command::Contribute {
+                stream,
+                base_version,
+                params,
+                is_final,
+                wire_bytes,
+            } => {
+                if let Err(e) =
+                    self.state
+                        .contribute(stream, base_version, params, is_final, wire_bytes, now)
+                {
+                    tracing::warn!(stream, error = %e, "bad synchronisation message");
+                    self.close(stream, run_error(e), now);
+                }
+            }
+            Command::Eval {
+                stream,
+                errors,
+                total,
+                checkpoint,
+            } => match self.state.eval_result(stream, errors, total, now) {
+                Ok(()) => self.checkpoint = Some(checkpoint),
+                Err(e) => {
+                    tracing::error!(stream, error = %e, "bad evaluation result");
+                    self.close(stream, run_error(e), now);
+                }
+            },
+            Command::Status { reply } => {
+                let _ = reply.send(StatusView {
+                    facts: self.state.facts(now),
+                    members: self.ctx.pool.stats(),
+                    retries: self.ctx.pool.retries(),
+                });
+            }
+            Command::Prepared { lease_id, result } => {
+                let outcome = match result {
+                    Ok(b) => {
+                        let ready = (b.from_cache, b.degraded);
+                        self.prepared.insert(lease_id, b.batch);
+                        Ok(ready)
+                    }
+                    Err(e) => Err((e.error.to_string(), e.fatal)),
+                };
+                self.state.prepared(lease_id, outcome, now);
+            }
+            Command::Persisted { result } => self
+                .state
+                .persisted(result.map_err(|e| e.to_string()), now),
+            Command::Finished { result } => match result {
+                Ok(report) => {
+                    tracing::info!(
+                        student_test_errors = report.student_test_errors,
+                        test_size = report.test_size,
+                        batches = report.batches_trained,
+                        "run complete"
+                    );
+                    self.state.finished(Ok(()));
+                    self.report = Some(report);
+                }
+                Err(e) => self.state.finished(Err(e.to_string())),
+            },
+            Command::TeacherErrors { errors, ensemble } => {
+                self.teacher_eval = Some((errors, ensemble));
+            }
+        }
+    }
+
+    /// Ends `stream` with `error` (the worker may join again).
+    fn close(&mut self, stream: StreamId, error: Error, now: Instant) {
+        if let Some(tx) = self.outboxes.remove(&stream) {
+            let _ = tx.try_send(Outgoing::Close(error));
+        }
+        self.state.stream_closed(stream, now);
+    }
+
+    /// Performs the state's actions, and those they lead to, until there are none.
+    fn perform(&mut self) {
+        loop {
+            let actions = self.state.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for a in actions {
+                self.perform_one(a);
+            }
+        }
+    }
+
+    fn perform_one(&mut self, action: Action) {
+        let now = Instant::now();
+        match action {
+            Action::Prepare { stream: _, lease } => {
+                let (ctx, stop, tx) = (self.ctx.clone(), self.stop.clone(), self.tx.clone());
+                self.tasks.spawn(async move {
+                    let lease_id = lease.id;
+                    let result = batch::prepare(ctx, lease, stop).await;
+                    let _ = tx.send(Command::Prepared { lease_id, result }).await;
+                });
+            }
+            Action::SendBatch { stream, lease_id } => match self.prepared.remove(&lease_id) {
+                Some(b) => self.deliver(
+                    stream,
+                    Outgoing::Message(Box::new(CoordinatorMessage {
+                        kind: Some(coordinator_message::Kind::Train(b)),
+                    })),
+                    now,
+                ),
+                None => tracing::error!(lease_id, "a batch to send was not prepared"),
+            },
+            Action::Discard { lease_id } => {
+                self.prepared.remove(&lease_id);
+            }
+            Action::SendParams {
+                stream,
+                version,
+                params,
+                contributors,
+            } => match self.param_messages(version, &params, contributors) {
+                Ok((msgs, bytes)) => {
+                    self.state.count_down_bytes(bytes);
+                    self.deliver(stream, Outgoing::Messages(msgs), now);
+                }
+                Err(e) => self.state_fail(format!("cannot encode the parameters: {e}")),
+            },
+            Action::SyncNow { stream, is_final } => self.deliver(
+                stream,
+                Outgoing::Message(Box::new(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {
+                        r#final: is_final,
+                    })),
+                })),
+                now,
+            ),
+            Action::Evaluate { stream, params } => {
+                let msgs = match params {
+                    Some((v, p)) => {
+                        match self.param_messages(v, &ParamsToSend::Average(p), 0) {
+                            Ok((msgs, bytes)) => {
+                                self.state.count_down_bytes(bytes);
+                                msgs
+                            }
+                            Err(e) => {
+                                self.state_fail(format!("cannot encode the parameters: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    None => Vec::new(),
+                };
+                self.deliver(stream, Outgoing::Evaluate(msgs), now);
+            }
+            Action::Done { stream } => {
+                if let Some(tx) = self.outboxes.remove(&stream) {
+                    let _ = tx.try_send(Outgoing::Done);
+                }
+            }
+            Action::Close { stream, error } => {
+                let error = match error {
+                    StreamError::Replaced(m) => Error::Stale(m),
+                    StreamError::Deadline(m) => Error::DeadlineExceeded(m),
+                    StreamError::Invalid(m) => Error::InvalidArgument(m),
+                };
+                if let Some(tx) = self.outboxes.remove(&stream) {
+                    let _ = tx.try_send(Outgoing::Close(error));
+                }
+            }
+            Action::Persist { snapshot, average } => {
+                let (store, tx, spec) = (
+                    self.store.clone(),
+                    self.tx.clone(),
+                    self.ctx.settings.spec.clone(),
+                );
+                self.tasks.spawn(async move {
+                    let write = move || -> Result<()> {
+                        let bytes = match average {
+                            Some((version, params)) => {
+                                let mut ck = Checkpoint {
+                                    spec,
+                                    params: params.as_ref().clone(),
+                                    extra: Default::default(),
+                                };
+                                ck.extra
+                                    .insert(KEY_SYNC_VERSION.into(), version.to_string());
+                                Some(ck.to_bytes()?)
+                            }
+                            None => None,
+                        };
+                        store.save(&snapshot, bytes.as_deref())
+                    };
+                    let result = tokio::task::spawn_blocking(write)
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Internal(format!("state task: {e}"))));
+                    let _ = tx.send(Command::Persisted { result }).await;
+                });
+            }
+            Action::EpochMetrics(line) => {
+                let json = serde_json::json!({
+                    "epoch": line.epoch,
+                    "mean_loss": line.mean_loss,
+                    "samples": line.samples,
+                    "seconds": line.seconds,
+                    "samples_per_sec": if line.seconds > 0.0 { line.samples as f64 / line.seconds } else { 0.0 },
+                    "student_wait_seconds": line.student_wait_seconds,
+                    "teacher_batches": line.teacher_batches,
+                    "cached_batches": line.cached_batches,
+                });
+                tracing::info!(epoch = line.epoch, mean_loss = line.mean_loss, "epoch complete");
+                let path = self.ctx.cfg.run_dir.join("metrics.jsonl");
+                if let Err(e) = append_line(&path, &json.to_string()) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot append metrics");
+                }
+            }
+            Action::Finish(finish) => {
+                let Some(checkpoint) = self.checkpoint.take() else {
+                    self.state
+                        .finished(Err("the evaluator's checkpoint is missing".into()));
+                    return;
+                };
+                let report = self.report_of(&finish, now);
+                let (dir, tx) = (self.ctx.cfg.run_dir.clone(), self.tx.clone());
+                self.tasks.spawn(async move {
+                    let write = move || -> Result<RunReport> {
+                        checkpoint.save(&report.student_checkpoint)?;
+                        write_report(&dir, &report)?;
+                        Ok(report)
+                    };
+                    let result = tokio::task::spawn_blocking(write)
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Internal(format!("report task: {e}"))));
+                    let _ = tx.send(Command::Finished { result }).await;
+                });
+            }
+            Action::Fail(e) => self.failure = Some(e),
+        }
+    }
+
+    /// Hands `item` to the stream's feeder without waiting; a stream whose feeder is this far
+    /// behind is closed (its worker stopped reading).
+    fn deliver(&mut self, stream: StreamId, item: Outgoing, now: Instant) {
+        let Some(tx) = self.outboxes.get(&stream) else {
+            return;
+        };
+        if let Err(e) = tx.try_send(item) {
+            tracing::warn!(stream, error = %e, "the stream's outbox is full or gone; closing it");
+            self.outboxes.remove(&stream);
+            self.state.stream_closed(stream, now);
+        }
+    }
+
+    fn state_fail(&mut self, e: String) {
+        tracing::error!(error = %e, "the run failed");
+        self.failure = Some(e);
+    }
+
+    /// The `SyncDown` messages of parameters `params` of round `version`, and the bytes of
+    /// parameter values they carry.
+    fn param_messages(
+        &mut self,
+        version: u64,
+        params: &ParamsToSend,
+        contributors: u32,
+    ) -> Result<(Vec<CoordinatorMessage>, u64)> {
+        let wrap = |d: pb::SyncDown| CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Params(d)),
+        };
+        let groups = match params {
+            ParamsToSend::Unchanged => {
+                return Ok((
+                    vec![wrap(pb::SyncDown {
+                        version,
+                        chunks: Vec::new(),
+                        last: true,
+                        unchanged: true,
+                        contributors,
+                    })],
+                    0,
+                ));
+            }
+            ParamsToSend::Initial => match &self.initial {
+                Some(g) => g.clone(),
+                None => {
+                    let p = distill_core::model::init_params(
+                        &self.ctx.settings.spec.arch,
+                        self.ctx.settings.seed,
+                    );
+                    let g = Arc::new(self.chunk(&p)?);
+                    self.initial = Some(g.clone());
+                    g
+                }
+            },
+            ParamsToSend::Average(p) => match &self.encoded {
+                Some((v, g)) if *v == version => g.clone(),
+                _ => {
+                    let g = Arc::new(self.chunk(p)?);
+                    self.encoded = Some((version, g.clone()));
+                    g
+                }
+            },
+        };
+        let bytes = distill_proto::params::value_bytes(&groups);
+        let n = groups.len();
+        let msgs = groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                wrap(pb::SyncDown {
+                    version,
+                    chunks: g.clone(),
+                    last: i + 1 == n,
+                    unchanged: false,
+                    contributors,
+                })
+            })
+            .collect();
+        Ok((msgs, bytes))
+    }
+
+    fn chunk(&self, params: &[distill_proto::params::Param]) -> Result<Vec<Vec<pb::ParamChunk>>> {
+        distill_proto::params::to_chunk_groups(
+            params,
+            self.ctx.cfg.sync.dtype.wire(),
+            self.ctx.cfg.sync.chunk_bytes,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    fn report_of(&self, finish: &Finish, now: Instant) -> RunReport {
+        let ctx = &self.ctx;
+        let Facts {
+            progress,
+            ledger,
+            counters: s,
+            rounds,
+            round_totals: (round_secs, up_bytes),
+            resumes,
+            samples_per_sec,
+            ..
+        } = &finish.facts;
+        let (teachers, ensemble) = match &self.teacher_eval {
+            Some((t, e)) => (t.clone(), Some(*e)),
+            None => (Vec::new(), None),
+        };
+        let total = s.wait_secs + s.step_secs;
+        let per_round = |x: f64| if *rounds > 0 { x / *rounds as f64 } else { 0.0 };
+        RunReport {
+            data: ctx.data.source.clone(),
+            student_arch: ctx.settings.spec.arch.to_string(),
+            temperature: ctx.cfg.temperature,
+            alpha: ctx.cfg.alpha,
+            teachers,
+            ensemble_test_errors: ensemble,
+            baseline_student_test_errors: None,
+            student_test_errors: finish.errors,
+            test_size: finish.total,
+            epochs: ctx.cfg.epochs,
+            samples_per_sec: *samples_per_sec,
+            batches_trained: progress.total_acked,
+            batches_expected: progress.expected_total,
+            student_wait_seconds: s.wait_secs,
+            student_step_seconds: s.step_secs,
+            student_wait_fraction: if total > 0.0 { s.wait_secs / total } else { 0.0 },
+            requeued_batches: ledger.requeued_batches,
+            retries: ctx.pool.retries(),
+            degraded_batches: s.degraded_batches,
+            resumes: *resumes,
+            members: ctx.pool.stats(),
+            run_seconds: now.saturating_duration_since(self.started).as_secs_f64(),
+            student_checkpoint: ctx.cfg.run_dir.join("student.safetensors"),
+            workers: s.per_worker.values().cloned().collect(),
+            sync: SyncReport {
+                every: ctx.cfg.sync.every,
+                dtype: format!("{:?}", ctx.cfg.sync.dtype).to_lowercase(),
+                rounds: *rounds,
+                mean_round_seconds: per_round(*round_secs),
+                mean_bytes_per_round: per_round((up_bytes + s.down_bytes) as f64),
+                worker_sync_seconds: s.sync_secs,
+            },
+            teacher_batches_per_epoch: s.teacher_batches.clone(),
+            cached_batches_per_epoch: s.cached_batches.clone(),
+            cache: ctx.cache.as_ref().map(|c| {
+                let st = c.cache.stats();
+                CacheReport {
+                    dir: ctx.cfg.cache.as_ref().map(|c| c.dir.clone()).unwrap_or_default(),
+                    mode: ctx
+                        .cfg
+                        .cache
+                        .as_ref()
+                        .map(|c| c.mode.as_str().to_string())
+                        .unwrap_or_default(),
+                    key: c.key.digest(),
+                    hit_rows: st.hit_rows,
+                    missed_rows: st.missed_rows,
+                    rows_written: st.rows_written,
+                }
+            }),
+        }
+    }
+}
+
+/// Maps a refusal of the run state to the coordinator's error.
+fn run_error(e: crate::domain::run_state::RunError) -> Error {
+    use crate::domain::run_state::RunError;
+    use crate::domain::workers::WorkerError;
+    match e {
+        RunError::Worker(w @ WorkerError::Unknown(_)) => Error::NotFound(w.to_string()),
+        RunError::Worker(w @ WorkerError::Replaced { .. }) => Error::Stale(w.to_string()),
+        RunError::Worker(w @ WorkerError::StreamOpen(_)) => Error::Stale(w.to_string()),
+        RunError::Invalid(m) => Error::InvalidArgument(m),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Appends `line` to `path` and syncs it, so a line that was logged survives a crash.
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_data()
+}
+
+/// Writes `report.json` into `dir` atomically.
+pub fn write_report(dir: &std::path::Path, report: &RunReport) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)
+        .map_err(|e| Error::Internal(format!("report to JSON: {e}")))?;
+    distill_core::fsutil::atomic_write(&dir.join("report.json"), &json)?;
+    Ok(())
+}
