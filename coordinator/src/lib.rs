@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod ledger;
 pub mod membership;
@@ -51,22 +52,9 @@ pub async fn prepare(cfg: RunConfig) -> Result<Arc<Run>> {
         .pool
         .check_models(run.data.row_len(), run.data.classes)
         .await?;
-    {
-        // `check_models` pinned them as it recorded the replicas; pinned again here so that the
-        // cache key and the membership can never disagree.
-        let mut m = run
-            .pool
-            .registry()
-            .membership()
-            .lock()
-            .map_err(|_| Error::Internal("membership lock poisoned".into()))?;
-        for (member, digest) in run.pool.members.iter().zip(&digests) {
-            if let Some(d) = digest {
-                m.pin_digest(&member.name, d)
-                    .map_err(|e| Error::Config(e.to_string()))?;
-            }
-        }
-    }
+    // `check_models` pinned them as it recorded the replicas; pinned again here so that the
+    // cache key and the membership can never disagree.
+    run.pool.pin_digests(&digests)?;
     let r = run.clone();
     tokio::task::spawn_blocking(move || r.open_cache(&digests))
         .await
@@ -97,12 +85,13 @@ pub async fn serve(
     let svc = CoordinatorServer::new(CoordinatorService::new(run.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let registry = RegistryServer::new(run.pool.registry().clone())
+    let registry_service = RegistryService::new(run.pool.membership().clone());
+    let registry = RegistryServer::new(registry_service.clone())
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     // Expires the leases of registered replicas that stopped heartbeating.
     let lease_ticker = tokio::spawn(registry::run_ticker(
-        run.pool.registry().clone(),
+        registry_service,
         Duration::from_millis(100),
         shutdown.clone(),
     ));

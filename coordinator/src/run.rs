@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheKey, SoftTargetCache};
 use crate::config::{RunConfig, SoftTargetEncoding, TeacherPolicy};
+use crate::domain::membership::Membership;
 use crate::error::{Error, Result};
 use crate::ledger::{AckOutcome, Lease, Ledger, LedgerConfig, LedgerEvent, Worker};
-use crate::membership::Membership;
-use crate::registry::RegistryService;
+use crate::membership::MembershipHandle;
 use crate::sync::{Closed, Contribution, Params, SyncRounds};
 use crate::teachers::{MemberStats, TeacherPool};
 
@@ -363,10 +363,9 @@ impl Run {
         )
         .map_err(|e| Error::Config(format!("`members`: {e}")))?;
         membership.expect_model(data.row_len() as u64, data.classes as u32);
-        let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
         let pool = TeacherPool::new(
             &cfg.members,
-            registry,
+            MembershipHandle::new(membership),
             Duration::from_secs_f64(cfg.teacher_timeout_secs),
             cfg.max_message_bytes(),
         )?;
@@ -1318,15 +1317,15 @@ impl Run {
         temperature: f32,
         stop: &CancellationToken,
     ) -> Result<Vec<Vec<f32>>> {
-        let (logits, _) = self
-            .answering_members(inputs, temperature, stop, TeacherPolicy::Wait)
+        let answer = self
+            .pool
+            .ensemble_logits(inputs, temperature, TeacherPolicy::Wait, stop)
             .await?;
-        Ok(logits)
+        Ok(answer.logits)
     }
 
-    /// The tempered logits of the members that answer, with their indices. Under `wait` that
-    /// is every member (a member that is down is waited for, with backoff, until `stop`); under
-    /// `degrade` it is the members that answered, as long as one did.
+    /// The tempered logits of the members that answer, with their indices, under `policy`
+    /// (see [`TeacherPool::ensemble_logits`]).
     async fn answering_members(
         &self,
         inputs: &HostTensor,
@@ -1334,46 +1333,11 @@ impl Run {
         stop: &CancellationToken,
         policy: TeacherPolicy,
     ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
-        let mut backoff = Duration::from_millis(100);
-        let changed = self.pool.registry().changed();
-        loop {
-            // Armed before the requests, so a replica that joins (or comes back) meanwhile
-            // ends the wait below at once.
-            let membership_changed = changed.notified();
-            tokio::pin!(membership_changed);
-            membership_changed.as_mut().enable();
-            let calls =
-                (0..self.pool.members.len()).map(|m| self.pool.infer(m, inputs, temperature));
-            let results = futures::future::join_all(calls).await;
-            if let Some(Err(e @ Error::TeacherRejected { .. })) = results
-                .iter()
-                .find(|r| matches!(r, Err(Error::TeacherRejected { .. })))
-                .map(|r| r.as_ref().map(|_| ()).map_err(clone_rejection))
-            {
-                return Err(e);
-            }
-            let answered: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
-            let degrade = policy == TeacherPolicy::Degrade && !answered.is_empty();
-            if answered.len() == results.len() || degrade {
-                let mut logits = Vec::with_capacity(answered.len());
-                for r in results.into_iter().flatten() {
-                    logits.push(r);
-                }
-                return Ok((logits, answered));
-            }
-            match results.into_iter().find_map(|r| r.err()) {
-                None => return Err(Error::Internal("no member answered".into())),
-                Some(e) => {
-                    tracing::warn!(error = %e, ?backoff, policy = ?policy, "teacher members are down; waiting for them");
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(Error::ShuttingDown),
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = membership_changed => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let answer = self
+            .pool
+            .ensemble_logits(inputs, temperature, policy, stop)
+            .await?;
+        Ok((answer.logits, answer.answered))
     }
 
     /// Builds one training batch: inputs, labels and the ensemble's soft targets — from the
@@ -1693,16 +1657,6 @@ pub fn target_fields(
                 data: bytes,
             }),
         )),
-    }
-}
-
-fn clone_rejection(e: &Error) -> Error {
-    match e {
-        Error::TeacherRejected { member, msg } => Error::TeacherRejected {
-            member: member.clone(),
-            msg: msg.clone(),
-        },
-        other => Error::Internal(other.to_string()),
     }
 }
 
