@@ -9,7 +9,12 @@
 //! - A replica that refuses (`INVALID_ARGUMENT`) requests the good replica accepts is failing in
 //!   the same way; only a request every replica in rotation refuses is `TeacherRejected`.
 //! - A request tries a bounded number of replicas however many are in rotation.
+//! - A replica out of rotation for bad replies is not put back by a probe while its replies
+//!   stay bad (a good `Describe` is not enough).
 //! - A `Describe` whose input shape overflows is an error, not a panic.
+//! - The ensemble fan-out: `degrade` combines the members that answered; `wait` keeps their
+//!   answers and asks only the member that is down again, at once when a replica of it joins;
+//!   shutdown ends the wait.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -149,10 +154,17 @@ async fn serve_hostile(hostile: Hostile, shutdown: &CancellationToken) -> String
 /// A pool with one member `t` over `endpoints` (no prober runs: a replica out of rotation
 /// stays out).
 fn pool(endpoints: &[String]) -> TeacherPool {
-    let settings = MembershipSettings {
-        hedge: false,
-        ..Default::default()
-    };
+    pool_with(
+        endpoints,
+        MembershipSettings {
+            hedge: false,
+            ..Default::default()
+        },
+    )
+}
+
+/// A pool with one member `t` over `endpoints` and the membership `settings`.
+fn pool_with(endpoints: &[String], settings: MembershipSettings) -> TeacherPool {
     let mut membership = Membership::new(
         settings.to_config(1),
         [("t".to_string(), endpoints.to_vec())],
@@ -173,16 +185,9 @@ fn pool(endpoints: &[String]) -> TeacherPool {
     .unwrap()
 }
 
-/// The membership's view of the replica at `endpoint`.
+/// The membership's view of member `t`'s replica at `endpoint`.
 fn view(pool: &TeacherPool, endpoint: &str) -> ReplicaView {
-    let address = normalize_address(endpoint).unwrap();
-    pool.membership()
-        .lock()
-        .unwrap()
-        .replicas("t")
-        .into_iter()
-        .find(|v| v.address == address)
-        .unwrap()
+    view_of(pool, "t", endpoint)
 }
 
 fn inputs() -> HostTensor {
@@ -350,5 +355,181 @@ async fn a_describe_with_an_overflowing_input_shape_is_an_error() {
         }
         other => panic!("{other:?}"),
     }
+    shutdown.cancel();
+}
+
+/// Members `a` (the good replica at `a`) and `b` (no static replica: down until one joins).
+fn two_member_pool(a: &str) -> TeacherPool {
+    let settings = MembershipSettings::default();
+    let mut membership = Membership::new(
+        settings.to_config(1),
+        [
+            ("a".to_string(), vec![a.to_string()]),
+            ("b".to_string(), vec![]),
+        ],
+    )
+    .unwrap();
+    membership.expect_model(784, CLASSES as u32);
+    let members = [
+        MemberConfig {
+            name: "a".into(),
+            endpoints: vec![a.to_string()],
+            weight: 1.0,
+        },
+        MemberConfig {
+            name: "b".into(),
+            endpoints: vec![],
+            weight: 1.0,
+        },
+    ];
+    TeacherPool::new(
+        &members,
+        MembershipHandle::new(membership),
+        Duration::from_secs(30),
+        64 << 20,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ensemble_degrades_or_waits_for_a_member_that_is_down() {
+    use coordinator::config::TeacherPolicy;
+    let shutdown = CancellationToken::new();
+    let (a, _) = good_teacher(&shutdown).await;
+    let want_a = direct(&a).await;
+    let pool = Arc::new(two_member_pool(&a));
+    let stop = CancellationToken::new();
+
+    let degraded = pool
+        .ensemble_logits(&inputs(), 2.0, TeacherPolicy::Degrade, &stop)
+        .await
+        .unwrap();
+    assert_eq!(degraded.answered, vec![0]);
+    assert_eq!(degraded.logits, vec![want_a.clone()]);
+
+    // Under `wait`, the first round's answer of `a` is kept while `b` is waited for.
+    let waiting = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            pool.ensemble_logits(&inputs(), 2.0, TeacherPolicy::Wait, &stop)
+                .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The first round of the wait is over once `a` answered (again) and `b` failed (again).
+    while pool.stats()[0].requests < 2 || pool.stats()[1].failures < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A replica of `b` joins: the wait ends at once (no backoff to sit out).
+    let (b, b_identity) = good_teacher(&shutdown).await;
+    let want_b = direct(&b).await;
+    let identity = coordinator::domain::membership::ModelIdentity {
+        model_id: b_identity.model_id,
+        weights_digest: b_identity.weights_digest,
+        input_shape: b_identity.input_shape,
+        classes: b_identity.num_classes,
+        max_batch: b_identity.max_batch,
+    };
+    pool.membership()
+        .update(|m| {
+            let out = m.register("b", &b, identity, std::time::Instant::now());
+            (out.value, out.events)
+        })
+        .unwrap()
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the wait ended when `b` joined")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.answered, vec![0, 1]);
+    assert_eq!(answer.logits, vec![want_a, want_b]);
+    assert_eq!(pool.stats()[0].requests, 2, "`a` was not asked again");
+    assert_eq!(pool.stats()[1].requests, 1);
+
+    // With `b` gone again, a wait ends with the shutdown.
+    let b_id = view_of(&pool, "b", &b).id;
+    pool.membership()
+        .update(|m| {
+            let out = m.deregister(b_id, &b);
+            (out.value, out.events)
+        })
+        .unwrap();
+    let waiting = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            pool.ensemble_logits(&inputs(), 2.0, TeacherPolicy::Wait, &stop)
+                .await
+        })
+    };
+    stop.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the wait ended with the shutdown")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(coordinator::Error::ShuttingDown)),
+        "{ended:?}"
+    );
+    shutdown.cancel();
+}
+
+/// The membership's view of member `member`'s replica at `endpoint`.
+fn view_of(pool: &TeacherPool, member: &str, endpoint: &str) -> ReplicaView {
+    let address = normalize_address(endpoint).unwrap();
+    pool.membership()
+        .lock()
+        .unwrap()
+        .replicas(member)
+        .into_iter()
+        .find(|v| v.address == address)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_describes_itself_well_but_answers_nan_stays_out_of_rotation() {
+    let shutdown = CancellationToken::new();
+    let (good, identity) = good_teacher(&shutdown).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let bad = serve_hostile(
+        Hostile {
+            identity,
+            mode: Misbehaviour::NaN,
+            calls: calls.clone(),
+        },
+        &shutdown,
+    )
+    .await;
+    // Probes every 10 to 40 ms.
+    let settings = MembershipSettings {
+        hedge: false,
+        probe_initial_secs: 0.01,
+        probe_max_secs: 0.04,
+        ..Default::default()
+    };
+    let pool = Arc::new(pool_with(&[bad.clone(), good.clone()], settings));
+    while view(&pool, &bad).health == Health::InRotation {
+        pool.infer(0, &inputs(), 2.0).await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), THRESHOLD);
+    let stop = CancellationToken::new();
+    let prober = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move { pool.run_prober(stop).await })
+    };
+    // Five probes reached the test request, and every one kept the replica out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while calls.load(Ordering::SeqCst) < THRESHOLD + 5 {
+        assert_eq!(view(&pool, &bad).health, Health::OutOfRotation);
+        assert!(tokio::time::Instant::now() < deadline, "probes did not run");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(view(&pool, &bad).health, Health::OutOfRotation);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), prober)
+        .await
+        .expect("the prober stops")
+        .unwrap();
     shutdown.cancel();
 }

@@ -15,8 +15,10 @@
 //! - **Failures.** An error (other than the refusals below), a timeout or a bad reply is
 //!   recorded with the membership (`record_failure`; RESOURCE_EXHAUSTED from a busy replica
 //!   only in the member's statistics), which takes a replica that keeps failing out of
-//!   rotation; the prober ([`TeacherPool::run_prober`]) probes it (`Describe`) until it answers
-//!   again. The retry goes to another replica than the one that just failed, after an
+//!   rotation; the prober ([`TeacherPool::run_prober`]) probes it until it answers again: a
+//!   `Describe` that must still state the member's model, and one request of a zero row whose
+//!   reply must pass the same check as any other (a replica that describes itself well but
+//!   answers garbage stays out). The retry goes to another replica than the one that just failed, after an
 //!   exponential backoff with jitter.
 //! - **Refusals.** INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED,
 //!   UNAUTHENTICATED and PERMISSION_DENIED say "your request is bad"; they are retried at once
@@ -58,7 +60,6 @@ use crate::domain::membership::{ModelIdentity, ReplicaId};
 use crate::error::{Error, Result};
 use crate::membership::MembershipHandle;
 
-pub use crate::domain::choice::{EXPLORE_EVERY, SIMILAR};
 pub use ensemble::Answer;
 
 /// Most attempts one request makes across its member's replicas, however many are in rotation.
@@ -196,6 +197,8 @@ pub struct TeacherPool {
     pub members: Vec<Member>,
     membership: MembershipHandle,
     clients: Mutex<HashMap<ReplicaId, Arc<Replica>>>,
+    /// Values per input row: the data's row length (the prober's test row).
+    row_len: usize,
     /// Logits per row of every reply: the data's classes.
     classes: usize,
     timeout: Duration,
@@ -218,7 +221,7 @@ impl TeacherPool {
             let m = membership.lock()?;
             (m.members(), m.expected_model())
         };
-        let Some((_, classes)) = shape else {
+        let Some((row_len, classes)) = shape else {
             return Err(Error::Internal(
                 "the membership does not state the data's shape (Membership::expect_model)".into(),
             ));
@@ -247,6 +250,8 @@ impl TeacherPool {
             members,
             membership,
             clients: Mutex::new(HashMap::new()),
+            row_len: usize::try_from(row_len)
+                .map_err(|_| Error::Internal(format!("a row of {row_len} values")))?,
             classes: classes as usize,
             timeout,
             max_message_bytes,

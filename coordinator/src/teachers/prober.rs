@@ -1,15 +1,20 @@
-//! The prober: replicas out of rotation are asked `Describe` when their probe is due, and the
-//! result goes back to the membership (which puts them back, or schedules the next probe).
+//! The prober: replicas out of rotation are checked when their probe is due, and the result
+//! goes back to the membership (which puts them back, or schedules the next probe). A probe is
+//! a `Describe` (the replica must still serve the member's model) and one `Infer` of a zero row
+//! at T = 1, whose reply must pass [`super::reply::checked_logits`]: a replica taken out for
+//! bad replies does not come back on a good description alone.
 
 use std::time::Instant;
 
-use distill_proto::pb::DescribeRequest;
+use distill_proto::pb::{DescribeRequest, InferRequest};
+use distill_proto::{DType, HostTensor};
 use tokio_util::sync::CancellationToken;
 
-use super::{TeacherPool, identity};
+use super::{TeacherPool, identity, reply};
+use crate::domain::membership::{ModelIdentity, Probe};
 
 impl TeacherPool {
-    /// Probes the replicas out of rotation whose probe is due (a `Describe` within the request
+    /// Probes the replicas out of rotation whose probe is due (each call within the request
     /// deadline), reports the results to the membership and logs the events, until `stop`.
     /// Sleeps until the next probe is due or the membership changes.
     pub async fn run_prober(&self, stop: CancellationToken) {
@@ -30,23 +35,7 @@ impl TeacherPool {
                 return;
             }
             let probes = due.into_iter().map(|p| async move {
-                let result = match self.client(p.replica) {
-                    Ok(c) => {
-                        match tokio::time::timeout(
-                            self.timeout,
-                            c.client.clone().describe(DescribeRequest {}),
-                        )
-                        .await
-                        {
-                            Ok(Ok(d)) => Ok(identity(d.get_ref())),
-                            Ok(Err(status)) => {
-                                Err(format!("{}: {}", status.code(), status.message()))
-                            }
-                            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
-                        }
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
+                let result = self.probe(&p).await;
                 let now = Instant::now();
                 let reported = self.membership.update(|m| {
                     let events = match result {
@@ -60,7 +49,7 @@ impl TeacherPool {
                 }
             });
             futures::future::join_all(probes).await;
-            let next_deadline = async {
+            let next_probe = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
@@ -68,9 +57,35 @@ impl TeacherPool {
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = next_deadline => {}
+                _ = next_probe => {}
                 _ = notified => {}
             }
         }
+    }
+
+    /// One probe: what the replica says it serves, if it also answers a test row well.
+    async fn probe(&self, p: &Probe) -> Result<ModelIdentity, String> {
+        let c = self.client(p.replica).map_err(|e| e.to_string())?;
+        let within = |what: &str| format!("{what}: no answer within {:?}", self.timeout);
+        let described =
+            tokio::time::timeout(self.timeout, c.client.clone().describe(DescribeRequest {}))
+                .await
+                .map_err(|_| within("Describe"))?
+                .map_err(|s| format!("Describe: {}: {}", s.code(), s.message()))?;
+        let row = HostTensor::from_f32(vec![1, self.row_len], &vec![0.0; self.row_len])
+            .map_err(|e| format!("test row: {e}"))?;
+        let req = InferRequest {
+            request_id: 0,
+            inputs: Some(row.into()),
+            temperature: 1.0,
+            output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+        };
+        let answered = tokio::time::timeout(self.timeout, c.client.clone().infer(req))
+            .await
+            .map_err(|_| within("Infer"))?
+            .map_err(|s| format!("Infer: {}: {}", s.code(), s.message()))?;
+        reply::checked_logits(answered.into_inner(), 1, self.classes)
+            .map_err(|e| format!("Infer: bad reply: {e}"))?;
+        Ok(identity(described.get_ref()))
     }
 }

@@ -102,6 +102,7 @@ pub(super) struct ProbeBackoff {
 }
 
 impl ProbeBackoff {
+    /// The backoff of `cfg`'s probe settings, its generator seeded with `cfg.seed`.
     pub(super) fn new(cfg: &MembershipConfig) -> Self {
         Self {
             initial: cfg.probe_initial,

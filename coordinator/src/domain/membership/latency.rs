@@ -93,7 +93,7 @@ impl Membership {
     /// replica (None: hedging off, not enough samples yet, or no other replica to send it to).
     pub fn hedge_after(&self, member: &str) -> Option<Duration> {
         let after = self.members.get(member)?.latency.hedge_delay(&self.cfg)?;
-        (self.in_rotation(member).nth(1).is_some()).then_some(after)
+        self.in_rotation(member).nth(1).is_some().then_some(after)
     }
 
     /// Whether replica `id` is much slower than the fastest in-rotation replica of its member
