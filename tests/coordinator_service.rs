@@ -691,6 +691,9 @@ impl HandWorker {
                 .unwrap()
                 .expect("the stream is open");
             if let Some(pb::coordinator_message::Kind::Params(d)) = msg.kind {
+                if d.unchanged {
+                    return (d.version, Vec::new());
+                }
                 for c in d.chunks {
                     asm.add(c).unwrap();
                 }

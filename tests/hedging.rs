@@ -4,13 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
-use coordinator::RegistryService;
 use coordinator::config::{MemberConfig, MembershipSettings};
-use coordinator::membership::{Membership, ReplicaView};
+use coordinator::domain::membership::{Membership, ReplicaView};
+use coordinator::membership::MembershipHandle;
 use coordinator::teachers::TeacherPool;
 use distill_core::checkpoint::Checkpoint;
 use distill_core::model::TrainableModel;
@@ -44,28 +43,34 @@ fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
         hedge,
         ..Default::default()
     };
-    let membership = Membership::new(
+    let mut membership = Membership::new(
         settings.to_config(1),
         [("t".to_string(), endpoints.to_vec())],
     )
     .unwrap();
-    let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
+    membership.expect_model(784, 10);
     let members = [MemberConfig {
         name: "t".into(),
         endpoints: endpoints.to_vec(),
         weight: 1.0,
     }];
-    TeacherPool::new(&members, registry, Duration::from_secs(30), 64 << 20).unwrap()
+    TeacherPool::new(
+        &members,
+        MembershipHandle::new(membership),
+        Duration::from_secs(30),
+        64 << 20,
+    )
+    .unwrap()
 }
 
 /// The membership's view of each replica, in `endpoints` order.
 fn views(pool: &TeacherPool, endpoints: &[String]) -> Vec<ReplicaView> {
-    let m = pool.registry().membership().lock().unwrap();
+    let m = pool.membership().lock().unwrap();
     let views = m.replicas("t");
     endpoints
         .iter()
         .map(|e| {
-            let e = coordinator::membership::normalize_address(e).unwrap();
+            let e = coordinator::domain::membership::normalize_address(e).unwrap();
             views.iter().find(|v| v.address == e).unwrap().clone()
         })
         .collect()
@@ -126,7 +131,7 @@ async fn without_hedging_the_refresh_requests_wait_for_the_slow_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_replicas_report_steers_requests() {
-    use coordinator::membership::Load;
+    use coordinator::domain::membership::Load;
     let shutdown = CancellationToken::new();
     let endpoints = vec![
         teacher(Duration::ZERO, &shutdown).await,
@@ -136,7 +141,7 @@ async fn the_load_replicas_report_steers_requests() {
     let ids: Vec<_> = views(&pool, &endpoints).iter().map(|v| v.id).collect();
     // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
     let report = |i: usize, in_flight: u32, max_in_flight: u32| {
-        let mut m = pool.registry().membership().lock().unwrap();
+        let mut m = pool.membership().lock().unwrap();
         let load = Load {
             in_flight,
             max_in_flight,

@@ -21,10 +21,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coordinator::membership::{Event, Health, Membership, MembershipConfig, RemovalReason};
+use coordinator::domain::membership::{
+    Event, Health, Membership, MembershipConfig, RemovalReason, ReplicaView,
+};
+use coordinator::membership::MembershipHandle;
 use coordinator::registry::{self, RegistryService};
 use distill_proto::pb::registry_server::RegistryServer;
 use teacher_server::ModelInfo;
@@ -63,7 +66,7 @@ impl Coordinator {
             [("big".to_string(), Vec::<String>::new())],
         )
         .unwrap();
-        let svc = RegistryService::new(Arc::new(Mutex::new(m)));
+        let svc = RegistryService::new(MembershipHandle::new(m));
         let stop = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .add_service(RegistryServer::new(svc.clone()))
@@ -92,16 +95,12 @@ impl Coordinator {
         self.addr
     }
 
-    fn replicas(&self) -> Vec<coordinator::membership::ReplicaView> {
+    fn replicas(&self) -> Vec<ReplicaView> {
         self.svc.membership().lock().unwrap().replicas("big")
     }
 
     /// Waits until `cond` holds for the replicas of member `big`.
-    async fn wait_until(
-        &self,
-        what: &str,
-        cond: impl Fn(&[coordinator::membership::ReplicaView]) -> bool,
-    ) {
+    async fn wait_until(&self, what: &str, cond: impl Fn(&[ReplicaView]) -> bool) {
         let changed = self.svc.changed();
         let started = tokio::time::Instant::now();
         loop {

@@ -97,7 +97,7 @@ pub struct RunConfig {
 }
 
 /// Elastic membership and replica health (`[membership]`): maps to
-/// [`crate::membership::MembershipConfig`].
+/// [`crate::domain::membership::MembershipConfig`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipSettings {
@@ -142,15 +142,15 @@ impl Default for MembershipSettings {
 impl MembershipSettings {
     /// The state machine's tunables (the rest at their defaults; probe jitter seeded with
     /// `seed`).
-    pub fn to_config(&self, seed: u64) -> crate::membership::MembershipConfig {
-        crate::membership::MembershipConfig {
+    pub fn to_config(&self, seed: u64) -> crate::domain::membership::MembershipConfig {
+        crate::domain::membership::MembershipConfig {
             lease_ttl: Duration::from_secs_f64(self.lease_ttl_secs),
             heartbeat_interval: Duration::from_secs_f64(self.heartbeat_secs),
             failure_threshold: self.failure_threshold,
             probe_initial: Duration::from_secs_f64(self.probe_initial_secs),
             probe_max: Duration::from_secs_f64(self.probe_max_secs),
             hedge: self.hedge,
-            seed: seed ^ crate::membership::MembershipConfig::default().seed,
+            seed: seed ^ crate::domain::membership::MembershipConfig::default().seed,
             ..Default::default()
         }
     }
@@ -482,7 +482,7 @@ impl RunConfig {
             }
             for e in &m.endpoints {
                 if tonic::transport::Endpoint::from_shared(e.clone()).is_err()
-                    || crate::membership::normalize_address(e).is_err()
+                    || crate::domain::address::normalize_address(e).is_err()
                 {
                     return bad(
                         &format!("members[{i}].endpoints"),

@@ -48,21 +48,9 @@ pub async fn prepare(cfg: RunConfig) -> Result<Run> {
         .pool
         .check_models(ctx.data.row_len(), ctx.data.classes)
         .await?;
-    {
-        // `check_models` pinned them as it recorded the replicas; pinned again here so that the
-        // cache key and the membership can never disagree.
-        let mut m = run
-            .registry
-            .membership()
-            .lock()
-            .map_err(|_| Error::Internal("membership lock poisoned".into()))?;
-        for (member, digest) in ctx.pool.members.iter().zip(&digests) {
-            if let Some(d) = digest {
-                m.pin_digest(&member.name, d)
-                    .map_err(|e| Error::Config(e.to_string()))?;
-            }
-        }
-    }
+    // `check_models` pinned them as it recorded the replicas; pinned again here so that the
+    // cache key and the membership can never disagree.
+    ctx.pool.pin_digests(&digests)?;
     drop(ctx);
     tokio::task::spawn_blocking(move || run.open_cache(&digests).map(|()| run))
         .await

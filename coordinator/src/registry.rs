@@ -6,14 +6,16 @@
 //!   advertises its listen address) gets the host the request came from, so
 //!   `teacher-server --listen 0.0.0.0:50051 --register …` needs no `--advertise`.
 //! - Every call that changed the membership logs its events and wakes the waiters of
-//!   [`RegistryService::changed`] (e.g. a run paused because a member is down).
+//!   [`MembershipHandle::changed`] (e.g. a run paused because a member is down).
 //! - Time is `Instant::now()` at the call; leases end only through
 //!   [`Membership::tick`] (driven by [`run_ticker`]) or a late heartbeat.
+//! - The service is built from the run's [`MembershipHandle`], which the teacher pool shares;
+//!   the pool does not know this service.
 //!
 //! See `docs/membership.md` for the whole protocol.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use distill_proto::pb::registry_server::Registry;
@@ -25,51 +27,39 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{
+use crate::domain::membership::{
     Event, Load, Membership, MembershipError, ModelIdentity, normalize_address,
 };
+use crate::membership::MembershipHandle;
 
-/// The Registry service over a shared membership.
+/// The Registry service over a run's membership.
 #[derive(Clone)]
 pub struct RegistryService {
-    membership: Arc<Mutex<Membership>>,
-    changed: Arc<Notify>,
+    membership: MembershipHandle,
 }
 
 impl RegistryService {
     /// A service over `membership` (shared with whoever sends requests to the replicas).
-    pub fn new(membership: Arc<Mutex<Membership>>) -> Self {
-        Self {
-            membership,
-            changed: Arc::new(Notify::new()),
-        }
+    pub fn new(membership: MembershipHandle) -> Self {
+        Self { membership }
     }
 
     /// The membership it serves.
-    pub fn membership(&self) -> &Arc<Mutex<Membership>> {
+    pub fn membership(&self) -> &MembershipHandle {
         &self.membership
     }
 
     /// Notified (`notify_waiters`) after every call or tick that changed the membership.
     pub fn changed(&self) -> Arc<Notify> {
-        self.changed.clone()
+        self.membership.changed()
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Membership>, Status> {
-        self.membership
-            .lock()
-            .map_err(|_| Status::internal("membership lock poisoned"))
+        Ok(self.membership.lock()?)
     }
 
-    /// Logs `events` and, if there are any, wakes the waiters of [`RegistryService::changed`]
-    /// (also for events that the teacher pool's requests and probes cause).
-    pub fn publish(&self, events: &[Event]) {
-        for e in events {
-            e.log();
-        }
-        if !events.is_empty() {
-            self.changed.notify_waiters();
-        }
+    fn publish(&self, events: &[Event]) {
+        self.membership.publish(events);
     }
 }
 
@@ -77,7 +67,9 @@ impl From<MembershipError> for Status {
     fn from(e: MembershipError) -> Self {
         let msg = e.to_string();
         match e {
-            MembershipError::BadAddress(_) => Status::invalid_argument(msg),
+            MembershipError::BadAddress(_) | MembershipError::ShapeOverflow { .. } => {
+                Status::invalid_argument(msg)
+            }
             MembershipError::UnknownMember { .. } | MembershipError::UnknownReplica(_) => {
                 Status::not_found(msg)
             }
@@ -284,15 +276,10 @@ impl Registry for RegistryService {
 
 /// Expires the leases that ended by `now`, logs the events and wakes the service's waiters.
 pub fn tick(service: &RegistryService, now: Instant) -> Vec<Event> {
-    let events = match service.membership.lock() {
-        Ok(mut m) => m.tick(now),
-        Err(_) => {
-            tracing::error!("membership lock poisoned; leases are not expired");
-            Vec::new()
-        }
-    };
-    service.publish(&events);
-    events
+    service.membership.tick(now).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "leases are not expired");
+        Vec::new()
+    })
 }
 
 /// Calls [`tick`] every `every` until `shutdown` is cancelled (the lease-expiry driver).
@@ -312,7 +299,7 @@ pub async fn run_ticker(service: RegistryService, every: Duration, shutdown: Can
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::MembershipConfig;
+    use crate::domain::membership::MembershipConfig;
 
     const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -322,7 +309,7 @@ mod tests {
             [("big".to_string(), Vec::<String>::new())],
         )
         .unwrap();
-        RegistryService::new(Arc::new(Mutex::new(m)))
+        RegistryService::new(MembershipHandle::new(m))
     }
 
     fn request() -> RegisterRequest {

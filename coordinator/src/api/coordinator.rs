@@ -148,12 +148,13 @@ impl Coordinator for CoordinatorService {
             self.ctx.clone(),
             stream,
             out_rx,
-            wire,
+            wire.clone(),
             self.driver.clone(),
             Duration::from_secs_f64(self.ctx.cfg.stall_timeout_secs),
         ));
         self.tasks.spawn(read_stream(
             inbound,
+            wire,
             worker,
             stream,
             self.ctx.param_shapes.clone(),
@@ -177,6 +178,9 @@ impl Coordinator for CoordinatorService {
 /// something the stream cannot take.
 async fn read_stream(
     mut inbound: Streaming<WorkerMessage>,
+    // Held so that the response stays open while the worker still talks (its evaluation
+    // result comes after the coordinator's `Done`).
+    _response: feeder::Wire,
     worker: Worker,
     stream: StreamId,
     shapes: Vec<(String, Vec<usize>)>,

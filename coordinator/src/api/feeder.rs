@@ -19,6 +19,14 @@ use crate::driver::{Command, Handle, Outgoing, batch};
 /// The gRPC side of a stream.
 pub type Wire = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
+fn done() -> CoordinatorMessage {
+    CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Done(pb::Done {
+            reason: "complete".into(),
+        })),
+    }
+}
+
 /// Feeds `stream` until its outbox closes, the run sends `Done`, or the worker is gone.
 pub async fn feed(
     ctx: Arc<RunContext>,
@@ -49,6 +57,9 @@ pub async fn feed(
                     }
                 }
             }
+            // The worker evaluates what it was sent when it is told `Done`, and answers with its
+            // result on the request side, which stays open (the reader holds the response
+            // open until the worker closes).
             Outgoing::Evaluate(params) => {
                 for m in params {
                     if !send(m).await {
@@ -75,14 +86,13 @@ pub async fn feed(
                         }
                     }
                 }
+                if !gone {
+                    let _ = send(done()).await;
+                    return;
+                }
             }
             Outgoing::Done => {
-                let _ = send(CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Done(pb::Done {
-                        reason: "complete".into(),
-                    })),
-                })
-                .await;
+                let _ = send(done()).await;
                 return;
             }
             Outgoing::Close(e) => {
@@ -160,16 +170,15 @@ endpoints = ["http://127.0.0.1:1"]
         )
         .unwrap();
         let settings = cfg.student_settings().unwrap();
-        let membership = crate::membership::Membership::new(
+        let mut membership = crate::domain::membership::Membership::new(
             cfg.membership.to_config(0),
             cfg.members.iter().map(|m| (m.name.clone(), m.endpoints.clone())),
         )
         .unwrap();
-        let registry =
-            crate::registry::RegistryService::new(Arc::new(std::sync::Mutex::new(membership)));
+        membership.expect_model(784, 10);
         let pool = crate::teachers::TeacherPool::new(
             &cfg.members,
-            registry,
+            crate::membership::MembershipHandle::new(membership),
             Duration::from_secs(1),
             1 << 20,
         )

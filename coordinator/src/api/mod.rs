@@ -32,7 +32,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<Option<RunReport>> {
     let max_msg = run.ctx.cfg.max_message_bytes();
-    let registry_service: RegistryService = run.registry.clone();
+    let registry_service = RegistryService::new(run.ctx.pool.membership().clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()

@@ -1,9 +1,13 @@
-//! The run's logic as pure state machines: no tokio, no tonic, no locks, no clock (every call
-//! that depends on time takes `now`). The driver ([`crate::driver`]) owns one of each and
-//! performs what they decide.
+//! The coordinator's pure logic: state machines and decisions with no I/O, no sleeps, no locks
+//! and no gRPC types; everything that depends on time takes an explicit `now: Instant`. The
+//! driver ([`crate::driver`]) owns the run's [`run_state::RunState`] and performs what it
+//! decides; the Registry service, the teacher pool and the prober drive the membership.
 
+pub mod address;
+pub mod choice;
 pub mod counters;
 pub mod ledger;
+pub mod membership;
 pub mod report;
 pub mod rounds;
 pub mod run_state;

@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::RunContext;
 use crate::config::{SoftTargetEncoding, TeacherPolicy};
-use crate::teachers::TeacherPool;
 use crate::domain::ledger::Lease;
 use crate::domain::report::TeacherErrors;
 use crate::error::{Error, Result};
@@ -101,8 +100,10 @@ pub async fn prepare(
                     fatal: true,
                 });
             }
-            let answer =
-                ensemble_logits(&ctx.pool, &inputs, t, ctx.cfg.teacher_policy, &stop).await?;
+            let answer = ctx
+                .pool
+                .ensemble_logits(&inputs, t, ctx.cfg.teacher_policy, &stop)
+                .await?;
             let weights: Vec<f32> = answer
                 .answered
                 .iter()
@@ -196,7 +197,10 @@ pub async fn evaluate_teachers(
         let idx: Vec<usize> = (start..(start + 1000).min(n)).collect();
         let (inputs, _) = inputs_and_labels(&ctx, &ctx.data.test, &idx)?;
         let labels = ctx.data.test.labels(&idx);
-        let answer = ensemble_logits(&ctx.pool, &inputs, 1.0, TeacherPolicy::Wait, &stop).await?;
+        let answer = ctx
+            .pool
+            .ensemble_logits(&inputs, 1.0, TeacherPolicy::Wait, &stop)
+            .await?;
         for (m, z) in answer.logits.iter().enumerate() {
             errors[m] += count_errors(z, &labels, classes);
         }
@@ -316,60 +320,3 @@ fn combine_host(
         .map_err(distill_core::Error::from)?)
 }
 
-/// The members that answered a request, and their tempered logits.
-pub struct Answer {
-    /// Per answering member, its logits (`rows × classes`).
-    pub logits: Vec<Vec<f32>>,
-    /// Indices of the answering members.
-    pub answered: Vec<usize>,
-}
-
-/// The tempered logits of the members that answer. Under `wait` that is every member (a member
-/// that is down is waited for, with backoff, until `stop`); under `degrade` it is the members
-/// that answered, as long as one did.
-async fn ensemble_logits(
-    pool: &TeacherPool,
-    inputs: &HostTensor,
-    temperature: f32,
-    policy: TeacherPolicy,
-    stop: &CancellationToken,
-) -> Result<Answer> {
-    let mut backoff = std::time::Duration::from_millis(100);
-    let changed = pool.registry().changed();
-    loop {
-        // Armed before the requests, so a replica that joins (or comes back) meanwhile ends
-        // the wait below at once.
-        let membership_changed = changed.notified();
-        tokio::pin!(membership_changed);
-        membership_changed.as_mut().enable();
-        let calls = (0..pool.members.len()).map(|m| pool.infer(m, inputs, temperature));
-        let results = futures::future::join_all(calls).await;
-        if let Some(Err(Error::TeacherRejected { member, msg })) = results
-            .iter()
-            .find(|r| matches!(r, Err(Error::TeacherRejected { .. })))
-        {
-            return Err(Error::TeacherRejected {
-                member: member.clone(),
-                msg: msg.clone(),
-            });
-        }
-        let answered: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
-        let degrade = policy == TeacherPolicy::Degrade && !answered.is_empty();
-        if answered.len() == results.len() || degrade {
-            let logits = results.into_iter().flatten().collect();
-            return Ok(Answer { logits, answered });
-        }
-        match results.into_iter().find_map(|r| r.err()) {
-            None => return Err(Error::Internal("no member answered".into())),
-            Some(e) => {
-                tracing::warn!(error = %e, ?backoff, policy = ?policy, "teacher members are down; waiting for them");
-                tokio::select! {
-                    _ = stop.cancelled() => return Err(Error::ShuttingDown),
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = membership_changed => {}
-                }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-            }
-        }
-    }
-}

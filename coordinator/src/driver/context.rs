@@ -1,7 +1,7 @@
 //! A prepared run: its config, data, teacher pool, soft-target cache and stored state, ready to
 //! be served ([`crate::serve`]). Built by [`crate::prepare`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use distill_core::data::Dataset;
@@ -9,11 +9,11 @@ use distill_core::settings::StudentSettings;
 
 use crate::config::RunConfig;
 use crate::domain::ledger::{Ledger, LedgerConfig};
-use crate::membership::Membership;
+use crate::domain::membership::Membership;
+use crate::membership::MembershipHandle;
 use crate::domain::rounds::SyncRounds;
 use crate::domain::run_state::{RunSettings, RunState};
 use crate::error::{Error, Result};
-use crate::registry::RegistryService;
 use crate::store::cache::{CacheKey, CacheMode, MemberIdentity, SoftTargetCache};
 use crate::store::run_store::{RunStore, STATE_FILE};
 use crate::store::RunDirLock;
@@ -79,8 +79,6 @@ impl RunContext {
 pub struct Run {
     /// What the run's tasks share.
     pub ctx: Arc<RunContext>,
-    /// The Registry service over the run's membership.
-    pub registry: RegistryService,
     pub(crate) state: RunState,
     pub(crate) store: Arc<RunStore>,
     pub(crate) _lock: RunDirLock,
@@ -125,10 +123,9 @@ impl Run {
         )
         .map_err(|e| Error::Config(format!("`members`: {e}")))?;
         membership.expect_model(data.row_len() as u64, data.classes as u32);
-        let registry = RegistryService::new(Arc::new(Mutex::new(membership)));
         let pool = TeacherPool::new(
             &cfg.members,
-            registry.clone(),
+            MembershipHandle::new(membership),
             secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
             cfg.max_message_bytes(),
         )?;
@@ -200,7 +197,6 @@ impl Run {
                 param_shapes,
                 batches_per_epoch,
             }),
-            registry,
             state,
             store,
             _lock: lock,

@@ -1,0 +1,700 @@
+//! Who is a replica: static endpoints and registrations, leases and heartbeats, and the model
+//! each states (a member's replicas must serve the same weights, of the data's shape).
+
+use std::time::Instant;
+
+use super::{
+    Event, Load, Membership, MembershipError, ModelIdentity, Outcome, Registration, RemovalReason,
+    Replica, ReplicaId, Source, normalize_address,
+};
+
+impl Membership {
+    /// Requires every replica to take rows of `row_len` values and answer `classes` logits
+    /// (the data's shape).
+    pub fn expect_model(&mut self, row_len: u64, classes: u32) {
+        self.data_shape = Some((row_len, classes));
+    }
+
+    /// Pins a member's weights digest (e.g. what the start-up check or the soft-target cache
+    /// saw). Fails if another digest is pinned already.
+    pub fn pin_digest(&mut self, member: &str, digest: &str) -> Result<(), MembershipError> {
+        let known = self.known_members();
+        let state = self
+            .members
+            .get_mut(member)
+            .ok_or_else(|| MembershipError::UnknownMember {
+                member: member.into(),
+                known,
+            })?;
+        match &state.digest {
+            Some(d) if d != digest => Err(MembershipError::DigestMismatch {
+                member: member.into(),
+                address: "(pinned)".into(),
+                got: digest.into(),
+                expected: d.clone(),
+            }),
+            _ => {
+                state.digest = Some(digest.into());
+                Ok(())
+            }
+        }
+    }
+
+    /// Records what a replica serves (a static replica's Describe at start-up), pinning the
+    /// member's digest if none is yet.
+    pub fn record_identity(
+        &mut self,
+        id: ReplicaId,
+        identity: ModelIdentity,
+    ) -> Result<(), MembershipError> {
+        let r = self
+            .replicas
+            .get(&id)
+            .ok_or(MembershipError::UnknownReplica(id))?;
+        let (member, address) = (r.member.clone(), r.address.clone());
+        self.check_identity(&member, &address, &identity)?;
+        self.pin_identity(&member, &identity);
+        if let Some(r) = self.replicas.get_mut(&id) {
+            r.identity = Some(identity);
+        }
+        Ok(())
+    }
+
+    /// A replica registers (or renews its registration) at `now`.
+    pub fn register(
+        &mut self,
+        member: &str,
+        address: &str,
+        identity: ModelIdentity,
+        now: Instant,
+    ) -> Outcome<Result<Registration, MembershipError>> {
+        let mut events = Vec::new();
+        let value = self.register_inner(member, address, identity, now, &mut events);
+        self.member_transitions(&mut events);
+        Outcome { value, events }
+    }
+
+    fn register_inner(
+        &mut self,
+        member: &str,
+        address: &str,
+        identity: ModelIdentity,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) -> Result<Registration, MembershipError> {
+        if !self.members.contains_key(member) {
+            return Err(MembershipError::UnknownMember {
+                member: member.into(),
+                known: self.known_members(),
+            });
+        }
+        let address = normalize_address(address)?;
+        let existing = self.by_address(&address);
+        if let Some(id) = existing {
+            let r = &self.replicas[&id];
+            if r.member != member {
+                if r.source == Source::Static {
+                    return Err(MembershipError::AddressTaken {
+                        address,
+                        member: member.into(),
+                        owner: r.member.clone(),
+                    });
+                }
+                // The process at this address now serves another member: the old replica is
+                // gone, whether or not the new registration is accepted.
+                self.remove(id, RemovalReason::Replaced, events);
+            }
+        }
+        if let Err(e) = self.check_identity(member, &address, &identity) {
+            if let Some(id) = self.by_address(&address)
+                && self.replicas[&id].source == Source::Registered
+            {
+                // It answers at this address with a model the member does not serve.
+                self.remove(id, RemovalReason::Refused, events);
+            }
+            return Err(e);
+        }
+        self.pin_identity(member, &identity);
+        let deadline = now + self.cfg.lease_ttl;
+        let (id, renewed) = match self.by_address(&address) {
+            Some(id) => {
+                if let Some(r) = self.replicas.get_mut(&id) {
+                    if r.source == Source::Registered {
+                        r.lease_deadline = Some(deadline);
+                    }
+                    r.identity = Some(identity);
+                    // A (re)started process: check it at once instead of waiting out the
+                    // backoff.
+                    r.health.restart_probes(now);
+                }
+                events.push(Event::Renewed {
+                    member: member.into(),
+                    replica: id,
+                    address: address.clone(),
+                });
+                (id, true)
+            }
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let mut r = Replica::new(
+                    member.into(),
+                    address.clone(),
+                    Source::Registered,
+                    Some(deadline),
+                );
+                r.identity = Some(identity);
+                self.replicas.insert(id, r);
+                events.push(Event::Joined {
+                    member: member.into(),
+                    replica: id,
+                    address: address.clone(),
+                });
+                (id, false)
+            }
+        };
+        Ok(Registration {
+            replica: id,
+            address,
+            lease_ttl: self.cfg.lease_ttl,
+            heartbeat_interval: self.cfg.heartbeat_interval,
+            renewed,
+        })
+    }
+
+    /// A heartbeat from replica `id` registered at `address`: renews its lease and records its
+    /// load. False means the replica is unknown (never registered here, expired — also when
+    /// `now` is at or past its deadline and no tick removed it yet — or deregistered) and must
+    /// register again.
+    pub fn heartbeat(
+        &mut self,
+        id: ReplicaId,
+        address: &str,
+        load: Load,
+        now: Instant,
+    ) -> Outcome<bool> {
+        let mut events = Vec::new();
+        let address = normalize_address(address).unwrap_or_default();
+        let ttl = self.cfg.lease_ttl;
+        let value = match self.replicas.get_mut(&id) {
+            Some(r) if r.address == address => {
+                if r.lease_deadline.is_some_and(|d| now >= d) {
+                    self.remove(id, RemovalReason::Expired, &mut events);
+                    false
+                } else {
+                    if r.lease_deadline.is_some() {
+                        r.lease_deadline = Some(now + ttl);
+                    }
+                    r.load = Some(load);
+                    true
+                }
+            }
+            _ => false,
+        };
+        self.member_transitions(&mut events);
+        Outcome { value, events }
+    }
+
+    /// Replica `id` at `address` leaves. True if a registered replica was removed; a static
+    /// replica stays (false), and an unknown one is a no-op (false).
+    pub fn deregister(&mut self, id: ReplicaId, address: &str) -> Outcome<bool> {
+        let mut events = Vec::new();
+        let address = normalize_address(address).unwrap_or_default();
+        let value = match self.replicas.get(&id) {
+            Some(r) if r.address == address && r.source == Source::Registered => {
+                self.remove(id, RemovalReason::Deregistered, &mut events);
+                true
+            }
+            _ => false,
+        };
+        self.member_transitions(&mut events);
+        Outcome { value, events }
+    }
+
+    /// Removes every registered replica whose lease ended (`now ≥ deadline`).
+    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        let expired: Vec<ReplicaId> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.lease_deadline.is_some_and(|d| now >= d))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            self.remove(id, RemovalReason::Expired, &mut events);
+        }
+        self.member_transitions(&mut events);
+        events
+    }
+
+    fn known_members(&self) -> String {
+        self.members
+            .keys()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn by_address(&self, address: &str) -> Option<ReplicaId> {
+        self.replicas
+            .iter()
+            .find(|(_, r)| r.address == address)
+            .map(|(&id, _)| id)
+    }
+
+    pub(super) fn check_identity(
+        &self,
+        member: &str,
+        address: &str,
+        identity: &ModelIdentity,
+    ) -> Result<(), MembershipError> {
+        let Some(inputs) = identity.row_len() else {
+            return Err(MembershipError::ShapeOverflow {
+                member: member.into(),
+                address: address.into(),
+                shape: identity.input_shape.clone(),
+            });
+        };
+        let state = self.members.get(member);
+        let expected = self.data_shape.or(state.and_then(|s| s.shape));
+        if let Some((expected_inputs, expected_classes)) = expected
+            && (inputs != expected_inputs || identity.classes != expected_classes)
+        {
+            return Err(MembershipError::ShapeMismatch {
+                member: member.into(),
+                address: address.into(),
+                got_inputs: inputs,
+                got_classes: identity.classes,
+                expected_inputs,
+                expected_classes,
+            });
+        }
+        if let Some(expected) = state.and_then(|s| s.digest.as_ref())
+            && *expected != identity.weights_digest
+        {
+            return Err(MembershipError::DigestMismatch {
+                member: member.into(),
+                address: address.into(),
+                got: identity.weights_digest.clone(),
+                expected: expected.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Pins the member's digest and shape to `identity`'s where none is yet (called after
+    /// [`Membership::check_identity`] accepted it).
+    fn pin_identity(&mut self, member: &str, identity: &ModelIdentity) {
+        if let Some(s) = self.members.get_mut(member) {
+            s.digest
+                .get_or_insert_with(|| identity.weights_digest.clone());
+            if s.shape.is_none() {
+                s.shape = identity.row_len().map(|n| (n, identity.classes));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: ReplicaId, reason: RemovalReason, events: &mut Vec<Event>) {
+        if let Some(r) = self.replicas.remove(&id) {
+            events.push(Event::Removed {
+                member: r.member,
+                replica: id,
+                address: r.address,
+                reason,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::super::testutil::*;
+    use super::super::*;
+
+    #[test]
+    fn static_replicas_start_in_rotation_and_a_member_without_any_starts_down() {
+        let m = membership();
+        assert!(m.is_up("a"));
+        assert!(!m.is_up("b"));
+        assert_eq!(m.down_members(), vec!["b".to_string()]);
+        let a = m.replicas("a");
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].id, 1);
+        assert_eq!(a[0].source, Source::Static);
+        assert_eq!(a[0].address, "http://s1:1");
+        assert_eq!(a[0].lease_deadline, None);
+        assert_eq!(m.next_deadline(), None);
+    }
+
+    #[test]
+    fn registration_joins_at_once_and_brings_the_member_up() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let out = m.register("b", "http://10.0.0.5:50051", identity(DIGEST_A), t0);
+        let reg = out.value.unwrap();
+        assert_eq!(
+            reg,
+            Registration {
+                replica: 2,
+                address: "http://10.0.0.5:50051".into(),
+                lease_ttl: secs(10),
+                heartbeat_interval: secs(2),
+                renewed: false,
+            }
+        );
+        assert_eq!(
+            out.events,
+            vec![
+                Event::Joined {
+                    member: "b".into(),
+                    replica: 2,
+                    address: "http://10.0.0.5:50051".into(),
+                },
+                Event::MemberUp { member: "b".into() },
+            ]
+        );
+        assert!(m.is_up("b"));
+        let r = m.replica(2).unwrap();
+        assert_eq!(r.health, Health::InRotation);
+        assert_eq!(r.lease_deadline, Some(t0 + secs(10)));
+        assert_eq!(r.identity, Some(identity(DIGEST_A)));
+        assert_eq!(m.rotation("b").len(), 1);
+        assert_eq!(m.digest("b"), Some(DIGEST_A));
+        assert_eq!(m.next_deadline(), Some(t0 + secs(10)));
+    }
+
+    #[test]
+    fn heartbeats_extend_the_lease_and_expiry_is_at_the_deadline() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        let load = Load {
+            in_flight: 3,
+            max_in_flight: 64,
+        };
+        let hb = m.heartbeat(id, "http://h:1", load, t0 + secs(8));
+        assert!(hb.value);
+        assert!(hb.events.is_empty());
+        let r = m.replica(id).unwrap();
+        assert_eq!(r.lease_deadline, Some(t0 + secs(18)));
+        assert_eq!((r.in_flight, r.max_in_flight), (Some(3), 64));
+        // The old deadline passes without effect.
+        assert!(m.tick(t0 + secs(10)).is_empty());
+        assert!(m.tick(t0 + secs(18) - Duration::from_nanos(1)).is_empty());
+        // Expiry at now == deadline.
+        let events = m.tick(t0 + secs(18));
+        assert_eq!(
+            events,
+            vec![
+                Event::Removed {
+                    member: "b".into(),
+                    replica: id,
+                    address: "http://h:1".into(),
+                    reason: RemovalReason::Expired,
+                },
+                Event::MemberDown { member: "b".into() },
+            ]
+        );
+        assert!(m.replica(id).is_none());
+        assert!(!m.is_up("b"));
+        // Its heartbeat is now unknown: it must register again, and gets a new id.
+        assert!(!m.heartbeat(id, "http://h:1", load, t0 + secs(19)).value);
+        let again = register(&mut m, "b", "http://h:1", t0 + secs(20));
+        assert!(!again.renewed);
+        assert_ne!(again.replica, id);
+        // The pinned digest survives the member being empty.
+        assert_eq!(m.digest("b"), Some(DIGEST_A));
+    }
+
+    #[test]
+    fn a_heartbeat_at_or_after_the_deadline_finds_the_lease_expired_before_any_tick() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        let hb = m.heartbeat(id, "http://h:1", Load::default(), t0 + secs(10));
+        assert!(!hb.value);
+        assert_eq!(removed(&hb.events), vec![(id, RemovalReason::Expired)]);
+        assert!(
+            hb.events
+                .contains(&Event::MemberDown { member: "b".into() })
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_with_another_address_or_an_unknown_id_is_unknown() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        // An id handed out by an earlier coordinator to another address.
+        assert!(!m.heartbeat(id, "http://other:1", Load::default(), t0).value);
+        assert!(!m.heartbeat(99, "http://h:1", Load::default(), t0).value);
+        // The real one is untouched, and case or a trailing slash do not matter.
+        assert!(
+            m.heartbeat(id, "HTTP://H:1/", Load::default(), t0 + secs(1))
+                .value
+        );
+        assert_eq!(m.replica(id).unwrap().lease_deadline, Some(t0 + secs(11)));
+    }
+
+    #[test]
+    fn registering_the_same_address_again_is_the_same_replica_with_a_new_lease() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let first = register(&mut m, "b", "http://h:1", t0);
+        let out = m.register("b", "http://H:1/", identity(DIGEST_A), t0 + secs(5));
+        let second = out.value.unwrap();
+        assert_eq!(second.replica, first.replica);
+        assert!(second.renewed);
+        assert_eq!(
+            out.events,
+            vec![Event::Renewed {
+                member: "b".into(),
+                replica: first.replica,
+                address: "http://h:1".into(),
+            }]
+        );
+        assert_eq!(m.replicas("b").len(), 1);
+        assert_eq!(
+            m.replica(first.replica).unwrap().lease_deadline,
+            Some(t0 + secs(15))
+        );
+    }
+
+    #[test]
+    fn static_replicas_never_expire_and_cannot_be_deregistered() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        // Registering a static address returns the static replica; heartbeats carry its load.
+        let reg = register(&mut m, "a", "http://s1:1", t0);
+        assert_eq!(reg.replica, 1);
+        assert!(reg.renewed);
+        assert_eq!(m.replica(1).unwrap().lease_deadline, None);
+        assert!(m.tick(t0 + secs(1_000_000)).is_empty());
+        assert!(
+            m.heartbeat(1, "http://s1:1", Load::default(), t0 + secs(1_000_000))
+                .value
+        );
+        let out = m.deregister(1, "http://s1:1");
+        assert!(!out.value);
+        assert!(out.events.is_empty());
+        assert!(m.is_up("a"));
+        assert_eq!(m.replica(1).unwrap().source, Source::Static);
+    }
+
+    #[test]
+    fn deregister_removes_a_registered_replica_once() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        assert!(!m.deregister(id, "http://wrong:1").value);
+        let out = m.deregister(id, "http://h:1");
+        assert!(out.value);
+        assert_eq!(
+            removed(&out.events),
+            vec![(id, RemovalReason::Deregistered)]
+        );
+        assert_eq!(
+            out.events.last(),
+            Some(&Event::MemberDown { member: "b".into() })
+        );
+        assert!(!m.deregister(id, "http://h:1").value);
+    }
+
+    #[test]
+    fn a_weights_digest_mismatch_between_replicas_of_a_member_is_refused() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        let out = m.register("b", "http://h:2", identity(DIGEST_B), t0);
+        let err = out.value.unwrap_err();
+        assert!(
+            matches!(err, MembershipError::DigestMismatch { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&format!(
+                "replica http://h:2 serves weights {DIGEST_B} but the member serves {DIGEST_A}"
+            )),
+            "{err}"
+        );
+        assert!(out.events.is_empty());
+        assert_eq!(m.replicas("b").len(), 1);
+        // The registered replica's own address coming back with other weights: the process
+        // there no longer serves the member's model, so the replica is removed too.
+        let out = m.register("b", "http://h:1", identity(DIGEST_B), t0 + secs(1));
+        assert!(out.value.is_err());
+        assert_eq!(removed(&out.events), vec![(id, RemovalReason::Refused)]);
+        assert!(
+            out.events
+                .contains(&Event::MemberDown { member: "b".into() })
+        );
+        // The pin holds with the member empty.
+        assert!(
+            m.register("b", "http://h:3", identity(DIGEST_B), t0)
+                .value
+                .is_err()
+        );
+        assert!(
+            m.register("b", "http://h:3", identity(DIGEST_A), t0)
+                .value
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_static_replicas_identity_pins_the_digest_and_probes_check_it() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        m.record_identity(1, identity(DIGEST_A)).unwrap();
+        assert_eq!(m.digest("a"), Some(DIGEST_A));
+        assert!(matches!(
+            m.record_identity(1, identity(DIGEST_B)),
+            Err(MembershipError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            m.record_identity(42, identity(DIGEST_A)),
+            Err(MembershipError::UnknownReplica(42))
+        ));
+        m.pin_digest("b", DIGEST_B).unwrap();
+        assert!(m.pin_digest("b", DIGEST_A).is_err());
+        assert!(m.pin_digest("zzz", DIGEST_A).is_err());
+        // A probe that answers with other weights counts as failed.
+        let _ = m.record_failure(1, t0);
+        let _ = m.record_failure(1, t0);
+        let _ = m.due_probes(t0 + secs(1));
+        let events = m.probe_succeeded(1, Some(identity(DIGEST_B)), t0 + secs(1));
+        assert!(
+            matches!(events.as_slice(), [Event::ProbeFailed { error, .. }] if error.contains("serves weights")),
+            "{events:?}"
+        );
+        assert_eq!(m.replica(1).unwrap().health, Health::OutOfRotation);
+    }
+
+    #[test]
+    fn a_model_that_does_not_fit_the_data_is_refused() {
+        let mut m = membership();
+        m.expect_model(784, 10);
+        let mut wrong = identity(DIGEST_A);
+        wrong.input_shape = vec![1, 32, 32];
+        let err = m
+            .register("b", "http://h:1", wrong, Instant::now())
+            .value
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "member `b`: replica http://h:1 serves a model with 1024 inputs and 10 classes, expected 784 inputs and 10 classes"
+        );
+        // [1, 28, 28] has the same 784 values per row.
+        let mut fits = identity(DIGEST_A);
+        fits.input_shape = vec![1, 28, 28];
+        assert!(
+            m.register("b", "http://h:1", fits, Instant::now())
+                .value
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn unknown_members_bad_addresses_and_foreign_static_addresses_are_refused() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let err = m
+            .register("zzz", "http://h:1", identity(DIGEST_A), t0)
+            .value
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "member `zzz` is not part of this run (members: `a`, `b`)"
+        );
+        let err = m
+            .register("b", "http://s1:1", identity(DIGEST_A), t0)
+            .value
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "address http://s1:1 is a static replica of member `a` in the run config, not of `b`"
+        );
+        for (addr, why) in [
+            ("", "address is empty"),
+            ("h:1", "has no scheme"),
+            ("ftp://h:1", "has scheme `ftp`"),
+            ("http://h", "has no port"),
+            ("http://h:0", "has port 0"),
+            ("http://h:1/x", "has a path or query"),
+            ("http://h:99999", "has an invalid port"),
+            ("http://", "is not a URI"),
+        ] {
+            let err = m
+                .register("b", addr, identity(DIGEST_A), t0)
+                .value
+                .unwrap_err();
+            assert!(err.to_string().contains(why), "{addr}: {err}");
+        }
+        assert!(m.replicas("b").is_empty());
+        assert!(matches!(
+            Membership::new(
+                cfg(),
+                [
+                    ("a".to_string(), vec!["http://x:1".to_string()]),
+                    ("b".to_string(), vec!["http://X:1/".to_string()]),
+                ],
+            ),
+            Err(MembershipError::DuplicateStatic { .. })
+        ));
+    }
+
+    #[test]
+    fn an_address_registering_for_another_member_replaces_its_old_replica() {
+        let mut m = Membership::new(
+            cfg(),
+            [("a".to_string(), vec![]), ("b".to_string(), vec![])],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let old = register(&mut m, "a", "http://h:1", t0).replica;
+        let out = m.register("b", "http://h:1", identity(DIGEST_B), t0 + secs(1));
+        let new = out.value.unwrap();
+        assert!(!new.renewed);
+        assert_ne!(new.replica, old);
+        assert_eq!(removed(&out.events), vec![(old, RemovalReason::Replaced)]);
+        assert!(
+            out.events
+                .contains(&Event::MemberDown { member: "a".into() })
+        );
+        assert!(out.events.contains(&Event::MemberUp { member: "b".into() }));
+    }
+
+    #[test]
+    fn a_stated_input_shape_whose_size_overflows_is_refused_not_a_panic() {
+        let mut m = membership();
+        let t0 = Instant::now();
+        let mut huge = identity(DIGEST_A);
+        huge.input_shape = vec![u64::MAX, 2];
+        assert_eq!(huge.row_len(), None);
+        let err = m.record_identity(1, huge.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "member `a`: replica http://s1:1 states input shape [18446744073709551615, 2], whose size overflows"
+        );
+        assert_eq!(m.digest("a"), None, "nothing pinned");
+        let err = m
+            .register("b", "http://h:1", huge.clone(), t0)
+            .value
+            .unwrap_err();
+        assert!(
+            matches!(err, MembershipError::ShapeOverflow { .. }),
+            "{err}"
+        );
+        let _ = m.record_failure(1, t0);
+        let _ = m.record_failure(1, t0);
+        let _ = m.due_probes(t0 + secs(1));
+        let events = m.probe_succeeded(1, Some(huge), t0 + secs(1));
+        assert!(
+            matches!(events.as_slice(), [Event::ProbeFailed { error, .. }] if error.contains("whose size overflows")),
+            "{events:?}"
+        );
+        assert_eq!(m.replica(1).unwrap().health, Health::OutOfRotation);
+    }
+}

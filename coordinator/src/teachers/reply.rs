@@ -1,0 +1,175 @@
+//! The check every teacher reply passes before its logits go anywhere (the soft-target
+//! combination, the cache, a worker): a replica is a third party, and one NaN in a batch's
+//! targets would fail every worker that trains on it.
+
+use distill_proto::pb::InferResponse;
+use distill_proto::{DType, HostTensor};
+
+/// Why a reply's logits were not accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BadReply {
+    /// The reply carries no logits tensor.
+    #[error("the reply has no logits")]
+    Missing,
+    /// The wire tensor is malformed (unknown dtype, length not matching its shape).
+    #[error("logits: {0}")]
+    Tensor(String),
+    /// Logits of another element type than the F32 asked for.
+    #[error("logits are {got:?}, expected F32")]
+    DType {
+        /// What the replica sent.
+        got: DType,
+    },
+    /// Logits of another shape than `[rows, classes]`.
+    #[error("logits have shape {got:?}, expected [{rows}, {classes}]")]
+    Shape {
+        /// What the replica sent.
+        got: Vec<usize>,
+        /// Rows of the request.
+        rows: usize,
+        /// Classes of the data.
+        classes: usize,
+    },
+    /// A NaN or infinite value.
+    #[error("logits hold {value} at row {row}, class {class}")]
+    NonFinite {
+        /// Row of the first such value.
+        row: usize,
+        /// Its class.
+        class: usize,
+        /// The value.
+        value: f32,
+    },
+}
+
+/// The logits of `reply` as `rows × classes` finite f32 values, row-major, or why not.
+pub fn checked_logits(
+    reply: InferResponse,
+    rows: usize,
+    classes: usize,
+) -> Result<Vec<f32>, BadReply> {
+    let InferResponse {
+        request_id: _,
+        logits,
+        model_id: _,
+    } = reply;
+    let t = HostTensor::try_from(logits.ok_or(BadReply::Missing)?)
+        .map_err(|e| BadReply::Tensor(e.to_string()))?;
+    if t.dtype() != DType::F32 {
+        return Err(BadReply::DType { got: t.dtype() });
+    }
+    if t.shape() != [rows, classes].as_slice() {
+        return Err(BadReply::Shape {
+            got: t.shape().to_vec(),
+            rows,
+            classes,
+        });
+    }
+    let v = t.to_f32_vec();
+    if let Some((i, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(BadReply::NonFinite {
+            row: i / classes.max(1),
+            class: i % classes.max(1),
+            value,
+        });
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(t: HostTensor) -> InferResponse {
+        InferResponse {
+            request_id: 7,
+            logits: Some(t.into()),
+            model_id: "m".into(),
+        }
+    }
+
+    #[test]
+    fn finite_f32_logits_of_the_asked_shape_pass_unchanged() {
+        let v = [0.5, -1.0, 2.0, 3.5, 0.0, -0.25];
+        let t = HostTensor::from_f32(vec![2, 3], &v).unwrap();
+        assert_eq!(checked_logits(reply(t), 2, 3), Ok(v.to_vec()));
+    }
+
+    #[test]
+    fn other_shapes_dtypes_and_non_finite_values_are_refused() {
+        let six = [0.0f32; 6];
+        for (shape, want) in [
+            (vec![3, 2], vec![3, 2]),
+            (vec![6], vec![6]),
+            (vec![1, 2, 3], vec![1, 2, 3]),
+            (vec![2, 3, 1], vec![2, 3, 1]),
+        ] {
+            let t = HostTensor::from_f32(shape, &six).unwrap();
+            assert_eq!(
+                checked_logits(reply(t), 2, 3),
+                Err(BadReply::Shape {
+                    got: want,
+                    rows: 2,
+                    classes: 3
+                })
+            );
+        }
+        let t = HostTensor::from_f32(vec![2, 4], &[0.0; 8]).unwrap();
+        assert_eq!(
+            checked_logits(reply(t), 2, 3).unwrap_err().to_string(),
+            "logits have shape [2, 4], expected [2, 3]"
+        );
+        let half = HostTensor::new(vec![2, 3], DType::F16, vec![0; 12]).unwrap();
+        assert_eq!(
+            checked_logits(reply(half), 2, 3),
+            Err(BadReply::DType { got: DType::F16 })
+        );
+        for (bad, shown) in [
+            (f32::NAN, "NaN"),
+            (f32::INFINITY, "inf"),
+            (f32::NEG_INFINITY, "-inf"),
+        ] {
+            let mut v = [1.0f32; 6];
+            v[4] = bad;
+            let t = HostTensor::from_f32(vec![2, 3], &v).unwrap();
+            let err = checked_logits(reply(t), 2, 3).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BadReply::NonFinite {
+                        row: 1,
+                        class: 1,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("logits hold {shown} at row 1, class 1")
+            );
+        }
+        let none = InferResponse {
+            request_id: 0,
+            logits: None,
+            model_id: String::new(),
+        };
+        assert_eq!(checked_logits(none, 2, 3), Err(BadReply::Missing));
+        let short = distill_proto::pb::Tensor {
+            shape: vec![2, 3],
+            dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+            data: vec![0u8; 5].into(),
+        };
+        let err = checked_logits(
+            InferResponse {
+                request_id: 0,
+                logits: Some(short),
+                model_id: String::new(),
+            },
+            2,
+            3,
+        )
+        .unwrap_err();
+        assert!(matches!(err, BadReply::Tensor(_)), "{err:?}");
+    }
+}
