@@ -1640,51 +1640,40 @@ pub struct ContributionHeader {
     pub wire_bytes: u64,
 }
 
-/// Encodes combined probabilities (`rows × classes`) in `encoding`, row after row.
+/// Encodes combined probabilities (`rows × classes`) in `encoding`, row after row
+/// ([`distill_core::soft_targets::encode`]).
 pub fn encode_targets(
     probs: &[f32],
     rows: usize,
     classes: usize,
     encoding: SoftTargetEncoding,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(rows * encoding.row_bytes(classes)?);
-    match encoding {
-        SoftTargetEncoding::F32 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&p.to_le_bytes())),
-        SoftTargetEncoding::F16 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&half::f16::from_f32(*p).to_le_bytes())),
-        SoftTargetEncoding::Bf16 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&half::bf16::from_f32(*p).to_le_bytes())),
-        SoftTargetEncoding::TopK(_) => {
-            let format = encoding
-                .topk_format(classes)?
-                .ok_or_else(|| Error::Internal("top-k without a format".into()))?;
-            out = distill_core::topk::encode_probs(probs, rows, &format)?;
-        }
-    }
-    Ok(out)
+    Ok(distill_core::soft_targets::encode(
+        probs, rows, classes, encoding,
+    )?)
 }
 
-/// The batch's soft-target fields for encoded rows.
+/// The batch's soft-target fields for encoded rows: a dense tensor of the encoding's element
+/// type, or the top-k message.
 pub fn target_fields(
     bytes: Vec<u8>,
     rows: usize,
     classes: usize,
     encoding: SoftTargetEncoding,
 ) -> Result<(Option<pb::Tensor>, Option<pb::TopKTargets>)> {
-    let dense = |dtype: DType| {
-        HostTensor::new(vec![rows, classes], dtype, bytes.clone())
-            .map(|t| (Some(t.into()), None))
-            .map_err(|e| Error::Internal(e.to_string()))
-    };
-    match encoding {
-        SoftTargetEncoding::F32 => dense(DType::F32),
-        SoftTargetEncoding::F16 => dense(DType::F16),
-        SoftTargetEncoding::Bf16 => dense(DType::BF16),
-        SoftTargetEncoding::TopK(k) => Ok((
+    use distill_core::elem::Float;
+    match (encoding.dense(), encoding) {
+        (Some(f), _) => {
+            let dtype = match f {
+                Float::F32 => DType::F32,
+                Float::F16 => DType::F16,
+                Float::Bf16 => DType::BF16,
+            };
+            let t = HostTensor::new(vec![rows, classes], dtype, bytes)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            Ok((Some(t.into()), None))
+        }
+        (None, SoftTargetEncoding::TopK(k)) => Ok((
             None,
             Some(pb::TopKTargets {
                 k: k as u32,
@@ -1693,6 +1682,9 @@ pub fn target_fields(
                 data: bytes,
             }),
         )),
+        (None, other) => Err(Error::Internal(format!(
+            "soft-target encoding {other} is neither dense nor top-k"
+        ))),
     }
 }
 
