@@ -61,7 +61,7 @@ impl Float {
     /// Every element of `bytes` as f32; an error when the length is not a whole number of
     /// elements.
     pub fn read_all(self, bytes: &[u8]) -> Result<Vec<f32>> {
-        if bytes.len() % self.size() != 0 {
+        if !bytes.len().is_multiple_of(self.size()) {
             return Err(Error::Input(format!(
                 "{} bytes are not a whole number of {self:?} elements ({} bytes each)",
                 bytes.len(),

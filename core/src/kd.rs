@@ -687,8 +687,13 @@ mod tests {
             e.contains("member 1 has 5 logits, expected 2 rows × 3 classes = 6"),
             "{e}"
         );
-        assert!(err(&[ok.clone()], &[1.0, 1.0]).contains("2 member weights given for 1 members"));
-        assert!(err(&[ok.clone()], &[f32::NAN]).contains("member weight 0 must be finite"));
+        assert!(
+            err(std::slice::from_ref(&ok), &[1.0, 1.0])
+                .contains("2 member weights given for 1 members")
+        );
+        assert!(
+            err(std::slice::from_ref(&ok), &[f32::NAN]).contains("member weight 0 must be finite")
+        );
         assert!(err(&[], &[]).contains("at least one member"));
     }
 

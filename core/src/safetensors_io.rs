@@ -71,7 +71,7 @@ pub(crate) fn decode_floats(dtype: StDtype, data: &[u8]) -> Option<Vec<f32>> {
         StDtype::F16 => Float::F16,
         StDtype::BF16 => Float::Bf16,
         StDtype::F64 => {
-            if data.len() % 8 != 0 {
+            if !data.len().is_multiple_of(8) {
                 return None;
             }
             return Some(

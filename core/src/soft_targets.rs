@@ -203,7 +203,7 @@ pub fn decode(bytes: &[u8], rows: usize, classes: usize, encoding: Encoding) -> 
         return Ok(Targets::TopK(crate::topk::decode(bytes, rows, &format)?));
     };
     let want = numel(rows, classes)?;
-    if classes == 0 || bytes.len() / f.size() != want || bytes.len() % f.size() != 0 {
+    if classes == 0 || want.checked_mul(f.size()) != Some(bytes.len()) {
         return Err(Error::Input(format!(
             "{} bytes for {rows} rows of {classes} {f:?} soft targets (expected {} bytes)",
             bytes.len(),
