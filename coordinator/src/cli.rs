@@ -26,7 +26,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let shutdown = distill_proto::shutdown::on_signal();
+    let shutdown = distill_shutdown::on_signal();
     let run = prepare(cfg).await?;
     println!("listening on {}", listener.local_addr()?);
     match serve(run, listener, shutdown).await? {

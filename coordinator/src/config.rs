@@ -273,85 +273,9 @@ pub enum TeacherPolicy {
     Degrade,
 }
 
-/// How soft targets travel (and are cached).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum SoftTargetEncoding {
-    /// Dense, 4 bytes per probability.
-    #[default]
-    F32,
-    /// Dense, 2 bytes per probability (11-bit significand).
-    F16,
-    /// Dense, 2 bytes per probability (8-bit significand).
-    Bf16,
-    /// The k most probable classes and the rest's log-mass (`distill_core::topk`, f16 values):
-    /// 4 + k·(2 + 2) bytes per row for up to 65,536 classes.
-    TopK(usize),
-}
-
-impl SoftTargetEncoding {
-    /// Bytes of one row of `classes` soft targets.
-    pub fn row_bytes(self, classes: usize) -> Result<usize> {
-        Ok(match self {
-            SoftTargetEncoding::F32 => 4 * classes,
-            SoftTargetEncoding::F16 | SoftTargetEncoding::Bf16 => 2 * classes,
-            SoftTargetEncoding::TopK(_) => self
-                .topk_format(classes)?
-                .map_or(0, |f| f.bytes_per_sample()),
-        })
-    }
-
-    /// The top-k format for `classes` classes (None for dense encodings).
-    pub fn topk_format(self, classes: usize) -> Result<Option<distill_core::topk::TopKFormat>> {
-        match self {
-            SoftTargetEncoding::TopK(k) => distill_core::topk::TopKFormat::new(classes, k)
-                .map(Some)
-                .map_err(|e| Error::Config(format!("`soft_targets`: {e}"))),
-            _ => Ok(None),
-        }
-    }
-}
-
-impl std::fmt::Display for SoftTargetEncoding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SoftTargetEncoding::F32 => f.write_str("f32"),
-            SoftTargetEncoding::F16 => f.write_str("f16"),
-            SoftTargetEncoding::Bf16 => f.write_str("bf16"),
-            SoftTargetEncoding::TopK(k) => write!(f, "topk:{k}"),
-        }
-    }
-}
-
-impl std::str::FromStr for SoftTargetEncoding {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(SoftTargetEncoding::F32),
-            "f16" => Ok(SoftTargetEncoding::F16),
-            "bf16" => Ok(SoftTargetEncoding::Bf16),
-            other => match other.strip_prefix("topk:").map(str::parse::<usize>) {
-                Some(Ok(k)) if k >= 1 => Ok(SoftTargetEncoding::TopK(k)),
-                _ => Err(format!(
-                    "unknown soft-target encoding `{other}` (expected f32, f16, bf16 or topk:K with K >= 1)"
-                )),
-            },
-        }
-    }
-}
-
-impl TryFrom<String> for SoftTargetEncoding {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<SoftTargetEncoding> for String {
-    fn from(e: SoftTargetEncoding) -> Self {
-        e.to_string()
-    }
-}
+/// How soft targets travel (and are cached): owned by `distill-core`, so the coordinator's
+/// encoder and the student's decoder share one definition.
+pub use distill_core::soft_targets::Encoding as SoftTargetEncoding;
 
 fn default_run_dir() -> PathBuf {
     PathBuf::from("runs/run")

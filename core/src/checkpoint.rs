@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
 use crate::fsutil::atomic_write;
 use crate::model::Model;
+use crate::safetensors_io::{decode_floats, write_safetensors};
 use crate::spec::{Arch, ModelSpec};
 use crate::{Error, Result};
 
@@ -31,7 +32,7 @@ const KEY_VERSION: &str = "distill.format_version";
 const KEY_SPEC: &str = "distill.spec";
 
 /// One parameter in host memory: `(name, shape, f32 values)`.
-pub type NamedParam = (String, Vec<usize>, Vec<f32>);
+pub use crate::safetensors_io::NamedParam;
 
 /// A checkpoint in host memory: the spec and each parameter's values in spec order.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,7 +121,7 @@ impl Checkpoint {
             KEY_SPEC.into(),
             serde_json::to_string(&self.spec).map_err(|e| Error::Input(e.to_string()))?,
         );
-        crate::optim::write_safetensors(&self.params, meta)
+        write_safetensors(&self.params, meta)
     }
 
     /// Writes the checkpoint to `path` atomically.
@@ -230,33 +231,6 @@ fn read_params(st: &SafeTensors, arch: &Arch) -> Result<Vec<NamedParam>> {
             Ok((name, shape, v))
         })
         .collect()
-}
-
-/// Little-endian float tensor data as f32 (F32, F16, BF16 or F64; None for other dtypes).
-pub(crate) fn decode_floats(dtype: StDtype, data: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        StDtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        StDtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        StDtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        StDtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                f64::from_le_bytes(a) as f32
-            })
-            .collect(),
-        _ => return None,
-    })
 }
 
 /// Loads a checkpoint file and builds its model on `device`.
@@ -377,7 +351,7 @@ mod tests {
             .map(|((n, s), d)| {
                 (
                     n.to_string(),
-                    TensorView::new(StDtype::F32, s.clone(), d).unwrap(),
+                    TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
                 )
             })
             .collect();

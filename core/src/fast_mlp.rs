@@ -1,4 +1,4 @@
-//! A fast training step for MLPs on the CPU in f32 (issue 7): forward, backward and update
+//! A fast training step for MLPs on the CPU in f32: forward, backward and update
 //! without candle's autograd graph.
 //!
 //! [`crate::train::train_step`] calls [`train_step`] first; it returns `None` (and the step runs
@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::model::TrainableModel;
 use crate::optim::Optimizer;
-use crate::train::{Batch, Objective, StepOutput, check_loss, count_correct};
+use crate::step::{Batch, Objective, StepOutput, check_loss, count_correct};
 use crate::{Error, Result};
 
 /// One training step on the fast path, or `None` when it does not apply (see the module docs).
@@ -339,7 +339,7 @@ mod tests {
     use crate::model::Precision;
     use crate::optim::OptimConfig;
     use crate::spec::{Arch, ModelSpec};
-    use crate::train::{CrossEntropy, step_rng, train_step_autograd};
+    use crate::step::{CrossEntropy, step_rng, train_step_autograd};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());

@@ -178,6 +178,114 @@ pub fn combine(members: &[Tensor], weights: &[f32], mode: Combine) -> Result<Ten
     }
 }
 
+/// [`combine`] on plain host slices, for callers that hold logits as bytes or vectors (the
+/// coordinator) and need probabilities back on the host: no candle tensors, one pass per row.
+/// Each member holds `rows × classes` tempered logits, row-major; `weights` as for [`combine`].
+///
+/// Numerics: every softmax subtracts the row maximum before `exp`, and the sums and the weighted
+/// means are taken in f64, so the result is at least as accurate as [`combine`]'s f32 ops (the
+/// tests hold them within 1e-6 of each other). Errors, never NaN: no members, a member of another
+/// length than `rows × classes`, `classes == 0`, a weight that is not finite and > 0, or a logit
+/// that is not finite (the message names the member, row and class).
+///
+/// # Shapes
+/// `members`: M × `rows·classes`, `weights`: `[M]` → `rows·classes` f32 probabilities.
+pub fn combine_host<M: AsRef<[f32]>>(
+    members: &[M],
+    rows: usize,
+    classes: usize,
+    weights: &[f32],
+    mode: Combine,
+) -> Result<Vec<f32>> {
+    if members.is_empty() {
+        return Err(Error::Input("an ensemble needs at least one member".into()));
+    }
+    if weights.len() != members.len() {
+        return Err(Error::Input(format!(
+            "{} member weights given for {} members",
+            weights.len(),
+            members.len()
+        )));
+    }
+    if let Some((i, w)) = weights
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(w.is_finite() && **w > 0.0))
+    {
+        return Err(Error::Input(format!(
+            "member weight {i} must be finite and > 0, got {w}"
+        )));
+    }
+    if classes == 0 {
+        return Err(Error::Input(
+            "member logits must have at least one class".into(),
+        ));
+    }
+    let want = rows
+        .checked_mul(classes)
+        .ok_or_else(|| Error::Input(format!("{rows} rows of {classes} classes is too many")))?;
+    for (i, m) in members.iter().enumerate() {
+        let m = m.as_ref();
+        if m.len() != want {
+            return Err(Error::Input(format!(
+                "member {i} has {} logits, expected {rows} rows × {classes} classes = {want}",
+                m.len()
+            )));
+        }
+        if let Some(j) = m.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "member {i} logit at row {}, class {} is {}; logits must be finite",
+                j / classes,
+                j % classes,
+                m[j]
+            )));
+        }
+    }
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let share: Vec<f64> = weights.iter().map(|&w| f64::from(w) / total).collect();
+    let mut out = Vec::with_capacity(want);
+    let mut acc = vec![0f64; classes]; // the row's weighted mean (of probabilities or logits)
+    let mut buf = vec![0f64; classes];
+    for r in 0..rows {
+        let span = r * classes..(r + 1) * classes;
+        acc.fill(0.0);
+        for (m, &w) in members.iter().zip(&share) {
+            let row = &m.as_ref()[span.clone()];
+            match mode {
+                Combine::MeanProb => {
+                    buf.iter_mut()
+                        .zip(row)
+                        .for_each(|(b, &z)| *b = f64::from(z));
+                    softmax_in_place(&mut buf);
+                    acc.iter_mut().zip(&buf).for_each(|(a, p)| *a += w * p);
+                }
+                Combine::MeanLogit => {
+                    acc.iter_mut()
+                        .zip(row)
+                        .for_each(|(a, &z)| *a += w * f64::from(z));
+                }
+            }
+        }
+        if mode == Combine::MeanLogit {
+            softmax_in_place(&mut acc);
+        }
+        out.extend(acc.iter().map(|&p| p as f32));
+    }
+    Ok(out)
+}
+
+/// Softmax of one row of finite values, in place, with the maximum subtracted first so no `exp`
+/// overflows (the largest term is exactly 1, so the sum is ≥ 1 and the division is safe).
+fn softmax_in_place(row: &mut [f64]) {
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for z in row.iter_mut() {
+        *z = (*z - max).exp();
+        sum += *z;
+    }
+    row.iter_mut().for_each(|z| *z /= sum);
+}
+
 /// The student's loss and its parts, each a scalar f32 tensor.
 #[derive(Debug, Clone)]
 pub struct KdLoss {
@@ -293,7 +401,7 @@ fn hard_term(s: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok(picked.mean(0)?.neg()?)
 }
 
-/// [`kd_loss`] on the CPU (issue 7): `total` and `soft` come from ONE op over `(s, p)` that
+/// [`kd_loss`] on the CPU: `total` and `soft` come from ONE op over `(s, p)` that
 /// computes each row's two log-softmaxes, both terms and, backward, their gradient in one pass
 /// (sums in f64), where the op-by-op version runs about 20 tensor ops forward and 30 backward.
 /// `hard` (a metric; the total already holds it) stays the op-by-op value, so it is the same
@@ -373,8 +481,8 @@ impl CustomOp2 for KdFused {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (s, p) = (
-            crate::model::f32_slice(s1, l1, self.name())?,
-            crate::model::f32_slice(s2, l2, self.name())?,
+            crate::tensor::f32_slice(s1, l1, self.name())?,
+            crate::tensor::f32_slice(s2, l2, self.name())?,
         );
         let (n, c) = l1.shape().dims2()?;
         if l2.shape() != l1.shape() || self.labels.as_ref().is_some_and(|y| y.len() != n) {
@@ -438,8 +546,8 @@ impl CustomOp2 for KdFusedGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (s, p) = (
-            crate::model::f32_slice(s1, l1, self.name())?,
-            crate::model::f32_slice(s2, l2, self.name())?,
+            crate::tensor::f32_slice(s1, l1, self.name())?,
+            crate::tensor::f32_slice(s2, l2, self.name())?,
         );
         let (n, c) = l1.shape().dims2()?;
         let lo = &self.loss;
@@ -495,6 +603,99 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
+
+    #[test]
+    fn host_combine_agrees_with_the_tensor_combine() {
+        // Deterministic logits with a wide range (up to ±40 nats, so exp would overflow f32
+        // without the max shift at T = 1/4 scale), three members, unequal weights.
+        let (rows, classes) = (7, 13);
+        let member = |m: usize| -> Vec<f32> {
+            (0..rows * classes)
+                .map(|i| (((i * 7 + m * 31) % 23) as f32 - 11.0) * (1.0 + m as f32) * 1.2)
+                .collect()
+        };
+        let members: Vec<Vec<f32>> = (0..3).map(member).collect();
+        for weights in [vec![1.0, 1.0, 1.0], vec![0.5, 2.0, 0.25]] {
+            for mode in [Combine::MeanProb, Combine::MeanLogit] {
+                let host = combine_host(&members, rows, classes, &weights, mode).unwrap();
+                let tensors: Vec<Tensor> = members
+                    .iter()
+                    .map(|z| Tensor::from_slice(z, (rows, classes), &Device::Cpu).unwrap())
+                    .collect();
+                let dense = combine(&tensors, &weights, mode)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(host.len(), dense.len());
+                let worst = host
+                    .iter()
+                    .zip(&dense)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // Tolerance: f32 rounding of candle's op-by-op path on probabilities ≤ 1.
+                assert!(worst <= 1e-6, "{mode} {weights:?}: max |Δ| {worst}");
+                for row in host.chunks_exact(classes) {
+                    let sum: f32 = row.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-5, "{sum}");
+                }
+            }
+        }
+        // A subset with the members as slices.
+        let subset: Vec<&[f32]> = vec![&members[0], &members[2]];
+        let p = combine_host(&subset, rows, classes, &[1.0, 3.0], Combine::MeanProb).unwrap();
+        assert_eq!(p.len(), rows * classes);
+    }
+
+    #[test]
+    fn host_combine_pins_a_small_case() {
+        // By hand: softmax([0, ln 3]) = [1/4, 3/4]; softmax([ln 3, 0]) = [3/4, 1/4].
+        let a = [0.0, 3f32.ln()];
+        let b = [3f32.ln(), 0.0];
+        let p = combine_host(&[&a[..], &b[..]], 1, 2, &[1.0, 3.0], Combine::MeanProb).unwrap();
+        // 1/4·[1/4, 3/4] + 3/4·[3/4, 1/4] = [10/16, 6/16].
+        assert!(
+            (p[0] - 0.625).abs() < 1e-7 && (p[1] - 0.375).abs() < 1e-7,
+            "{p:?}"
+        );
+        let p = combine_host(&[&a[..], &b[..]], 1, 2, &[1.0, 1.0], Combine::MeanLogit).unwrap();
+        assert_eq!(p, vec![0.5, 0.5]);
+        // Huge logits stay finite: softmax([1e30, 0]) = [1, 0].
+        let big = [1e30f32, 0.0];
+        let p = combine_host(&[&big[..]], 1, 2, &[1.0], Combine::MeanLogit).unwrap();
+        assert_eq!(p, vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn host_combine_refuses_bad_input_instead_of_nan() {
+        let ok = vec![0.0f32; 6];
+        let err = |members: &[Vec<f32>], w: &[f32]| {
+            combine_host(members, 2, 3, w, Combine::MeanProb)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut nan = ok.clone();
+        nan[4] = f32::NAN;
+        let e = err(&[ok.clone(), nan], &[1.0, 1.0]);
+        assert!(e.contains("member 1 logit at row 1, class 1 is NaN"), "{e}");
+        let mut inf = ok.clone();
+        inf[0] = f32::INFINITY;
+        assert!(err(&[inf], &[1.0]).contains("member 0 logit at row 0, class 0 is inf"));
+        let e = err(&[ok.clone(), vec![0.0; 5]], &[1.0, 1.0]);
+        assert!(
+            e.contains("member 1 has 5 logits, expected 2 rows × 3 classes = 6"),
+            "{e}"
+        );
+        assert!(
+            err(std::slice::from_ref(&ok), &[1.0, 1.0])
+                .contains("2 member weights given for 1 members")
+        );
+        assert!(
+            err(std::slice::from_ref(&ok), &[f32::NAN]).contains("member weight 0 must be finite")
+        );
+        assert!(err(&[], &[]).contains("at least one member"));
+    }
 
     // Independent references in plain f64 loops (no candle ops).
 

@@ -3,8 +3,10 @@
 //! (shape, dtype, little-endian bytes) and a candle tensor. No gRPC, no async.
 
 pub mod checkpoint;
+mod conv;
 pub mod data;
 pub mod device;
+pub mod elem;
 pub mod error;
 pub mod eval;
 pub mod fast_mlp;
@@ -13,9 +15,12 @@ pub mod kd;
 pub mod logging;
 pub mod model;
 pub mod optim;
+pub mod safetensors_io;
 pub mod settings;
+pub mod soft_targets;
 pub mod spec;
 pub mod speed;
+pub mod step;
 pub mod tensor;
 pub mod topk;
 pub mod train;

@@ -1,4 +1,4 @@
-//! Measuring the training step's throughput (issue 7): [`measure_steps`] times full steps of
+//! Measuring the training step's throughput: [`measure_steps`] times full steps of
 //! [`train_step`] (forward, loss, backward, update) on random data, as `distill bench` and the
 //! `train_speed` bench report it, to be set beside PyTorch's figure for the same network
 //! (`shared/bench/torch_kd.py`).
@@ -46,7 +46,8 @@ pub enum StepPath {
     /// [`train_step`]: the fast MLP path where it applies (CPU, f32), else autograd.
     #[default]
     Default,
-    /// [`train_step_autograd`]: candle's autograd for every model (the path before issue 7).
+    /// [`train_step_autograd`]: candle's autograd for every model (the reference the fast path
+    /// is checked against).
     Autograd,
 }
 

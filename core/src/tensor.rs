@@ -1,9 +1,24 @@
 //! The step between a plain host tensor (shape, dtype, little-endian bytes — what
 //! `distill-proto` puts on the wire) and a candle tensor.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 
 use crate::{Error, Result};
+
+/// The contiguous f32 data of a CPU tensor argument.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
 
 fn le_chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
     bytes.chunks_exact(N).map(|c| {
@@ -20,11 +35,14 @@ pub fn from_le_bytes(
     bytes: &[u8],
     device: &Device,
 ) -> Result<Tensor> {
-    let numel: usize = shape.iter().product();
-    if numel * dtype.size_in_bytes() != bytes.len() {
+    // Checked: the shape may come from outside, and its product may not fit a usize.
+    let need = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::Input(format!("shape {shape:?} of {dtype:?} is too large")))?;
+    if need != bytes.len() {
         return Err(Error::Input(format!(
-            "shape {shape:?} of {dtype:?} needs {} bytes, got {}",
-            numel * dtype.size_in_bytes(),
+            "shape {shape:?} of {dtype:?} needs {need} bytes, got {}",
             bytes.len()
         )));
     }

@@ -1,5 +1,5 @@
 //! Compact soft targets: the **top-k encoding** of a tempered distribution and the KD loss written
-//! for it (issue 7, item 4).
+//! for it.
 //!
 //! A dense soft target costs `4·C` bytes per sample in f32 (`2·C` in f16/bf16); for C = 32,000
 //! classes that is 128,000 bytes. The top-k encoding keeps, per row, the k most probable classes
@@ -72,15 +72,14 @@
 //!   target against the exact teacher distribution) depends on how much mass the teacher puts
 //!   outside its top k and how far that mass is from uniform; [`loss_gap`] measures it for given
 //!   logits (and reports the rest's mean mass) so that benchmarks can state it.
-//! - Dense f16 soft targets already exist on the wire (`coordinator::config::SoftTargetEncoding::F16`,
-//!   carried by `distill_proto::HostTensor` with `DType::F16`; `HostTensor` also carries BF16), so
-//!   this module adds no dense encoder; [`dense_bytes_per_sample`] gives their size for
-//!   comparisons.
+//! - Dense soft targets (f32, f16, bf16) are [`crate::soft_targets`]'s; this module adds no dense
+//!   encoder, and [`dense_bytes_per_sample`] gives their size for comparisons.
 
 use candle_core::{D, DType, Tensor, Var};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
+use crate::elem::Float;
 use crate::kd::{self, KdLoss, check_temperature, checked_labels, tempered_log_softmax};
 use crate::{Error, Result};
 
@@ -165,20 +164,28 @@ impl ValueDtype {
         }
     }
 
-    /// The value as stored, after clamping to the most negative finite value of the dtype.
-    fn to_bytes(self, d: f32) -> [u8; 2] {
+    /// The element format of the values.
+    fn float(self) -> Float {
         match self {
-            ValueDtype::F16 => f16::from_f32(d.max(f16::MIN.to_f32())).to_le_bytes(),
-            ValueDtype::Bf16 => bf16::from_f32(d.max(bf16::MIN.to_f32())).to_le_bytes(),
+            ValueDtype::F16 => Float::F16,
+            ValueDtype::Bf16 => Float::Bf16,
         }
+    }
+
+    /// Appends the value as stored, after clamping to the most negative finite value of the
+    /// dtype (so a very unlikely class stays finite: its probability is 0 either way).
+    fn write(self, d: f32, out: &mut Vec<u8>) {
+        let min = match self {
+            ValueDtype::F16 => f16::MIN.to_f32(),
+            ValueDtype::Bf16 => bf16::MIN.to_f32(),
+        };
+        self.float().write(d.max(min), out);
     }
 
     /// Reads one value from a chunk of exactly 2 bytes.
     fn read(self, b: &[u8]) -> f32 {
-        match self {
-            ValueDtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-            ValueDtype::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        }
+        // Callers pass `chunks_exact(2)`, so the length always matches.
+        self.float().read(b).unwrap_or(f32::NAN)
     }
 }
 
@@ -372,7 +379,7 @@ fn encode_row(
     }
     for &i in top.iter() {
         let d = (f64::from(row[i as usize]) - m) as f32;
-        out.extend_from_slice(&format.value.to_bytes(d));
+        format.value.write(d, out);
     }
     Ok(())
 }

@@ -7,7 +7,6 @@
 use bytes::Bytes;
 
 pub mod params;
-pub mod shutdown;
 
 /// Generated protobuf messages and gRPC stubs for package `distill.v1`.
 pub mod pb {
@@ -37,6 +36,9 @@ pub enum Error {
     /// A required tensor field was missing.
     #[error("missing tensor `{0}`")]
     Missing(&'static str),
+    /// A float tensor was asked for in an integer dtype.
+    #[error("{0:?} is not a float dtype (expected F32, F16 or BF16)")]
+    NotFloat(DType),
     /// A parameter chunk does not fit the parameter set being assembled.
     #[error("parameters: {0}")]
     Params(String),
@@ -131,11 +133,28 @@ impl HostTensor {
 
     /// An f32 tensor from values (little-endian encoded).
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Self> {
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
+        Self::from_f32_as(shape, values, DType::F32)
+    }
+
+    /// A float tensor of `dtype` (F32, F16 or BF16) from f32 values, rounded to nearest even.
+    /// With [`HostTensor::to_f32_vec`] this is the one f32 ↔ f16/bf16 conversion on the wire
+    /// side (`distill-core` has its own, `distill_core::elem`, as the crates do not depend on each
+    /// other; both are `half`'s, so they agree bit for bit).
+    pub fn from_f32_as(shape: Vec<usize>, values: &[f32], dtype: DType) -> Result<Self> {
+        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+        match dtype {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            DType::U8 | DType::I64 => return Err(Error::NotFloat(dtype)),
         }
-        Self::new(shape, DType::F32, bytes)
+        Self::new(shape, dtype, bytes)
     }
 
     /// Dimensions, outermost first.
@@ -209,18 +228,27 @@ impl HostTensor {
     }
 }
 
+/// The element count of `shape`, checked against overflow and [`MAX_ELEMENTS`] at every
+/// dimension: a zero dimension makes the count 0, but every other dimension must still be at most
+/// [`MAX_ELEMENTS`] and so must the product of the nonzero ones, so callers may multiply any
+/// subset of the dimensions (a row length `shape[1..]`, say) without overflow.
 fn checked_numel(shape: &[u64]) -> Result<u64> {
-    let mut n: u64 = 1;
-    for &d in shape {
-        n = n
+    let too_large = || Error::TooLarge {
+        shape: shape.to_vec(),
+        limit: MAX_ELEMENTS,
+    };
+    let mut nonzero: u64 = 1;
+    for &d in shape.iter().filter(|&&d| d != 0) {
+        nonzero = nonzero
             .checked_mul(d)
             .filter(|&n| n <= MAX_ELEMENTS)
-            .ok_or_else(|| Error::TooLarge {
-                shape: shape.to_vec(),
-                limit: MAX_ELEMENTS,
-            })?;
+            .ok_or_else(too_large)?;
     }
-    Ok(n)
+    if shape.contains(&0) {
+        Ok(0)
+    } else {
+        Ok(nonzero)
+    }
 }
 
 impl TryFrom<pb::Tensor> for HostTensor {
@@ -317,6 +345,51 @@ mod tests {
             HostTensor::try_from(huge).unwrap_err(),
             Error::TooLarge { .. }
         ));
+    }
+
+    #[test]
+    fn a_zero_dimension_does_not_hide_huge_ones() {
+        // 0 rows of 2^63 × 4 values: no bytes, but a receiver computing the row length
+        // (`shape[1..].product()`) overflows. Every dimension counts against the limit.
+        for shape in [
+            vec![0, 1 << 63, 4],
+            vec![0, u64::MAX],
+            vec![1 << 30, 0, 1 << 30, 1 << 30],
+        ] {
+            let t = pb::Tensor {
+                shape: shape.clone(),
+                dtype: pb::DType::DtypeU8 as i32,
+                data: Bytes::new(),
+            };
+            let e = HostTensor::try_from(t).unwrap_err();
+            assert!(matches!(e, Error::TooLarge { .. }), "{shape:?}: {e}");
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            assert!(HostTensor::new(shape, DType::U8, Vec::new()).is_err());
+        }
+        // Zero dimensions with small ones are fine and hold no elements.
+        let t = HostTensor::new(vec![0, 3, 4], DType::F32, Vec::new()).unwrap();
+        assert_eq!(t.numel(), 0);
+        assert_eq!(
+            HostTensor::new(vec![1 << 20, 1 << 20], DType::U8, Vec::new()).unwrap_err(),
+            Error::BadLength {
+                shape: vec![1 << 20, 1 << 20],
+                dtype: DType::U8,
+                expected: 1 << 40,
+                got: 0
+            }
+        );
+    }
+
+    #[test]
+    fn float_encoding_rounds_like_half_and_refuses_integers() {
+        let t = HostTensor::from_f32_as(vec![2], &[1.0 / 3.0, -2.0], DType::F16).unwrap();
+        assert_eq!(t.data().as_ref(), &[0x55, 0x35, 0x00, 0xc0]);
+        let t = HostTensor::from_f32_as(vec![1], &[1.0 / 3.0], DType::BF16).unwrap();
+        assert_eq!(t.data().as_ref(), &[0xab, 0x3e]);
+        assert_eq!(
+            HostTensor::from_f32_as(vec![1], &[1.0], DType::U8).unwrap_err(),
+            Error::NotFloat(DType::U8)
+        );
     }
 
     #[test]

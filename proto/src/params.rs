@@ -19,24 +19,12 @@ fn bad(msg: String) -> Error {
 
 /// Encodes f32 values as a 1-D tensor of `dtype` (F32, F16 or BF16).
 pub fn encode_values(values: &[f32], dtype: DType) -> Result<HostTensor> {
-    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-    match dtype {
-        DType::F32 => values
-            .iter()
-            .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values
-            .iter()
-            .for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values
-            .iter()
-            .for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-        other => {
-            return Err(bad(format!(
-                "parameters travel as F32, F16 or BF16, not {other:?}"
-            )));
-        }
-    }
-    HostTensor::new(vec![values.len()], dtype, bytes)
+    HostTensor::from_f32_as(vec![values.len()], values, dtype).map_err(|e| match e {
+        Error::NotFloat(other) => bad(format!(
+            "parameters travel as F32, F16 or BF16, not {other:?}"
+        )),
+        e => e,
+    })
 }
 
 /// Splits `params` into groups of chunks, each group holding at most `chunk_bytes` of values

@@ -77,7 +77,7 @@ async fn async_main(args: Args) -> ExitCode {
         max_message_bytes: args.max_message_mb << 20,
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
     };
-    let shutdown = distill_proto::shutdown::on_signal();
+    let shutdown = distill_shutdown::on_signal();
     match run(cfg, shutdown).await {
         Ok(r) => {
             let pct = 100.0 * r.test_errors as f64 / r.test_total.max(1) as f64;

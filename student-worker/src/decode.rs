@@ -11,13 +11,14 @@
 //! - A training batch's `temperature` must equal the run's T (to f32 precision): soft targets
 //!   at another T would silently train the wrong objective.
 
+use distill_core::soft_targets::Encoding;
 use distill_proto::pb;
 use distill_proto::{DType, HostTensor};
 
 use crate::{Error, Result};
 
-/// Largest accepted `|Σ_c p_c − 1|` of a soft-target row.
-pub const ROW_SUM_TOLERANCE: f32 = 1e-2;
+/// Largest accepted `|Σ_c p_c − 1|` of a soft-target row (the decoder is `distill-core`'s).
+pub use distill_core::soft_targets::ROW_SUM_TOLERANCE;
 
 /// What every batch of a run must look like (from `JoinResponse` and the student settings).
 #[derive(Debug, Clone, PartialEq)]
@@ -51,15 +52,8 @@ pub struct TrainData {
     pub rows: usize,
 }
 
-/// A batch's soft targets, as they came.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Targets {
-    /// Row-major `rows × classes` probabilities.
-    Dense(Vec<f32>),
-    /// The top-k encoding (`distill_core::topk`): the k most probable classes per row and the
-    /// rest's mass, spread uniformly.
-    TopK(distill_core::topk::SparseTargets),
-}
+/// A batch's soft targets, as they came: dense probabilities or the top-k encoding.
+pub use distill_core::soft_targets::Targets;
 
 /// A decoded evaluation batch in host memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,8 +175,8 @@ fn decode_inputs(
         ));
     }
     let x = match t.dtype() {
-        // `v as f32 / 255.0`: bit-identical to the data module's table.
-        DType::U8 => t.data().iter().map(|&v| f32::from(v) / 255.0).collect(),
+        // The one pixel scaling of distill, so teacher and student see the same inputs.
+        DType::U8 => distill_core::data::pixels_to_f32(t.data()),
         DType::F32 => {
             if let Some(i) = t.first_non_finite() {
                 return Err(format!("`inputs` element {i} is not finite"));
@@ -266,40 +260,27 @@ fn decode_soft_targets(
     classes: usize,
 ) -> std::result::Result<Vec<f32>, String> {
     let t = host(t, "soft_targets")?;
-    if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        return Err(format!(
-            "`soft_targets` must be F32, F16 or BF16, got {:?}",
-            t.dtype()
-        ));
-    }
+    let encoding = match t.dtype() {
+        DType::F32 => Encoding::F32,
+        DType::F16 => Encoding::F16,
+        DType::BF16 => Encoding::Bf16,
+        other => {
+            return Err(format!(
+                "`soft_targets` must be F32, F16 or BF16, got {other:?}"
+            ));
+        }
+    };
     if t.shape() != [rows, classes] {
         return Err(format!(
             "`soft_targets` has shape {:?}, expected [{rows}, {classes}]",
             t.shape()
         ));
     }
-    if let Some(i) = t.first_non_finite() {
-        return Err(format!(
-            "`soft_targets` element {i} (row {}, class {}) is not finite",
-            i / classes,
-            i % classes
-        ));
+    match distill_core::soft_targets::decode(t.data(), rows, classes, encoding) {
+        Ok(Targets::Dense(p)) => Ok(p),
+        Ok(Targets::TopK(_)) => Err("`soft_targets` decoded as top-k; expected dense".into()),
+        Err(e) => Err(format!("`soft_targets` {e}")),
     }
-    let p = t.to_f32_vec();
-    for (r, row) in p.chunks_exact(classes).enumerate() {
-        if let Some((c, v)) = row.iter().enumerate().find(|(_, v)| **v < 0.0) {
-            return Err(format!(
-                "`soft_targets` row {r} class {c} is {v}; probabilities are >= 0"
-            ));
-        }
-        let sum: f32 = row.iter().sum();
-        if (sum - 1.0).abs() > ROW_SUM_TOLERANCE {
-            return Err(format!(
-                "`soft_targets` row {r} sums to {sum}; a probability row sums to 1"
-            ));
-        }
-    }
-    Ok(p)
 }
 
 #[cfg(test)]

@@ -150,6 +150,29 @@ fn compute_loop(
     }
 }
 
+/// `z / t` for one request's logits, refusing any result that is not finite: a NaN or infinite
+/// logit from the model is our failure (`Compute`), a finite one that overflows at this `t` is
+/// the request's (`InvalidArgument`: T too small), so no client ever receives a non-finite logit.
+fn temper(z: &[f32], t: f32, classes: usize) -> Result<Vec<f32>> {
+    let at = |i: usize| format!("row {}, class {}", i / classes, i % classes);
+    if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Compute(format!(
+            "the model produced a non-finite logit ({}) at {}",
+            z[i],
+            at(i)
+        )));
+    }
+    let out: Vec<f32> = z.iter().map(|v| v / t).collect();
+    match out.iter().position(|v| !v.is_finite()) {
+        None => Ok(out),
+        Some(i) => Err(Error::InvalidArgument(format!(
+            "temperature {t} is too small: logit {} at {} divided by it overflows f32",
+            z[i],
+            at(i)
+        ))),
+    }
+}
+
 fn run_batch(model: &Model, mut jobs: Vec<Job>, rows: usize, simulate_latency: Duration) {
     let started = Instant::now();
     let width = model.spec().arch.input_size();
@@ -187,9 +210,8 @@ fn run_batch(model: &Model, mut jobs: Vec<Job>, rows: usize, simulate_latency: D
             for j in jobs {
                 let part = &logits[offset * classes..(offset + j.rows) * classes];
                 offset += j.rows;
-                let t = j.temperature;
                 // The receiver may have gone (client cancelled): nothing to do then.
-                let _ = j.reply.send(Ok(part.iter().map(|z| z / t).collect()));
+                let _ = j.reply.send(temper(part, j.temperature, classes));
             }
         }
         Err(e) => {

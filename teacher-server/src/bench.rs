@@ -12,17 +12,23 @@ use distill_proto::{DType, HostTensor};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Error, Result};
 use crate::{ServeOptions, build_service, serve};
+
+/// A failure of the measuring client (not of the server under test).
+fn client_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Client(format!("{what}: {e}"))
+}
 
 /// Rows per second of the in-process forward pass at `batch` rows, for `secs` seconds (input
 /// tensor built, forward, logits copied out: the server's work without gRPC).
-pub fn in_process(ck: &Checkpoint, batch: usize, secs: f64) -> anyhow::Result<f64> {
+pub fn in_process(ck: &Checkpoint, batch: usize, secs: f64) -> Result<f64> {
     let m = ck.to_model(&Device::Cpu)?;
     let width = ck.spec.arch.input_size();
     let x: Vec<f32> = (0..batch * width)
-        .map(|i| (i % 255) as f32 / 255.0)
+        .map(|i| distill_core::data::pixel_to_f32((i % 255) as u8))
         .collect();
-    let run = || -> anyhow::Result<()> {
+    let run = || -> distill_core::Result<()> {
         // Same work as the server: build the input tensor, forward, copy the logits out.
         let xt = Tensor::from_slice(&x, (batch, width), &Device::Cpu)?;
         let _ = m.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
@@ -46,14 +52,18 @@ pub async fn served(
     secs: f64,
     depth: usize,
     dtype: DType,
-) -> anyhow::Result<f64> {
+) -> Result<f64> {
     let opts = ServeOptions {
         max_batch: batch.max(1024),
         ..Default::default()
     };
     let service = build_service(ck, &Device::Cpu, &opts)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| client_err("binding 127.0.0.1:0", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| client_err("the listener's address", e))?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(
         service,
@@ -73,18 +83,21 @@ pub async fn served(
             (0..batch * width)
                 .map(|i| (i % 255) as u8)
                 .collect::<Vec<_>>(),
-        )?,
+        )
+        .map_err(|e| client_err("inputs", e))?,
         _ => HostTensor::from_f32(
             vec![batch, width],
             &(0..batch * width)
-                .map(|i| (i % 255) as f32 / 255.0)
+                .map(|i| distill_core::data::pixel_to_f32((i % 255) as u8))
                 .collect::<Vec<_>>(),
-        )?,
+        )
+        .map_err(|e| client_err("inputs", e))?,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<InferRequest>(depth);
     let mut replies = client
         .infer_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
+        .await
+        .map_err(|e| client_err("InferStream", e))?
         .into_inner();
     let make = |id: u64| InferRequest {
         request_id: id,
@@ -95,7 +108,9 @@ pub async fn served(
     // Warm up, then keep `depth` requests in flight until the time is up.
     let mut next_id = 0u64;
     for _ in 0..depth {
-        tx.send(make(next_id)).await?;
+        tx.send(make(next_id))
+            .await
+            .map_err(|e| client_err("sending a request", e))?;
         next_id += 1;
     }
     let mut done = 0u64;
@@ -103,9 +118,9 @@ pub async fn served(
     let mut counted = 0u64;
     let deadline = Duration::from_secs_f64(secs);
     while let Some(msg) = replies.next().await {
-        match msg?.result {
+        match msg.map_err(|e| client_err("InferStream reply", e))?.result {
             Some(infer_stream_response::Result::Response(_)) => {}
-            other => anyhow::bail!("bad reply {other:?}"),
+            other => return Err(client_err("InferStream reply", format!("{other:?}"))),
         }
         done += 1;
         if done == depth as u64 {
@@ -114,7 +129,9 @@ pub async fn served(
             counted += 1;
         }
         if start.elapsed() < deadline || done <= depth as u64 {
-            tx.send(make(next_id)).await?;
+            tx.send(make(next_id))
+                .await
+                .map_err(|e| client_err("sending a request", e))?;
             next_id += 1;
         } else if done == next_id {
             break;
@@ -123,6 +140,6 @@ pub async fn served(
     let rate = (counted as usize * batch) as f64 / start.elapsed().as_secs_f64();
     drop(tx);
     shutdown.cancel();
-    task.await??;
+    task.await.map_err(|e| client_err("the server task", e))??;
     Ok(rate)
 }

@@ -68,7 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     println!("listening on {local}");
-    let shutdown = distill_proto::shutdown::on_signal();
+    let shutdown = distill_shutdown::on_signal();
     let registrar = match args.register {
         Some(coordinator) => {
             let advertise = args.advertise.unwrap_or_else(|| local.to_string());

@@ -18,6 +18,9 @@ pub enum Error {
     /// The model could not be loaded.
     #[error(transparent)]
     Load(#[from] distill_core::Error),
+    /// The in-process throughput measurement's own client failed ([`crate::bench`]).
+    #[error("benchmark client: {0}")]
+    Client(String),
     /// Binding or serving failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -33,7 +36,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::Overloaded(_) => tonic::Status::resource_exhausted(msg),
             Error::ShuttingDown => tonic::Status::unavailable(msg),
-            Error::Compute(_) | Error::Load(_) | Error::Transport(_) => {
+            Error::Compute(_) | Error::Load(_) | Error::Transport(_) | Error::Client(_) => {
                 tonic::Status::internal(msg)
             }
         }

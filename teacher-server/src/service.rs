@@ -88,7 +88,8 @@ impl TeacherService {
         self.max_inflight - self.inflight.available_permits()
     }
 
-    /// Checks a request and decodes its inputs to f32 rows (pixels of U8 inputs / 255).
+    /// Checks a request and decodes its inputs to f32 rows (U8 pixels through
+    /// [`distill_core::data::pixels_to_f32`]).
     pub fn validate(&self, req: InferRequest) -> Result<Validated> {
         let InferRequest {
             request_id,
@@ -132,27 +133,28 @@ impl TeacherService {
                 self.info.max_batch
             )));
         }
-        let scale = match x.dtype() {
+        let values = match x.dtype() {
             DType::I64 => {
                 return Err(bad(
                     "inputs of dtype I64 are not supported (expected F32, F16, BF16 or U8)".into(),
                 ));
             }
-            DType::U8 => 1.0 / 255.0,
-            _ => 1.0,
+            // The one pixel scaling of distill: the student trains on exactly these values.
+            DType::U8 => distill_core::data::pixels_to_f32(x.data()),
+            DType::F32 | DType::F16 | DType::BF16 => {
+                // One decode pass, then a scan of plain f32s (a non-finite f16/bf16 stays
+                // non-finite).
+                let values = x.to_f32_vec();
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(bad(format!(
+                        "inputs hold a non-finite value at row {}, column {}",
+                        i / row_len,
+                        i % row_len
+                    )));
+                }
+                values
+            }
         };
-        // One decode pass, then a scan of plain f32s (a non-finite f16/bf16 stays non-finite).
-        let mut values = x.to_f32_vec();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!(
-                "inputs hold a non-finite value at row {}, column {}",
-                i / row_len,
-                i % row_len
-            )));
-        }
-        if scale != 1.0 {
-            values.iter_mut().for_each(|v| *v *= scale);
-        }
         let (reply, rx) = oneshot::channel();
         Ok(Validated {
             job: Job {
@@ -184,7 +186,7 @@ impl TeacherService {
         let rows = job.rows;
         self.batcher.submit(job)?;
         let logits = rx.await.map_err(|_| Error::ShuttingDown)??;
-        let tensor = encode_logits(&logits, rows, self.info.classes, out_dtype);
+        let tensor = encode_logits(&logits, rows, self.info.classes, out_dtype)?;
         Ok(InferResponse {
             request_id,
             logits: Some(tensor.into()),
@@ -193,24 +195,20 @@ impl TeacherService {
     }
 }
 
-/// Encodes `rows × classes` f32 logits in the requested float dtype.
-fn encode_logits(v: &[f32], rows: usize, classes: usize, dtype: DType) -> HostTensor {
-    let bytes: Vec<u8> = match dtype {
-        DType::F16 => v
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        DType::BF16 => v
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    };
-    let dtype = if dtype.is_float() { dtype } else { DType::F32 };
-    match HostTensor::new(vec![rows, classes], dtype, bytes) {
-        Ok(t) => t,
-        // The length is rows × classes × size by construction.
-        Err(e) => unreachable!("logits encoding: {e}"),
+/// Encodes `rows × classes` f32 logits in the requested float dtype; an error when a logit does
+/// not fit it (|z/T| beyond f16's 65,504 at a small T), so a client never receives an infinity.
+fn encode_logits(v: &[f32], rows: usize, classes: usize, dtype: DType) -> Result<HostTensor> {
+    let t = HostTensor::from_f32_as(vec![rows, classes], v, dtype)
+        .map_err(|e| Error::Compute(format!("logits encoding: {e}")))?;
+    match t.first_non_finite() {
+        None => Ok(t),
+        Some(i) => Err(Error::InvalidArgument(format!(
+            "tempered logit {} at row {}, class {} does not fit {dtype:?}: raise the temperature \
+             or ask for F32 output",
+            v[i],
+            i / classes,
+            i % classes
+        ))),
     }
 }
 

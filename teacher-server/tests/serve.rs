@@ -433,6 +433,19 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
             "needs 3136 bytes, got 100",
         ),
         (
+            // No bytes, but the row length 2^124 overflows whoever multiplies it out.
+            "zero rows of a huge row",
+            InferRequest {
+                inputs: Some(tensor(
+                    vec![0, 1 << 62, 1 << 62],
+                    pb::DType::DtypeU8,
+                    vec![],
+                )),
+                ..good()
+            },
+            "too large",
+        ),
+        (
             "dtype unset",
             InferRequest {
                 inputs: Some(tensor(
@@ -481,6 +494,51 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
     let st = small.clone().infer(huge).await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::OutOfRange, "{st:?}");
     assert!(s.client.infer(good()).await.is_ok());
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_temperature_so_small_that_logits_overflow_is_refused() {
+    let ck = checkpoint("mlp:784-16-10", 4);
+    let mut s = start(&ck, ServeOptions::default()).await;
+    let x = inputs(2, 784, 3);
+    let z = local_logits(&ck, &x, 2, 1.0);
+    let zmax = z.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(zmax > 1e-3, "{zmax}");
+    // z / T reaches 1e39 > f32::MAX (3.4e38) for the largest logit; T itself is a valid,
+    // finite, positive f32 (subnormal), which the request check alone accepts.
+    let t = zmax * 1e-39;
+    assert!(t > 0.0 && t.is_finite());
+    let st = s.client.infer(request(1, &x, 2, t)).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message()
+            .contains(&format!("temperature {t} is too small"))
+            && st.message().contains("overflows f32"),
+        "{}",
+        st.message()
+    );
+    // Finite in f32 but beyond f16's 65,504: refused when F16 output is asked for, returned
+    // (finite) as F32 and BF16.
+    let t = zmax / 1e5;
+    let mut req = request(2, &x, 2, t);
+    req.output_dtype = pb::DType::DtypeF16 as i32;
+    let st = s.client.infer(req.clone()).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("does not fit F16"),
+        "{}",
+        st.message()
+    );
+    for dtype in [pb::DType::DtypeF32, pb::DType::DtypeBf16] {
+        req.output_dtype = dtype as i32;
+        let r = s.client.infer(req.clone()).await.unwrap().into_inner();
+        let got = logits_of(&r);
+        assert!(got.iter().all(|v| v.is_finite()), "{dtype:?}");
+        assert!(got.iter().any(|v| v.abs() > 65_504.0), "{dtype:?}");
+    }
+    // The server goes on serving ordinary requests.
+    assert!(s.client.infer(request(3, &x, 2, 1.0)).await.is_ok());
     s.shutdown.cancel();
 }
 

@@ -41,8 +41,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// What the ledger needs to know about a run.
@@ -1107,37 +1105,18 @@ fn check_state(s: &LedgerState) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// A seeded Fisher–Yates shuffle of `0..n`: ChaCha8 seeded with `seed`, on stream `epoch`, so
-/// every epoch has its own order and the same seed always gives the same orders.
+/// Epoch `epoch`'s order of `0..n`: the one epoch shuffle of [`distill_core::data`], so a run
+/// visits batches in the order local training does for the same seed.
 fn permutation(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(u64::from(epoch));
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = below(&mut rng, i as u64 + 1) as usize;
-        v.swap(i, j);
-    }
-    v
-}
-
-/// A uniform integer in `0..n` (`n > 0`), by Lemire's multiply-and-reject method (no modulo
-/// bias).
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
-    let mut m = u128::from(rng.next_u64()) * u128::from(n);
-    if (m as u64) < n {
-        let threshold = n.wrapping_neg() % n;
-        while (m as u64) < threshold {
-            m = u128::from(rng.next_u64()) * u128::from(n);
-        }
-    }
-    (m >> 64) as u64
+    distill_core::data::shuffled_indices(n, seed, u64::from(epoch))
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use rand_chacha::rand_core::RngCore;
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
 
     use super::*;
 

@@ -120,9 +120,12 @@ pub async fn prepare(
             }
             let mode = ctx.cfg.combine;
             let logits = answer.logits;
+            // From the teachers' logits straight to the wire bytes, without candle tensors.
             let bytes = tokio::task::spawn_blocking(move || {
-                let probs = combine_host(&logits, rows, classes, &weights, mode)?;
-                encode_targets(&probs, rows, classes, encoding)
+                distill_core::soft_targets::from_logits(
+                    &logits, rows, classes, &weights, mode, encoding,
+                )
+                .map_err(Error::from)
             })
             .await
             .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
@@ -206,10 +209,11 @@ pub async fn evaluate_teachers(
         }
         let (w, mode, rows) = (weights.clone(), ctx.cfg.combine, idx.len());
         let logits = answer.logits;
-        let probs =
-            tokio::task::spawn_blocking(move || combine_host(&logits, rows, classes, &w, mode))
-                .await
-                .map_err(|e| Error::Internal(format!("ensemble task: {e}")))??;
+        let probs = tokio::task::spawn_blocking(move || {
+            distill_core::kd::combine_host(&logits, rows, classes, &w, mode).map_err(Error::from)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("ensemble task: {e}")))??;
         ensemble += count_errors(&probs, &labels, classes);
     }
     let per_member = ctx
@@ -233,52 +237,44 @@ pub fn encode_targets(
     classes: usize,
     encoding: SoftTargetEncoding,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(rows.saturating_mul(encoding.row_bytes(classes)?));
-    match encoding {
-        SoftTargetEncoding::F32 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&p.to_le_bytes())),
-        SoftTargetEncoding::F16 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&half::f16::from_f32(*p).to_le_bytes())),
-        SoftTargetEncoding::Bf16 => probs
-            .iter()
-            .for_each(|p| out.extend_from_slice(&half::bf16::from_f32(*p).to_le_bytes())),
-        SoftTargetEncoding::TopK(_) => {
-            let format = encoding
-                .topk_format(classes)?
-                .ok_or_else(|| Error::Internal("top-k without a format".into()))?;
-            out = distill_core::topk::encode_probs(probs, rows, &format)?;
-        }
-    }
-    Ok(out)
+    Ok(distill_core::soft_targets::encode(
+        probs, rows, classes, encoding,
+    )?)
 }
 
-/// The batch's soft-target fields for encoded rows.
+/// The batch's soft-target fields for encoded rows: a dense tensor of the encoding's element
+/// type, or the top-k message.
 pub fn target_fields(
     bytes: Vec<u8>,
     rows: usize,
     classes: usize,
     encoding: SoftTargetEncoding,
 ) -> Result<(Option<pb::Tensor>, Option<pb::TopKTargets>)> {
-    let dense = |dtype: DType, bytes: Vec<u8>| {
-        HostTensor::new(vec![rows, classes], dtype, bytes)
-            .map(|t| (Some(t.into()), None))
-            .map_err(|e| Error::Internal(e.to_string()))
-    };
-    match encoding {
-        SoftTargetEncoding::F32 => dense(DType::F32, bytes),
-        SoftTargetEncoding::F16 => dense(DType::F16, bytes),
-        SoftTargetEncoding::Bf16 => dense(DType::BF16, bytes),
-        SoftTargetEncoding::TopK(k) => Ok((
+    use distill_core::elem::Float;
+    match (encoding.dense(), encoding) {
+        (Some(f), _) => {
+            let dtype = match f {
+                Float::F32 => DType::F32,
+                Float::F16 => DType::F16,
+                Float::Bf16 => DType::BF16,
+            };
+            let t = HostTensor::new(vec![rows, classes], dtype, bytes)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            Ok((Some(t.into()), None))
+        }
+        (None, SoftTargetEncoding::TopK(k)) => Ok((
             None,
             Some(pb::TopKTargets {
-                k: k as u32,
-                classes: classes as u32,
+                k: u32::try_from(k).map_err(|_| Error::Internal("top-k k beyond u32".into()))?,
+                classes: u32::try_from(classes)
+                    .map_err(|_| Error::Internal("more than 2^32 classes".into()))?,
                 value_dtype: pb::DType::DtypeF16 as i32,
                 data: bytes,
             }),
         )),
+        (None, other) => Err(Error::Internal(format!(
+            "soft-target encoding {other} is neither dense nor top-k"
+        ))),
     }
 }
 
@@ -298,25 +294,3 @@ fn count_errors(scores: &[f32], labels: &[u32], classes: usize) -> u64 {
         })
         .count() as u64
 }
-
-/// Combines members' tempered logits (each `rows × classes`) into probabilities with
-/// [`distill_core::kd::combine`].
-fn combine_host(
-    logits: &[Vec<f32>],
-    rows: usize,
-    classes: usize,
-    weights: &[f32],
-    mode: distill_core::kd::Combine,
-) -> Result<Vec<f32>> {
-    use candle_core::{Device, Tensor};
-    let tensors = logits
-        .iter()
-        .map(|z| Tensor::from_slice(z, (rows, classes), &Device::Cpu))
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(distill_core::Error::from)?;
-    let p = distill_core::kd::combine(&tensors, weights, mode)?;
-    Ok(p.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(distill_core::Error::from)?)
-}
-

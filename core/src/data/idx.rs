@@ -90,7 +90,7 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Dataset> {
     }
     let train_y: Vec<u32> = train_y.into_iter().map(u32::from).collect();
     let test_y: Vec<u32> = test_y.into_iter().map(u32::from).collect();
-    let classes = classes_from_labels(&train_y);
+    let classes = classes_from_labels(&train_y).map_err(|m| Error::data(&tr_lab, m))?;
     if let Some((i, &l)) = test_y
         .iter()
         .enumerate()
@@ -141,26 +141,53 @@ fn find(dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// The file's bytes, gunzipped if they are gzip.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let is_gzip = bytes.starts_with(&[0x1f, 0x8b]);
+/// Where an IDX file's bytes come from: the file itself, or a gzip stream over it.
+enum Source {
+    Raw,
+    Gzip,
+}
+
+/// Opens `path`, gunzipping when its content starts with the gzip magic 1f 8b (whatever its
+/// name). Nothing is read beyond the first two bytes here: the caller reads only as much as the
+/// header says, so a small file cannot inflate into unbounded memory.
+fn open(path: &Path) -> Result<(Source, Box<dyn Read>)> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let got = read_up_to(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
+    let stream = std::io::Cursor::new(magic[..got].to_vec()).chain(f);
     let named_gz = path.extension().is_some_and(|e| e == "gz");
-    if !is_gzip {
-        if named_gz {
-            return Err(Error::data(
-                path,
-                "not gzip: the name ends in .gz but the file does not start with the gzip magic \
-                 1f 8b",
-            ));
-        }
-        return Ok(bytes);
+    if magic[..got] == [0x1f, 0x8b] {
+        let gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(stream));
+        Ok((Source::Gzip, Box::new(gz)))
+    } else if named_gz {
+        Err(Error::data(
+            path,
+            "not gzip: the name ends in .gz but the file does not start with the gzip magic 1f 8b",
+        ))
+    } else {
+        Ok((Source::Raw, Box::new(stream)))
     }
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes.as_slice())
-        .read_to_end(&mut out)
-        .map_err(|e| Error::data(path, format!("bad gzip stream (corrupt or truncated): {e}")))?;
-    Ok(out)
+}
+
+/// Reads into `buf` until it is full or the stream ends; returns the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn read_error(path: &Path, source: &Source, e: std::io::Error) -> Error {
+    match source {
+        Source::Gzip => Error::data(path, format!("bad gzip stream (corrupt or truncated): {e}")),
+        Source::Raw => Error::io(path, e),
+    }
 }
 
 fn be_u32(b: &[u8], at: usize) -> u32 {
@@ -198,9 +225,31 @@ fn header(path: &Path, b: &[u8], magic: u32, ndim: usize, what: &str) -> Result<
     Ok((0..ndim).map(|d| be_u32(b, 4 + 4 * d) as usize).collect())
 }
 
-/// Checks the body after a `hdr`-byte header holds exactly `want` bytes.
-fn body<'a>(path: &Path, b: &'a [u8], hdr: usize, want: u64, says: &str) -> Result<&'a [u8]> {
-    let have = (b.len() - hdr) as u64;
+/// What one IDX file holds: its header's sizes and its body.
+struct Idx {
+    dims: Vec<usize>,
+    body: Vec<u8>,
+}
+
+/// Reads an IDX file of `ndim` sizes from `r`: the header, then exactly the body the header
+/// declares (`body_len(dims)` bytes, with `says` describing it in errors). At most one byte past
+/// the declared body is read, so a short gzip file that inflates to far more than its header says
+/// is refused after that byte, not decompressed into memory.
+fn read_idx(
+    path: &Path,
+    (source, mut r): (Source, impl Read),
+    (magic, ndim, what): (u32, usize, &str),
+    body_len: impl Fn(&[usize]) -> Result<(u64, String)>,
+) -> Result<Idx> {
+    let mut hdr = vec![0u8; 4 * (1 + ndim)];
+    let got = read_up_to(&mut r, &mut hdr).map_err(|e| read_error(path, &source, e))?;
+    let dims = header(path, &hdr[..got], magic, ndim, what)?;
+    let (want, says) = body_len(&dims)?;
+    let mut body = Vec::new();
+    r.take(want.saturating_add(1))
+        .read_to_end(&mut body)
+        .map_err(|e| read_error(path, &source, e))?;
+    let have = body.len() as u64;
     if have < want {
         return Err(Error::data(
             path,
@@ -208,48 +257,79 @@ fn body<'a>(path: &Path, b: &'a [u8], hdr: usize, want: u64, says: &str) -> Resu
         ));
     }
     if have > want {
+        let inflated = match source {
+            Source::Gzip => " (decompressed)",
+            Source::Raw => "",
+        };
         return Err(Error::data(
             path,
             format!(
-                "{} bytes of trailing garbage: header says {says} ({want} bytes) but {have} \
-                 bytes follow",
-                have - want
+                "trailing garbage: header says {says} ({want} bytes) but more bytes follow{inflated}"
             ),
         ));
     }
-    Ok(&b[hdr..])
+    Ok(Idx { dims, body })
 }
 
 /// Reads an `idx3-ubyte` image file (raw or gzip).
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let b = read_maybe_gz(path)?;
-    let dims = header(path, &b, IMAGES_MAGIC, 3, "an idx3-ubyte image file")?;
-    let (n, rows, cols) = (dims[0], dims[1], dims[2]);
-    if n == 0 || rows == 0 || cols == 0 {
-        return Err(Error::data(
-            path,
-            format!("empty: header says {n} images of {rows}×{cols}"),
-        ));
-    }
-    let want = n as u64 * rows as u64 * cols as u64;
-    let pixels = body(path, &b, 16, want, &format!("{n} images of {rows}×{cols}"))?;
+    images_from(path, open(path)?)
+}
+
+fn images_from(path: &Path, src: (Source, impl Read)) -> Result<IdxImages> {
+    let body_len = |d: &[usize]| {
+        let (n, rows, cols) = (d[0], d[1], d[2]);
+        if n == 0 || rows == 0 || cols == 0 {
+            return Err(Error::data(
+                path,
+                format!("empty: header says {n} images of {rows}×{cols}"),
+            ));
+        }
+        let says = format!("{n} images of {rows}×{cols}");
+        // Each size is a u32, so the product of three may pass 2^64.
+        let want = (n as u64)
+            .checked_mul(rows as u64)
+            .and_then(|p| p.checked_mul(cols as u64))
+            .filter(|&p| usize::try_from(p).is_ok())
+            .ok_or_else(|| {
+                Error::data(
+                    path,
+                    format!("too large: header says {says}, more pixels than memory can address"),
+                )
+            })?;
+        Ok((want, says))
+    };
+    let Idx { dims, body } = read_idx(
+        path,
+        src,
+        (IMAGES_MAGIC, 3, "an idx3-ubyte image file"),
+        body_len,
+    )?;
     Ok(IdxImages {
-        n,
-        rows,
-        cols,
-        pixels: pixels.to_vec(),
+        n: dims[0],
+        rows: dims[1],
+        cols: dims[2],
+        pixels: body,
     })
 }
 
 /// Reads an `idx1-ubyte` label file (raw or gzip).
 pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
-    let b = read_maybe_gz(path)?;
-    let dims = header(path, &b, LABELS_MAGIC, 1, "an idx1-ubyte label file")?;
-    let n = dims[0];
-    if n == 0 {
-        return Err(Error::data(path, "empty: header says 0 labels"));
-    }
-    Ok(body(path, &b, 8, n as u64, &format!("{n} labels"))?.to_vec())
+    let body_len = |d: &[usize]| {
+        let n = d[0];
+        if n == 0 {
+            return Err(Error::data(path, "empty: header says 0 labels"));
+        }
+        Ok((n as u64, format!("{n} labels")))
+    };
+    let src = open(path)?;
+    let idx = read_idx(
+        path,
+        src,
+        (LABELS_MAGIC, 1, "an idx1-ubyte label file"),
+        body_len,
+    )?;
+    Ok(idx.body)
 }
 
 /// Writers of IDX files for tests (here and in other modules' tests).
@@ -383,7 +463,7 @@ mod tests {
         broken(
             0,
             [images(6, 2, 3, &px), vec![9]].concat(),
-            "1 bytes of trailing garbage",
+            "trailing garbage: header says 6 images of 2×3 (36 bytes) but more bytes follow",
         );
         broken(
             3,
@@ -432,6 +512,56 @@ mod tests {
         std::fs::write(dir.path().join(&name), &bad).unwrap();
         let e = err_of(dir.path());
         assert!(e.contains(&name), "{e}");
+    }
+
+    #[test]
+    fn gzip_that_inflates_past_its_header_is_refused_without_reading_it_all() {
+        // A lazily generated gzip stream of 1 TiB: header for one 2×3 image, then zeros. Reading
+        // it whole (as before) would never finish; the reader must stop one byte past the body.
+        let raw =
+            std::io::Cursor::new(images(1, 2, 3, &[0; 6])).chain(std::io::repeat(0).take(1 << 40));
+        let gz = flate2::read::GzEncoder::new(raw, flate2::Compression::fast());
+        let stream = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(gz));
+        let path = Path::new("bomb-images-idx3-ubyte.gz");
+        let e = images_from(path, (Source::Gzip, stream))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bomb-images-idx3-ubyte.gz"), "{e}");
+        assert!(
+            e.contains("trailing garbage: header says 1 images of 2×3 (6 bytes) but more bytes follow (decompressed)"),
+            "{e}"
+        );
+        // The same through a real file: 16 MiB of zeros after the header.
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), true);
+        let name = format!("{}.gz", FILES[0]);
+        let body = [images(6, 2, 3, &[0; 36]), vec![0; 16 << 20]].concat();
+        std::fs::write(dir.path().join(&name), gzip(&body)).unwrap();
+        let e = err_of(dir.path());
+        assert!(
+            e.contains(&name) && e.contains("more bytes follow (decompressed)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn image_sizes_whose_product_overflows_are_an_error() {
+        // 2^32-1 cubed is about 2^96: the product wraps in u64 without a check.
+        let b = images(u32::MAX, u32::MAX, u32::MAX, &[0; 8]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILES[0]);
+        std::fs::write(&path, b).unwrap();
+        let e = read_images(&path).unwrap_err().to_string();
+        assert!(e.contains(FILES[0]), "{e}");
+        assert!(
+            e.contains("too large: header says 4294967295 images of 4294967295×4294967295"),
+            "{e}"
+        );
+        // 2^31 · 2^31 · 2^31 = 2^93 wraps to exactly 0 in u64: unchecked, an empty body passed.
+        let b = images(1 << 31, 1 << 31, 1 << 31, &[]);
+        std::fs::write(&path, b).unwrap();
+        let e = read_images(&path).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
     }
 
     #[test]

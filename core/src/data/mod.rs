@@ -64,6 +64,8 @@ pub struct Split {
 }
 
 /// `U8_TO_F32[v] == v as f32 / 255.0`, so conversion is a table look-up with exactly that result.
+/// Every role scales pixels through [`pixel_to_f32`] so a teacher and a student see bit-identical
+/// inputs (`v * (1.0 / 255.0)` differs from `v / 255.0` by one ulp for 126 of the 256 values).
 static U8_TO_F32: [f32; 256] = {
     let mut t = [0f32; 256];
     let mut i = 0;
@@ -73,6 +75,16 @@ static U8_TO_F32: [f32; 256] = {
     }
     t
 };
+
+/// The f32 value of an 8-bit feature: exactly `v as f32 / 255.0`, in [0, 1].
+pub fn pixel_to_f32(v: u8) -> f32 {
+    U8_TO_F32[usize::from(v)]
+}
+
+/// [`pixel_to_f32`] of every byte, in order.
+pub fn pixels_to_f32(v: &[u8]) -> Vec<f32> {
+    v.iter().map(|&b| pixel_to_f32(b)).collect()
+}
 
 impl Split {
     /// Number of rows.
@@ -122,7 +134,7 @@ impl Split {
         let mut x = vec![0f32; idx.len() * row_len];
         match jitter {
             None => match &self.x {
-                Features::U8(v) => gather(v, row_len, idx, &mut x, |b| U8_TO_F32[b as usize]),
+                Features::U8(v) => gather(v, row_len, idx, &mut x, pixel_to_f32),
                 Features::F32(v) => gather(v, row_len, idx, &mut x, |f| f),
             },
             Some((k, rng)) => {
@@ -133,9 +145,7 @@ impl Split {
                 };
                 let img = Image { c, h, w };
                 match &self.x {
-                    Features::U8(v) => {
-                        gather_shifted(v, img, k, rng, idx, &mut x, |b| U8_TO_F32[b as usize])
-                    }
+                    Features::U8(v) => gather_shifted(v, img, k, rng, idx, &mut x, pixel_to_f32),
                     Features::F32(v) => gather_shifted(v, img, k, rng, idx, &mut x, |f| f),
                 }
             }
@@ -177,7 +187,7 @@ impl Split {
         for &i in idx {
             let r = i * row_len..(i + 1) * row_len;
             match &self.x {
-                Features::U8(v) => out.extend(v[r].iter().map(|&b| U8_TO_F32[b as usize])),
+                Features::U8(v) => out.extend(v[r].iter().map(|&b| pixel_to_f32(b))),
                 Features::F32(v) => out.extend_from_slice(&v[r]),
             }
         }
@@ -383,31 +393,66 @@ impl fmt::Display for DataSource {
 }
 
 /// Seeded permutation of 0..n for (seed, epoch): same inputs → same order, different epoch →
-/// different order.
+/// different order. This is the one epoch order of distill: a local run and a coordinated run
+/// with the same seed visit the rows in the same order.
 ///
 /// ChaCha8 seeded with `seed`, on stream `epoch`, drives a Fisher–Yates shuffle whose bounded
-/// draws are `(next_u64 · bound) >> 64` — written out here rather than taken from `rand`'s
-/// `shuffle`, so the order depends only on ChaCha8 (stable across platforms and crate versions).
+/// draws are Lemire's multiply-and-reject ([`below`]) — written out here rather than taken from
+/// `rand`'s `shuffle`, so the order depends only on ChaCha8 (stable across platforms and crate
+/// versions).
 pub fn shuffled_indices(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(epoch);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        // Uniform in 0..=i (bias ≤ (i+1)/2^64, negligible).
-        let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
+        // `i + 1 <= n <= usize::MAX` fits in a u64 and the draw is `<= i`, so both casts are exact.
+        let j = below(&mut rng, i as u64 + 1) as usize;
         v.swap(i, j);
     }
     v
 }
 
-/// Largest label + 1, at least 2 (a classifier needs two classes).
-pub(crate) fn classes_from_labels(y: &[u32]) -> usize {
-    y.iter().max().map_or(0, |&m| m as usize + 1).max(2)
+/// A uniform integer in `0..n` (`n > 0`) by Lemire's multiply-and-reject method: exactly
+/// uniform, no modulo bias, usually one draw.
+fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+    let mut m = u128::from(rng.next_u64()) * u128::from(n);
+    if (m as u64) < n {
+        // 2^64 mod n: the low products below it are the draws that would bias the result.
+        let threshold = n.wrapping_neg() % n;
+        while (m as u64) < threshold {
+            m = u128::from(rng.next_u64()) * u128::from(n);
+        }
+    }
+    (m >> 64) as u64
+}
+
+/// The most classes a data set may define (2^24). A label at or above it is far beyond any
+/// classifier head this system trains (a 2^24-way head of one hidden unit already holds 16M
+/// weights), so it means a corrupt file, not a large task.
+pub const MAX_CLASSES: usize = 1 << 24;
+
+/// Largest label + 1, at least 2 (a classifier needs two classes); a label of
+/// [`MAX_CLASSES`] or more is an error message naming it and its index.
+pub(crate) fn classes_from_labels(y: &[u32]) -> std::result::Result<usize, String> {
+    if let Some((i, &l)) = y
+        .iter()
+        .enumerate()
+        .find(|&(_, &l)| l as usize >= MAX_CLASSES)
+    {
+        return Err(format!(
+            "label {l} at index {i} is out of range: at most {MAX_CLASSES} classes (labels 0..={})",
+            MAX_CLASSES - 1
+        ));
+    }
+    Ok(y.iter().max().map_or(0, |&m| m as usize + 1).max(2))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `shuffled_indices(10, 0, 0)`, from `reference_order` below.
+    const PINNED_10_0_0: [usize; 10] = [6, 1, 8, 3, 2, 9, 0, 5, 4, 7];
 
     fn split_u8() -> Split {
         // 3 images of 1×2×3, pixel value = 10·row + column + 100·image.
@@ -477,6 +522,58 @@ mod tests {
             first[shuffled_indices(4, 9, epoch)[0]] += 1;
         }
         assert!(first.iter().all(|&c| (850..1150).contains(&c)), "{first:?}");
+    }
+
+    /// The order the coordinator's ledger draws, written out independently of [`below`]: the
+    /// classic formulation of Lemire's method (reject while `low < 2^64 mod n`, checked on every
+    /// draw), so a change to the shared draw in either place shows here.
+    fn reference_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(epoch);
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let bound = i as u128 + 1;
+            let threshold = (u128::from(u64::MAX) + 1 - bound) % bound;
+            let j = loop {
+                let m = u128::from(rng.next_u64()) * bound;
+                if (m & u128::from(u64::MAX)) >= threshold {
+                    break (m >> 64) as usize;
+                }
+            };
+            v.swap(i, j);
+        }
+        v
+    }
+
+    #[test]
+    fn shuffle_matches_the_lemire_reference_and_pinned_values() {
+        for (n, seed, epoch) in [
+            (10, 0, 0),
+            (1000, 5, 0),
+            (1000, 5, 3),
+            (7, 42, 9),
+            (60_000, 1, 2),
+        ] {
+            assert_eq!(
+                shuffled_indices(n, seed, epoch),
+                reference_order(n, seed, epoch),
+                "n {n} seed {seed} epoch {epoch}"
+            );
+        }
+        // Pinned from `reference_order` so the order cannot drift with it either.
+        assert_eq!(shuffled_indices(10, 0, 0), PINNED_10_0_0);
+    }
+
+    #[test]
+    fn pixels_scale_by_division() {
+        for v in 0..=255u8 {
+            assert_eq!(
+                pixel_to_f32(v).to_bits(),
+                (f32::from(v) / 255.0).to_bits(),
+                "{v}"
+            );
+        }
+        assert_eq!(pixels_to_f32(&[0, 255, 1]), vec![0.0, 1.0, 1.0 / 255.0]);
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub fn load(path: &Path) -> Result<Dataset> {
         ));
     }
     let input_shape = shape[1..].to_vec();
-    let classes = classes_from_labels(&y);
+    let classes =
+        classes_from_labels(&y).map_err(|m| Error::data(path, format!("tensor `y`: {m}")))?;
     let (train, test) = match (has("x_test"), has("y_test")) {
         (true, true) => {
             let (tshape, tx) = features(path, &st, "x_test")?;
@@ -407,6 +408,14 @@ mod tests {
             (
                 vec![x4(), ("y", Dtype::I64, vec![4], i64s(&[0, -1, 0, 1]))],
                 "tensor `y`: label -1 at index 1",
+            ),
+            (
+                // Within u32 but beyond any class count: a 2^32-way head otherwise.
+                vec![
+                    x4(),
+                    ("y", Dtype::I64, vec![4], i64s(&[0, 1, 4_294_967_295, 1])),
+                ],
+                "tensor `y`: label 4294967295 at index 2 is out of range: at most 16777216 classes",
             ),
             (
                 vec![
