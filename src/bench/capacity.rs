@@ -158,15 +158,8 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime, out: &Path) -> anyhow::R
     clients.shutdown_timeout(STOP_DEADLINE);
 
     println!(
-        "{:>8} {:>26} {:>22} {:>8} {:>8} {:>8} {:>8}  {}",
-        "workers",
-        "batches/s [min–max]",
-        "MB/s [min–max]",
-        "CPU",
-        "clients",
-        "rest",
-        "growth",
-        "(CPU: cores used in the window, medians)"
+        "{:>8} {:>26} {:>22} {:>8} {:>8} {:>8} {:>8}  (CPU: cores used in the window, medians)",
+        "workers", "batches/s [min–max]", "MB/s [min–max]", "CPU", "clients", "rest", "growth"
     );
     let mut previous: Option<f64> = None;
     let mut saturated: Option<(usize, f64, f64, f64)> = None;

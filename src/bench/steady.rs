@@ -57,6 +57,8 @@ pub struct Window {
     pub wait_secs: f64,
     /// Teacher requests answered during the window.
     pub teacher_requests: u64,
+    /// CPU seconds the whole process used in the window (every role is in this process).
+    pub cpu_secs: Option<f64>,
 }
 
 impl Window {
@@ -68,6 +70,11 @@ impl Window {
     /// Milliseconds of training step per batch.
     pub fn step_ms(&self) -> f64 {
         1e3 * self.step_secs / self.batches.max(1) as f64
+    }
+
+    /// Cores the process used on average in the window.
+    pub fn cores(&self) -> Option<f64> {
+        self.cpu_secs.map(|c| c / self.secs.max(1e-9))
     }
 
     /// Milliseconds waited per batch.
@@ -87,6 +94,7 @@ impl Window {
             step_secs: (b.student_step_seconds - a.student_step_seconds).max(0.0),
             wait_secs: (b.student_wait_seconds - a.student_wait_seconds).max(0.0),
             teacher_requests: requests(b).saturating_sub(requests(a)),
+            cpu_secs: None,
         }
     }
 }
@@ -134,7 +142,7 @@ pub fn run(
         a.teacher
     );
     println!(
-        "{:>6} {:>14} {:>12} {:>10} {:>10} {:>10}",
+        "{:>6} {:>14} {:>12} {:>10} {:>10} {:>10}  cores used (student-only / end-to-end / cached)",
         "round", "student-only/s", "end-to-end/s", "cached/s", "(a) ratio", "(e) ratio"
     );
     let (mut so, mut e2e, mut cached) = (Vec::new(), Vec::new(), Vec::new());
@@ -166,14 +174,21 @@ pub fn run(
                 format!("{:.3}", w.samples_per_sec() / s.samples_per_sec())
             })
         };
+        let cores = |w: Option<Window>| {
+            w.and_then(|w| w.cores())
+                .map_or("-".into(), |c| format!("{c:.2}"))
+        };
         println!(
-            "{:>6} {:>14.0} {:>12} {:>10} {:>10} {:>10}",
+            "{:>6} {:>14.0} {:>12} {:>10} {:>10} {:>10}  {} / {} / {}",
             round + 1,
             s.samples_per_sec(),
             cell(e),
             cell(c),
             ratio(e),
-            ratio(c)
+            ratio(c),
+            cores(Some(s)),
+            cores(e),
+            cores(c)
         );
         e2e.extend(e);
         cached.extend(c);
@@ -311,6 +326,7 @@ impl StudentOnly {
         for _ in 0..WARMUP_STEPS {
             self.step()?;
         }
+        let c0 = process_cpu();
         let t0 = Instant::now();
         let (mut samples, mut batches) = (0, 0);
         loop {
@@ -326,6 +342,7 @@ impl StudentOnly {
             batches,
             secs,
             step_secs: secs,
+            cpu_secs: process_cpu().zip(c0).map(|(b, a)| b - a),
             ..Default::default()
         })
     }
@@ -492,8 +509,10 @@ async fn measure(addr: SocketAddr, secs: f64) -> anyhow::Result<Window> {
             s.batches_trained
         );
     };
+    let c0 = process_cpu();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let c1 = process_cpu();
     let end = client
         .run_status(pb::RunStatusRequest {})
         .await?
@@ -503,7 +522,15 @@ async fn measure(addr: SocketAddr, secs: f64) -> anyhow::Result<Window> {
         !end.done,
         "the run ended within its window: it needs more epochs"
     );
-    Ok(Window::between(&start, &end, secs))
+    Ok(Window {
+        cpu_secs: c1.zip(c0).map(|(b, a)| b - a),
+        ..Window::between(&start, &end, secs)
+    })
+}
+
+/// CPU seconds of the whole process so far (`None` where `/proc` cannot be read).
+fn process_cpu() -> Option<f64> {
+    super::stats::cpu_seconds("").map(|(total, _)| total)
 }
 
 /// Waits (bounded) for a stopped run's worker and coordinator to end. A worker stopped by the
