@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod bench_cmd;
+mod bench;
 mod demo_cmd;
 mod eval_cmd;
 mod gpu_smoke_cmd;
@@ -41,7 +41,7 @@ enum Command {
     /// Train a run's student on streamed batches (same as the `student-worker` binary).
     StudentWorker(student_worker::cli::Args),
     /// Measure throughput on loopback and print the figures (see BENCHMARKS.md).
-    Bench(bench_cmd::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
     GpuSmoke(gpu_smoke_cmd::GpuSmokeArgs),
 }
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => block_on(coordinator::cli::run(a)),
         Command::StudentWorker(a) => return student_worker::cli::main(a),
         Command::GpuSmoke(a) => gpu_smoke_cmd::run(a),
-        Command::Bench(a) => bench_cmd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,20 +1,21 @@
 //! `distill bench`: throughput figures measured in one run on loopback, printed as a table
 //! (BENCHMARKS.md holds the results with the commands).
 //!
-//! Sections (`--only` picks some; all by default). Figures are ratios measured in the same run;
-//! single-worker runs here set `sync.every = 0` (no averaging rounds: one worker has nothing to
-//! average, and a lone worker's upload would only cost time).
-//! - `e2e` (a): end-to-end distillation samples/s in epochs 2+ of 3 (one worker, a teacher that
-//!   keeps up; the first epoch fills the pipeline) ÷ the same student trained on soft targets
-//!   precomputed in memory (the limit).
+//! Sections (`--only` picks some; all by default). Single-worker runs here set `sync.every = 0`
+//! (no averaging rounds: one worker has nothing to average, and a lone worker's upload would
+//! only cost time).
+//! - `e2e` (a) and `cache` (e) ([`steady`]): medians over `--rounds` rounds of interleaved
+//!   windows of `--window-secs` each — student-only (the same student trained on soft targets
+//!   precomputed in memory: the limit), end-to-end distillation (one worker, a teacher that
+//!   keeps up) and cached epochs (soft targets from the soft-target cache, no teacher asked), in
+//!   turn, so machine noise hits all three alike; each pipeline window starts after its run's
+//!   first epoch (steady state). Ratios are of medians, with the median of per-round ratios.
 //! - `teacher` (b): teacher-server rows/s ÷ in-process forward at batch 128 and 1024.
 //! - `slow` (c): teachers with a fixed extra latency per pass (4× the student's step time)
 //!   behind 1, 2 and 4 replicas answering one batch per pass, then 1 and 2 replicas batching up
 //!   to 1,024 rows per pass (the server's default): student wait fraction and samples/s.
 //! - `bytes` (d): soft-target bytes per sample on the wire for each encoding, for 10 and 32,000
 //!   classes, and the KD-loss difference of top-k against dense targets.
-//! - `cache` (e): epochs 2+ with the soft-target cache ÷ student-only, and the teacher batches
-//!   asked per epoch (0 after epoch 1 is the proof).
 //! - `cpu`: CPU samples/s of one training step (batch 128) of the student (SGD, AdamW), the
 //!   teacher (`mlp:784-1200-1200-10`, dropout) and the distillation step (KD loss at T = 20):
 //!   the candle side of the candle ÷ PyTorch comparison (BENCHMARKS.md has the PyTorch side and
@@ -25,6 +26,13 @@
 //!   blocked per round) and parameter bytes moved per round. On a 2-core machine the workers
 //!   share the cores, so no speed-up is expected; the bytes and seconds per round are what
 //!   scale on a cluster.
+//! - `capacity` ([`capacity`]): batches/s and MB/s one coordinator sustains, serving soft
+//!   targets from its cache, to 1, 4, 16 and 64 simulated workers that ack on arrival, with
+//!   the process's CPU use per window: where one coordinator saturates.
+
+mod capacity;
+mod stats;
+mod steady;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,8 +50,8 @@ use crate::local::LocalMember;
 /// Flags of `distill bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers.
-    /// Default: all.
+    /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers,
+    /// capacity. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -55,9 +63,29 @@ pub struct BenchArgs {
     /// Teacher architecture (random weights: only its speed matters here).
     #[arg(long, default_value = "mlp:784-64-10")]
     pub teacher: String,
-    /// Epochs per measured run.
+    /// Epochs per measured run (`slow`, `workers`; `e2e` and `cache` measure windows).
     #[arg(long, default_value_t = 2)]
     pub epochs: u32,
+    /// Rounds of interleaved windows (`e2e`/`cache`: student-only, end-to-end, cached in turn;
+    /// `capacity`: each worker count in turn); figures are medians over the rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds of steady state per window (after the warm-up).
+    #[arg(long, default_value_t = 4.0)]
+    pub window_secs: f64,
+    /// Simulated worker counts of `capacity` (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub capacity_workers: Vec<usize>,
+    /// Training rows of `capacity`'s data set (the synthetic rows repeated): at 128 rows per
+    /// batch, 120,000 rows are 938 batches per epoch, several times the 64 × 8 credits in
+    /// flight, so the epoch barrier (no batch of epoch e + 1 before every batch of e is acked)
+    /// drains the pipeline only once per 938 batches.
+    #[arg(long, default_value_t = 120_000)]
+    pub capacity_rows: usize,
+    /// Credits (batches in flight) per simulated worker in `capacity`, and the coordinator's
+    /// prefetch there.
+    #[arg(long, default_value_t = 8)]
+    pub capacity_credits: u32,
     /// Rows per batch.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
@@ -74,14 +102,26 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
 }
 
+/// The sections `--only` may name.
+const SECTIONS: [&str; 8] = [
+    "e2e", "teacher", "slow", "bytes", "cache", "cpu", "workers", "capacity",
+];
+
 /// Runs `distill bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let wants = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
+    if let Some(bad) = a.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        anyhow::bail!(
+            "unknown section `{bad}` (sections: {})",
+            SECTIONS.join(", ")
+        );
+    }
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let out = a
         .out
         .clone()
         .unwrap_or_else(|| scratch.path().to_path_buf());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -93,38 +133,32 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.student,
         a.batch
     );
-    let mut limit = None;
-    if wants("e2e") || wants("slow") || wants("cache") {
-        let (sps, step) = student_only(&a)?;
-        println!();
-        println!(
-            "[student-only] {} trained on precomputed soft targets: {sps:.0} samples/s ({:.1} ms per step)",
-            a.student,
-            1e3 * step
-        );
-        limit = Some((sps, step));
-    }
-    let mut e2e_sps = None;
-    if let (true, Some((sps, _))) = (wants("e2e"), limit) {
-        e2e_sps = Some(rt.block_on(e2e(&a, &out, sps))?);
-    }
+    // The steady-state figures (a) and (e), and the student's speed (c) is sized by.
+    let steady = if wants("e2e") || wants("slow") || wants("cache") {
+        let with_e2e = wants("e2e") || wants("slow");
+        Some(steady::run(&a, &rt, &out, with_e2e, wants("cache"))?)
+    } else {
+        None
+    };
     if wants("teacher") {
         rt.block_on(teacher(&a))?;
     }
-    if let (true, Some((sps, step))) = (wants("slow"), limit) {
-        rt.block_on(slow(&a, &out, step, e2e_sps.unwrap_or(sps)))?;
+    if let (true, Some(s)) = (wants("slow"), steady) {
+        let step = a.batch as f64 / s.student.median.max(1e-9);
+        let reference = s.e2e.map_or(s.student.median, |e| e.median);
+        rt.block_on(slow(&a, &out, step, reference))?;
     }
     if wants("bytes") {
         bytes()?;
-    }
-    if let (true, Some((sps, _))) = (wants("cache"), limit) {
-        rt.block_on(cache(&a, &out, sps))?;
     }
     if wants("cpu") {
         cpu()?;
     }
     if wants("workers") {
         rt.block_on(workers(&a, &out))?;
+    }
+    if wants("capacity") {
+        capacity::run(&a, &rt, &out)?;
     }
     Ok(())
 }
@@ -178,126 +212,10 @@ fn cpu() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Samples/s and seconds per step of the student trained on soft targets held in memory (the
-/// worker's `Student::train`, the same update the distributed run makes).
-fn student_only(a: &BenchArgs) -> anyhow::Result<(f64, f64)> {
-    use student_worker::decode::{Targets, TrainData};
-    let data = distill_core::data::Dataset::load(&a.data)?;
-    let teacher = random_teacher(&a.teacher)?.to_model(&candle_core::Device::Cpu)?;
-    let cfg = base_config(a, PathBuf::from("unused"));
-    let settings = cfg.student_settings()?;
-    let n = data.train.len();
-    let batches = n.div_ceil(a.batch);
-    let mut student =
-        student_worker::student::Student::new(settings, batches as u64, &candle_core::Device::Cpu)?;
-    let mut prepared = Vec::with_capacity(batches);
-    for b in 0..batches {
-        let idx: Vec<usize> = (b * a.batch..((b + 1) * a.batch).min(n)).collect();
-        let x = data.train.rows_f32(&idx);
-        let mut shape = vec![idx.len()];
-        shape.extend(&data.input_shape);
-        let xt = candle_core::Tensor::from_slice(&x, shape.as_slice(), &candle_core::Device::Cpu)?;
-        let z = teacher.forward(&xt)?;
-        let p = distill_core::kd::tempered_softmax(&z, cfg.temperature)?;
-        let soft = p.flatten_all()?.to_vec1::<f32>()?;
-        prepared.push(TrainData {
-            lease_id: b as u64,
-            epoch: 0,
-            index: b as u32,
-            x,
-            x_shape: shape,
-            y: data.train.labels(&idx),
-            soft: Targets::Dense(soft),
-            rows: idx.len(),
-        });
-    }
-    student.train(&prepared[0])?; // warm-up
-    let t0 = Instant::now();
-    let mut rows = 0;
-    for _ in 0..a.epochs {
-        for d in &prepared {
-            student.train(d)?;
-            rows += d.rows;
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let steps = (prepared.len() * a.epochs as usize) as f64;
-    Ok((rows as f64 / secs, secs / steps))
-}
-
 fn one_worker_config(a: &BenchArgs, dir: PathBuf) -> RunConfig {
     let mut cfg = base_config(a, dir);
     cfg.sync.every = 0;
     cfg
-}
-
-async fn e2e(a: &BenchArgs, out: &std::path::Path, limit: f64) -> anyhow::Result<f64> {
-    let members = [LocalMember {
-        name: "t".into(),
-        checkpoint: random_teacher(&a.teacher)?,
-        replicas: 1,
-        opts: Default::default(),
-    }];
-    let dir = out.join("e2e");
-    let mut cfg = one_worker_config(a, dir.clone());
-    cfg.epochs = cfg.epochs.max(3);
-    let o = crate::local::run(cfg, &members, 1, dir.clone()).await?;
-    let r = &o.report;
-    // Steady state: epochs 2+ (the first fills the pipeline and warms every role up, as the
-    // student-only figure's warm-up step does).
-    let (first, later) = epoch_rates(&dir)?;
-    println!();
-    println!(
-        "[e2e] (a) end-to-end distillation, 1 worker, teacher {}, {} epochs",
-        a.teacher, r.epochs
-    );
-    println!(
-        "end-to-end {:.0} samples/s in epochs 2+ (epoch 1: {first:.0}; whole run {:.0}), student waited {:.1}% of its time; ÷ student-only = {:.3} (target ≥ 0.95)",
-        later,
-        r.samples_per_sec,
-        100.0 * r.student_wait_fraction,
-        later / limit
-    );
-    print_time_line(r, a.batch, limit);
-    Ok(later)
-}
-
-/// samples/s of a run's first epoch and of the epochs after it, from its `metrics.jsonl`
-/// (cumulative samples and seconds per epoch).
-fn epoch_rates(run_dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
-    let path = run_dir.join("metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    anyhow::ensure!(
-        lines.len() >= 2,
-        "{}: {} epoch lines, need at least 2",
-        path.display(),
-        lines.len()
-    );
-    let get = |i: usize, k: &str| lines.get(i).and_then(|l| l[k].as_f64()).unwrap_or(0.0);
-    let last = lines.len() - 1;
-    let first = get(0, "samples") / get(0, "seconds").max(1e-9);
-    let later = (get(last, "samples") - get(0, "samples"))
-        / (get(last, "seconds") - get(0, "seconds")).max(1e-9);
-    Ok((first, later))
-}
-
-/// Where a worker's time per batch went: the step (slower than alone when other roles share the
-/// cores), the wait for batches, and the rest (decode, acks).
-fn print_time_line(r: &coordinator::RunReport, batch: usize, limit: f64) {
-    let n = r.batches_trained.max(1) as f64;
-    let wall = 1e3 * (r.batches_trained as f64 * batch as f64) / r.samples_per_sec.max(1e-9) / n;
-    let step = 1e3 * r.student_step_seconds / n;
-    let wait = 1e3 * r.student_wait_seconds / n;
-    println!(
-        "per batch: {wall:.2} ms wall = {step:.2} ms step (alone: {:.2} ms) + {wait:.2} ms waiting + {:.2} ms other",
-        1e3 * batch as f64 / limit,
-        (wall - step - wait).max(0.0)
-    );
 }
 
 async fn teacher(a: &BenchArgs) -> anyhow::Result<()> {
@@ -425,37 +343,6 @@ fn bytes() -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
-}
-
-async fn cache(a: &BenchArgs, out: &std::path::Path, limit: f64) -> anyhow::Result<()> {
-    let members = [LocalMember {
-        name: "t".into(),
-        checkpoint: random_teacher(&a.teacher)?,
-        replicas: 1,
-        opts: Default::default(),
-    }];
-    let dir = out.join("cache-run");
-    let mut cfg = one_worker_config(a, dir.clone());
-    cfg.epochs = cfg.epochs.max(3);
-    cfg.cache = Some(coordinator::cache::CacheConfig {
-        dir: out.join("cache"),
-        mode: coordinator::cache::CacheMode::ReadWrite,
-    });
-    let o = crate::local::run(cfg, &members, 1, dir.clone()).await?;
-    let r = &o.report;
-    let (first, later) = epoch_rates(&dir)?;
-    println!();
-    println!("[cache] (e) soft-target cache, {} epochs", r.epochs);
-    println!(
-        "epoch 1 (teachers) {first:.0} samples/s; epochs 2+ (cache) {later:.0} samples/s; ÷ student-only = {:.3} (target ≥ 0.98)",
-        later / limit
-    );
-    println!(
-        "teacher batches per epoch {:?}, cached batches per epoch {:?}",
-        r.teacher_batches_per_epoch, r.cached_batches_per_epoch
-    );
-    print_time_line(r, a.batch, limit);
     Ok(())
 }
 
