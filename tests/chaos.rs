@@ -98,19 +98,25 @@ fn u(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
 }
 
-#[test]
-fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Trains a small teacher on the synthetic set and serves it from a teacher-server process;
+/// returns its address.
+fn trained_teacher(procs: &mut Procs, d: &Path) -> String {
     let data = Dataset::load("synthetic:0").unwrap();
     train_teacher(&data, "mlp:784-64-10", 1, &d.join("teacher.safetensors"));
-    let mut procs = Procs(Vec::new());
     let mut cmd = distill();
     cmd.arg("teacher-server")
         .arg("--model")
         .arg(d.join("teacher.safetensors"))
         .args(["--listen", "127.0.0.1:0", "--member", "t"]);
-    let teacher = format!("http://{}", start(&mut procs, cmd, &d.join("teacher.log")));
+    format!("http://{}", start(procs, cmd, &d.join("teacher.log")))
+}
+
+#[test]
+fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut procs = Procs(Vec::new());
+    let teacher = trained_teacher(&mut procs, d);
 
     // The uninterrupted run.
     let cfg = config(d, "calm", &teacher);
@@ -167,6 +173,56 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
         "resumed: {e1} test errors; uninterrupted: {e0}"
     );
     eprintln!("test errors: uninterrupted {e0}, coordinator killed and resumed {e1}");
+}
+
+/// The same for a run without synchronisation rounds (`[sync] every = 0`), which used to keep
+/// no state at all: the restarted coordinator resumes from its last commit point and the run
+/// completes with every batch trained.
+#[test]
+fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut procs = Procs(Vec::new());
+    let teacher = trained_teacher(&mut procs, d);
+    let cfg = config(d, "plain", &teacher);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("every = 5\n", "every = 0\n")).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let listen = port.to_string();
+    let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "plain-coordinator-1.log");
+    let w = worker(d, &listen, "plain-worker", RECONNECT);
+    let at = wait_until(Duration::from_secs(240), "a quarter of the run", || {
+        let st = run_status(&listen)?;
+        (st.batches_trained * 4 >= st.batches_expected).then_some(st)
+    });
+    c1.kill().unwrap();
+    let _ = c1.wait();
+    assert!(
+        at.batches_trained * 4 < at.batches_expected * 3,
+        "the kill came too late: {} of {}",
+        at.batches_trained,
+        at.batches_expected
+    );
+    assert_eq!(at.sync_rounds, 0, "a run without rounds");
+    let (c2, _) = coordinator(&mut procs, d, &cfg, &listen, "plain-coordinator-2.log");
+    let st = wait_with_deadline(w, Duration::from_secs(300), "the worker");
+    assert!(st.success(), "{}", logs(d));
+    assert!(
+        wait_with_deadline(c2, Duration::from_secs(60), "the restarted coordinator").success(),
+        "{}",
+        logs(d)
+    );
+    let plain = read_report(&d.join("plain"));
+    assert_eq!(u(&plain, "resumes"), 1, "{plain}");
+    assert_eq!(u(&plain, "batches_trained"), u(&plain, "batches_expected"));
+    assert_eq!(u(&plain, "batches_expected"), 4 * 12_000u64.div_ceil(64));
+    assert!(
+        u(&plain, "student_test_errors") < 2000 * 3 / 10,
+        "the resumed student did not learn: {plain}"
+    );
 }
 
 /// What a scenario does a quarter into its run: (processes, coordinator address, the teacher

@@ -614,29 +614,7 @@ impl HandWorker {
         id: &str,
         arch: &Arch,
     ) -> Self {
-        let j = client
-            .join(JoinRequest {
-                worker_id: id.into(),
-                resume_step: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let (up, rx) = tokio::sync::mpsc::channel(16);
-        up.send(WorkerMessage {
-            kind: Some(worker_message::Kind::Hello(pb::Hello {
-                worker_id: j.worker_id,
-                incarnation: j.incarnation,
-                credits: 1,
-            })),
-        })
-        .await
-        .unwrap();
-        let down = client
-            .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (up, down) = open_stream(client, id).await;
         let shapes = distill_core::model::init_params(arch, 0)
             .into_iter()
             .map(|(n, s, _)| (n, s))
@@ -810,7 +788,10 @@ async fn serve_config(
     let run = coordinator::prepare(cfg).await.unwrap();
     let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let caddr = cl.local_addr().unwrap();
-    (caddr, tokio::spawn(coordinator::serve(run, cl, shutdown.clone())))
+    (
+        caddr,
+        tokio::spawn(coordinator::serve(run, cl, shutdown.clone())),
+    )
 }
 
 /// A batch that cannot be prepared (here the teacher refuses every 500-row request: it takes
@@ -920,7 +901,7 @@ async fn a_report_that_cannot_be_written_fails_the_run_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
-    cfg.batch_size = 2000;
+    cfg.batch_size = 1000;
     std::fs::create_dir_all(cfg.run_dir.join("report.json/blocked")).unwrap();
     let (caddr, served) = serve_config(cfg, &shutdown).await;
     let worker_stop = CancellationToken::new();
@@ -949,5 +930,63 @@ async fn a_report_that_cannot_be_written_fails_the_run_and_names_the_file() {
     assert!(dir.path().join("run/state.redb").exists());
     worker_stop.cancel();
     let _ = worker.await;
+    shutdown.cancel();
+}
+
+/// A distributed run visits the batches in the order local training does for the same seed:
+/// every `TrainBatch` of a one-worker run carries exactly the rows of the same batch of
+/// `distill_core::data::shuffled_indices` (the order `distill train` uses), epoch after epoch.
+#[tokio::test]
+async fn a_run_visits_batches_in_the_order_local_training_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
+    cfg.epochs = 2;
+    cfg.batch_size = 1000;
+    cfg.sync.every = 0;
+    let (seed, bs) = (cfg.seed, cfg.batch_size);
+    let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
+    let (caddr, _served) = serve_config(cfg, &shutdown).await;
+    let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
+        .await
+        .unwrap();
+    let (tx, mut down) = open_stream(&mut client, "w").await;
+    let n = data.train.len();
+    let per_epoch = n.div_ceil(bs);
+    let mut seen = 0;
+    while seen < 2 * per_epoch {
+        let msg = tokio::time::timeout(Duration::from_secs(60), down.message())
+            .await
+            .expect("a batch within 60 s")
+            .unwrap()
+            .expect("the stream is open");
+        let Some(pb::coordinator_message::Kind::Train(b)) = msg.kind else {
+            continue;
+        };
+        let order = distill_core::data::shuffled_indices(n, seed, u64::from(b.epoch));
+        let i = b.index as usize;
+        let idx = &order[i * bs..((i + 1) * bs).min(n)];
+        let inputs = b.inputs.unwrap();
+        assert_eq!(
+            inputs.data,
+            data.train.rows_u8(idx).unwrap(),
+            "epoch {} batch {i}: the run's rows are local training's",
+            b.epoch
+        );
+        assert_eq!(
+            (b.epoch as usize, i),
+            (seen / per_epoch, seen % per_epoch),
+            "batches come in index order"
+        );
+        seen += 1;
+        tx.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Ack(pb::Ack {
+                lease_id: b.lease_id,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    }
     shutdown.cancel();
 }

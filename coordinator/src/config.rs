@@ -429,14 +429,20 @@ impl RunConfig {
             ("stall_timeout_secs", self.stall_timeout_secs),
         ] {
             if !v.is_finite() || v <= 0.0 || v > MAX_SECS {
-                return bad(key, format!("must be finite, > 0 and at most {MAX_SECS}, got {v}"));
+                return bad(
+                    key,
+                    format!("must be finite, > 0 and at most {MAX_SECS}, got {v}"),
+                );
             }
         }
         let t = self.temperature as f32;
         if !self.temperature.is_finite() || !t.is_normal() || t <= 0.0 || t > 1e6 {
             return bad(
                 "temperature",
-                format!("must be > 0 and at most 1e6 (as f32), got {}", self.temperature),
+                format!(
+                    "must be > 0 and at most 1e6 (as f32), got {}",
+                    self.temperature
+                ),
             );
         }
         if self.max_message_mb > 4096 {
@@ -672,6 +678,28 @@ weight = 2.0
             (
                 GOOD.replace("epochs = 3", "epochs = 3\nmin_workers = 0"),
                 "min_workers",
+            ),
+            // Finite but huge values used to pass and then panic where they became a
+            // `Duration` or were shifted into bytes.
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\nlease_timeout_secs = 1e300"),
+                "lease_timeout_secs",
+            ),
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\neval_timeout_secs = 1e12"),
+                "eval_timeout_secs",
+            ),
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\nmax_message_mb = 1000000000000"),
+                "max_message_mb",
+            ),
+            (
+                GOOD.replace("epochs = 3", "epochs = 3\nprefetch = 100000000000"),
+                "prefetch",
+            ),
+            (
+                GOOD.replace("temperature = 4.0", "temperature = 1e-300"),
+                "temperature",
             ),
         ] {
             let e = RunConfig::from_toml(&edit).unwrap_err().to_string();

@@ -327,7 +327,8 @@ fn bytes() -> anyhow::Result<()> {
         encodings.push(E::TopK(if classes > 32 { 32 } else { 3 }));
         for enc in encodings {
             let bytes = coordinator::driver::batch::encode_targets(&p, rows, classes, enc)?;
-            let (dense, topk) = coordinator::driver::batch::target_fields(bytes, rows, classes, enc)?;
+            let (dense, topk) =
+                coordinator::driver::batch::target_fields(bytes, rows, classes, enc)?;
             let wire = dense.map_or(0, |t| t.encoded_len()) + topk.map_or(0, |t| t.encoded_len());
             let gap = match enc.topk_format(classes)? {
                 Some(f) => {

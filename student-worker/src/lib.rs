@@ -244,11 +244,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             return Err(stopped(done, &stop).await);
         }
     };
-    // With synchronisation rounds the coordinator's average is the model, so a worker whose
-    // stream breaks (the coordinator died or restarted) can join again and carry on from the
-    // average it is sent first; it keeps a command sender so its training thread outlives the
-    // stream.
-    let mut keep_commands = (sync.every > 0).then(|| commands.clone());
+    // A worker whose stream breaks (the coordinator died or restarted) joins again and carries
+    // on: with synchronisation rounds from the average it is sent first (the average is the
+    // model), without them from its own parameters (the restarted coordinator re-leases what
+    // its last commit point lacks). It keeps a command sender so that its training thread
+    // outlives the stream.
+    let mut keep_commands = Some(commands.clone());
     let mut reader: JoinHandle<Result<()>> = tokio::spawn(read_batches(
         inbound,
         commands,

@@ -68,7 +68,11 @@ pub async fn feed(
                     }
                 }
                 if !gone {
-                    tracing::info!(stream, rows = ctx.data.test.len(), "sending the test split for evaluation");
+                    tracing::info!(
+                        stream,
+                        rows = ctx.data.test.len(),
+                        "sending the test split for evaluation"
+                    );
                     for m in batch::eval_messages(&ctx) {
                         match m {
                             Ok(m) => {
@@ -118,7 +122,9 @@ mod tests {
 
     fn message() -> Outgoing {
         Outgoing::Message(Box::new(CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow { r#final: false })),
+            kind: Some(coordinator_message::Kind::SyncNow(pb::SyncNow {
+                r#final: false,
+            })),
         }))
     }
 
@@ -147,7 +153,10 @@ mod tests {
             .await
             .expect("the feeder reported within 10 s")
             .expect("a command");
-        assert!(matches!(cmd, Command::StreamClosed { stream: 7 }), "{cmd:?}");
+        assert!(
+            matches!(cmd, Command::StreamClosed { stream: 7 }),
+            "{cmd:?}"
+        );
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .unwrap()
@@ -172,7 +181,9 @@ endpoints = ["http://127.0.0.1:1"]
         let settings = cfg.student_settings().unwrap();
         let mut membership = crate::domain::membership::Membership::new(
             cfg.membership.to_config(0),
-            cfg.members.iter().map(|m| (m.name.clone(), m.endpoints.clone())),
+            cfg.members
+                .iter()
+                .map(|m| (m.name.clone(), m.endpoints.clone())),
         )
         .unwrap();
         membership.expect_model(784, 10);

@@ -110,4 +110,3 @@ pub struct RunReport {
     /// The soft-target cache, when the run had one.
     pub cache: Option<CacheReport>,
 }
-

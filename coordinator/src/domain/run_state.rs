@@ -132,7 +132,10 @@ pub enum Action {
     /// Tell `stream` the run is complete and end it.
     Done { stream: StreamId },
     /// End `stream` with an error.
-    Close { stream: StreamId, error: StreamError },
+    Close {
+        stream: StreamId,
+        error: StreamError,
+    },
     /// Write a commit point (with the average, when the run has one) and report with
     /// [`RunState::persisted`].
     Persist {
@@ -588,7 +591,12 @@ impl RunState {
     ) -> Result<(), RunError> {
         let worker = self.workers.stream(stream).map(|s| s.worker.clone());
         match (&self.phase, worker) {
-            (Phase::Evaluating { evaluator: Some((e, _)) }, Some(worker)) if *e == stream => {
+            (
+                Phase::Evaluating {
+                    evaluator: Some((e, _)),
+                },
+                Some(worker),
+            ) if *e == stream => {
                 self.phase = Phase::Finishing;
                 let facts = self.facts(now);
                 self.actions.push(Action::Finish(Box::new(Finish {
@@ -645,7 +653,10 @@ impl RunState {
         } = self.phase
             && now >= deadline
         {
-            tracing::warn!(stream, "the evaluator did not answer in time; electing another");
+            tracing::warn!(
+                stream,
+                "the evaluator did not answer in time; electing another"
+            );
             self.actions.push(Action::Close {
                 stream,
                 error: StreamError::Deadline(format!(
@@ -692,9 +703,7 @@ impl RunState {
             round_totals: self.rounds.totals(),
             resumes: self.resumes,
             samples_per_sec: match (self.first_send, self.last_ack) {
-                (Some(a), Some(b)) if b > a => {
-                    self.counters.samples as f64 / (b - a).as_secs_f64()
-                }
+                (Some(a), Some(b)) if b > a => self.counters.samples as f64 / (b - a).as_secs_f64(),
                 _ => 0.0,
             },
             queues: self.workers.queue_depths(),
@@ -837,10 +846,7 @@ impl RunState {
                 self.send_params(stream, closed.version, params, contributors);
             }
             // The contributors' acks up to their contributions are now in the model.
-            events.extend(
-                self.ledger
-                    .commit(&w.id, self.rounds.committed_seq(&w.id)),
-            );
+            events.extend(self.ledger.commit(&w.id, self.rounds.committed_seq(&w.id)));
         }
         self.on_ledger_events(&events, now);
         self.unpersisted_average = true;
@@ -855,7 +861,13 @@ impl RunState {
         }
     }
 
-    fn send_params(&mut self, stream: StreamId, version: u64, params: ParamsToSend, contributors: u32) {
+    fn send_params(
+        &mut self,
+        stream: StreamId,
+        version: u64,
+        params: ParamsToSend,
+        contributors: u32,
+    ) {
         if let Some(s) = self.workers.stream_mut(stream) {
             s.sent_version = version;
         }
@@ -907,10 +919,7 @@ impl RunState {
             return;
         };
         let mut sent = Vec::new();
-        while let Some(Preparing {
-            ready: Some(_), ..
-        }) = s.preparing.front()
-        {
+        while let Some(Preparing { ready: Some(_), .. }) = s.preparing.front() {
             let Some(p) = s.preparing.pop_front() else {
                 break;
             };
@@ -919,7 +928,8 @@ impl RunState {
         }
         for p in sent {
             if let Some((from_cache, degraded)) = p.ready {
-                self.counters.batch_sent(p.batch.epoch, from_cache, degraded);
+                self.counters
+                    .batch_sent(p.batch.epoch, from_cache, degraded);
             }
             self.first_send.get_or_insert(now);
             self.actions.push(Action::SendBatch {
@@ -936,7 +946,10 @@ impl RunState {
             return;
         }
         if !self.leasing && self.workers.open_streams() >= self.settings.min_workers {
-            tracing::info!(workers = self.workers.open_streams(), "enough workers joined; training starts");
+            tracing::info!(
+                workers = self.workers.open_streams(),
+                "enough workers joined; training starts"
+            );
             self.leasing = true;
         }
         let streams = self.workers.stream_ids();
@@ -1007,7 +1020,10 @@ impl RunState {
             if let (Some((v, _)), Some(s)) = (&params, self.workers.stream_mut(stream)) {
                 s.sent_version = *v;
             }
-            tracing::info!(stream, "training complete; sending the test split for evaluation");
+            tracing::info!(
+                stream,
+                "training complete; sending the test split for evaluation"
+            );
             self.actions.push(Action::Evaluate { stream, params });
         }
     }
@@ -1211,7 +1227,11 @@ mod tests {
             1,
         );
         open(&mut st, "a", 4, t0);
-        assert!(!st.take_actions().iter().any(|a| matches!(a, Action::Prepare { .. })));
+        assert!(
+            !st.take_actions()
+                .iter()
+                .any(|a| matches!(a, Action::Prepare { .. }))
+        );
         open(&mut st, "b", 4, t0);
         let prepares = st
             .take_actions()
@@ -1296,7 +1316,10 @@ mod tests {
             for a in st.take_actions() {
                 match a {
                     Action::Prepare { lease, .. } => {
-                        assert_eq!(lease.batch.index, 0, "the failed batch is leased again first");
+                        assert_eq!(
+                            lease.batch.index, 0,
+                            "the failed batch is leased again first"
+                        );
                         failed += 1;
                         st.prepared(lease.id, Err(("teacher refused: bad".into(), false)), t0);
                     }
@@ -1307,10 +1330,17 @@ mod tests {
         }
         assert_eq!(failed, 3);
         let error = error.expect("the run failed");
-        assert!(error.contains("epoch 0 batch 0") && error.contains("teacher refused"), "{error}");
+        assert!(
+            error.contains("epoch 0 batch 0") && error.contains("teacher refused"),
+            "{error}"
+        );
         assert!(st.is_failed());
         assert_eq!(st.counters.failed_preparations["teacher refused"], 3);
-        assert_eq!(st.workers.stream(s).unwrap().credits, 1, "the credit came back");
+        assert_eq!(
+            st.workers.stream(s).unwrap().credits,
+            1,
+            "the credit came back"
+        );
     }
 
     #[test]
@@ -1326,8 +1356,16 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        st.prepared(lease.id, Err(("offline run: no soft targets".into(), true)), t0);
-        assert!(st.take_actions().iter().any(|a| matches!(a, Action::Fail(_))));
+        st.prepared(
+            lease.id,
+            Err(("offline run: no soft targets".into(), true)),
+            t0,
+        );
+        assert!(
+            st.take_actions()
+                .iter()
+                .any(|a| matches!(a, Action::Fail(_)))
+        );
     }
 
     #[test]
@@ -1342,12 +1380,23 @@ mod tests {
         );
         let (_, s) = open(&mut st, "w", 1, t0);
         serve(&mut st, t0, false);
-        let sent = *st.workers.stream(s).unwrap().in_flight.iter().next().unwrap();
+        let sent = *st
+            .workers
+            .stream(s)
+            .unwrap()
+            .in_flight
+            .iter()
+            .next()
+            .unwrap();
         assert_eq!(st.workers.stream(s).unwrap().credits, 0);
         // The lease expires: its batch goes back in line, the worker still holds the message.
         let late = t0 + 31 * SEC;
         st.tick(late);
-        assert!(!st.take_actions().iter().any(|a| matches!(a, Action::Prepare { .. })));
+        assert!(
+            !st.take_actions()
+                .iter()
+                .any(|a| matches!(a, Action::Prepare { .. }))
+        );
         st.ack(s, sent, AckTimes::default(), late);
         let actions = st.take_actions();
         assert!(st.workers.stream(s).unwrap().in_flight.is_empty());
@@ -1412,8 +1461,18 @@ mod tests {
         st.contribute(a, 1, params(f32::MAX), false, 8, t0).unwrap();
         st.contribute(b, 1, params(f32::MAX), false, 8, t0).unwrap();
         let actions = st.take_actions();
-        assert!(!actions.iter().any(|a| matches!(a, Action::Persist { .. } | Action::SendParams { version: 2, .. })), "{actions:?}");
-        assert!(actions.iter().any(|a| matches!(a, Action::Fail(e) if e.contains("not finite"))));
+        assert!(
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Persist { .. } | Action::SendParams { version: 2, .. }
+            )),
+            "{actions:?}"
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Fail(e) if e.contains("not finite")))
+        );
     }
 
     #[test]
@@ -1424,27 +1483,77 @@ mod tests {
         let (other, acked) = serve(&mut st, t0, true);
         assert!(matches!(
             other.first(),
-            Some(Action::SendParams { version: 0, params: ParamsToSend::Initial, .. })
+            Some(Action::SendParams {
+                version: 0,
+                params: ParamsToSend::Initial,
+                ..
+            })
         ));
         // Every batch of epoch 0 is acked, none averaged: the barrier holds and asks.
         assert_eq!(acked.len(), 10);
-        assert!(other.iter().any(|a| matches!(a, Action::SyncNow { is_final: false, .. })));
+        assert!(other.iter().any(|a| matches!(
+            a,
+            Action::SyncNow {
+                is_final: false,
+                ..
+            }
+        )));
         assert_eq!(st.ledger.progress().epoch, 0);
         st.contribute(s, 0, params(1.0), false, 8, t0).unwrap();
         let (other, acked) = serve(&mut st, t0, true);
-        assert_eq!(acked.len(), 10, "epoch 1 leased once the round committed epoch 0");
-        assert!(other.iter().any(|a| matches!(a, Action::SendParams { version: 1, params: ParamsToSend::Unchanged, .. })));
+        assert_eq!(
+            acked.len(),
+            10,
+            "epoch 1 leased once the round committed epoch 0"
+        );
+        assert!(other.iter().any(|a| matches!(
+            a,
+            Action::SendParams {
+                version: 1,
+                params: ParamsToSend::Unchanged,
+                ..
+            }
+        )));
         // Epoch 1 acked: its barrier asks again; once it passes, the final round.
-        assert!(other.iter().any(|a| matches!(a, Action::SyncNow { is_final: false, .. })));
-        assert!(!other.iter().any(|a| matches!(a, Action::SyncNow { is_final: true, .. })));
+        assert!(other.iter().any(|a| matches!(
+            a,
+            Action::SyncNow {
+                is_final: false,
+                ..
+            }
+        )));
+        assert!(
+            !other
+                .iter()
+                .any(|a| matches!(a, Action::SyncNow { is_final: true, .. }))
+        );
         st.contribute(s, 1, params(2.0), false, 8, t0).unwrap();
         let (other, _) = serve(&mut st, t0, true);
-        assert!(other.iter().any(|a| matches!(a, Action::SyncNow { is_final: true, .. })), "{other:?}");
+        assert!(
+            other
+                .iter()
+                .any(|a| matches!(a, Action::SyncNow { is_final: true, .. })),
+            "{other:?}"
+        );
         st.contribute(s, 2, params(2.0), true, 8, t0).unwrap();
         let (other, _) = serve(&mut st, t0, true);
-        assert!(other.iter().any(|a| matches!(a, Action::Persist { average: Some((3, _)), .. })), "{other:?}");
+        assert!(
+            other.iter().any(|a| matches!(
+                a,
+                Action::Persist {
+                    average: Some((3, _)),
+                    ..
+                }
+            )),
+            "{other:?}"
+        );
         // A lone worker keeps its own parameters, so the evaluator is not sent them again.
-        assert!(other.iter().any(|a| matches!(a, Action::Evaluate { params: None, .. })), "{other:?}");
+        assert!(
+            other
+                .iter()
+                .any(|a| matches!(a, Action::Evaluate { params: None, .. })),
+            "{other:?}"
+        );
         let _ = w;
     }
 
@@ -1471,7 +1580,11 @@ mod tests {
         st.stream_closed(b, t0);
         let actions = st.take_actions();
         // b's leaving closes the round with a's contribution alone.
-        assert!(actions.iter().any(|x| matches!(x, Action::SendParams { version: 1, stream, .. } if *stream == a)));
+        assert!(
+            actions.iter().any(
+                |x| matches!(x, Action::SendParams { version: 1, stream, .. } if *stream == a)
+            )
+        );
         // b's uncommitted acks were rolled back: fewer batches count as trained.
         assert_eq!(
             st.ledger.progress().total_acked,
@@ -1500,16 +1613,28 @@ mod tests {
         // The evaluator times out: its stream is closed and the other is elected.
         let late = t0 + 61 * SEC;
         st.tick(t0 + 59 * SEC);
-        assert!(!st.take_actions().iter().any(|x| matches!(x, Action::Close { .. })));
+        assert!(
+            !st.take_actions()
+                .iter()
+                .any(|x| matches!(x, Action::Close { .. }))
+        );
         assert!(st.next_deadline().is_some_and(|d| d <= t0 + 60 * SEC));
         st.tick(late);
         let actions = st.take_actions();
         assert!(actions.iter().any(|x| matches!(x, Action::Close { stream, error: StreamError::Deadline(_) } if *stream == first)));
-        assert!(actions.iter().any(|x| matches!(x, Action::Evaluate { stream, .. } if *stream == second)));
+        assert!(
+            actions
+                .iter()
+                .any(|x| matches!(x, Action::Evaluate { stream, .. } if *stream == second))
+        );
         // And when that one leaves, a worker that joins again evaluates.
         st.stream_closed(second, late);
         let (_, c) = open(&mut st, "c", 1, late);
-        assert!(st.take_actions().iter().any(|x| matches!(x, Action::Evaluate { stream, .. } if *stream == c)));
+        assert!(
+            st.take_actions()
+                .iter()
+                .any(|x| matches!(x, Action::Evaluate { stream, .. } if *stream == c))
+        );
         st.eval_result(c, 3, 50, late).unwrap();
     }
 
@@ -1550,7 +1675,11 @@ mod tests {
         persists += step(&mut st, t0 + 10 * SEC);
         assert_eq!(persists, 2);
         st.persisted(Err("disk full".into()), t0 + 11 * SEC);
-        assert!(st.take_actions().iter().any(|a| matches!(a, Action::Fail(e) if e.contains("disk full"))));
+        assert!(
+            st.take_actions()
+                .iter()
+                .any(|a| matches!(a, Action::Fail(e) if e.contains("disk full")))
+        );
         assert!(st.is_failed());
     }
 
@@ -1562,7 +1691,13 @@ mod tests {
         let (_, a) = open(&mut st, "a", 2, t0);
         let sent = |st: &mut RunState| -> Vec<u64> {
             let (_, _) = serve(st, t0, false);
-            st.workers.stream(a).unwrap().in_flight.iter().copied().collect()
+            st.workers
+                .stream(a)
+                .unwrap()
+                .in_flight
+                .iter()
+                .copied()
+                .collect()
         };
         // Two batches acked and averaged in round 1; two more acked after it.
         for l in sent(&mut st) {
@@ -1594,13 +1729,22 @@ mod tests {
         let mut restored = restored;
         let (w, _) = open(&mut restored, "a", 1, t0);
         assert_eq!(w.incarnation, 2, "the id's incarnations survive");
-        assert!(restored.take_actions().iter().any(|x| matches!(x, Action::SendParams { version: 1, params: ParamsToSend::Average(_), .. })));
+        assert!(restored.take_actions().iter().any(|x| matches!(
+            x,
+            Action::SendParams {
+                version: 1,
+                params: ParamsToSend::Average(_),
+                ..
+            }
+        )));
         // Another student's state is refused.
         let other = RunSettings {
             settings_json: "{\"other\":1}".into(),
             ..s.clone()
         };
-        assert!(RunState::new(other, ledger(&s, 1), rounds(), Some((st.snapshot(), None))).is_err());
+        assert!(
+            RunState::new(other, ledger(&s, 1), rounds(), Some((st.snapshot(), None))).is_err()
+        );
     }
 
     #[test]
@@ -1615,7 +1759,10 @@ mod tests {
         assert!(st.check_worker(&w1).is_err());
         assert!(st.open_stream(&w1, 1, t0).is_err());
         let s2 = st.open_stream(&w2, 1, t0).unwrap();
-        assert!(st.open_stream(&w2, 1, t0).is_err(), "one stream per incarnation");
+        assert!(
+            st.open_stream(&w2, 1, t0).is_err(),
+            "one stream per incarnation"
+        );
         assert_ne!(s1, s2);
         let x = st.join("x", t0).unwrap();
         assert!(st.open_stream(&x, 0, t0).is_err(), "credits 0");

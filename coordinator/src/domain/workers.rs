@@ -109,7 +109,10 @@ impl WorkerTable {
     /// The next incarnation of `requested_id` (a fresh `worker-N` id when empty), and the
     /// incarnation it replaces with that one's stream, if any. Nothing changes until
     /// [`Self::commit_join`].
-    pub fn next_join(&mut self, requested_id: &str) -> (Worker, Option<(Worker, Option<StreamId>)>) {
+    pub fn next_join(
+        &mut self,
+        requested_id: &str,
+    ) -> (Worker, Option<(Worker, Option<StreamId>)>) {
         let id = if requested_id.is_empty() {
             loop {
                 let id = format!("worker-{}", self.next_auto_id);

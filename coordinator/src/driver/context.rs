@@ -10,13 +10,13 @@ use distill_core::settings::StudentSettings;
 use crate::config::RunConfig;
 use crate::domain::ledger::{Ledger, LedgerConfig};
 use crate::domain::membership::Membership;
-use crate::membership::MembershipHandle;
 use crate::domain::rounds::SyncRounds;
 use crate::domain::run_state::{RunSettings, RunState};
 use crate::error::{Error, Result};
+use crate::membership::MembershipHandle;
+use crate::store::RunDirLock;
 use crate::store::cache::{CacheKey, CacheMode, MemberIdentity, SoftTargetCache};
 use crate::store::run_store::{RunStore, STATE_FILE};
-use crate::store::RunDirLock;
 use crate::teachers::TeacherPool;
 
 /// Most credits a worker may hold (its prefetch window is capped at this).
@@ -140,10 +140,14 @@ impl Run {
             Some((saved, average)) => {
                 let average = match (saved.sync_version, average) {
                     (v, Some(bytes)) if v > 0 => {
-                        let ck = distill_core::checkpoint::Checkpoint::from_bytes(&bytes)
-                            .map_err(|e| {
-                                Error::Store(format!("{}: the stored average: {e}", store.path().display()))
-                            })?;
+                        let ck = distill_core::checkpoint::Checkpoint::from_bytes(&bytes).map_err(
+                            |e| {
+                                Error::Store(format!(
+                                    "{}: the stored average: {e}",
+                                    store.path().display()
+                                ))
+                            },
+                        )?;
                         Some((v, Arc::new(ck.params)))
                     }
                     _ => None,

@@ -125,7 +125,10 @@ pub enum Command {
     /// The student and the report were written (or not).
     Finished { result: Result<RunReport> },
     /// The teachers' own test errors.
-    TeacherErrors { errors: Vec<TeacherErrors>, ensemble: u64 },
+    TeacherErrors {
+        errors: Vec<TeacherErrors>,
+        ensemble: u64,
+    },
 }
 
 impl std::fmt::Debug for batch::PreparedBatch {
@@ -362,9 +365,9 @@ impl Driver {
                 };
                 self.state.prepared(lease_id, outcome, now);
             }
-            Command::Persisted { result } => self
-                .state
-                .persisted(result.map_err(|e| e.to_string()), now),
+            Command::Persisted { result } => {
+                self.state.persisted(result.map_err(|e| e.to_string()), now)
+            }
             Command::Finished { result } => match result {
                 Ok(report) => {
                     tracing::info!(
@@ -452,18 +455,16 @@ impl Driver {
             ),
             Action::Evaluate { stream, params } => {
                 let msgs = match params {
-                    Some((v, p)) => {
-                        match self.param_messages(v, &ParamsToSend::Average(p), 0) {
-                            Ok((msgs, bytes)) => {
-                                self.state.count_down_bytes(bytes);
-                                msgs
-                            }
-                            Err(e) => {
-                                self.state_fail(format!("cannot encode the parameters: {e}"));
-                                return;
-                            }
+                    Some((v, p)) => match self.param_messages(v, &ParamsToSend::Average(p), 0) {
+                        Ok((msgs, bytes)) => {
+                            self.state.count_down_bytes(bytes);
+                            msgs
                         }
-                    }
+                        Err(e) => {
+                            self.state_fail(format!("cannot encode the parameters: {e}"));
+                            return;
+                        }
+                    },
                     None => Vec::new(),
                 };
                 self.deliver(stream, Outgoing::Evaluate(msgs), now);
@@ -523,7 +524,11 @@ impl Driver {
                     "teacher_batches": line.teacher_batches,
                     "cached_batches": line.cached_batches,
                 });
-                tracing::info!(epoch = line.epoch, mean_loss = line.mean_loss, "epoch complete");
+                tracing::info!(
+                    epoch = line.epoch,
+                    mean_loss = line.mean_loss,
+                    "epoch complete"
+                );
                 let path = self.ctx.cfg.run_dir.join("metrics.jsonl");
                 if let Err(e) = append_line(&path, &json.to_string()) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot append metrics");
@@ -677,7 +682,11 @@ impl Driver {
             batches_expected: progress.expected_total,
             student_wait_seconds: s.wait_secs,
             student_step_seconds: s.step_secs,
-            student_wait_fraction: if total > 0.0 { s.wait_secs / total } else { 0.0 },
+            student_wait_fraction: if total > 0.0 {
+                s.wait_secs / total
+            } else {
+                0.0
+            },
             requeued_batches: ledger.requeued_batches,
             retries: ctx.pool.retries(),
             degraded_batches: s.degraded_batches,
@@ -699,7 +708,12 @@ impl Driver {
             cache: ctx.cache.as_ref().map(|c| {
                 let st = c.cache.stats();
                 CacheReport {
-                    dir: ctx.cfg.cache.as_ref().map(|c| c.dir.clone()).unwrap_or_default(),
+                    dir: ctx
+                        .cfg
+                        .cache
+                        .as_ref()
+                        .map(|c| c.dir.clone())
+                        .unwrap_or_default(),
                     mode: ctx
                         .cfg
                         .cache

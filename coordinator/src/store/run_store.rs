@@ -16,9 +16,9 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
-use crate::error::{Error, Result};
 use crate::domain::run_state::Snapshot;
+use crate::error::{Error, Result};
+use redb::{Database, ReadableDatabase, TableDefinition};
 
 /// The store's file in the run directory.
 pub const STATE_FILE: &str = "state.redb";
