@@ -794,6 +794,27 @@ async fn serve_config(
     )
 }
 
+/// A real student worker in this process, in its own task, stopped by `stop`.
+fn spawn_worker(
+    coordinator: std::net::SocketAddr,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<student_worker::Result<student_worker::WorkerReport>> {
+    let (dir, stop) = (dir.to_path_buf(), stop.clone());
+    tokio::spawn(async move {
+        student_worker::run(
+            student_worker::WorkerConfig {
+                coordinator: format!("http://{coordinator}"),
+                work_dir: dir.join("worker"),
+                connect_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+            stop,
+        )
+        .await
+    })
+}
+
 /// A batch that cannot be prepared (here the teacher refuses every 500-row request: it takes
 /// at most 100 rows) ends the run with an error naming the batch and the cause. It used to
 /// keep the worker's credit, so after `prefetch` refusals the run stalled for ever.
@@ -816,21 +837,7 @@ async fn a_batch_that_keeps_failing_ends_the_run_with_an_error_instead_of_stalli
     let cfg = config(dir.path(), vec![format!("http://{taddr}")]);
     let (caddr, served) = serve_config(cfg, &shutdown).await;
     let worker_stop = CancellationToken::new();
-    let worker = {
-        let (dir, stop) = (dir.path().to_path_buf(), worker_stop.clone());
-        tokio::spawn(async move {
-            student_worker::run(
-                student_worker::WorkerConfig {
-                    coordinator: format!("http://{caddr}"),
-                    work_dir: dir.join("worker"),
-                    connect_timeout: Duration::from_secs(10),
-                    ..Default::default()
-                },
-                stop,
-            )
-            .await
-        })
-    };
+    let worker = spawn_worker(caddr, dir.path(), &worker_stop);
     let err = tokio::time::timeout(Duration::from_secs(120), served)
         .await
         .expect("the run ended instead of stalling")
@@ -905,21 +912,7 @@ async fn a_report_that_cannot_be_written_fails_the_run_and_names_the_file() {
     std::fs::create_dir_all(cfg.run_dir.join("report.json/blocked")).unwrap();
     let (caddr, served) = serve_config(cfg, &shutdown).await;
     let worker_stop = CancellationToken::new();
-    let worker = {
-        let (dir, stop) = (dir.path().to_path_buf(), worker_stop.clone());
-        tokio::spawn(async move {
-            student_worker::run(
-                student_worker::WorkerConfig {
-                    coordinator: format!("http://{caddr}"),
-                    work_dir: dir.join("worker"),
-                    connect_timeout: Duration::from_secs(10),
-                    ..Default::default()
-                },
-                stop,
-            )
-            .await
-        })
-    };
+    let worker = spawn_worker(caddr, dir.path(), &worker_stop);
     let err = tokio::time::timeout(Duration::from_secs(120), served)
         .await
         .expect("the run ended instead of hanging")
