@@ -15,10 +15,13 @@
 //!   expired by [`Ledger::tick`] once `now >= deadline`.
 //! - **Epoch barrier.** Epoch `e + 1` is not leased until every batch of epoch `e` is acked;
 //!   meanwhile `lease` returns `None` (and the driver retries after the next ack or expiry).
-//! - **Workers** are `(id, incarnation)` as in TorchElastic: [`Ledger::join`] with a higher
-//!   incarnation retires the older one and puts its outstanding leases back in line at once;
-//!   anything from a retired incarnation is rejected as stale, since that process (and the
-//!   weights it trained) is gone. [`Ledger::worker_left`] does the same for a departure.
+//! - **Workers** are `(id, incarnation)` as in TorchElastic, but the ledger keeps no table of
+//!   them: who is current is the worker table's to decide
+//!   ([`super::workers::WorkerTable`]). The ledger records which incarnation holds each lease
+//!   and acked each batch. [`Ledger::revoke`] takes every outstanding lease of an id back (its
+//!   incarnation left or was replaced): the batches go back in line at once, and an ack of a
+//!   revoked lease is refused ([`AckOutcome::Revoked`]), since that process (and the weights it
+//!   trained) is gone. An ack must come from the incarnation that holds the lease.
 //! - **Acks.** An ack of an outstanding lease marks the batch trained. A repeated ack is
 //!   [`AckOutcome::Duplicate`] and changes nothing. An ack of an expired lease is accepted late
 //!   when nobody else holds or has trained the batch (the live worker did train it, so taking the
@@ -33,7 +36,12 @@
 //!   run can report that exactly-once was not met.
 //! - **Persistence.** [`LedgerState`] is serde. `Instant`s are not, so deadlines are not stored:
 //!   on [`Ledger::restore`] every lease that was outstanding is requeued (front of the line) and
-//!   counted; acks, counters, incarnations and the fencing counter survive.
+//!   counted; acks, commit points, counters and the fencing counter survive.
+//! - **Commit points.** With averaging rounds, an ack is *committed* once the worker's
+//!   parameters that contain it were averaged ([`Ledger::commit`]); the ledger is the one place
+//!   that keeps them. With `hold_for_commit` the epoch barrier also waits for every ack of the
+//!   epoch to be committed, and a gone worker's uncommitted acks are what
+//!   [`Ledger::rollback`] undoes.
 //! - **Counters.** `requeued_batches` counts every batch put back in line: expiries, releases,
 //!   restores and rollbacks.
 
@@ -174,8 +182,6 @@ pub enum ReleaseReason {
 /// A state change worth logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LedgerEvent {
-    /// A worker incarnation joined.
-    WorkerJoined { worker: Worker },
     /// A lease passed its deadline; its batch is requeued.
     LeaseExpired {
         lease_id: u64,
@@ -224,13 +230,12 @@ pub enum AckOutcome {
     Duplicate { batch: BatchId },
     /// The lease expired or was released and the batch went to someone else; rejected.
     Stale { batch: BatchId, reason: StaleReason },
-    /// The ack comes from (or for a lease of) an incarnation that a newer one replaced.
-    StaleIncarnation { worker: Worker, current: u64 },
-    /// The worker left; its acks are no longer taken.
-    WorkerLeft { worker: Worker },
-    /// The worker (at this incarnation) never joined.
-    UnknownWorker { worker: Worker },
-    /// The lease belongs to another worker.
+    /// The lease was revoked: its holder left or was replaced ([`Ledger::revoke`]).
+    Revoked {
+        batch: BatchId,
+        reason: ReleaseReason,
+    },
+    /// The lease belongs to another worker, or to another incarnation of this one.
     NotHolder { lease_id: u64, holder: Worker },
     /// No such lease (never issued, or from an epoch before the previous one).
     UnknownLease { lease_id: u64 },
@@ -264,15 +269,6 @@ pub enum LedgerError {
     /// The configuration is invalid.
     #[error("invalid ledger config: {0}")]
     Config(String),
-    /// The worker (at this incarnation) has not joined.
-    #[error("worker {0} has not joined")]
-    UnknownWorker(Worker),
-    /// A newer incarnation of the worker exists.
-    #[error("worker {worker} is stale: incarnation {current} has joined")]
-    StaleIncarnation { worker: Worker, current: u64 },
-    /// The worker left; it must join with a higher incarnation.
-    #[error("worker {0} has left; join again with a higher incarnation")]
-    WorkerLeft(Worker),
     /// Persisted state does not describe a consistent ledger.
     #[error("corrupt ledger state: {0}")]
     Corrupt(String),
@@ -296,7 +292,7 @@ pub struct LedgerCounters {
     pub late_acks: u64,
     /// Repeated acks.
     pub duplicate_acks: u64,
-    /// Acks rejected as stale (re-leased batch or retired incarnation).
+    /// Acks rejected as stale (re-leased batch, revoked lease or another incarnation).
     pub stale_acks: u64,
     /// Batches un-acked by rollbacks.
     pub rolled_back_batches: u64,
@@ -333,6 +329,8 @@ enum LeaseState {
     Acked,
     Expired,
     Released,
+    /// Taken back from a holder that left or was replaced; its acks are refused.
+    Revoked(ReleaseReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,12 +345,6 @@ struct AckRecord {
     lease_id: u64,
     worker: Worker,
     seq: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct WorkerInfo {
-    incarnation: u64,
-    left: bool,
 }
 
 /// The persistable part of a [`Ledger`] (everything but deadlines and the derived order).
@@ -370,7 +362,6 @@ pub struct LedgerState {
     total_acked: u64,
     /// Leases of the current and the previous epoch, by id.
     leases: BTreeMap<u64, LeaseRecord>,
-    workers: BTreeMap<String, WorkerInfo>,
     next_lease_id: u64,
     next_ack_seq: u64,
     /// Per worker id, the highest ack seq in completed epochs.
@@ -414,7 +405,6 @@ impl Ledger {
             acked_in_epoch: 0,
             total_acked: 0,
             leases: BTreeMap::new(),
-            workers: BTreeMap::new(),
             next_lease_id: 1,
             next_ack_seq: 1,
             finished_last_seq: BTreeMap::new(),
@@ -459,15 +449,6 @@ impl Ledger {
         Ok((ledger, events))
     }
 
-    /// Every worker id the ledger knows, with its current incarnation.
-    pub fn incarnations(&self) -> BTreeMap<String, u64> {
-        self.state
-            .workers
-            .iter()
-            .map(|(id, w)| (id.clone(), w.incarnation))
-            .collect()
-    }
-
     /// The worker ids with acks in the current epoch.
     pub fn workers_with_acks(&self) -> std::collections::BTreeSet<String> {
         self.state
@@ -488,60 +469,40 @@ impl Ledger {
         &self.state.config
     }
 
-    /// Registers a worker incarnation. Joining again at the same incarnation is a no-op (a
-    /// reconnect); a higher incarnation retires the old one and requeues its leases; a lower one,
-    /// or the same one after it left, is refused.
-    pub fn join(&mut self, worker: &Worker) -> Result<Vec<LedgerEvent>, LedgerError> {
-        let mut events = Vec::new();
-        match self.state.workers.get(&worker.id) {
-            Some(info) if worker.incarnation < info.incarnation => {
-                return Err(LedgerError::StaleIncarnation {
-                    worker: worker.clone(),
-                    current: info.incarnation,
-                });
+    /// Takes every outstanding lease of `worker_id` back at once (`reason`: it left, or a new
+    /// incarnation replaced it) and puts the batches back in line; acks of those leases are
+    /// refused from now on.
+    pub fn revoke(&mut self, worker_id: &str, reason: ReleaseReason) -> Vec<LedgerEvent> {
+        let ids: Vec<u64> = self
+            .deadlines
+            .keys()
+            .copied()
+            .filter(|id| {
+                self.state
+                    .leases
+                    .get(id)
+                    .is_some_and(|r| r.worker.id == worker_id)
+            })
+            .collect();
+        let events = ids
+            .into_iter()
+            .filter_map(|id| self.put_back(id, reason))
+            .collect();
+        // Expired and released leases too: a late ack from a gone process must not be taken.
+        for r in self.state.leases.values_mut() {
+            if r.worker.id == worker_id
+                && matches!(r.state, LeaseState::Expired | LeaseState::Released)
+            {
+                r.state = LeaseState::Revoked(reason);
             }
-            Some(info) if worker.incarnation == info.incarnation => {
-                return if info.left {
-                    Err(LedgerError::WorkerLeft(worker.clone()))
-                } else {
-                    Ok(events)
-                };
-            }
-            Some(_) => {
-                events.extend(self.release_worker(&worker.id, ReleaseReason::NewIncarnation))
-            }
-            None => {}
         }
-        self.state.workers.insert(
-            worker.id.clone(),
-            WorkerInfo {
-                incarnation: worker.incarnation,
-                left: false,
-            },
-        );
-        events.push(LedgerEvent::WorkerJoined {
-            worker: worker.clone(),
-        });
-        Ok(events)
-    }
-
-    /// The worker left (or was declared dead): its leases are requeued at once and its later
-    /// acks refused. Unknown or already retired incarnations are ignored.
-    pub fn worker_left(&mut self, worker: &Worker) -> Vec<LedgerEvent> {
-        match self.state.workers.get_mut(&worker.id) {
-            Some(info) if info.incarnation == worker.incarnation && !info.left => {
-                info.left = true;
-                self.release_worker(&worker.id, ReleaseReason::WorkerLeft)
-            }
-            _ => Vec::new(),
-        }
+        events
     }
 
     /// Leases the next batch to `worker`: a requeued one if any, else the next fresh one of the
     /// current epoch. `None` when the run is done or the epoch barrier holds (every batch of the
     /// epoch is leased or acked, and not all are acked).
     pub fn lease(&mut self, worker: &Worker, now: Instant) -> Result<Option<Lease>, LedgerError> {
-        self.check_member(worker)?;
         if self.is_done() {
             return Ok(None);
         }
@@ -581,55 +542,30 @@ impl Ledger {
         }))
     }
 
-    /// Marks the batch of lease `lease_id` trained by `worker`. Never panics; every case is an
-    /// [`AckOutcome`]. `now` is taken for symmetry with the other calls (late acks are decided by
-    /// lease state, which [`Ledger::tick`] moves).
+    /// Marks the batch of lease `lease_id` trained by `worker`, which must be the incarnation
+    /// holding the lease. Never panics; every case is an [`AckOutcome`]. `now` is taken for
+    /// symmetry with the other calls (late acks are decided by lease state, which
+    /// [`Ledger::tick`] moves).
     pub fn ack(&mut self, worker: &Worker, lease_id: u64, _now: Instant) -> AckOutcome {
-        let info = match self.state.workers.get(&worker.id) {
-            Some(info) => info,
-            None => {
-                return AckOutcome::UnknownWorker {
-                    worker: worker.clone(),
-                };
-            }
-        };
-        if worker.incarnation < info.incarnation {
-            self.state.counters.stale_acks += 1;
-            return AckOutcome::StaleIncarnation {
-                worker: worker.clone(),
-                current: info.incarnation,
-            };
-        }
-        if worker.incarnation > info.incarnation {
-            return AckOutcome::UnknownWorker {
-                worker: worker.clone(),
-            };
-        }
-        if info.left {
-            return AckOutcome::WorkerLeft {
-                worker: worker.clone(),
-            };
-        }
-        let current = info.incarnation;
         let record = match self.state.leases.get(&lease_id) {
             Some(r) => r.clone(),
             None => return AckOutcome::UnknownLease { lease_id },
         };
-        if record.worker.id != worker.id {
+        if record.worker != *worker {
+            if record.worker.id == worker.id {
+                self.state.counters.stale_acks += 1;
+            }
             return AckOutcome::NotHolder {
                 lease_id,
                 holder: record.worker,
             };
         }
-        if record.worker.incarnation != current {
-            self.state.counters.stale_acks += 1;
-            return AckOutcome::StaleIncarnation {
-                worker: record.worker,
-                current,
-            };
-        }
         let batch = record.batch;
         match record.state {
+            LeaseState::Revoked(reason) => {
+                self.state.counters.stale_acks += 1;
+                AckOutcome::Revoked { batch, reason }
+            }
             LeaseState::Outstanding => {
                 self.deadlines.remove(&lease_id);
                 self.accept(lease_id, worker, false)
@@ -849,25 +785,6 @@ impl Ledger {
         })
     }
 
-    fn check_member(&self, worker: &Worker) -> Result<(), LedgerError> {
-        match self.state.workers.get(&worker.id) {
-            Some(info) if worker.incarnation < info.incarnation => {
-                Err(LedgerError::StaleIncarnation {
-                    worker: worker.clone(),
-                    current: info.incarnation,
-                })
-            }
-            Some(info) if worker.incarnation == info.incarnation => {
-                if info.left {
-                    Err(LedgerError::WorkerLeft(worker.clone()))
-                } else {
-                    Ok(())
-                }
-            }
-            _ => Err(LedgerError::UnknownWorker(worker.clone())),
-        }
-    }
-
     /// Records an accepted ack of an outstanding (or unclaimed expired) lease.
     fn accept(&mut self, lease_id: u64, worker: &Worker, late: bool) -> AckOutcome {
         let Some(record) = self.state.leases.get_mut(&lease_id) else {
@@ -929,6 +846,11 @@ impl Ledger {
         self.try_advance()
     }
 
+    /// The highest ack sequence number of `worker_id` that is committed (0: none).
+    pub fn committed_seq(&self, worker_id: &str) -> u64 {
+        self.state.committed.get(worker_id).copied().unwrap_or(0)
+    }
+
     /// Whether `worker_id` holds acks of the current epoch that are not committed.
     pub fn has_uncommitted(&self, worker_id: &str) -> bool {
         let c = self.state.committed.get(worker_id).copied().unwrap_or(0);
@@ -983,24 +905,6 @@ impl Ledger {
             self.order = permutation(c.samples, c.seed, epoch);
         }
         events
-    }
-
-    /// Requeues every outstanding lease of `worker_id`.
-    fn release_worker(&mut self, worker_id: &str, reason: ReleaseReason) -> Vec<LedgerEvent> {
-        let ids: Vec<u64> = self
-            .deadlines
-            .keys()
-            .copied()
-            .filter(|id| {
-                self.state
-                    .leases
-                    .get(id)
-                    .is_some_and(|r| r.worker.id == worker_id)
-            })
-            .collect();
-        ids.into_iter()
-            .flat_map(|id| self.put_back(id, reason))
-            .collect()
     }
 
     /// Releases one outstanding lease and requeues its batch.
@@ -1137,10 +1041,9 @@ mod tests {
         t0 + Duration::from_millis(ms)
     }
 
-    fn joined(l: &mut Ledger, id: &str, inc: u64) -> Worker {
-        let w = Worker::new(id, inc);
-        l.join(&w).unwrap();
-        w
+    /// A worker for the tests (the ledger keeps no table of workers: any may lease).
+    fn joined(_: &mut Ledger, id: &str, inc: u64) -> Worker {
+        Worker::new(id, inc)
     }
 
     fn lease(l: &mut Ledger, w: &Worker, now: Instant) -> Lease {
@@ -1264,7 +1167,7 @@ mod tests {
         let lb = lease(&mut l, &b, at(t0, 1000)); // batch 1
         assert_eq!((la.batch.index, lb.batch.index), (0, 1));
         // b leaves first, then a's lease expires: requeue order is b's batch, then a's.
-        assert_eq!(l.worker_left(&b).len(), 1);
+        assert_eq!(l.revoke("b", ReleaseReason::WorkerLeft).len(), 1);
         assert_eq!(l.tick(at(t0, 10_000)).len(), 1);
         let c = joined(&mut l, "c", 1);
         let now = at(t0, 11_000);
@@ -1358,57 +1261,53 @@ mod tests {
     }
 
     #[test]
-    fn old_incarnation_is_fenced_off() {
+    fn a_replaced_incarnation_is_fenced_off() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
         let old = joined(&mut l, "w", 1);
         let ls = lease(&mut l, &old, t0);
         let new = Worker::new("w", 2);
-        let events = l.join(&new).unwrap();
+        let events = l.revoke("w", ReleaseReason::NewIncarnation);
         assert_eq!(
             events,
-            vec![
-                LedgerEvent::LeaseReleased {
-                    lease_id: ls.id,
-                    batch: ls.batch,
-                    worker: old.clone(),
-                    reason: ReleaseReason::NewIncarnation
-                },
-                LedgerEvent::WorkerJoined {
-                    worker: new.clone()
-                }
-            ]
+            vec![LedgerEvent::LeaseReleased {
+                lease_id: ls.id,
+                batch: ls.batch,
+                worker: old.clone(),
+                reason: ReleaseReason::NewIncarnation
+            }]
         );
+        // The old incarnation's ack of its revoked lease is refused, although nobody else took
+        // the batch yet (a late ack of an expired lease would be taken).
         assert_eq!(
             l.ack(&old, ls.id, t0),
-            AckOutcome::StaleIncarnation {
-                worker: old.clone(),
-                current: 2
+            AckOutcome::Revoked {
+                batch: ls.batch,
+                reason: ReleaseReason::NewIncarnation
             }
         );
         // The new incarnation cannot ack the old incarnation's lease either.
-        assert!(matches!(
+        assert_eq!(
             l.ack(&new, ls.id, t0),
-            AckOutcome::StaleIncarnation { current: 2, .. }
-        ));
-        assert!(matches!(
-            l.lease(&old, t0),
-            Err(LedgerError::StaleIncarnation { current: 2, .. })
-        ));
-        assert!(matches!(
-            l.join(&old),
-            Err(LedgerError::StaleIncarnation { .. })
-        ));
-        assert_eq!(l.join(&new).unwrap(), vec![], "re-joining is a no-op");
+            AckOutcome::NotHolder {
+                lease_id: ls.id,
+                holder: old.clone()
+            }
+        );
         let again = lease(&mut l, &new, t0);
         assert_eq!(again.batch, ls.batch);
         assert!(again.id > ls.id);
+        // Nor can the old one ack the new one's lease.
+        assert!(matches!(
+            l.ack(&old, again.id, t0),
+            AckOutcome::NotHolder { .. }
+        ));
         acked(&l.ack(&new, again.id, t0));
-        assert_eq!(l.counters().stale_acks, 2);
+        assert_eq!(l.counters().stale_acks, 3);
     }
 
     #[test]
-    fn worker_left_requeues_its_leases_at_once() {
+    fn a_departure_requeues_its_leases_at_once() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 2, 1)).unwrap();
         let a = joined(&mut l, "a", 1);
@@ -1420,7 +1319,7 @@ mod tests {
             l.outstanding_by_worker(),
             BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 1)])
         );
-        let events = l.worker_left(&a);
+        let events = l.revoke("a", ReleaseReason::WorkerLeft);
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|e| matches!(
             e,
@@ -1433,25 +1332,26 @@ mod tests {
         assert_eq!(l.counters().requeued_batches, 2);
         assert_eq!(
             l.ack(&a, l1.id, t0),
-            AckOutcome::WorkerLeft { worker: a.clone() }
+            AckOutcome::Revoked {
+                batch: l1.batch,
+                reason: ReleaseReason::WorkerLeft
+            }
         );
-        assert!(matches!(l.lease(&a, t0), Err(LedgerError::WorkerLeft(_))));
-        assert!(l.worker_left(&a).is_empty(), "leaving twice does nothing");
+        assert!(
+            l.revoke("a", ReleaseReason::WorkerLeft).is_empty(),
+            "revoking twice does nothing"
+        );
         let got: Vec<BatchId> = (0..2).map(|_| lease(&mut l, &b, t0).batch).collect();
         assert_eq!(got, [l1.batch, l2.batch]);
         assert_ne!(lb.batch, l1.batch);
     }
 
     #[test]
-    fn unknown_workers_and_bad_configs_are_errors() {
+    fn unknown_leases_and_bad_configs_are_errors() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
         let w = Worker::new("w", 1);
-        assert_eq!(l.lease(&w, t0), Err(LedgerError::UnknownWorker(w.clone())));
-        assert_eq!(
-            l.ack(&w, 1, t0),
-            AckOutcome::UnknownWorker { worker: w.clone() }
-        );
+        assert_eq!(l.ack(&w, 1, t0), AckOutcome::UnknownLease { lease_id: 1 });
         for bad in [cfg(0, 5, 1), cfg(10, 0, 1)] {
             assert!(matches!(Ledger::new(bad), Err(LedgerError::Config(_))));
         }
@@ -1538,8 +1438,7 @@ mod tests {
         assert_eq!(r.counters().restores, 1);
         assert_eq!(r.counters().requeued_batches, 3);
 
-        // Incarnations survive: a reconnects at the same incarnation.
-        assert_eq!(r.join(&a).unwrap(), vec![]);
+        // Lease holders survive: a's repeated ack is still a duplicate.
         assert_eq!(
             r.ack(&a, l2.id, t0),
             AckOutcome::Duplicate { batch: l2.batch }
@@ -1619,7 +1518,7 @@ mod tests {
 
         // The worker restarts from the checkpoint taken after its first ack.
         let w2 = Worker::new("w", 2);
-        l.join(&w2).unwrap();
+        l.revoke("w", ReleaseReason::NewIncarnation);
         let rb = l.rollback("w", checkpoint);
         assert_eq!(rb.requeued, [seqs[1].1, seqs[2].1]);
         assert!(!rb.lost_in_finished_epochs);
@@ -1692,11 +1591,13 @@ mod tests {
                     17 => {
                         // The worker restarts with a new incarnation.
                         let i = workers.iter().position(|x| x.id == w.id).unwrap();
-                        if rng.next_u64() % 2 == 0 {
-                            l.worker_left(&w);
-                        }
+                        let reason = if rng.next_u64() % 2 == 0 {
+                            ReleaseReason::WorkerLeft
+                        } else {
+                            ReleaseReason::NewIncarnation
+                        };
+                        l.revoke(&w.id, reason);
                         let next = Worker::new(w.id.clone(), w.incarnation + 1);
-                        l.join(&next).unwrap();
                         workers[i] = next;
                     }
                     18 => {

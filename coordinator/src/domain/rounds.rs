@@ -15,7 +15,9 @@
 //!   synchronous data parallelism; with momentum or AdamW the local state makes it close to, not
 //!   equal to, it.
 //! - **Who is in a round.** The *live* workers: those with an open batch stream that have not
-//!   made their final contribution. A round opens with its first contribution and closes when
+//!   made their final contribution. Who has a stream is the worker table's to know
+//!   ([`super::workers::WorkerTable`]); each call that depends on it is given the live set. A
+//!   round opens with its first contribution and closes when
 //!   every live worker has contributed ([`CloseReason::AllReported`]), when a worker leaves and
 //!   the rest have all reported ([`CloseReason::WorkerLeft`]), or `round_timeout` after it opened
 //!   ([`CloseReason::Timeout`]; the workers that did not report are listed as `missing` and take
@@ -25,9 +27,11 @@
 //! - **Only one contributor.** The average is its own parameters; the reply tells it to keep
 //!   them (`unchanged`), so a lone worker pays only the upload.
 //! - **Commit point.** Each contribution records the worker's highest ack sequence number when it
-//!   was sent; once in a closed round (or in the open one when the worker dies) those acks are in
-//!   the averaged model's history. Acks after it live only in the worker's own parameters and are
-//!   lost with it: the run rolls them back ([`SyncRounds::committed_seq`]).
+//!   was sent; once in a closed round those acks are in the averaged model's history
+//!   ([`Closed::commits`], which the run hands to the ledger, the one keeper of commit points).
+//!   Acks after it live only in the worker's own parameters and are lost with it: the run rolls
+//!   them back. A dead worker's contribution in the open round will be averaged, so its acks
+//!   through [`SyncRounds::pending_seq`] are not rolled back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -79,6 +83,8 @@ pub struct Closed {
     pub params: Params,
     /// Contributors, each with whether it may keep its own parameters (`unchanged`).
     pub replies: Vec<(Worker, bool)>,
+    /// Per contributor id, its highest ack sequence number now in the average.
+    pub commits: Vec<(String, u64)>,
     /// Live workers that did not contribute (timeout).
     pub missing: Vec<Worker>,
     /// Rows trained in the round, all contributors together.
@@ -119,11 +125,9 @@ pub struct SyncRounds {
     outer_lr: f64,
     version: u64,
     params: Option<Params>,
-    live: BTreeSet<Worker>,
-    /// Worker ids whose final contribution is in a closed round.
-    finished: BTreeSet<String>,
+    /// Incarnations whose final contribution is in a closed round.
+    finished: BTreeSet<Worker>,
     open: Option<OpenRound>,
-    committed_seq: BTreeMap<String, u64>,
     seconds_total: f64,
     up_bytes_total: u64,
 }
@@ -140,10 +144,8 @@ impl SyncRounds {
             outer_lr: 1.0,
             version,
             params,
-            live: BTreeSet::new(),
             finished: BTreeSet::new(),
             open: None,
-            committed_seq: BTreeMap::new(),
             seconds_total: 0.0,
             up_bytes_total: 0,
         }
@@ -173,48 +175,34 @@ impl SyncRounds {
         (self.seconds_total, self.up_bytes_total)
     }
 
-    /// Every worker's highest ack sequence number inside the averaged model.
-    pub fn committed(&self) -> BTreeMap<String, u64> {
-        self.committed_seq.clone()
-    }
-
-    /// Restores a resumed run: its latest average (version and parameters), if it had one,
-    /// and its commit points.
-    pub fn restore(&mut self, latest: Option<(u64, Params)>, committed: BTreeMap<String, u64>) {
+    /// Restores a resumed run's latest average (version and parameters), if it had one.
+    pub fn restore(&mut self, latest: Option<(u64, Params)>) {
         if let Some((version, params)) = latest {
             self.version = version;
             self.params = Some(params);
         }
-        self.committed_seq = committed;
     }
 
-    /// The highest ack sequence number of `worker_id` that is in the averaged model (0: none).
-    pub fn committed_seq(&self, worker_id: &str) -> u64 {
-        self.committed_seq.get(worker_id).copied().unwrap_or(0)
+    /// The last ack sequence number of `worker`'s contribution in the open round, if it made
+    /// one: those acks will be in the next average even if the worker is gone.
+    pub fn pending_seq(&self, worker: &Worker) -> Option<u64> {
+        self.open
+            .as_ref()
+            .and_then(|r| r.contribs.get(worker))
+            .map(|c| c.last_ack_seq)
     }
 
-    /// A worker's stream opened: it takes part in rounds from now on. An older incarnation of
-    /// the same id is replaced (its contribution in the open round, if any, stays).
-    pub fn join(&mut self, worker: &Worker) {
-        self.live.retain(|w| w.id != worker.id);
-        self.finished.remove(&worker.id);
-        self.live.insert(worker.clone());
-    }
-
-    /// A worker's stream ended. It no longer holds up rounds; the open round closes if everyone
-    /// left in it has reported.
-    pub fn leave(&mut self, worker: &Worker, now: Instant) -> Option<Closed> {
-        if !self.live.remove(worker) {
-            return None;
-        }
-        if let Some(c) = self.open.as_ref().and_then(|r| r.contribs.get(worker)) {
-            // Its contribution will be averaged: its acks up to it are committed.
-            let seq = c.last_ack_seq;
-            let e = self.committed_seq.entry(worker.id.clone()).or_default();
-            *e = (*e).max(seq);
-        }
-        if self.all_reported() {
-            self.close(now, CloseReason::WorkerLeft)
+    /// A worker's stream ended; `live` is who still has one. It no longer holds up rounds; the
+    /// open round closes if everyone left in it has reported.
+    pub fn leave(
+        &mut self,
+        worker: &Worker,
+        live: &BTreeSet<Worker>,
+        now: Instant,
+    ) -> Option<Closed> {
+        self.finished.remove(worker);
+        if self.all_reported(live) {
+            self.close(live, now, CloseReason::WorkerLeft)
         } else {
             None
         }
@@ -222,22 +210,24 @@ impl SyncRounds {
 
     /// Whether every live worker has made its final contribution and no round is open: the
     /// latest average is the final student.
-    pub fn all_final(&self) -> bool {
-        self.open.is_none() && self.live.iter().all(|w| self.finished.contains(&w.id))
+    pub fn all_final(&self, live: &BTreeSet<Worker>) -> bool {
+        self.open.is_none() && live.iter().all(|w| self.finished.contains(w))
     }
 
     /// Whether `worker` has made its final contribution (and it was averaged).
-    pub fn is_finished(&self, worker_id: &str) -> bool {
-        self.finished.contains(worker_id)
+    pub fn is_finished(&self, worker: &Worker) -> bool {
+        self.finished.contains(worker)
     }
 
-    /// A contribution arrived; returns the closed round when it completes one.
+    /// A contribution from one of the `live` workers arrived; returns the closed round when it
+    /// completes one.
     pub fn contribute(
         &mut self,
         c: Contribution,
+        live: &BTreeSet<Worker>,
         now: Instant,
     ) -> Result<Option<Closed>, SyncError> {
-        if !self.live.contains(&c.worker) {
+        if !live.contains(&c.worker) {
             return Err(SyncError::NotLive(c.worker));
         }
         let round = self.open.get_or_insert_with(|| OpenRound {
@@ -255,8 +245,8 @@ impl SyncRounds {
                 .map_err(|msg| SyncError::Mismatch(c.worker.clone(), msg))?;
         }
         round.contribs.insert(c.worker.clone(), c);
-        Ok(if self.all_reported() {
-            self.close(now, CloseReason::AllReported)
+        Ok(if self.all_reported(live) {
+            self.close(live, now, CloseReason::AllReported)
         } else {
             None
         })
@@ -268,24 +258,28 @@ impl SyncRounds {
     }
 
     /// Closes the open round if its timeout has passed.
-    pub fn tick(&mut self, now: Instant) -> Option<Closed> {
+    pub fn tick(&mut self, live: &BTreeSet<Worker>, now: Instant) -> Option<Closed> {
         match self.next_deadline() {
-            Some(d) if now >= d => self.close(now, CloseReason::Timeout),
+            Some(d) if now >= d => self.close(live, now, CloseReason::Timeout),
             _ => None,
         }
     }
 
-    fn all_reported(&self) -> bool {
+    fn all_reported(&self, live: &BTreeSet<Worker>) -> bool {
         let Some(round) = &self.open else {
             return false;
         };
-        self.live
-            .iter()
-            .filter(|w| !self.finished.contains(&w.id))
+        live.iter()
+            .filter(|w| !self.finished.contains(w))
             .all(|w| round.contribs.contains_key(w))
     }
 
-    fn close(&mut self, now: Instant, reason: CloseReason) -> Option<Closed> {
+    fn close(
+        &mut self,
+        live: &BTreeSet<Worker>,
+        now: Instant,
+        reason: CloseReason,
+    ) -> Option<Closed> {
         let round = self.open.take()?;
         if round.contribs.is_empty() {
             return None;
@@ -313,16 +307,13 @@ impl SyncRounds {
         self.seconds_total += seconds;
         self.up_bytes_total += up_bytes;
         for c in &contribs {
-            let e = self.committed_seq.entry(c.worker.id.clone()).or_default();
-            *e = (*e).max(c.last_ack_seq);
             if c.is_final {
-                self.finished.insert(c.worker.id.clone());
+                self.finished.insert(c.worker.clone());
             }
         }
-        let missing = self
-            .live
+        let missing = live
             .iter()
-            .filter(|w| !round.contribs.contains_key(w) && !self.finished.contains(&w.id))
+            .filter(|w| !round.contribs.contains_key(w) && !self.finished.contains(w))
             .cloned()
             .collect();
         Some(Closed {
@@ -331,6 +322,10 @@ impl SyncRounds {
             replies: contribs
                 .iter()
                 .map(|c| (c.worker.clone(), single))
+                .collect(),
+            commits: contribs
+                .iter()
+                .map(|c| (c.worker.id.clone(), c.last_ack_seq))
                 .collect(),
             missing,
             samples: contribs.iter().map(|c| c.samples).sum(),
@@ -457,19 +452,20 @@ mod tests {
         let t0 = Instant::now();
         let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
         let mut s = SyncRounds::new(Duration::from_secs(10), None).with_outer_lr(2.0);
-        s.join(&w1);
-        s.join(&w2);
+        let mut live = BTreeSet::new();
+        live.insert(w1.clone());
+        live.insert(w2.clone());
         // The first round has no previous parameters here: a plain average.
-        let _ = s.contribute(contrib(&w1, 1, &[1.0, 2.0, -4.0], 1), t0);
+        let _ = s.contribute(contrib(&w1, 1, &[1.0, 2.0, -4.0], 1), &live, t0);
         let c = s
-            .contribute(contrib(&w2, 1, &[3.0, 6.0, 4.0], 1), t0)
+            .contribute(contrib(&w2, 1, &[3.0, 6.0, 4.0], 1), &live, t0)
             .unwrap()
             .unwrap();
         assert_eq!(flat(&c.params), [2.0, 4.0, 0.0]);
         // Then previous + 2 × (average − previous): the two changes summed.
-        let _ = s.contribute(contrib(&w1, 1, &[2.5, 4.0, 1.0], 2), t0);
+        let _ = s.contribute(contrib(&w1, 1, &[2.5, 4.0, 1.0], 2), &live, t0);
         let c = s
-            .contribute(contrib(&w2, 3, &[2.5, 5.0, -1.0], 2), t0)
+            .contribute(contrib(&w2, 3, &[2.5, 5.0, -1.0], 2), &live, t0)
             .unwrap()
             .unwrap();
         // Average weighted 1:3 is [2.5, 4.75, -0.5]; change [0.5, 0.75, -0.5]; doubled.
@@ -477,9 +473,10 @@ mod tests {
         assert_eq!(flat(&s.latest().unwrap().1), [3.0, 5.5, -1.0]);
         assert!(c.replies.iter().all(|(_, unchanged)| !unchanged));
         // A lone contributor keeps its own parameters whatever the step.
-        s.leave(&w2, t0);
+        live.remove(&w2);
+        s.leave(&w2, &live, t0);
         let c = s
-            .contribute(contrib(&w1, 1, &[9.0, 9.0, 9.0], 3), t0)
+            .contribute(contrib(&w1, 1, &[9.0, 9.0, 9.0], 3), &live, t0)
             .unwrap()
             .unwrap();
         assert_eq!(flat(&c.params), [9.0, 9.0, 9.0]);
@@ -498,21 +495,23 @@ mod tests {
         let t0 = Instant::now();
         let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
         let mut s = SyncRounds::new(Duration::from_secs(10), None);
-        s.join(&w1);
-        s.join(&w2);
+        let mut live = BTreeSet::new();
+        live.insert(w1.clone());
+        live.insert(w2.clone());
         assert!(
-            s.contribute(contrib(&w1, 100, &[1.0, 1.0, 1.0], 3), t0)
+            s.contribute(contrib(&w1, 100, &[1.0, 1.0, 1.0], 3), &live, t0)
                 .unwrap()
                 .is_none()
         );
         assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(10)));
         let e = s
-            .contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 3), t0)
+            .contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 3), &live, t0)
             .unwrap_err();
         assert_eq!(e, SyncError::Duplicate(w1.clone(), 1));
         let closed = s
             .contribute(
                 contrib(&w2, 300, &[5.0, 5.0, 5.0], 4),
+                &live,
                 t0 + Duration::from_secs(2),
             )
             .unwrap()
@@ -525,7 +524,7 @@ mod tests {
         assert_eq!(closed.seconds, 2.0);
         assert_eq!(closed.up_bytes, 24);
         assert!(closed.missing.is_empty());
-        assert_eq!((s.committed_seq("a"), s.committed_seq("b")), (3, 4));
+        assert_eq!(closed.commits, [("a".into(), 3), ("b".into(), 4)]);
         assert_eq!(s.latest().map(|(v, _)| v), Some(1));
         assert!(s.next_deadline().is_none());
     }
@@ -536,15 +535,19 @@ mod tests {
         let timeout = Duration::from_secs(5);
         let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
         let mut s = SyncRounds::new(timeout, None);
-        s.join(&w1);
-        s.join(&w2);
+        let mut live = BTreeSet::new();
+        live.insert(w1.clone());
+        live.insert(w2.clone());
         assert!(
-            s.contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 1), t0)
+            s.contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 1), &live, t0)
                 .unwrap()
                 .is_none()
         );
-        assert!(s.tick(t0 + timeout - Duration::from_millis(1)).is_none());
-        let closed = s.tick(t0 + timeout).unwrap();
+        assert!(
+            s.tick(&live, t0 + timeout - Duration::from_millis(1))
+                .is_none()
+        );
+        let closed = s.tick(&live, t0 + timeout).unwrap();
         assert_eq!(closed.reason, CloseReason::Timeout);
         assert_eq!(closed.missing, std::slice::from_ref(&w2));
         // The lone contributor keeps its own parameters.
@@ -553,12 +556,12 @@ mod tests {
         // The late worker's contribution goes into the next round with its rows.
         let t1 = t0 + Duration::from_secs(6);
         assert!(
-            s.contribute(contrib(&w2, 30, &[6.0, 6.0, 6.0], 2), t1)
+            s.contribute(contrib(&w2, 30, &[6.0, 6.0, 6.0], 2), &live, t1)
                 .unwrap()
                 .is_none()
         );
         let closed = s
-            .contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 5), t1)
+            .contribute(contrib(&w1, 10, &[2.0, 2.0, 2.0], 5), &live, t1)
             .unwrap()
             .unwrap();
         assert_eq!(closed.version, 2);
@@ -574,32 +577,39 @@ mod tests {
             Worker::new("c", 1),
         );
         let mut s = SyncRounds::new(Duration::from_secs(60), None);
+        let mut live = BTreeSet::new();
         for w in [&w1, &w2, &w3] {
-            s.join(w);
+            live.insert(w.clone());
         }
         assert!(
-            s.contribute(contrib(&w1, 1, &[0.0, 0.0, 0.0], 7), t0)
+            s.contribute(contrib(&w1, 1, &[0.0, 0.0, 0.0], 7), &live, t0)
                 .unwrap()
                 .is_none()
         );
         assert!(
-            s.contribute(contrib(&w2, 1, &[2.0, 2.0, 2.0], 8), t0)
+            s.contribute(contrib(&w2, 1, &[2.0, 2.0, 2.0], 8), &live, t0)
                 .unwrap()
                 .is_none()
         );
         // w2 dies with its contribution in the round: it counts, and so do its acks through 8.
-        assert!(s.leave(&w2, t0).is_none());
-        assert_eq!(s.committed_seq("b"), 8);
+        live.remove(&w2);
+        assert!(s.leave(&w2, &live, t0).is_none());
+        assert_eq!(s.pending_seq(&w2), Some(8));
+        assert_eq!(s.pending_seq(&w3), None);
         // w3 dies before contributing: the round closes with the two contributions.
-        let closed = s.leave(&w3, t0).unwrap();
+        live.remove(&w3);
+        let closed = s.leave(&w3, &live, t0).unwrap();
         assert_eq!(closed.reason, CloseReason::WorkerLeft);
         assert_eq!(flat(&closed.params), [1.0, 1.0, 1.0]);
-        assert_eq!(s.committed_seq("c"), 0);
+        assert_eq!(closed.commits, [("a".into(), 7), ("b".into(), 8)]);
+        assert_eq!(s.pending_seq(&w2), None, "the round is closed");
         // A dead worker cannot contribute; a new incarnation can, and starts from the average.
-        let e = s.contribute(contrib(&w3, 1, &[0.0; 3], 9), t0).unwrap_err();
+        let e = s
+            .contribute(contrib(&w3, 1, &[0.0; 3], 9), &live, t0)
+            .unwrap_err();
         assert_eq!(e, SyncError::NotLive(w3.clone()));
         let w3b = Worker::new("c", 2);
-        s.join(&w3b);
+        live.insert(w3b.clone());
         assert_eq!(
             s.latest().map(|(v, p)| (v, flat(&p))),
             Some((1, vec![1.0; 3]))
@@ -611,25 +621,26 @@ mod tests {
         let t0 = Instant::now();
         let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
         let mut s = SyncRounds::new(Duration::from_secs(60), None);
-        s.join(&w1);
-        s.join(&w2);
+        let mut live = BTreeSet::new();
+        live.insert(w1.clone());
+        live.insert(w2.clone());
         let mut c = contrib(&w1, 5, &[1.0, 1.0, 1.0], 1);
         c.is_final = true;
-        assert!(s.contribute(c, t0).unwrap().is_none());
-        assert!(!s.all_final());
+        assert!(s.contribute(c, &live, t0).unwrap().is_none());
+        assert!(!s.all_final(&live));
         let closed = s
-            .contribute(contrib(&w2, 5, &[3.0, 3.0, 3.0], 2), t0)
+            .contribute(contrib(&w2, 5, &[3.0, 3.0, 3.0], 2), &live, t0)
             .unwrap()
             .unwrap();
         assert_eq!(flat(&closed.params), [2.0; 3]);
-        assert!(s.is_finished("a") && !s.is_finished("b"));
-        assert!(!s.all_final());
+        assert!(s.is_finished(&w1) && !s.is_finished(&w2));
+        assert!(!s.all_final(&live));
         // The finished worker no longer holds up rounds: b's final one closes on its own.
         let mut c = contrib(&w2, 0, &[2.0, 2.0, 2.0], 2);
         c.is_final = true;
-        let closed = s.contribute(c, t0).unwrap().unwrap();
+        let closed = s.contribute(c, &live, t0).unwrap().unwrap();
         assert_eq!(closed.replies, [(w2.clone(), true)]);
-        assert!(s.all_final());
+        assert!(s.all_final(&live));
     }
 
     #[test]
@@ -637,12 +648,13 @@ mod tests {
         let t0 = Instant::now();
         let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
         let mut s = SyncRounds::new(Duration::from_secs(60), None);
-        s.join(&w1);
-        s.join(&w2);
-        s.contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 1), t0)
+        let mut live = BTreeSet::new();
+        live.insert(w1.clone());
+        live.insert(w2.clone());
+        s.contribute(contrib(&w1, 1, &[1.0, 1.0, 1.0], 1), &live, t0)
             .unwrap();
         let e = s
-            .contribute(contrib(&w2, 1, &[1.0, 1.0], 1), t0)
+            .contribute(contrib(&w2, 1, &[1.0, 1.0], 1), &live, t0)
             .unwrap_err();
         assert!(matches!(e, SyncError::Mismatch(..)), "{e:?}");
     }

@@ -83,12 +83,13 @@ pub struct RunSettings {
 pub struct Snapshot {
     /// The student settings, as JSON.
     pub config: String,
-    /// The ledger.
+    /// The ledger, with the commit points (per worker id, the highest ack sequence number
+    /// inside the stored average).
     pub ledger: LedgerState,
+    /// Per worker id, its current incarnation.
+    pub workers: BTreeMap<String, u64>,
     /// Version of the stored average (0: none).
     pub sync_version: u64,
-    /// Per worker id, the highest ack sequence number inside the stored average.
-    pub committed: BTreeMap<String, u64>,
     /// The run's counters.
     pub counters: Counters,
     /// Times the run was resumed from its store.
@@ -291,14 +292,14 @@ impl RunState {
             }
             if settings.rounds {
                 for id in restored.workers_with_acks() {
-                    let through = saved.committed.get(&id).copied().unwrap_or(0);
+                    let through = restored.committed_seq(&id);
                     restored.rollback(&id, through);
                 }
             }
             restored.settle();
-            workers = WorkerTable::restored(restored.incarnations());
+            workers = WorkerTable::restored(saved.workers);
             ledger = restored;
-            rounds.restore(average, saved.committed);
+            rounds.restore(average);
             counters = saved.counters;
             resumes = saved.resumes.saturating_add(1);
         }
@@ -362,13 +363,10 @@ impl RunState {
     /// its last averaged contribution.
     pub fn join(&mut self, requested_id: &str, now: Instant) -> Result<Worker, RunError> {
         let (worker, previous) = self.workers.next_join(requested_id);
-        let events = self
-            .ledger
-            .join(&worker)
-            .map_err(|e| RunError::Invalid(e.to_string()))?;
-        log_events(&events);
         self.workers.commit_join(&worker);
         if let Some((old, stream)) = previous {
+            let events = self.ledger.revoke(&old.id, ReleaseReason::NewIncarnation);
+            self.on_ledger_events(&events, now);
             if let Some(stream) = stream {
                 self.actions.push(Action::Close {
                     stream,
@@ -411,7 +409,6 @@ impl RunState {
         let stream = self.workers.open_stream(worker, credits)?;
         tracing::info!(%worker, stream, credits, "batch stream open");
         if self.settings.rounds {
-            self.rounds.join(worker);
             // With rounds the coordinator's average is the model: every stream starts from it
             // (the seeded initial parameters before the first round), so a worker that
             // reconnects drops whatever it trained after its last averaged contribution.
@@ -512,7 +509,7 @@ impl RunState {
         tracing::debug!(%worker, samples = c.samples, base = base_version, is_final, "contribution");
         let closed = self
             .rounds
-            .contribute(c, now)
+            .contribute(c, &self.workers.live(), now)
             .map_err(|e| RunError::Invalid(e.to_string()))?;
         self.workers.take_rows(&worker.id);
         if let Some(c) = closed {
@@ -645,7 +642,7 @@ impl RunState {
     pub fn tick(&mut self, now: Instant) {
         let events = self.ledger.tick(now);
         self.on_ledger_events(&events, now);
-        if let Some(c) = self.rounds.tick(now) {
+        if let Some(c) = self.rounds.tick(&self.workers.live(), now) {
             self.on_round_closed(c, now);
         }
         if let Phase::Evaluating {
@@ -715,8 +712,8 @@ impl RunState {
         Snapshot {
             config: self.settings.settings_json.clone(),
             ledger: self.ledger.snapshot(),
+            workers: self.workers.incarnations(),
             sync_version: self.rounds.latest().map_or(0, |(v, _)| v),
-            committed: self.rounds.committed(),
             counters: self.counters.clone(),
             resumes: self.resumes,
         }
@@ -764,9 +761,9 @@ impl RunState {
             return;
         }
         tracing::info!(worker = %s.worker, stream, "batch stream closed");
-        let events = self.ledger.worker_left(&s.worker);
-        self.on_ledger_events(&events, now);
         if current {
+            let events = self.ledger.revoke(&s.worker.id, ReleaseReason::WorkerLeft);
+            self.on_ledger_events(&events, now);
             self.lose_uncommitted(&s.worker, now);
         }
     }
@@ -777,10 +774,14 @@ impl RunState {
         if !self.settings.rounds {
             return;
         }
-        if let Some(c) = self.rounds.leave(worker, now) {
+        // Its contribution in the open round, if any, will be averaged: keep the acks it covers.
+        let committed = self
+            .ledger
+            .committed_seq(&worker.id)
+            .max(self.rounds.pending_seq(worker).unwrap_or(0));
+        if let Some(c) = self.rounds.leave(worker, &self.workers.live(), now) {
             self.on_round_closed(c, now);
         }
-        let committed = self.rounds.committed_seq(&worker.id);
         let rb = self.ledger.rollback(&worker.id, committed);
         if !rb.requeued.is_empty() {
             tracing::warn!(%worker, batches = rb.requeued.len(), "batches trained after the worker's last round are trained again");
@@ -845,12 +846,14 @@ impl RunState {
                 };
                 self.send_params(stream, closed.version, params, contributors);
             }
-            // The contributors' acks up to their contributions are now in the model.
-            events.extend(self.ledger.commit(&w.id, self.rounds.committed_seq(&w.id)));
+        }
+        // The contributors' acks up to their contributions are now in the model.
+        for (id, seq) in &closed.commits {
+            events.extend(self.ledger.commit(id, *seq));
         }
         self.on_ledger_events(&events, now);
         self.unpersisted_average = true;
-        if self.rounds.all_final() {
+        if self.rounds.all_final(&self.workers.live()) {
             // The final average is always written, at once.
             self.persist_due = Some(now);
             if !self.persist_in_flight {
@@ -967,6 +970,8 @@ impl RunState {
         let epoch = self.ledger.progress().epoch;
         let awaiting = self.settings.rounds && self.ledger.awaiting_commit();
         let trained = self.ledger.is_done();
+        let live = self.workers.live();
+        let rounds_final = self.rounds.all_final(&live);
         for &stream in &streams {
             let Some(s) = self.workers.stream_mut(stream) else {
                 continue;
@@ -986,8 +991,8 @@ impl RunState {
             if trained
                 && self.settings.rounds
                 && !s.asked_final
-                && !self.rounds.is_finished(&s.worker.id)
-                && !self.rounds.all_final()
+                && !self.rounds.is_finished(&s.worker)
+                && !rounds_final
             {
                 s.asked_final = true;
                 self.actions.push(Action::SyncNow {
@@ -996,7 +1001,7 @@ impl RunState {
                 });
             }
         }
-        let all_final = !self.settings.rounds || self.rounds.all_final();
+        let all_final = !self.settings.rounds || rounds_final;
         if trained && all_final && self.phase == Phase::Training {
             tracing::info!("every batch is trained");
             self.phase = Phase::Evaluating { evaluator: None };
@@ -1725,8 +1730,14 @@ mod tests {
         assert_eq!((committed, acked), (2, 4));
         assert_eq!(restored.ledger.progress().outstanding, 0);
         assert_eq!(restored.rounds.latest().map(|(v, _)| v), Some(1));
-        // A worker that joins the restored run starts from the stored average.
+        // The old process stays fenced off: its incarnation's stream died with the old
+        // coordinator, so it must join again.
         let mut restored = restored;
+        assert!(matches!(
+            restored.open_stream(&Worker::new("a", 1), 1, t0),
+            Err(RunError::Worker(WorkerError::Left(_)))
+        ));
+        // A worker that joins the restored run starts from the stored average.
         let (w, _) = open(&mut restored, "a", 1, t0);
         assert_eq!(w.incarnation, 2, "the id's incarnations survive");
         assert!(restored.take_actions().iter().any(|x| matches!(

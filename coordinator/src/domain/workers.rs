@@ -4,7 +4,11 @@
 //! the current one. A current incarnation may have one open batch stream ([`StreamId`]): the
 //! stream holds the worker's credits (its prefetch window), the leases being prepared for it in
 //! lease order, the leases sent and not yet acked, and what it was last sent of the rounds.
-//! [`super::run_state::RunState`] owns the table; nothing else keeps worker identity.
+//! Once that stream closes the incarnation has left: it must join again (as the next
+//! incarnation) to take part. [`super::run_state::RunState`] owns the table; nothing else keeps
+//! worker identity: the ledger only records which incarnation holds each lease, the rounds are
+//! given the live set ([`WorkerTable::live`]), and the table's incarnations are persisted with
+//! each commit point so that a restored run still fences off the old processes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -55,6 +59,8 @@ impl Stream {
 struct Entry {
     incarnation: u64,
     stream: Option<StreamId>,
+    /// Its stream closed: this incarnation takes no further part.
+    left: bool,
     /// Training rows acked since its last contribution to a round: its weight in the next one.
     rows_since_contribution: u64,
 }
@@ -75,6 +81,9 @@ pub enum WorkerError {
     /// It already has an open stream.
     #[error("worker {0} already has an open batch stream")]
     StreamOpen(Worker),
+    /// Its stream closed; it must join again.
+    #[error("worker {0} has left the run (its batch stream closed); join again")]
+    Left(Worker),
 }
 
 /// Every worker id of the run and the open streams.
@@ -87,7 +96,9 @@ pub struct WorkerTable {
 }
 
 impl WorkerTable {
-    /// A table that knows the ids and current incarnations of a restored run.
+    /// A table that knows the ids and current incarnations of a restored run. Every
+    /// incarnation counts as left (its stream died with the previous coordinator): each worker
+    /// joins again, as its next incarnation.
     pub fn restored(incarnations: impl IntoIterator<Item = (String, u64)>) -> Self {
         Self {
             workers: incarnations
@@ -97,6 +108,7 @@ impl WorkerTable {
                         id,
                         Entry {
                             incarnation,
+                            left: true,
                             ..Entry::default()
                         },
                     )
@@ -140,9 +152,23 @@ impl WorkerTable {
             Entry {
                 incarnation: worker.incarnation,
                 stream: None,
+                left: false,
                 rows_since_contribution: 0,
             },
         );
+    }
+
+    /// Every id's current incarnation: what a commit point stores.
+    pub fn incarnations(&self) -> BTreeMap<String, u64> {
+        self.workers
+            .iter()
+            .map(|(id, e)| (id.clone(), e.incarnation))
+            .collect()
+    }
+
+    /// The workers with an open stream: who takes part in the rounds.
+    pub fn live(&self) -> BTreeSet<Worker> {
+        self.streams.values().map(|s| s.worker.clone()).collect()
     }
 
     /// Checks that `worker` is the current incarnation of a joined id.
@@ -173,6 +199,9 @@ impl WorkerTable {
         if entry.stream.is_some() {
             return Err(WorkerError::StreamOpen(worker.clone()));
         }
+        if entry.left {
+            return Err(WorkerError::Left(worker.clone()));
+        }
         let id = self.next_stream;
         self.next_stream += 1;
         entry.stream = Some(id);
@@ -198,6 +227,7 @@ impl WorkerTable {
             Some(e) if e.incarnation == s.worker.incarnation => {
                 if e.stream == Some(stream) {
                     e.stream = None;
+                    e.left = true;
                 }
                 true
             }
@@ -269,5 +299,69 @@ impl WorkerTable {
             .values()
             .map(|s| (s.worker.id.clone(), s.preparing.len()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn each_join_is_the_next_incarnation_and_fences_off_the_previous_one() {
+        let mut t = WorkerTable::default();
+        let (w1, prev) = t.next_join("w");
+        assert_eq!((w1.clone(), prev), (Worker::new("w", 1), None));
+        t.commit_join(&w1);
+        let s1 = t.open_stream(&w1, 4).unwrap();
+        assert_eq!(
+            t.open_stream(&w1, 4),
+            Err(WorkerError::StreamOpen(w1.clone()))
+        );
+        assert_eq!(t.live(), BTreeSet::from([w1.clone()]));
+        let (w2, prev) = t.next_join("w");
+        assert_eq!(w2, Worker::new("w", 2));
+        assert_eq!(prev, Some((w1.clone(), Some(s1))));
+        t.commit_join(&w2);
+        assert_eq!(
+            t.check(&w1),
+            Err(WorkerError::Replaced {
+                id: "w".into(),
+                incarnation: 1,
+                current: 2
+            })
+        );
+        assert!(t.open_stream(&w1, 1).is_err());
+        // The replaced incarnation's stream closes as not current.
+        let (s, current) = t.close_stream(s1).unwrap();
+        assert_eq!((s.worker, current), (w1, false));
+        assert!(t.live().is_empty());
+        assert_eq!(
+            t.check(&Worker::new("x", 1)),
+            Err(WorkerError::Unknown("x".into()))
+        );
+        // Empty ids get fresh names.
+        let (auto, _) = t.next_join("");
+        assert_eq!(auto, Worker::new("worker-0", 1));
+    }
+
+    #[test]
+    fn an_incarnation_whose_stream_closed_has_left_and_so_has_every_restored_one() {
+        let mut t = WorkerTable::default();
+        let (w, _) = t.next_join("w");
+        t.commit_join(&w);
+        let s = t.open_stream(&w, 1).unwrap();
+        let (_, current) = t.close_stream(s).unwrap();
+        assert!(current);
+        assert_eq!(t.open_stream(&w, 1), Err(WorkerError::Left(w.clone())));
+        assert_eq!(t.incarnations(), BTreeMap::from([("w".to_string(), 1)]));
+        // A restored run knows every id's incarnation, and each must join again.
+        let mut r = WorkerTable::restored(t.incarnations());
+        assert_eq!(r.open_stream(&w, 1), Err(WorkerError::Left(w.clone())));
+        let (next, prev) = r.next_join("w");
+        assert_eq!((next.incarnation, prev.map(|(p, _)| p)), (2, Some(w)));
+        r.commit_join(&next);
+        assert!(r.open_stream(&next, 1).is_ok());
     }
 }

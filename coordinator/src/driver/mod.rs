@@ -737,7 +737,9 @@ fn run_error(e: crate::domain::run_state::RunError) -> Error {
     match e {
         RunError::Worker(w @ WorkerError::Unknown(_)) => Error::NotFound(w.to_string()),
         RunError::Worker(w @ WorkerError::Replaced { .. }) => Error::Stale(w.to_string()),
-        RunError::Worker(w @ WorkerError::StreamOpen(_)) => Error::Stale(w.to_string()),
+        RunError::Worker(w @ (WorkerError::StreamOpen(_) | WorkerError::Left(_))) => {
+            Error::Stale(w.to_string())
+        }
         RunError::Invalid(m) => Error::InvalidArgument(m),
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! What is stored, in one write transaction each time (the *commit point*):
 //! - the resolved config (a restart with another config is refused),
-//! - the ledger snapshot ([`crate::domain::ledger::LedgerState`]),
-//! - the synchronisation state: the version of the latest average, the average itself
-//!   (safetensors bytes), and per worker the highest ack sequence number inside it,
+//! - the ledger snapshot ([`crate::domain::ledger::LedgerState`]), with the commit points (per
+//!   worker the highest ack sequence number inside the stored average),
+//! - the worker table's incarnations, so that the old processes stay fenced off,
+//! - the synchronisation state: the version of the latest average and the average itself
+//!   (safetensors bytes),
 //! - the run's counters and how many times the run was resumed.
 //!
 //! When a commit point is written, and what a restore does with it, is decided by
