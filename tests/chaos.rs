@@ -22,7 +22,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
+    Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher, wait_until,
     wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
@@ -128,11 +128,9 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     let calm = read_report(&d.join("calm"));
 
     // The same run, with the coordinator killed mid-run and started again on the same port.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let listen = port.to_string();
+    // Held until the test ends: nothing else can take the port between the kill and the restart.
+    let port = reserve_port();
+    let listen = port.addr.to_string();
     let cfg = config(d, "chaos", &teacher);
     let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "chaos-coordinator-1.log");
     let w = worker(d, &listen, "chaos-worker", RECONNECT);
@@ -187,11 +185,9 @@ fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the
     let cfg = config(d, "plain", &teacher);
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("every = 5\n", "every = 0\n")).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let listen = port.to_string();
+    // Held until the test ends: nothing else can take the port between the kill and the restart.
+    let port = reserve_port();
+    let listen = port.addr.to_string();
     let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "plain-coordinator-1.log");
     let w = worker(d, &listen, "plain-worker", RECONNECT);
     let at = wait_until(Duration::from_secs(240), "a quarter of the run", || {
@@ -280,9 +276,13 @@ fn teacher_and_worker_failures() {
     train_teacher(&data, "mlp:784-64-10", 1, &tm);
     train_teacher(&data, "mlp:784-48-10", 2, &um);
     let mut procs = Procs(Vec::new());
-    let free_port = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
+    // Each scenario's `u` port is held until the test ends, for `u`'s restart on it.
+    let mut reserved = Vec::new();
+    let mut free_port = || {
+        let r = reserve_port();
+        let addr = r.addr.to_string();
+        reserved.push(r);
+        addr
     };
     // Runs scenario `name`: fresh teachers (t twice, u once, u on `u_listen`), a coordinator, a
     // worker; `chaos` acts a quarter into the run and returns what it must wait for at the end.
@@ -369,6 +369,15 @@ fn teacher_and_worker_failures() {
         not_too_late(&at, "(a)");
     });
     assert!(u(member(&a, "t"), "failures") >= 1, "(a): {a}");
+    // The failed requests were retried on the surviving replica, which answered the most.
+    assert!(u(&a, "retries") >= 1, "(a): {a}");
+    let shares: Vec<u64> = member(&a, "t")["answered_by"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(shares.len(), 2, "(a): {a}");
     assert_eq!(u(&a, "degraded_batches"), 0);
     close(&a, "(a) one replica killed");
 

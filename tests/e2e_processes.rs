@@ -109,12 +109,17 @@ endpoints = ["{}", "{}"]
     assert!(n("student_test_errors") < 2000 * 4 / 10, "{report}");
     let teachers = report["teachers"].as_array().unwrap();
     assert_eq!(teachers.len(), 2);
-    // Both members answered every batch: the report counts their requests.
+    // Both members answered every batch: the report counts their requests, and both replicas
+    // of `b` took a share of its load.
     for m in report["members"].as_array().unwrap() {
-        assert!(
-            m["requests"].as_u64().unwrap() >= n("batches_expected"),
-            "{m}"
-        );
+        let requests = m["requests"].as_u64().unwrap();
+        assert!(requests >= n("batches_expected"), "{m}");
+        let by = m["answered_by"].as_object().unwrap();
+        let shares: Vec<u64> = by.values().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(shares.iter().sum::<u64>(), requests, "{m}");
+        let replicas = if m["member"] == "b" { 2 } else { 1 };
+        assert_eq!(shares.len(), replicas, "{m}");
+        assert!(shares.iter().all(|&k| k > 0), "{m}");
     }
     // The final student was kept in the run directory and loads.
     distill_core::checkpoint::Checkpoint::read(&d.join("run/student.safetensors")).unwrap();

@@ -4,6 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
+/// Each test fails at this deadline instead of hanging the suite.
+const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 use std::time::Duration;
 
 use candle_core::Device;
@@ -103,64 +108,85 @@ async fn run(hedge: bool) -> (Vec<u64>, coordinator::teachers::MemberStats) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replica_is_avoided_and_its_requests_are_hedged() {
-    let (counts, stats) = run(true).await;
-    // Every request got exactly one answer (a hedge's loser is cancelled, not answered).
-    assert_eq!(stats.requests, REQUESTS, "{stats:?}");
-    assert_eq!(counts.iter().sum::<u64>(), REQUESTS, "{counts:?}");
-    // The slow replica answered only while it was untimed (it counts as fast until then);
-    // afterwards it is chosen only to refresh its estimate (every 32 requests), and each of
-    // those requests is hedged on the fast replica, which answers first.
-    assert!(
-        counts[0] <= 2,
-        "the slow replica answered {counts:?}; {stats:?}"
-    );
-    assert!(stats.hedged_requests >= 2, "{stats:?}");
-    assert!(stats.hedge_wins >= 2, "{stats:?}");
-    assert_eq!(stats.failures, 0, "{stats:?}");
+    common::within(
+        TEST_DEADLINE,
+        "a_slow_replica_is_avoided_and_its_requests_are_hedged",
+        async move {
+            let (counts, stats) = run(true).await;
+            // Every request got exactly one answer (a hedge's loser is cancelled, not answered).
+            assert_eq!(stats.requests, REQUESTS, "{stats:?}");
+            assert_eq!(counts.iter().sum::<u64>(), REQUESTS, "{counts:?}");
+            // The slow replica answered only while it was untimed (it counts as fast until then);
+            // afterwards it is chosen only to refresh its estimate (every 32 requests), and each of
+            // those requests is hedged on the fast replica, which answers first.
+            assert!(
+                counts[0] <= 2,
+                "the slow replica answered {counts:?}; {stats:?}"
+            );
+            assert!(stats.hedged_requests >= 2, "{stats:?}");
+            assert!(stats.hedge_wins >= 2, "{stats:?}");
+            assert_eq!(stats.failures, 0, "{stats:?}");
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_hedging_the_refresh_requests_wait_for_the_slow_replica() {
-    let (counts, stats) = run(false).await;
-    assert_eq!(stats.requests, REQUESTS, "{stats:?}");
-    assert_eq!(stats.hedged_requests, 0, "{stats:?}");
-    // Chosen once untimed and once per 32 requests after that, and each time answered by it.
-    assert!(counts[0] >= 3, "{counts:?}");
-    assert!(counts[0] <= 2 + REQUESTS / 32, "{counts:?}");
+    common::within(
+        TEST_DEADLINE,
+        "without_hedging_the_refresh_requests_wait_for_the_slow_replica",
+        async move {
+            let (counts, stats) = run(false).await;
+            assert_eq!(stats.requests, REQUESTS, "{stats:?}");
+            assert_eq!(stats.hedged_requests, 0, "{stats:?}");
+            // Chosen once untimed and once per 32 requests after that, and each time answered by it.
+            assert!(counts[0] >= 3, "{counts:?}");
+            assert!(counts[0] <= 2 + REQUESTS / 32, "{counts:?}");
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_replicas_report_steers_requests() {
-    use coordinator::domain::membership::Load;
-    let shutdown = CancellationToken::new();
-    let endpoints = vec![
-        teacher(Duration::ZERO, &shutdown).await,
-        teacher(Duration::ZERO, &shutdown).await,
-    ];
-    let pool = pool(&endpoints, false);
-    let ids: Vec<_> = views(&pool, &endpoints).iter().map(|v| v.id).collect();
-    // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
-    let report = |i: usize, in_flight: u32, max_in_flight: u32| {
-        let mut m = pool.membership().lock().unwrap();
-        let load = Load {
-            in_flight,
-            max_in_flight,
-        };
-        let hb = m.heartbeat(ids[i], &endpoints[i], load, std::time::Instant::now());
-        assert!(hb.value);
-    };
-    let rows = HostTensor::from_f32(vec![2, 784], &[0.25; 2 * 784]).unwrap();
-    // Replica 0 is busy with 50 requests from elsewhere: everything goes to replica 1.
-    report(0, 50, 0);
-    for _ in 0..20 {
-        pool.infer(0, &rows, 1.0).await.unwrap();
-    }
-    assert_eq!(answered(&pool, &endpoints), [0, 20]);
-    // Replica 1 is at its stated limit: replica 0 takes the requests, busy as it is.
-    report(1, 8, 8);
-    for _ in 0..10 {
-        pool.infer(0, &rows, 1.0).await.unwrap();
-    }
-    assert_eq!(answered(&pool, &endpoints), [10, 20]);
-    shutdown.cancel();
+    common::within(
+        TEST_DEADLINE,
+        "the_load_replicas_report_steers_requests",
+        async move {
+            use coordinator::domain::membership::Load;
+            let shutdown = CancellationToken::new();
+            let endpoints = vec![
+                teacher(Duration::ZERO, &shutdown).await,
+                teacher(Duration::ZERO, &shutdown).await,
+            ];
+            let pool = pool(&endpoints, false);
+            let ids: Vec<_> = views(&pool, &endpoints).iter().map(|v| v.id).collect();
+            // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
+            let report = |i: usize, in_flight: u32, max_in_flight: u32| {
+                let mut m = pool.membership().lock().unwrap();
+                let load = Load {
+                    in_flight,
+                    max_in_flight,
+                };
+                let hb = m.heartbeat(ids[i], &endpoints[i], load, std::time::Instant::now());
+                assert!(hb.value);
+            };
+            let rows = HostTensor::from_f32(vec![2, 784], &[0.25; 2 * 784]).unwrap();
+            // Replica 0 is busy with 50 requests from elsewhere: everything goes to replica 1.
+            report(0, 50, 0);
+            for _ in 0..20 {
+                pool.infer(0, &rows, 1.0).await.unwrap();
+            }
+            assert_eq!(answered(&pool, &endpoints), [0, 20]);
+            // Replica 1 is at its stated limit: replica 0 takes the requests, busy as it is.
+            report(1, 8, 8);
+            for _ in 0..10 {
+                pool.infer(0, &rows, 1.0).await.unwrap();
+            }
+            assert_eq!(answered(&pool, &endpoints), [10, 20]);
+            shutdown.cancel();
+        },
+    )
+    .await
 }

@@ -20,6 +20,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
+/// Each test fails at this deadline instead of hanging the suite.
+const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -166,134 +171,151 @@ async fn registered(r: &mut Registrar, pred: impl Fn(u64) -> bool) -> u64 {
 
 #[tokio::test]
 async fn registers_heartbeats_and_expires_at_the_ttl_after_a_crash() {
-    let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
-    let shutdown = CancellationToken::new();
-    let mut reg = start_registrar(coord.addr, &shutdown);
-    let id = registered(&mut reg, |_| true).await;
+    common::within(
+        TEST_DEADLINE,
+        "registers_heartbeats_and_expires_at_the_ttl_after_a_crash",
+        async move {
+            let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+            let shutdown = CancellationToken::new();
+            let mut reg = start_registrar(coord.addr, &shutdown);
+            let id = registered(&mut reg, |_| true).await;
 
-    let first = coord.replicas();
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0].id, id);
-    assert_eq!(first[0].address, RESOLVED);
-    assert_eq!(first[0].health, Health::InRotation);
-    assert_eq!(
-        first[0].identity.as_ref().map(|i| i.weights_digest.clone()),
-        Some(info().digest)
-    );
-    assert!(coord.svc.membership().lock().unwrap().is_up("big"));
+            let first = coord.replicas();
+            assert_eq!(first.len(), 1);
+            assert_eq!(first[0].id, id);
+            assert_eq!(first[0].address, RESOLVED);
+            assert_eq!(first[0].health, Health::InRotation);
+            assert_eq!(
+                first[0].identity.as_ref().map(|i| i.weights_digest.clone()),
+                Some(info().digest)
+            );
+            assert!(coord.svc.membership().lock().unwrap().is_up("big"));
 
-    // Heartbeats renew the lease and carry the load.
-    let deadline0 = first[0].lease_deadline.unwrap();
-    coord
-        .wait_until("a heartbeat renewed the lease", |r| {
-            r.len() == 1
-                && r[0].lease_deadline.is_some_and(|d| d > deadline0)
-                && r[0].in_flight == Some(5)
-                && r[0].max_in_flight == 64
-        })
-        .await;
+            // Heartbeats renew the lease and carry the load.
+            let deadline0 = first[0].lease_deadline.unwrap();
+            coord
+                .wait_until("a heartbeat renewed the lease", |r| {
+                    r.len() == 1
+                        && r[0].lease_deadline.is_some_and(|d| d > deadline0)
+                        && r[0].in_flight == Some(5)
+                        && r[0].max_in_flight == 64
+                })
+                .await;
 
-    // The replica dies without deregistering.
-    reg.task.abort();
-    let _ = reg.task.await;
+            // The replica dies without deregistering.
+            reg.task.abort();
+            let _ = reg.task.await;
 
-    // Its lease ends exactly at its deadline (checked under one lock, so no heartbeat can slip
-    // in between).
-    {
-        let mut m = coord.svc.membership().lock().unwrap();
-        let deadline = m.replica(id).unwrap().lease_deadline.unwrap();
-        assert!(m.tick(deadline - Duration::from_millis(1)).is_empty());
-        let events = m.tick(deadline);
-        assert_eq!(
-            events,
-            vec![
-                Event::Removed {
-                    member: "big".into(),
-                    replica: id,
-                    address: RESOLVED.into(),
-                    reason: RemovalReason::Expired,
-                },
-                Event::MemberDown {
-                    member: "big".into()
-                },
-            ]
-        );
-        assert!(m.replicas("big").is_empty());
-    }
-    coord.stop().await;
+            // Its lease ends exactly at its deadline (checked under one lock, so no heartbeat can slip
+            // in between).
+            {
+                let mut m = coord.svc.membership().lock().unwrap();
+                let deadline = m.replica(id).unwrap().lease_deadline.unwrap();
+                assert!(m.tick(deadline - Duration::from_millis(1)).is_empty());
+                let events = m.tick(deadline);
+                assert_eq!(
+                    events,
+                    vec![
+                        Event::Removed {
+                            member: "big".into(),
+                            replica: id,
+                            address: RESOLVED.into(),
+                            reason: RemovalReason::Expired,
+                        },
+                        Event::MemberDown {
+                            member: "big".into()
+                        },
+                    ]
+                );
+                assert!(m.replicas("big").is_empty());
+            }
+            coord.stop().await;
+        },
+    )
+    .await
 }
 
 #[tokio::test]
 async fn a_clean_shutdown_deregisters() {
-    let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
-    let shutdown = CancellationToken::new();
-    let mut reg = start_registrar(coord.addr, &shutdown);
-    registered(&mut reg, |_| true).await;
-    assert_eq!(coord.replicas().len(), 1);
+    common::within(TEST_DEADLINE, "a_clean_shutdown_deregisters", async move {
+        let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let shutdown = CancellationToken::new();
+        let mut reg = start_registrar(coord.addr, &shutdown);
+        registered(&mut reg, |_| true).await;
+        assert_eq!(coord.replicas().len(), 1);
 
-    shutdown.cancel();
-    tokio::time::timeout(DEADLINE, reg.task)
-        .await
-        .expect("the registration task did not stop")
-        .unwrap();
-    assert_eq!(*reg.state.borrow(), RegistrationState::Stopped);
-    // Deregistered before the task ended: no wait for the lease.
-    assert!(coord.replicas().is_empty());
-    assert!(!coord.svc.membership().lock().unwrap().is_up("big"));
-    coord.stop().await;
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, reg.task)
+            .await
+            .expect("the registration task did not stop")
+            .unwrap();
+        assert_eq!(*reg.state.borrow(), RegistrationState::Stopped);
+        // Deregistered before the task ended: no wait for the lease.
+        assert!(coord.replicas().is_empty());
+        assert!(!coord.svc.membership().lock().unwrap().is_up("big"));
+        coord.stop().await;
+    })
+    .await
 }
 
 #[tokio::test]
 async fn an_expired_lease_or_a_restarted_coordinator_makes_it_register_again() {
-    let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
-    let shutdown = CancellationToken::new();
-    let mut reg = start_registrar(coord.addr, &shutdown);
-    let first = registered(&mut reg, |_| true).await;
+    common::within(
+        TEST_DEADLINE,
+        "an_expired_lease_or_a_restarted_coordinator_makes_it_register_again",
+        async move {
+            let coord = Coordinator::start(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+            let shutdown = CancellationToken::new();
+            let mut reg = start_registrar(coord.addr, &shutdown);
+            let first = registered(&mut reg, |_| true).await;
 
-    // The lease expires (say the replica was partitioned away): its next heartbeat is told so
-    // and it registers again, as a new replica.
-    let events = registry::tick(
-        &coord.svc,
-        Instant::now() + membership_config().lease_ttl + Duration::from_secs(1),
-    );
-    assert!(
-        events.iter().any(|e| matches!(
-            e,
-            Event::Removed {
-                reason: RemovalReason::Expired,
-                ..
-            }
-        )),
-        "{events:?}"
-    );
-    let second = registered(&mut reg, |id| id != first).await;
-    coord
-        .wait_until("the replica registered again", |r| {
-            r.len() == 1 && r[0].id == second
-        })
-        .await;
+            // The lease expires (say the replica was partitioned away): its next heartbeat is told so
+            // and it registers again, as a new replica.
+            let events = registry::tick(
+                &coord.svc,
+                Instant::now() + membership_config().lease_ttl + Duration::from_secs(1),
+            );
+            assert!(
+                events.iter().any(|e| matches!(
+                    e,
+                    Event::Removed {
+                        reason: RemovalReason::Expired,
+                        ..
+                    }
+                )),
+                "{events:?}"
+            );
+            let second = registered(&mut reg, |id| id != first).await;
+            coord
+                .wait_until("the replica registered again", |r| {
+                    r.len() == 1 && r[0].id == second
+                })
+                .await;
 
-    // The coordinator goes away and comes back on the same address, knowing nobody: the
-    // heartbeats fail meanwhile, then the new coordinator says the id is unknown.
-    let addr = coord.stop().await;
-    let coord = Coordinator::start(TcpListener::bind(addr).await.unwrap()).await;
-    coord
-        .wait_until(
-            "the replica registered with the restarted coordinator",
-            |r| r.len() == 1 && r[0].address == RESOLVED,
-        )
-        .await;
-    // A new coordinator hands out ids from 1 again.
-    let third = registered(&mut reg, |id| id == 1).await;
-    assert_eq!(coord.replicas()[0].id, third);
+            // The coordinator goes away and comes back on the same address, knowing nobody: the
+            // heartbeats fail meanwhile, then the new coordinator says the id is unknown.
+            let addr = coord.stop().await;
+            let coord = Coordinator::start(TcpListener::bind(addr).await.unwrap()).await;
+            coord
+                .wait_until(
+                    "the replica registered with the restarted coordinator",
+                    |r| r.len() == 1 && r[0].address == RESOLVED,
+                )
+                .await;
+            // A new coordinator hands out ids from 1 again.
+            let third = registered(&mut reg, |id| id == 1).await;
+            assert_eq!(coord.replicas()[0].id, third);
 
-    shutdown.cancel();
-    tokio::time::timeout(DEADLINE, reg.task)
-        .await
-        .expect("the registration task did not stop")
-        .unwrap();
-    assert!(coord.replicas().is_empty());
-    coord.stop().await;
+            shutdown.cancel();
+            tokio::time::timeout(DEADLINE, reg.task)
+                .await
+                .expect("the registration task did not stop")
+                .unwrap();
+            assert!(coord.replicas().is_empty());
+            coord.stop().await;
+        },
+    )
+    .await
 }
 
 /// A teacher server for member `member` in this process on 127.0.0.1:0 (random weights: the
@@ -330,115 +352,118 @@ async fn teacher(
 /// sends it requests at once, and a real student worker completes the run.
 #[tokio::test]
 async fn a_registered_replica_serves_a_member_without_static_endpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let (_, a_addr) = teacher("a", 1, &shutdown).await;
-    let (b_svc, b_addr) = teacher("b", 2, &shutdown).await;
-    let toml = format!(
-        r#"
-data = "synthetic:5"
-epochs = 1
-batch_size = 500
-seed = 1
-temperature = 3.0
-alpha = 0.5
-soft_targets = "f16"
-prefetch = 2
-teacher_timeout_secs = 10.0
-[student]
-arch = "mlp:784-16-10"
-[optim]
-kind = "adamw"
-lr = 0.001
-[[members]]
-name = "a"
-endpoints = ["http://{a_addr}"]
-[[members]]
-name = "b"
-[membership]
-lease_ttl_secs = 5.0
-heartbeat_secs = 0.1
-"#
-    );
-    let mut cfg = coordinator::RunConfig::from_toml(&toml).unwrap();
-    assert!(cfg.members[1].endpoints.is_empty());
-    cfg.run_dir = dir.path().join("run");
-    let run = coordinator::prepare(cfg).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let caddr = listener.local_addr().unwrap();
-    let served = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
+    common::within(TEST_DEADLINE, "a_registered_replica_serves_a_member_without_static_endpoints", async move {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (_, a_addr) = teacher("a", 1, &shutdown).await;
+        let (b_svc, b_addr) = teacher("b", 2, &shutdown).await;
+        let toml = format!(
+            r#"
+    data = "synthetic:5"
+    epochs = 1
+    batch_size = 500
+    seed = 1
+    temperature = 3.0
+    alpha = 0.5
+    soft_targets = "f16"
+    prefetch = 2
+    teacher_timeout_secs = 10.0
+    [student]
+    arch = "mlp:784-16-10"
+    [optim]
+    kind = "adamw"
+    lr = 0.001
+    [[members]]
+    name = "a"
+    endpoints = ["http://{a_addr}"]
+    [[members]]
+    name = "b"
+    [membership]
+    lease_ttl_secs = 5.0
+    heartbeat_secs = 0.1
+    "#
+        );
+        let mut cfg = coordinator::RunConfig::from_toml(&toml).unwrap();
+        assert!(cfg.members[1].endpoints.is_empty());
+        cfg.run_dir = dir.path().join("run");
+        let run = coordinator::prepare(cfg).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let caddr = listener.local_addr().unwrap();
+        let served = tokio::spawn(coordinator::serve(run, listener, shutdown.clone()));
 
-    // `b` registers with the coordinator's address (the same port as the Coordinator service).
-    let mut opts = RegisterOptions::new(
-        format!("http://{caddr}"),
-        format!("http://{b_addr}"),
-        b_svc.info().clone(),
-        64,
-    );
-    opts.backoff_initial = Duration::from_millis(20);
-    opts.backoff_max = Duration::from_millis(200);
-    let view = b_svc.clone();
-    let in_flight = Arc::new(move || u32::try_from(view.inflight()).unwrap_or(u32::MAX));
-    let registration_stop = CancellationToken::new();
-    let mut reg = register::spawn(opts, in_flight, registration_stop.clone()).unwrap();
-    let expected = format!("http://{b_addr}");
-    tokio::time::timeout(
-        DEADLINE,
-        reg.state.wait_for(
-            |s| matches!(s, RegistrationState::Registered { address, .. } if *address == expected),
-        ),
-    )
-    .await
-    .expect("timed out waiting for the registration")
-    .expect("the registration task ended");
-
-    let worker = tokio::time::timeout(
-        Duration::from_secs(300),
-        student_worker::run(
-            student_worker::WorkerConfig {
-                coordinator: format!("http://{caddr}"),
-                work_dir: dir.path().join("worker"),
-                connect_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-            shutdown.clone(),
-        ),
-    )
-    .await
-    .expect("the run did not complete in time")
-    .unwrap();
-    let report = tokio::time::timeout(DEADLINE, served)
+        // `b` registers with the coordinator's address (the same port as the Coordinator service).
+        let mut opts = RegisterOptions::new(
+            format!("http://{caddr}"),
+            format!("http://{b_addr}"),
+            b_svc.info().clone(),
+            64,
+        );
+        opts.backoff_initial = Duration::from_millis(20);
+        opts.backoff_max = Duration::from_millis(200);
+        let view = b_svc.clone();
+        let in_flight = Arc::new(move || u32::try_from(view.inflight()).unwrap_or(u32::MAX));
+        let registration_stop = CancellationToken::new();
+        let mut reg = register::spawn(opts, in_flight, registration_stop.clone()).unwrap();
+        let expected = format!("http://{b_addr}");
+        tokio::time::timeout(
+            DEADLINE,
+            reg.state.wait_for(
+                |s| matches!(s, RegistrationState::Registered { address, .. } if *address == expected),
+            ),
+        )
         .await
-        .expect("the coordinator did not stop")
-        .unwrap()
-        .unwrap()
-        .expect("the run completed");
-    assert_eq!(report.student_test_errors, worker.test_errors);
-    assert_eq!(report.batches_trained, report.batches_expected);
-    assert_eq!(report.batches_trained, 24);
-    assert_eq!(report.degraded_batches, 0);
-    let stats = |name: &str| {
-        report
-            .members
-            .iter()
-            .find(|m| m.member == name)
-            .unwrap_or_else(|| panic!("no stats of member {name}: {:?}", report.members))
-            .clone()
-    };
-    // Every batch asked both members (and the teacher evaluation asked them for the test split).
-    assert!(stats("a").requests >= 24, "{:?}", report.members);
-    assert!(stats("b").requests >= 24, "{:?}", report.members);
-    assert!(
-        report.teachers.iter().any(|t| t.member == "b"),
-        "{:?}",
-        report.teachers
-    );
+        .expect("timed out waiting for the registration")
+        .expect("the registration task ended");
 
-    // The coordinator is gone: the registration task gives up its lease and stops.
-    registration_stop.cancel();
-    tokio::time::timeout(DEADLINE, reg.task)
+        let worker = tokio::time::timeout(
+            Duration::from_secs(300),
+            student_worker::run(
+                student_worker::WorkerConfig {
+                    coordinator: format!("http://{caddr}"),
+                    work_dir: dir.path().join("worker"),
+                    connect_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                },
+                shutdown.clone(),
+            ),
+        )
         .await
-        .expect("the registration task did not stop")
+        .expect("the run did not complete in time")
         .unwrap();
-    shutdown.cancel();
+        let report = tokio::time::timeout(DEADLINE, served)
+            .await
+            .expect("the coordinator did not stop")
+            .unwrap()
+            .unwrap()
+            .expect("the run completed");
+        assert_eq!(report.student_test_errors, worker.test_errors);
+        assert_eq!(report.batches_trained, report.batches_expected);
+        assert_eq!(report.batches_trained, 24);
+        assert_eq!(report.degraded_batches, 0);
+        let stats = |name: &str| {
+            report
+                .members
+                .iter()
+                .find(|m| m.member == name)
+                .unwrap_or_else(|| panic!("no stats of member {name}: {:?}", report.members))
+                .clone()
+        };
+        // Every batch asked both members (and the teacher evaluation asked them for the test split).
+        assert!(stats("a").requests >= 24, "{:?}", report.members);
+        assert!(stats("b").requests >= 24, "{:?}", report.members);
+        assert!(
+            report.teachers.iter().any(|t| t.member == "b"),
+            "{:?}",
+            report.teachers
+        );
+
+        // The coordinator is gone: the registration task gives up its lease and stops.
+        registration_stop.cancel();
+        tokio::time::timeout(DEADLINE, reg.task)
+            .await
+            .expect("the registration task did not stop")
+            .unwrap();
+        shutdown.cancel();
+    })
+    .await
 }

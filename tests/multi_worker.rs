@@ -174,10 +174,14 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     let (c, addr, run) = coordinator(&mut s, "kill", 2, 6);
     let mut victim = worker(&d, &addr, "victim", &[]);
     let survivor = worker(&d, &addr, "survivor", &[]);
-    // Kill the victim once it has trained a share and the run is well under way, not done.
+    // Kill the victim once it has trained a share and the run is well under way, not done, and
+    // just after it trained a batch past a round it took part in: that batch is in its own
+    // parameters only, so it must be rolled back and trained again. (Its next contribution is
+    // `every` = 10 updates away, far more than one status poll.)
+    let mut seen_round = (u64::MAX, 0u64);
     let at = wait_until(
         Duration::from_secs(240),
-        "the run getting under way",
+        "the victim training past a round, mid-run",
         || {
             let st = run_status(&addr)?;
             let victim_rows = st
@@ -185,7 +189,13 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
                 .iter()
                 .find(|w| w.worker_id == "victim")
                 .map_or(0, |w| w.samples);
-            (st.batches_trained * 5 >= st.batches_expected && victim_rows > 0).then_some(st)
+            if st.sync_rounds != seen_round.0 {
+                seen_round = (st.sync_rounds, victim_rows);
+                return None;
+            }
+            let past_round = victim_rows > seen_round.1 && victim_rows <= seen_round.1 + 64;
+            let under_way = st.batches_trained * 5 >= st.batches_expected;
+            (under_way && st.sync_rounds > 0 && past_round).then_some(st)
         },
     );
     victim.kill().unwrap();
@@ -199,8 +209,12 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     finish(&d, c, vec![survivor]);
     let r = read_report(&run);
     assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
-    // The victim's leases and its batches since its last round went back in line.
-    assert!(u(&r, "requeued_batches") > 0, "{r}");
+    // The victim's batches since its last round were undone and trained again.
+    assert!(u(&r, "rolled_back_batches") >= 1, "{r}");
+    assert!(
+        u(&r, "requeued_batches") >= u(&r, "rolled_back_batches"),
+        "{r}"
+    );
     let shares = r["workers"].as_array().unwrap();
     let rows = |id: &str| {
         shares

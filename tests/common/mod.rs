@@ -179,3 +179,38 @@ pub fn logs(d: &Path) -> String {
     }
     out
 }
+
+/// Runs `test` with a deadline: a hang fails the test with `what` instead of blocking the suite.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    test: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, test).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not finished within {limit:?}"),
+    }
+}
+
+/// A loopback port held for the whole test: bound with `SO_REUSEADDR` but not listening. Nothing
+/// else is given the port (so it cannot be taken between a kill and a restart), a connection to
+/// it is refused while nobody listens, and a server of ours may listen on it at any time
+/// (tokio's `TcpListener::bind` sets `SO_REUSEADDR`; Linux refuses such a bind only while
+/// another socket *listens* on the address).
+pub struct PortReservation {
+    _socket: tokio::net::TcpSocket,
+    /// The reserved address.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Reserves a free loopback port ([`PortReservation`]).
+pub fn reserve_port() -> PortReservation {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    PortReservation {
+        _socket: socket,
+        addr,
+    }
+}

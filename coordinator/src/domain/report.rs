@@ -85,8 +85,11 @@ pub struct RunReport {
     pub student_step_seconds: f64,
     /// Wait as a fraction of the training time line (wait / (wait + step)).
     pub student_wait_fraction: f64,
-    /// Batches leased again (expired leases, departed workers).
+    /// Batches leased again (expired leases, departed workers, rollbacks).
     pub requeued_batches: u64,
+    /// Trained batches undone because the worker that trained them died before they were
+    /// averaged (with rounds), and trained again.
+    pub rolled_back_batches: u64,
     /// Teacher requests retried on another replica.
     pub retries: u64,
     /// Batches whose soft targets came from only the members that answered (`degrade`).

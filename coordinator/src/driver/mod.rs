@@ -688,6 +688,7 @@ impl Driver {
                 0.0
             },
             requeued_batches: ledger.requeued_batches,
+            rolled_back_batches: ledger.rolled_back_batches,
             retries: ctx.pool.retries(),
             degraded_batches: s.degraded_batches,
             resumes: *resumes,

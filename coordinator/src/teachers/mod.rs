@@ -146,6 +146,8 @@ pub struct MemberStats {
     pub hedged_requests: u64,
     /// Hedged copies that answered before the original.
     pub hedge_wins: u64,
+    /// Requests answered, per replica address: how the member's load was shared.
+    pub answered_by: std::collections::BTreeMap<String, u64>,
 }
 
 /// Whether a status says the request itself is bad (see the module docs).
@@ -669,6 +671,7 @@ impl TeacherPool {
                     let secs = latency.as_secs_f64();
                     m.stats(|s| {
                         s.requests += 1;
+                        *s.answered_by.entry(r.address.clone()).or_default() += 1;
                         s.total_latency_secs += secs;
                         s.max_latency_secs = s.max_latency_secs.max(secs);
                     });
