@@ -595,6 +595,96 @@ endpoints = ["http://127.0.0.1:5002"]
 weight = 2.0
 "#;
 
+    /// The keys a section accepts, from the parser's own refusal of an unknown one.
+    fn accepted_keys(section: &str) -> std::collections::BTreeSet<String> {
+        let probe = "zz_probe = 1";
+        let text = match section {
+            "" => format!("{probe}\n{GOOD}"),
+            "student" => GOOD.replace("[student]\n", &format!("[student]\n{probe}\n")),
+            "optim" => GOOD.replace("[optim]\n", &format!("[optim]\n{probe}\n")),
+            "members" => GOOD.replacen("[[members]]\n", &format!("[[members]]\n{probe}\n"), 1),
+            other => format!("{GOOD}\n[{other}]\n{probe}\n"),
+        };
+        let e = RunConfig::from_toml(&text).unwrap_err().to_string();
+        let expected = e
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("[{section}]: {e}"))
+            .1;
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The keys docs/config.md documents per section (the first backticked name of each row).
+    fn documented_keys() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let doc = include_str!("../../docs/config.md");
+        let mut out =
+            std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+        let mut section = None;
+        for line in doc.lines() {
+            if let Some(h) = line.strip_prefix("## ") {
+                section = if h.starts_with("Top level") {
+                    Some(String::new())
+                } else {
+                    h.split('`')
+                        .nth(1)
+                        .map(|s| s.trim_matches(|c| c == '[' || c == ']').to_string())
+                };
+                continue;
+            }
+            if let (Some(sec), Some(row)) = (&section, line.strip_prefix("| `")) {
+                let key = row.split('`').next().unwrap_or_default();
+                out.entry(sec.clone()).or_default().insert(key.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_key_of_docs_config_md_is_a_config_key_and_every_config_key_is_documented() {
+        let documented = documented_keys();
+        let sections = [
+            "",
+            "sync",
+            "cache",
+            "student",
+            "optim",
+            "members",
+            "membership",
+        ];
+        assert_eq!(
+            documented
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .len(),
+            sections.len(),
+            "sections in docs/config.md: {:?}",
+            documented.keys().collect::<Vec<_>>()
+        );
+        for section in sections {
+            let mut accepted = accepted_keys(section);
+            if section.is_empty() {
+                // The sections themselves are keys of the top level.
+                for s in &sections[1..] {
+                    assert!(accepted.remove(*s), "top level lacks [{s}]");
+                }
+                // An alias: documented in the row of `soft_targets`.
+                accepted.remove("soft_target_dtype");
+            }
+            let docs = documented
+                .get(section)
+                .unwrap_or_else(|| panic!("docs/config.md has no [{section}] section"));
+            assert_eq!(
+                &accepted, docs,
+                "[{section}]: the config accepts {accepted:?}, docs/config.md documents {docs:?}"
+            );
+        }
+    }
+
     #[test]
     fn parses_a_good_config_with_defaults() {
         let c = RunConfig::from_toml(GOOD).unwrap();
