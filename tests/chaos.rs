@@ -18,12 +18,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher, wait_until,
-    wait_with_deadline, worker,
+    Proc, Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher,
+    wait_until, wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -78,13 +77,7 @@ lr = 0.002
 }
 
 /// Starts a coordinator; returns it and the address it listens on.
-fn coordinator(
-    procs: &mut Procs,
-    d: &Path,
-    cfg: &Path,
-    listen: &str,
-    log: &str,
-) -> (Child, String) {
+fn coordinator(procs: &mut Procs, d: &Path, cfg: &Path, listen: &str, log: &str) -> (Proc, String) {
     let mut cmd = distill();
     cmd.arg("coordinator")
         .arg("--config")
@@ -223,7 +216,7 @@ fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the
 
 /// What a scenario does a quarter into its run: (processes, coordinator address, the teacher
 /// processes t1, t2, u1, the worker, u1's listen address).
-type Chaos<'a> = dyn FnMut(&mut Procs, &str, &mut Vec<Child>, &mut Child, &str) + 'a;
+type Chaos<'a> = dyn FnMut(&mut Procs, &str, &mut Vec<Proc>, &mut Proc, &str) + 'a;
 
 /// A teacher server process of `model` for `member` on `listen`; returns it and its URL.
 fn teacher(
@@ -233,7 +226,7 @@ fn teacher(
     member: &str,
     listen: &str,
     log: &str,
-) -> (Child, String) {
+) -> (Proc, String) {
     let mut cmd = distill();
     cmd.arg("teacher-server")
         .arg("--model")

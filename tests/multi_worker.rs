@@ -14,11 +14,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
+    Proc, Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
     wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
@@ -56,7 +55,7 @@ fn setup() -> Setup {
 }
 
 /// Starts a coordinator for `workers` workers; returns its process and address.
-fn coordinator(s: &mut Setup, name: &str, workers: usize, epochs: u32) -> (Child, String, PathBuf) {
+fn coordinator(s: &mut Setup, name: &str, workers: usize, epochs: u32) -> (Proc, String, PathBuf) {
     let d = s.dir.path();
     let config = format!(
         r#"
@@ -100,7 +99,7 @@ endpoints = ["{}"]
     (child, addr, d.join(name))
 }
 
-fn finish(d: &Path, coordinator: Child, workers: Vec<Child>) {
+fn finish(d: &Path, coordinator: Proc, workers: Vec<Proc>) {
     for (i, w) in workers.into_iter().enumerate() {
         let st = wait_with_deadline(w, Duration::from_secs(300), "a student worker");
         assert!(st.success(), "worker {i}: {st:?}\n{}", logs(d));

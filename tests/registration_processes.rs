@@ -13,12 +13,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher, wait_until,
-    wait_with_deadline, worker,
+    Proc, Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher,
+    wait_until, wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -62,7 +61,7 @@ name = "b"
     cfg
 }
 
-fn coordinator(procs: &mut Procs, d: &Path, listen: &str, log: &str) -> Child {
+fn coordinator(procs: &mut Procs, d: &Path, listen: &str, log: &str) -> Proc {
     let mut cmd = distill();
     cmd.arg("coordinator")
         .arg("--config")

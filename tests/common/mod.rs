@@ -16,17 +16,48 @@ use distill_core::optim::OptimConfig;
 use distill_core::spec::{Arch, ModelSpec};
 use distill_core::train::{CrossEntropy, TrainConfig, Trainer};
 
-/// Kills every child still running when the test ends (also on failure).
-pub struct Procs(pub Vec<Child>);
+/// A child process that is killed and reaped when dropped, also when the test fails.
+pub struct Proc(Option<Child>);
 
-impl Drop for Procs {
+impl Proc {
+    /// Takes the child out of the guard (the caller now owns killing it).
+    pub fn into_child(mut self) -> Child {
+        self.0.take().expect("a guarded child")
+    }
+}
+
+impl From<Child> for Proc {
+    fn from(c: Child) -> Self {
+        Self(Some(c))
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a guarded child")
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a guarded child")
+    }
+}
+
+impl Drop for Proc {
     fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
+        if let Some(c) = &mut self.0 {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
     }
 }
+
+/// The processes of a test, each killed when the test ends (also on failure).
+pub struct Procs(pub Vec<Proc>);
 
 pub fn distill() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
@@ -39,7 +70,7 @@ pub fn start(procs: &mut Procs, mut cmd: Command, log: &Path) -> String {
     let stderr = std::fs::File::create(log).unwrap();
     let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    procs.0.push(child);
+    procs.0.push(child.into());
     // The first line, read on a helper thread so a process that never prints fails the test
     // (the child is in `procs`, killed when the test unwinds).
     let (tx, rx) = mpsc::channel();
@@ -79,12 +110,14 @@ pub fn train_teacher(data: &Dataset, arch: &str, seed: u64, path: &Path) {
     t.checkpoint().unwrap().save(path).unwrap();
 }
 
-/// Waits for a child to exit, with a deadline (the wait runs on a helper thread).
+/// Waits for a child to exit, with a deadline (the wait runs on a helper thread); kills it at
+/// the deadline.
 pub fn wait_with_deadline(
-    mut child: Child,
+    child: impl Into<Proc>,
     deadline: Duration,
     what: &str,
 ) -> std::process::ExitStatus {
+    let mut child = child.into().into_child();
     let (tx, rx) = mpsc::channel();
     let pid = child.id();
     std::thread::spawn(move || {
@@ -150,7 +183,7 @@ pub fn read_report(run_dir: &Path) -> serde_json::Value {
 
 /// Starts a student-worker process with id `id`, work dir `d/id`, stderr in `d/id.log`, and
 /// the extra flags `extra`.
-pub fn worker(d: &Path, addr: &str, id: &str, extra: &[&str]) -> Child {
+pub fn worker(d: &Path, addr: &str, id: &str, extra: &[&str]) -> Proc {
     distill()
         .arg("student-worker")
         .args(["--coordinator", &format!("http://{addr}")])
@@ -162,6 +195,7 @@ pub fn worker(d: &Path, addr: &str, id: &str, extra: &[&str]) -> Child {
         .stderr(std::fs::File::create(d.join(format!("{id}.log"))).unwrap())
         .spawn()
         .unwrap()
+        .into()
 }
 
 /// Every `*.log` file in `d`, for a failure message.
