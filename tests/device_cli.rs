@@ -4,17 +4,78 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+/// Longest any one `distill` command here may run (the slowest, gpu-smoke's self-test, takes
+/// seconds).
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// A child process that is killed and reaped when dropped: a failing or overrunning test
+/// leaves nothing running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `distill ARGS` in `cwd` to completion, or panics (killing it) after [`DEADLINE`].
 fn distill(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("running the distill binary")
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "warn")
+            .env("RAYON_NUM_THREADS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running the distill binary"),
+    );
+    // Each pipe is read to its end on a helper thread (a full pipe cannot stall the child);
+    // the bytes come back over a channel, so even a pipe held open by a leftover grandchild
+    // cannot block the test.
+    let collect = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            let _ = tx.send(v);
+        });
+        rx
+    };
+    let out = collect(Box::new(child.0.stdout.take().unwrap()));
+    let err = collect(Box::new(child.0.stderr.take().unwrap()));
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "`distill {}` still running after {DEADLINE:?}",
+            args.join(" ")
+        );
+        // Polling an exit (std has no wait with a timeout), not a synchronisation sleep.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out
+            .recv_timeout(DEADLINE)
+            .expect("stdout not closed within the deadline"),
+        stderr: err
+            .recv_timeout(DEADLINE)
+            .expect("stderr not closed within the deadline"),
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -186,6 +247,32 @@ fn train_with_bf16_precision() {
     assert!(loss(1) < loss(0), "loss {} -> {}", loss(0), loss(1));
     assert!(report["test_accuracy"].as_f64().unwrap() > 0.5, "{report}");
 
+    // The checkpoint is plain f32: every tensor the architecture has, by name and shape, of
+    // dtype F32 (bf16 is only the arithmetic, never what is saved).
+    let bytes = std::fs::read(dir.path().join("m.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut saved: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(
+                t.dtype(),
+                safetensors::Dtype::F32,
+                "checkpoint tensor `{name}` after bf16 training"
+            );
+            (name, t.shape().to_vec())
+        })
+        .collect();
+    saved.sort();
+    let mut want = distill_core::spec::Arch::parse("mlp:784-32-10")
+        .unwrap()
+        .param_shapes();
+    want.sort();
+    assert_eq!(saved, want, "the checkpoint's tensors");
+
+    // `eval` scores that checkpoint: its JSON and its table agree, and the error count is
+    // consistent and in range (close to the training run's own score, which was computed in
+    // bf16).
     let out = distill(
         &[
             "eval",
@@ -198,6 +285,46 @@ fn train_with_bf16_precision() {
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let ev: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("eval --json printed no JSON object ({e}): {stdout}"));
+    let n = ev["n"].as_u64().unwrap_or_else(|| panic!("no `n`: {ev}"));
+    let errors = ev["errors"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no `errors`: {ev}"));
+    let accuracy = ev["accuracy"].as_f64().unwrap();
+    assert_eq!(n, report["test_n"].as_u64().unwrap(), "{ev}");
+    assert!(n > 0 && errors <= n, "{errors} errors of {n}");
+    assert!(
+        (accuracy - (n - errors) as f64 / n as f64).abs() < 1e-12,
+        "{ev}"
+    );
+    assert!(accuracy > 0.5, "eval accuracy {accuracy}: {ev}");
+    let trained_errors = report["test_errors"].as_u64().unwrap();
+    assert!(
+        errors.abs_diff(trained_errors) <= n / 20,
+        "eval counts {errors} errors, training reported {trained_errors} (of {n})"
+    );
+    assert_eq!(ev["digest"], report["digest"], "eval scored another file");
+    assert_eq!(ev["arch"], "mlp:784-32-10");
+
+    let out = distill(
+        &["eval", "--model", "m.safetensors", "--data", "synthetic"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("errors"))
+        .unwrap_or_else(|| panic!("no `errors` line: {stdout}"));
+    let mut it = line.split_whitespace();
+    let printed: (u64, &str, u64) = (
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap(),
+        it.next().unwrap().parse().unwrap(),
+    );
+    assert_eq!(printed, (errors, "/", n), "the table's errors line: {line}");
 
     let out = distill(
         &[

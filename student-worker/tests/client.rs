@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+
+/// Longest wait for any one thing in these tests (a whole scripted run takes about a second).
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// `f`, or a panic naming `what` after [`DEADLINE`]: no await in these tests can hang.
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {DEADLINE:?}"))
+}
 
 /// What the scripted coordinator saw, in order.
 #[derive(Debug)]
@@ -53,7 +64,7 @@ impl Coordinator for Script {
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
-        let _ = self.seen.send(Seen::Join(r.clone())).await;
+        let _ = within("recording the Join", self.seen.send(Seen::Join(r.clone()))).await;
         Ok(Response::new(pb::JoinResponse {
             worker_id: if r.worker_id.is_empty() {
                 "assigned-1".into()
@@ -77,7 +88,14 @@ impl Coordinator for Script {
         req: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::BatchesStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().drive(req.into_inner(), tx));
+        // The script as a whole has a deadline: a stuck conversation ends (and the worker sees
+        // the stream close) instead of waiting forever.
+        let drive = self.clone().drive(req.into_inner(), tx);
+        tokio::spawn(async move {
+            if tokio::time::timeout(DEADLINE, drive).await.is_err() {
+                eprintln!("the scripted coordinator gave up after {DEADLINE:?}");
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -235,14 +253,18 @@ async fn runs_a_scripted_run_after_a_failed_first_connection() {
     let data = Dataset::load("synthetic:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (s, mut seen) = script(&data, 0..12, 200);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = within("binding", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let worker = tokio::spawn(run(config(addr, dir.path()), CancellationToken::new()));
     // The worker's first connection is dropped before any HTTP/2 is spoken: it must retry.
-    let (sock, _) = listener.accept().await.unwrap();
+    let (sock, _) = within("the worker's first connection", listener.accept())
+        .await
+        .unwrap();
     drop(sock);
     let stop = serve(s, listener);
-    let report: WorkerReport = worker.await.unwrap().unwrap();
+    let report: WorkerReport = within("the worker's run", worker).await.unwrap().unwrap();
     stop.cancel();
 
     assert_eq!(report.worker_id, "assigned-1");
@@ -306,14 +328,16 @@ async fn a_stopped_worker_saves_its_step_and_a_restart_resumes_there() {
     // First life: the coordinator hands out 5 batches and then nothing; the worker is stopped.
     let (mut s, mut seen) = script(&data, 0..10, 100);
     s.stall_after = Some(5);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = within("binding", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let stop_server = serve(s, listener);
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(run(config(addr, dir.path()), shutdown.clone()));
     let mut acks = 0;
     while acks < 5 {
-        match seen.recv().await {
+        match within("the worker's next message", seen.recv()).await {
             Some(Seen::Ack(_)) => acks += 1,
             Some(Seen::Unexpected(m)) => panic!("{m}"),
             Some(_) => {}
@@ -321,21 +345,29 @@ async fn a_stopped_worker_saves_its_step_and_a_restart_resumes_there() {
         }
     }
     shutdown.cancel();
-    let r = worker.await.unwrap();
+    let r = within("the stopped worker", worker).await.unwrap();
     assert!(matches!(r, Err(Error::Cancelled { step: 5 })), "{r:?}");
-    assert!(matches!(seen.recv().await, Some(Seen::Closed(_))));
+    assert!(matches!(
+        within("the worker's close", seen.recv()).await,
+        Some(Seen::Closed(_))
+    ));
     stop_server.cancel();
     let ck = std::fs::read(dir.path().join(STUDENT_FILE)).unwrap();
     assert_eq!(step_of(&ck), 5);
 
     // Second life: the same work dir joins with its step and the stored id, and goes on.
     let (s, mut seen) = script(&data, 5..10, 100);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop_server = serve(s, listener);
-    let report = run(config(addr, dir.path()), CancellationToken::new())
+    let listener = within("binding", TcpListener::bind("127.0.0.1:0"))
         .await
         .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop_server = serve(s, listener);
+    let report = within(
+        "the resumed run",
+        run(config(addr, dir.path()), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     stop_server.cancel();
     assert_eq!((report.steps, report.batches), (10, 5));
     let seen = drain(&mut seen);
@@ -355,15 +387,30 @@ async fn a_stopped_worker_saves_its_step_and_a_restart_resumes_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gives_up_on_an_absent_coordinator_after_the_deadline() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A port this test keeps, where no coordinator ever answers: every connection is
+    // accepted and dropped before any HTTP/2 is spoken (binding and dropping a port instead
+    // would race with anything else that picks the number up).
+    let listener = within("binding", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
-    drop(listener); // nothing listens there now
+    let refuser = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            drop(sock);
+        }
+    });
     let dir = tempfile::tempdir().unwrap();
     let cfg = WorkerConfig {
         connect_timeout: Duration::from_millis(300),
         ..config(addr, dir.path())
     };
-    let e = run(cfg, CancellationToken::new()).await.unwrap_err();
+    let e = within(
+        "giving up on the coordinator",
+        run(cfg, CancellationToken::new()),
+    )
+    .await
+    .unwrap_err();
+    refuser.abort();
     assert!(matches!(e, Error::Connect { .. }), "{e:?}");
     assert!(e.to_string().contains("still unavailable after"), "{e}");
 }
@@ -374,12 +421,17 @@ async fn refuses_a_run_whose_data_does_not_fit_the_student() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _seen) = script(&data, 0..1, 0);
     s.classes = 7;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = within("binding", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = serve(s, listener);
-    let e = run(config(addr, dir.path()), CancellationToken::new())
-        .await
-        .unwrap_err();
+    let e = within(
+        "the refused run",
+        run(config(addr, dir.path()), CancellationToken::new()),
+    )
+    .await
+    .unwrap_err();
     stop.cancel();
     assert!(
         e.to_string()

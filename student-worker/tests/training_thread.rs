@@ -6,6 +6,9 @@
 
 mod common;
 
+use std::future::Future;
+use std::time::Duration;
+
 use candle_core::Device;
 use distill_core::checkpoint::Checkpoint;
 use distill_core::data::Dataset;
@@ -13,7 +16,9 @@ use distill_proto::pb;
 use student_worker::Error;
 use student_worker::decode::BatchSpec;
 use student_worker::student::{KEY_STEP, STUDENT_FILE};
-use student_worker::trainer::{Command, ParamsDown, Setup, SyncOut, SyncSettings, Up, spawn};
+use student_worker::trainer::{
+    Command, Outcome, ParamsDown, Setup, SyncOut, SyncSettings, TrainingThread, Up, spawn,
+};
 use tokio_util::sync::CancellationToken;
 
 fn setup(dir: &std::path::Path) -> Setup {
@@ -34,16 +39,46 @@ fn setup(dir: &std::path::Path) -> Setup {
     }
 }
 
+/// Longest wait for any one thing the training thread does (a step takes milliseconds).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `f` to completion on a throwaway runtime, panicking with `what` after [`DEADLINE`]:
+/// no wait in these tests can block forever.
+fn within<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+        // The timer is created inside the runtime (it needs its time driver).
+        .block_on(async { tokio::time::timeout(DEADLINE, f).await })
+        .unwrap_or_else(|_| panic!("{what}: nothing within {DEADLINE:?}"))
+}
+
+/// Hands the thread a command (the channel is bounded: a stuck thread fails the test).
+fn send(t: &TrainingThread, cmd: Command) {
+    within(
+        "sending a command to the training thread",
+        t.commands.send(cmd),
+    )
+    .unwrap_or_else(|_| panic!("the training thread is gone"));
+}
+
+/// The thread's result, once it has ended.
+fn outcome(t: &mut TrainingThread) -> student_worker::Result<Outcome> {
+    within("waiting for the training thread's outcome", &mut t.done)
+        .expect("the training thread ended without an outcome")
+}
+
 /// The next ack from the thread (None when it ended); panics on anything else.
 fn next_ack(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> Option<pb::Ack> {
-    match rx.blocking_recv()? {
+    match within("waiting for an ack", rx.recv())? {
         Up::Ack(a) => Some(a),
         other => panic!("expected an ack, got {other:?}"),
     }
 }
 
 fn next_sync(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> SyncOut {
-    match rx.blocking_recv() {
+    match within("waiting for the round's parameters", rx.recv()) {
         Some(Up::Sync(s)) => *s,
         other => panic!("expected parameters, got {other:?}"),
     }
@@ -62,28 +97,23 @@ fn trains_acks_in_order_lowers_the_loss_and_evaluates() {
     let n = 60;
     let mut acks = Vec::new();
     for i in 0..n {
-        t.commands
-            .blocking_send(Command::Train(Box::new(common::train_batch(&data, i))))
-            .unwrap();
+        send(&t, Command::Train(Box::new(common::train_batch(&data, i))));
         // Keep at most 4 batches in flight, like the credit window.
         if i >= 3 {
             acks.push(next_ack(&mut t.acks).unwrap());
         }
     }
     for i in 0..5 {
-        t.commands
-            .blocking_send(Command::Eval(Box::new(common::eval_batch(
-                &data,
-                i * 200,
-                200,
-            ))))
-            .unwrap();
+        send(
+            &t,
+            Command::Eval(Box::new(common::eval_batch(&data, i * 200, 200))),
+        );
     }
-    t.commands.blocking_send(Command::Finish).unwrap();
+    send(&t, Command::Finish);
     while let Some(a) = next_ack(&mut t.acks) {
         acks.push(a);
     }
-    let out = t.done.blocking_recv().unwrap().unwrap();
+    let out = outcome(&mut t).unwrap();
 
     assert_eq!(acks.len(), n);
     for (i, a) in acks.iter().enumerate() {
@@ -116,21 +146,17 @@ fn a_bad_batch_ends_the_thread_with_a_clear_error_and_a_checkpoint() {
     let data = Dataset::load("synthetic:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut t = spawn(setup(dir.path()), 4, CancellationToken::new()).unwrap();
-    t.commands
-        .blocking_send(Command::Train(Box::new(common::train_batch(&data, 0))))
-        .unwrap();
+    send(&t, Command::Train(Box::new(common::train_batch(&data, 0))));
     let mut bad = common::train_batch(&data, 1);
     if let Some(s) = bad.soft_targets.as_mut() {
         let mut v = s.data.to_vec();
         v[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
         s.data = v.into();
     }
-    t.commands
-        .blocking_send(Command::Train(Box::new(bad)))
-        .unwrap();
+    send(&t, Command::Train(Box::new(bad)));
     assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(1));
     assert!(next_ack(&mut t.acks).is_none());
-    let e = t.done.blocking_recv().unwrap().unwrap_err();
+    let e = outcome(&mut t).unwrap_err();
     assert!(matches!(e, Error::BadBatch(_)), "{e:?}");
     let msg = e.to_string();
     assert!(
@@ -148,23 +174,22 @@ fn stopping_drops_queued_batches_and_writes_a_checkpoint() {
     let stop = CancellationToken::new();
     let mut t = spawn(setup(dir.path()), 4, stop.clone()).unwrap();
     for i in 0..2 {
-        t.commands
-            .blocking_send(Command::Train(Box::new(common::train_batch(&data, i))))
-            .unwrap();
+        send(&t, Command::Train(Box::new(common::train_batch(&data, i))));
     }
     assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(1));
     assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(2));
     stop.cancel();
     // Queued after the stop: never trained.
-    t.commands
-        .blocking_send(Command::Train(Box::new(common::train_batch(&data, 2))))
-        .unwrap();
+    send(&t, Command::Train(Box::new(common::train_batch(&data, 2))));
     assert!(next_ack(&mut t.acks).is_none());
-    let out = t.done.blocking_recv().unwrap().unwrap();
+    let out = outcome(&mut t).unwrap();
     assert!(!out.completed);
     assert_eq!((out.steps, out.batches), (2, 2));
     assert_eq!(step_of(&dir.path().join(STUDENT_FILE)), 2);
 }
+
+/// Learning rate of the synchronisation test's plain SGD.
+const SGD_LR: f64 = 0.1;
 
 #[test]
 fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
@@ -172,11 +197,12 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = setup(dir.path());
     s.sync.every = 3;
+    // Plain SGD (no momentum, no decay, constant rate): the optimizer carries no state across
+    // the round, so the step after the average depends on the average and the batch alone.
+    s.settings.optim = distill_core::optim::OptimConfig::sgd(SGD_LR, 0.0);
     let mut t = spawn(s, 4, CancellationToken::new()).unwrap();
     for i in 0..3 {
-        t.commands
-            .blocking_send(Command::Train(Box::new(common::train_batch(&data, i))))
-            .unwrap();
+        send(&t, Command::Train(Box::new(common::train_batch(&data, i))));
     }
     for i in 0..3 {
         assert_eq!(next_ack(&mut t.acks).map(|a| a.step), Some(i + 1));
@@ -191,45 +217,91 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
             .collect::<Vec<_>>(),
         shapes
     );
+    // Three steps from a random start: no parameter tensor is all zero, so a worker that kept
+    // its own parameters could not pass the checks below.
+    for (n, _, v) in &up.params {
+        assert!(
+            v.iter().any(|&x| x != 0.0),
+            "`{n}` is all zero before the round"
+        );
+    }
     // A batch that arrives during the round waits for the average, then trains from it.
-    t.commands
-        .blocking_send(Command::Train(Box::new(common::train_batch(&data, 3))))
-        .unwrap();
+    send(&t, Command::Train(Box::new(common::train_batch(&data, 3))));
     let zeros: Vec<_> = shapes
         .iter()
         .map(|(n, s)| (n.clone(), s.clone(), vec![0f32; s.iter().product()]))
         .collect();
-    t.commands
-        .blocking_send(Command::Params(Box::new(ParamsDown {
+    send(
+        &t,
+        Command::Params(Box::new(ParamsDown {
             version: 1,
             params: Some(zeros.clone()),
             contributors: 2,
-        })))
-        .unwrap();
+        })),
+    );
     let a = next_ack(&mut t.acks).unwrap();
     assert_eq!(a.step, 4);
     assert!(a.sync_seconds > 0.0 && a.wait_seconds == 0.0, "{a:?}");
-    t.commands.blocking_send(Command::SyncNow(true)).unwrap();
+    // From all-zero parameters every logit is 0 (softmax uniform at any T), whatever the
+    // inputs: the loss is alpha·T²·KL(p ‖ uniform) + (1 − alpha)·ln 10, and each soft target
+    // row is 0.9 on the label and 0.1/9 elsewhere, so KL = 0.9·ln 9 + 0.1·ln(1/9) = 0.8·ln 9.
+    let st = common::settings();
+    let (alpha, temp) = (st.alpha, st.temperature);
+    let zero_loss = alpha * temp * temp * 0.8 * 9f64.ln() + (1.0 - alpha) * 10f64.ln();
+    assert!(
+        (f64::from(a.loss) - zero_loss).abs() < 1e-4,
+        "step 4's loss {} is not the loss of the zero average ({zero_loss}): the batch was not \
+         trained from the average",
+        a.loss
+    );
+    send(&t, Command::SyncNow(true));
     let up = next_sync(&mut t.acks);
     assert_eq!((up.base_version, up.samples, up.is_final), (1, 32, true));
-    // Trained one step from the zero average: the output bias moved, nothing is NaN.
+    // One SGD step from zero: the hidden activations are relu(0) = 0 and the output weights 0,
+    // so the gradient of every weight and of the hidden bias is exactly 0; only the output
+    // bias moves, by −lr·∂L/∂z summed over the batch, where (per the KD objective)
+    // ∂L/∂z = [alpha·T·(0.1 − p) + (1 − alpha)·(0.1 − onehot(y))] / N.
+    let labels = data.train.labels(&(96..128).collect::<Vec<_>>());
+    let want_bias: Vec<f64> = (0..10u32)
+        .map(|c| {
+            let f = labels.iter().filter(|&&l| l == c).count() as f64 / labels.len() as f64;
+            let p = 0.9 * f + (0.1 / 9.0) * (1.0 - f);
+            -SGD_LR * (alpha * temp * (0.1 - p) + (1.0 - alpha) * (0.1 - f))
+        })
+        .collect();
+    for (name, shape, v) in &up.params {
+        assert!(v.iter().all(|x| x.is_finite()), "`{name}` is not finite");
+        if name == "fc1.bias" {
+            assert_eq!(shape, &vec![10]);
+            for (c, (&got, want)) in v.iter().zip(&want_bias).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-5,
+                    "output bias of class {c}: {got}, expected {want} (all: {v:?})"
+                );
+            }
+            assert!(v.iter().any(|&x| x != 0.0), "the output bias did not move");
+        } else {
+            assert!(
+                v.iter().all(|&x| x == 0.0),
+                "`{name}` moved off the zero average: the batch did not train from it \
+                 (first values {:?})",
+                &v[..v.len().min(8)]
+            );
+        }
+    }
     let flat: Vec<f32> = up.params.iter().flat_map(|(_, _, v)| v.clone()).collect();
-    assert!(flat.iter().all(|v| v.is_finite()));
-    assert!(
-        flat.iter().any(|&v| v != 0.0),
-        "the batch was trained before the average arrived"
-    );
     // A lone contributor keeps its own parameters.
-    t.commands
-        .blocking_send(Command::Params(Box::new(ParamsDown {
+    send(
+        &t,
+        Command::Params(Box::new(ParamsDown {
             version: 2,
             params: None,
             contributors: 1,
-        })))
-        .unwrap();
-    t.commands.blocking_send(Command::Finish).unwrap();
+        })),
+    );
+    send(&t, Command::Finish);
     assert!(next_ack(&mut t.acks).is_none());
-    let out = t.done.blocking_recv().unwrap().unwrap();
+    let out = outcome(&mut t).unwrap();
     assert!(out.completed);
     assert_eq!((out.steps, out.rounds), (4, 2));
     assert!(out.sync_seconds > 0.0);
@@ -252,11 +324,10 @@ fn trains_on_top_k_targets_and_rejects_malformed_ones() {
     let mut t = spawn(setup(dir.path()), 4, CancellationToken::new()).unwrap();
     let mut losses = Vec::new();
     for i in 0..40 {
-        t.commands
-            .blocking_send(Command::Train(Box::new(common::train_batch_topk(
-                &data, i, 2,
-            ))))
-            .unwrap();
+        send(
+            &t,
+            Command::Train(Box::new(common::train_batch_topk(&data, i, 2))),
+        );
         losses.push(next_ack(&mut t.acks).unwrap().loss);
     }
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
@@ -269,11 +340,9 @@ fn trains_on_top_k_targets_and_rejects_malformed_ones() {
         v[4..6].copy_from_slice(&10u16.to_le_bytes());
         tk.data = v;
     }
-    t.commands
-        .blocking_send(Command::Train(Box::new(bad)))
-        .unwrap();
+    send(&t, Command::Train(Box::new(bad)));
     assert!(next_ack(&mut t.acks).is_none());
-    let e = t.done.blocking_recv().unwrap().unwrap_err().to_string();
+    let e = outcome(&mut t).unwrap_err().to_string();
     assert!(
         e.contains("epoch 0 batch 40") && e.contains("`topk_targets`"),
         "{e}"

@@ -2,9 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use distill_core::checkpoint::Checkpoint;
@@ -13,6 +13,73 @@ use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::HostTensor;
 use distill_proto::pb::InferRequest;
 use distill_proto::pb::teacher_client::TeacherClient;
+
+/// Longest wait for a server process to start, answer or exit.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a failing test
+/// leaves no server behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl KillOnDrop {
+    /// The exit status, or a panic (and, through the drop, a kill) after `limit`.
+    fn wait_within(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "{what}: no exit within {limit:?}");
+            // Polling an exit (std has no wait with a timeout), not a synchronisation sleep.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Runs `cmd` to completion with a deadline (killed if it overruns); stdout and stderr
+/// collected on helper threads so a full pipe cannot stall it.
+fn output_within(cmd: &mut Command, what: &str) -> Output {
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Each pipe is read to its end on a helper thread (a full pipe cannot stall the child);
+    // the bytes come back over a channel, so even a pipe held open by a leftover grandchild
+    // cannot block the test.
+    let collect = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            let _ = tx.send(v);
+        });
+        rx
+    };
+    let out = collect(Box::new(child.0.stdout.take().unwrap()));
+    let err = collect(Box::new(child.0.stderr.take().unwrap()));
+    let status = child.wait_within(DEADLINE, what);
+    Output {
+        status,
+        stdout: out
+            .recv_timeout(DEADLINE)
+            .expect("stdout not closed within the deadline"),
+        stderr: err
+            .recv_timeout(DEADLINE)
+            .expect("stderr not closed within the deadline"),
+    }
+}
 
 #[tokio::test]
 async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
@@ -23,28 +90,28 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
     let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
     ck.save(&path).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_teacher-server"))
-        .arg("--model")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--member", "m1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The first line, read on a helper thread so a server that never prints fails the test.
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_teacher-server"))
+            .arg("--model")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0", "--member", "m1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The first line, read on a helper thread so a server that never prints fails the test
+    // (and is killed by the guard).
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = tx.send(out.read_line(&mut line).map(|_| line));
     });
-    let line = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(read) => read.unwrap(),
-        Err(_) => {
-            let _ = child.kill();
-            panic!("no `listening on` line within 60 s");
-        }
-    };
+    let line = rx
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("no `listening on` line within {DEADLINE:?}"))
+        .unwrap();
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -52,9 +119,11 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0);
 
-    let mut client = TeacherClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client =
+        tokio::time::timeout(DEADLINE, TeacherClient::connect(format!("http://{addr}")))
+            .await
+            .expect("connecting to the server: no answer within the deadline")
+            .unwrap();
     let req = InferRequest {
         request_id: 3,
         inputs: Some(
@@ -65,29 +134,19 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
         temperature: 2.0,
         output_dtype: 0,
     };
-    let r = client.infer(req).await.unwrap().into_inner();
+    let r = tokio::time::timeout(DEADLINE, client.infer(req))
+        .await
+        .expect("Infer: no answer within the deadline")
+        .unwrap()
+        .into_inner();
     assert_eq!(r.model_id, ck.model_id());
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    // The exit, waited for on a helper thread with a deadline.
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let status = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(status) => status.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("the server did not exit within 60 s of SIGTERM");
-        }
-    };
+    let killed = output_within(
+        Command::new("kill").args(["-TERM", &child.0.id().to_string()]),
+        "kill -TERM",
+    );
+    assert!(killed.status.success());
+    let status = child.wait_within(DEADLINE, "the server after SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
 
@@ -96,21 +155,23 @@ fn binary_names_a_bad_model_file_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"not a checkpoint").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_teacher-server"))
-        .arg("--model")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_teacher-server"))
+            .arg("--model")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0"]),
+        "teacher-server with a junk model",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("junk.safetensors"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_teacher-server"))
-        .arg("--model")
-        .arg(&path)
-        .args(["--device", "cuda:0"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_teacher-server"))
+            .arg("--model")
+            .arg(&path)
+            .args(["--device", "cuda:0"]),
+        "teacher-server on cuda:0",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cuda:0"), "{err}");
 }

@@ -19,6 +19,43 @@ use tonic::transport::Channel;
 
 const MAX_MSG: usize = 64 << 20;
 
+/// Longest wait for any one await in these tests (each takes well under a second normally).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// `.deadline().await` instead of `.await`: the awaited thing, or a panic naming the line that
+/// waited after [`DEADLINE`], so a hang fails the test instead of blocking the suite.
+trait Deadline: std::future::IntoFuture + Sized {
+    #[track_caller]
+    fn deadline(self) -> impl std::future::Future<Output = Self::Output> {
+        let at = std::panic::Location::caller();
+        let f = self.into_future();
+        async move {
+            match tokio::time::timeout(DEADLINE, f).await {
+                Ok(v) => v,
+                Err(_) => panic!("{at}: the awaited call did not finish within {DEADLINE:?}"),
+            }
+        }
+    }
+}
+
+impl<F: std::future::IntoFuture> Deadline for F {}
+
+/// Waits (yielding, with a deadline) until `cond` holds.
+#[track_caller]
+fn until(what: &'static str, cond: impl Fn() -> bool) -> impl std::future::Future<Output = ()> {
+    let at = std::panic::Location::caller();
+    async move {
+        let poll = async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        };
+        if tokio::time::timeout(DEADLINE, poll).await.is_err() {
+            panic!("{at}: {what}: not within {DEADLINE:?}");
+        }
+    }
+}
+
 fn checkpoint(arch: &str, seed: u64) -> Checkpoint {
     let spec = ModelSpec::new(Arch::parse(arch).unwrap());
     let m = TrainableModel::init(spec.clone(), seed, &Device::Cpu).unwrap();
@@ -35,7 +72,7 @@ struct Running {
 
 async fn start(ck: &Checkpoint, opts: ServeOptions) -> Running {
     let service = build_service(ck, &Device::Cpu, &opts).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").deadline().await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(service.clone(), listener, MAX_MSG, shutdown.clone()));
@@ -43,6 +80,7 @@ async fn start(ck: &Checkpoint, opts: ServeOptions) -> Running {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
+        .deadline()
         .await
         .unwrap();
     let client = TeacherClient::new(channel.clone())
@@ -106,10 +144,12 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
             ..Default::default()
         },
     )
+    .deadline()
     .await;
     let d = s
         .client
         .describe(pb::DescribeRequest {})
+        .deadline()
         .await
         .unwrap()
         .into_inner();
@@ -125,6 +165,7 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
         let r = s
             .client
             .infer(request(7, &x, 5, t))
+            .deadline()
             .await
             .unwrap()
             .into_inner();
@@ -145,7 +186,7 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
     for (dt, tol) in [(DType::F16, 1e-2f32), (DType::BF16, 5e-2)] {
         let mut req = request(8, &x, 5, 2.0);
         req.output_dtype = pb::DType::from(dt) as i32;
-        let r = s.client.infer(req).await.unwrap().into_inner();
+        let r = s.client.infer(req).deadline().await.unwrap().into_inner();
         let t = HostTensor::try_from(r.logits.unwrap()).unwrap();
         assert_eq!(t.dtype(), dt);
         assert_eq!(t.shape(), &[5, 10]);
@@ -170,7 +211,7 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
         temperature: 1.0,
         output_dtype: 0,
     };
-    let got = logits_of(&s.client.infer(req).await.unwrap().into_inner());
+    let got = logits_of(&s.client.infer(req).deadline().await.unwrap().into_inner());
     let xf: Vec<f32> = px.iter().map(|&p| p as f32 / 255.0).collect();
     let want = local_logits(&ck, &xf, 2, 1.0);
     let diff = got
@@ -180,13 +221,13 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
         .fold(0f32, f32::max);
     assert!(diff <= 1e-5, "u8 inputs: {diff}");
     s.shutdown.cancel();
-    s.task.await.unwrap().unwrap();
+    s.task.deadline().await.unwrap().unwrap();
 }
 
 #[tokio::test]
 async fn batched_and_unbatched_answers_are_identical() {
     for arch in ["mlp:784-64-32-10", "conv:4-8-16-10"] {
-        batching_is_invisible(arch).await;
+        batching_is_invisible(arch).deadline().await;
     }
 }
 
@@ -200,23 +241,30 @@ async fn batching_is_invisible(arch: &str) {
             ..Default::default()
         },
     )
+    .deadline()
     .await;
-    // Batched: a long window, so concurrent requests are coalesced.
-    let batched = start(
+    // Batched: a long window, so concurrent requests are coalesced, into passes of up to 256
+    // rows (more than the 64 at which candle's CPU matmul changes code path).
+    let mut batched = start(
         &ck,
         ServeOptions {
             max_delay: Duration::from_millis(200),
-            max_batch: 64,
+            max_batch: 256,
             // A slow pass keeps the compute thread busy while the other requests queue up, so
             // they are coalesced however the scheduler interleaves their arrival.
             simulate_latency: Duration::from_millis(50),
             ..Default::default()
         },
     )
+    .deadline()
     .await;
 
+    // 12 requests of 3 to 10 rows (78 in all), each with its own temperature.
     let reqs: Vec<(Vec<f32>, usize, f32)> = (0..12)
-        .map(|i| (inputs(1 + i % 4, 784, i as u64), 1 + i % 4, 1.0 + i as f32))
+        .map(|i| {
+            let rows = 3 + i % 8;
+            (inputs(rows, 784, i as u64), rows, 1.0 + i as f32)
+        })
         .collect();
     let mut want = Vec::new();
     for (i, (x, rows, t)) in reqs.iter().enumerate() {
@@ -224,6 +272,7 @@ async fn batching_is_invisible(arch: &str) {
             &solo
                 .client
                 .infer(request(i as u64, x, *rows, *t))
+                .deadline()
                 .await
                 .unwrap()
                 .into_inner(),
@@ -232,9 +281,9 @@ async fn batching_is_invisible(arch: &str) {
     let calls = reqs.iter().enumerate().map(|(i, (x, rows, t))| {
         let mut c = batched.client.clone();
         let req = request(i as u64, x, *rows, *t);
-        async move { c.infer(req).await.unwrap().into_inner() }
+        async move { c.infer(req).deadline().await.unwrap().into_inner() }
     });
-    let got = futures_join_all(calls).await;
+    let got = futures_join_all(calls).deadline().await;
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r.request_id, i as u64);
         assert_eq!(logits_of(r), want[i], "request {i}");
@@ -246,6 +295,52 @@ async fn batching_is_invisible(arch: &str) {
         b.0
     );
     assert_eq!(b.1, reqs.iter().map(|r| r.1 as u64).sum::<u64>());
+
+    // More than 64 rows in one pass: a 70-row request, on either server, gives each row
+    // exactly the logits of that row asked alone (a 1-row request). Bit for bit, because
+    // the server pads every pass to more than 64 rows, so both take the same matmul path.
+    // Every 5th row and the last one are asked alone (15 one-row passes, not 70).
+    let big = 70;
+    let x = inputs(big, 784, 99);
+    let whole = logits_of(
+        &solo
+            .client
+            .infer(request(500, &x, big, 3.0))
+            .deadline()
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let whole_batched = logits_of(
+        &batched
+            .client
+            .infer(request(501, &x, big, 3.0))
+            .deadline()
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(whole.len(), big * 10);
+    assert_eq!(whole_batched, whole, "{arch}: a {big}-row request, batched");
+    for r in (0..big).step_by(5).chain([big - 1]) {
+        let one = logits_of(
+            &solo
+                .client
+                .infer(request(600 + r as u64, &x[r * 784..(r + 1) * 784], 1, 3.0))
+                .deadline()
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(
+            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            whole[r * 10..(r + 1) * 10]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            "{arch}: row {r} asked alone differs from the same row in a {big}-row request"
+        );
+    }
     solo.shutdown.cancel();
     batched.shutdown.cancel();
 }
@@ -267,7 +362,7 @@ where
     let handles: Vec<_> = fs.map(tokio::spawn).collect();
     let mut out = Vec::new();
     for h in handles {
-        out.push(h.await.unwrap());
+        out.push(h.deadline().await.unwrap());
     }
     out
 }
@@ -275,21 +370,31 @@ where
 #[tokio::test]
 async fn infer_stream_pipelines_many_requests_out_of_order() {
     let ck = checkpoint("mlp:784-32-10", 3);
-    let mut s = start(&ck, ServeOptions::default()).await;
+    // Every forward pass takes at least 200 ms: requests read while one runs queue up.
+    let mut s = start(
+        &ck,
+        ServeOptions {
+            simulate_latency: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .deadline()
+    .await;
     let n = 40u64;
+    let rows_of = |i: u64| 1 + (i as usize % 3);
     let reqs: Vec<InferRequest> = (0..n)
         .map(|i| {
             request(
                 1000 + i,
-                &inputs(1 + (i as usize % 3), 784, i),
-                1 + (i as usize % 3),
+                &inputs(rows_of(i), 784, i),
+                rows_of(i),
                 1.0 + (i % 5) as f32,
             )
         })
         .collect();
     let expected: std::collections::HashMap<u64, Vec<f32>> = (0..n)
         .map(|i| {
-            let rows = 1 + (i as usize % 3);
+            let rows = rows_of(i);
             (
                 1000 + i,
                 local_logits(&ck, &inputs(rows, 784, i), rows, 1.0 + (i % 5) as f32),
@@ -304,13 +409,16 @@ async fn infer_stream_pipelines_many_requests_out_of_order() {
     let mut stream = s
         .client
         .infer_stream(tokio_stream::iter(all))
+        .deadline()
         .await
         .unwrap()
         .into_inner();
     let mut seen = std::collections::HashSet::new();
+    let mut order = Vec::new();
     let mut errors = 0;
-    while let Some(msg) = tokio_stream::StreamExt::next(&mut stream).await {
+    while let Some(msg) = tokio_stream::StreamExt::next(&mut stream).deadline().await {
         let msg = msg.unwrap();
+        order.push(msg.request_id);
         match msg.result.unwrap() {
             infer_stream_response::Result::Response(r) => {
                 assert_eq!(r.request_id, msg.request_id);
@@ -338,6 +446,28 @@ async fn infer_stream_pipelines_many_requests_out_of_order() {
     }
     assert_eq!(seen.len(), n as usize);
     assert_eq!(errors, 1);
+    // Several requests were in flight at once: 40 requests took fewer than 40 forward passes,
+    // so some pass held more than one of them (a server that answers a request before
+    // reading the next runs exactly one pass per request).
+    let (passes, rows) = batched_stats(&s);
+    assert!(
+        passes < n,
+        "{passes} forward passes for {n} requests: none overlapped"
+    );
+    assert_eq!(rows, (0..n).map(|i| rows_of(i) as u64).sum::<u64>());
+    // Out of order: the bad request, 21st on the stream, is refused without a forward pass,
+    // so its error overtakes the replies of requests sent before it (each of which waits for
+    // a pass of at least 200 ms); in order, it would be the 21st reply.
+    let err_at = order.iter().position(|&id| id == 5).unwrap();
+    let overtaken: Vec<u64> = order[err_at + 1..]
+        .iter()
+        .copied()
+        .filter(|id| (1000..1020).contains(id))
+        .collect();
+    assert!(
+        !overtaken.is_empty(),
+        "the error reply came back in order (reply {err_at}): {order:?}"
+    );
     s.shutdown.cancel();
 }
 
@@ -351,6 +481,7 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
             ..Default::default()
         },
     )
+    .deadline()
     .await;
     let good = || request(1, &inputs(2, 784, 1), 2, 1.0);
     let tensor = |shape: Vec<u64>, dtype: pb::DType, data: Vec<u8>| pb::Tensor {
@@ -475,11 +606,11 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
         ),
     ];
     for (name, req, needle) in cases {
-        let st = s.client.infer(req).await.expect_err(name);
+        let st = s.client.infer(req).deadline().await.expect_err(name);
         assert_eq!(st.code(), tonic::Code::InvalidArgument, "{name}: {st:?}");
         assert!(st.message().contains(needle), "{name}: {}", st.message());
         // ... and a good request right after still succeeds.
-        let ok = s.client.infer(good()).await;
+        let ok = s.client.infer(good()).deadline().await;
         assert!(ok.is_ok(), "after {name}: {ok:?}");
     }
 
@@ -491,16 +622,16 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
         MAX_MSG / 4 / 784 + 1,
         1.0,
     );
-    let st = small.clone().infer(huge).await.unwrap_err();
+    let st = small.clone().infer(huge).deadline().await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::OutOfRange, "{st:?}");
-    assert!(s.client.infer(good()).await.is_ok());
+    assert!(s.client.infer(good()).deadline().await.is_ok());
     s.shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_temperature_so_small_that_logits_overflow_is_refused() {
     let ck = checkpoint("mlp:784-16-10", 4);
-    let mut s = start(&ck, ServeOptions::default()).await;
+    let mut s = start(&ck, ServeOptions::default()).deadline().await;
     let x = inputs(2, 784, 3);
     let z = local_logits(&ck, &x, 2, 1.0);
     let zmax = z.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -509,7 +640,12 @@ async fn a_temperature_so_small_that_logits_overflow_is_refused() {
     // finite, positive f32 (subnormal), which the request check alone accepts.
     let t = zmax * 1e-39;
     assert!(t > 0.0 && t.is_finite());
-    let st = s.client.infer(request(1, &x, 2, t)).await.unwrap_err();
+    let st = s
+        .client
+        .infer(request(1, &x, 2, t))
+        .deadline()
+        .await
+        .unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     assert!(
         st.message()
@@ -523,7 +659,7 @@ async fn a_temperature_so_small_that_logits_overflow_is_refused() {
     let t = zmax / 1e5;
     let mut req = request(2, &x, 2, t);
     req.output_dtype = pb::DType::DtypeF16 as i32;
-    let st = s.client.infer(req.clone()).await.unwrap_err();
+    let st = s.client.infer(req.clone()).deadline().await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     assert!(
         st.message().contains("does not fit F16"),
@@ -532,13 +668,25 @@ async fn a_temperature_so_small_that_logits_overflow_is_refused() {
     );
     for dtype in [pb::DType::DtypeF32, pb::DType::DtypeBf16] {
         req.output_dtype = dtype as i32;
-        let r = s.client.infer(req.clone()).await.unwrap().into_inner();
+        let r = s
+            .client
+            .infer(req.clone())
+            .deadline()
+            .await
+            .unwrap()
+            .into_inner();
         let got = logits_of(&r);
         assert!(got.iter().all(|v| v.is_finite()), "{dtype:?}");
         assert!(got.iter().any(|v| v.abs() > 65_504.0), "{dtype:?}");
     }
     // The server goes on serving ordinary requests.
-    assert!(s.client.infer(request(3, &x, 2, 1.0)).await.is_ok());
+    assert!(
+        s.client
+            .infer(request(3, &x, 2, 1.0))
+            .deadline()
+            .await
+            .is_ok()
+    );
     s.shutdown.cancel();
 }
 
@@ -554,31 +702,34 @@ async fn too_many_requests_in_flight_get_resource_exhausted() {
             ..Default::default()
         },
     )
+    .deadline()
     .await;
     let mut c1 = s.client.clone();
-    let first = tokio::spawn(async move { c1.infer(request(1, &inputs(1, 784, 1), 1, 1.0)).await });
+    let first = tokio::spawn(async move {
+        c1.infer(request(1, &inputs(1, 784, 1), 1, 1.0))
+            .deadline()
+            .await
+    });
     // Wait (with a deadline) until the first request is being computed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while batched_stats(&s).0 == 0 && s.service.inflight() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "first request never arrived"
-        );
-        tokio::task::yield_now().await;
-    }
+    until("the first request arrives", || {
+        batched_stats(&s).0 > 0 || s.service.inflight() > 0
+    })
+    .await;
     let st = s
         .client
         .clone()
         .infer(request(2, &inputs(1, 784, 2), 1, 1.0))
+        .deadline()
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
     assert!(st.message().contains("limit 1"), "{}", st.message());
-    assert!(first.await.unwrap().is_ok());
+    assert!(first.deadline().await.unwrap().is_ok());
     assert!(
         s.client
             .clone()
             .infer(request(3, &inputs(1, 784, 3), 1, 1.0))
+            .deadline()
             .await
             .is_ok()
     );
@@ -591,16 +742,18 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
     let s = start(
         &ck,
         ServeOptions {
-            simulate_latency: Duration::from_millis(200),
+            simulate_latency: Duration::from_millis(500),
             ..Default::default()
         },
     )
+    .deadline()
     .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "distill.v1.Teacher".into(),
         })
+        .deadline()
         .await
         .unwrap()
         .into_inner();
@@ -622,10 +775,12 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
     };
     let mut out = refl
         .server_reflection_info(tokio_stream::iter(vec![req]))
+        .deadline()
         .await
         .unwrap()
         .into_inner();
     let first = tokio_stream::StreamExt::next(&mut out)
+        .deadline()
         .await
         .unwrap()
         .unwrap();
@@ -646,18 +801,38 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
 
     // A request in flight when shutdown starts still gets its answer.
     let mut c = s.client.clone();
-    let pending =
-        tokio::spawn(async move { c.infer(request(1, &inputs(1, 784, 1), 1, 1.0)).await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.service.inflight() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request never arrived"
-        );
-        tokio::task::yield_now().await;
-    }
+    let x = inputs(1, 784, 1);
+    let req = request(1, &x, 1, 1.0);
+    let pending = tokio::spawn(async move { c.infer(req).deadline().await });
+    until("the request reaches the server", || {
+        s.service.inflight() > 0
+    })
+    .await;
     s.shutdown.cancel();
-    let r = pending.await.unwrap();
-    assert!(r.is_ok(), "in-flight request was dropped: {r:?}");
-    s.task.await.unwrap().unwrap();
+    // Still unanswered after shutdown began (its forward pass takes at least 500 ms): the
+    // drain below is exercised, not a request that was done before the signal.
+    let in_flight = s.service.inflight();
+    assert!(
+        in_flight == 1 && !pending.is_finished(),
+        "the request was answered before shutdown began ({in_flight} in flight); nothing drained"
+    );
+    // serve() returns only once that request is answered: in the binary, returning ends the
+    // process, and with it any request still being computed.
+    s.task.deadline().await.unwrap().unwrap();
+    let left = s.service.inflight();
+    assert_eq!(
+        left, 0,
+        "serve() returned with {left} request(s) still unanswered: the shutdown did not drain"
+    );
+    let r = pending.deadline().await.unwrap();
+    let r = r
+        .unwrap_or_else(|st| panic!("the in-flight request was dropped by the shutdown: {st:?}"))
+        .into_inner();
+    let want = local_logits(&ck, &x, 1, 1.0);
+    let diff = logits_of(&r)
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-6, "drained answer off by {diff}");
 }
