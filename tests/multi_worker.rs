@@ -173,28 +173,49 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     let (c, addr, run) = coordinator(&mut s, "kill", 2, 6);
     let mut victim = worker(&d, &addr, "victim", &[]);
     let survivor = worker(&d, &addr, "survivor", &[]);
-    // Kill the victim once it has trained a share and the run is well under way, not done, and
-    // just after it trained a batch past a round it took part in: that batch is in its own
-    // parameters only, so it must be rolled back and trained again. (Its next contribution is
-    // `every` = 10 updates away, far more than one status poll.)
-    let mut seen_round = (u64::MAX, 0u64);
-    let at = wait_until(
+    // Freeze the victim once the run is under way, and kill it only while it holds batches that
+    // no average has (RunStatus' `unaveraged_batches`, read while it can neither train nor
+    // contribute): exactly those must be rolled back and trained again.
+    let pid = victim.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    let victim_of = |st: &distill_proto::pb::RunStatusResponse| {
+        st.workers
+            .iter()
+            .find(|w| w.worker_id == "victim")
+            .map_or((0, 0), |w| (w.samples, w.unaveraged_batches))
+    };
+    let (at, at_risk) = wait_until(
         Duration::from_secs(240),
-        "the victim training past a round, mid-run",
+        "the victim holding unaveraged batches, mid-run",
         || {
             let st = run_status(&addr)?;
-            let victim_rows = st
-                .workers
-                .iter()
-                .find(|w| w.worker_id == "victim")
-                .map_or(0, |w| w.samples);
-            if st.sync_rounds != seen_round.0 {
-                seen_round = (st.sync_rounds, victim_rows);
+            if st.batches_trained * 5 < st.batches_expected || victim_of(&st).0 == 0 {
                 return None;
             }
-            let past_round = victim_rows > seen_round.1 && victim_rows <= seen_round.1 + 64;
-            let under_way = st.batches_trained * 5 >= st.batches_expected;
-            (under_way && st.sync_rounds > 0 && past_round).then_some(st)
+            signal("-STOP");
+            // Frozen: what the coordinator knows of it settles once its last messages are in.
+            let mut last = victim_of(&st);
+            let settled = loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = run_status(&addr)?;
+                if victim_of(&now) == last {
+                    break now;
+                }
+                last = victim_of(&now);
+            };
+            let risk = victim_of(&settled).1;
+            if risk > 0 {
+                return Some((settled, risk));
+            }
+            signal("-CONT");
+            None
         },
     );
     victim.kill().unwrap();
@@ -208,8 +229,8 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     finish(&d, c, vec![survivor]);
     let r = read_report(&run);
     assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
-    // The victim's batches since its last round were undone and trained again.
-    assert!(u(&r, "rolled_back_batches") >= 1, "{r}");
+    // The victim's batches since its last round were undone and trained again: exactly those.
+    assert_eq!(u(&r, "rolled_back_batches"), at_risk, "{r}");
     assert!(
         u(&r, "requeued_batches") >= u(&r, "rolled_back_batches"),
         "{r}"

@@ -399,6 +399,7 @@ fn status_response(view: StatusView) -> RunStatusResponse {
                 worker_id: w.worker_id.clone(),
                 samples: w.samples,
                 batches: w.batches,
+                unaveraged_batches: facts.unaveraged.get(&w.worker_id).copied().unwrap_or(0),
             })
             .collect(),
     }

@@ -851,6 +851,16 @@ impl Ledger {
         self.state.committed.get(worker_id).copied().unwrap_or(0)
     }
 
+    /// Acks of `worker_id` in the current epoch with a sequence number above `through`.
+    pub fn acks_after(&self, worker_id: &str, through: u64) -> u64 {
+        self.state
+            .acked
+            .iter()
+            .flatten()
+            .filter(|a| a.worker.id == worker_id && a.seq > through)
+            .count() as u64
+    }
+
     /// Whether `worker_id` holds acks of the current epoch that are not committed.
     pub fn has_uncommitted(&self, worker_id: &str) -> bool {
         let c = self.state.committed.get(worker_id).copied().unwrap_or(0);

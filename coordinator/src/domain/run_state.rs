@@ -215,6 +215,9 @@ pub struct Facts {
     pub samples_per_sec: f64,
     /// Per open stream: its worker id and batches being prepared.
     pub queues: Vec<(String, usize)>,
+    /// With rounds, per live worker id: batches it trained that no average (closed or
+    /// pending) holds, i.e. what a rollback would undo if it died now.
+    pub unaveraged: BTreeMap<String, u64>,
 }
 
 /// A refusal of something a worker asked.
@@ -704,6 +707,21 @@ impl RunState {
                 _ => 0.0,
             },
             queues: self.workers.queue_depths(),
+            unaveraged: if self.settings.rounds {
+                self.workers
+                    .live()
+                    .iter()
+                    .map(|w| {
+                        let through = self
+                            .ledger
+                            .committed_seq(&w.id)
+                            .max(self.rounds.pending_seq(w).unwrap_or(0));
+                        (w.id.clone(), self.ledger.acks_after(&w.id, through))
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
         }
     }
 
@@ -1582,7 +1600,18 @@ mod tests {
         st.take_actions();
         let b_rows = st.workers.rows("b");
         assert!(b_rows > 0);
+        // What is at risk: none of a's acks (its contribution is pending), all of b's.
+        let at_risk = st.facts(t0).unaveraged;
+        assert_eq!(
+            at_risk,
+            BTreeMap::from([("a".to_string(), 0), ("b".to_string(), b_rows / 10)])
+        );
         st.stream_closed(b, t0);
+        assert_eq!(st.ledger.counters().rolled_back_batches, at_risk["b"]);
+        assert_eq!(
+            st.facts(t0).unaveraged,
+            BTreeMap::from([("a".to_string(), 0)])
+        );
         let actions = st.take_actions();
         // b's leaving closes the round with a's contribution alone.
         assert!(
