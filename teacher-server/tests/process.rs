@@ -83,6 +83,18 @@ fn output_within(cmd: &mut Command, what: &str) -> Output {
 
 #[tokio::test]
 async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
+    serve_then_signal("-TERM").await;
+}
+
+#[tokio::test]
+async fn binary_takes_f16_and_bf16_inputs_and_exits_cleanly_on_sigint() {
+    serve_then_signal("-INT").await;
+}
+
+/// Starts the binary, asks it with f32, f16 and bf16 inputs of the same (exactly
+/// representable) values, which must give bit-identical logits, then sends `signal` and expects
+/// a clean exit.
+async fn serve_then_signal(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.safetensors");
     let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
@@ -124,30 +136,52 @@ async fn binary_prints_its_address_serves_and_exits_cleanly_on_sigterm() {
             .await
             .expect("connecting to the server: no answer within the deadline")
             .unwrap();
-    let req = InferRequest {
-        request_id: 3,
-        inputs: Some(
-            HostTensor::from_f32(vec![1, 784], &[0.5; 784])
-                .unwrap()
-                .into(),
-        ),
-        temperature: 2.0,
-        output_dtype: 0,
-    };
-    let r = tokio::time::timeout(DEADLINE, client.infer(req))
-        .await
-        .expect("Infer: no answer within the deadline")
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.model_id, ck.model_id());
+    // Multiples of 1/16 in [0, 1): exact in f16 and bf16 alike.
+    let x: Vec<f32> = (0..2 * 784).map(|i| (i % 16) as f32 / 16.0).collect();
+    let mut answers = Vec::new();
+    for (id, dtype) in [
+        (3, distill_proto::DType::F32),
+        (4, distill_proto::DType::F16),
+        (5, distill_proto::DType::BF16),
+    ] {
+        let req = InferRequest {
+            request_id: id,
+            inputs: Some(
+                HostTensor::from_f32_as(vec![2, 784], &x, dtype)
+                    .unwrap()
+                    .into(),
+            ),
+            temperature: 2.0,
+            output_dtype: 0,
+        };
+        let r = tokio::time::timeout(DEADLINE, client.infer(req))
+            .await
+            .expect("Infer: no answer within the deadline")
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.model_id, ck.model_id());
+        assert_eq!(r.request_id, id);
+        let logits = HostTensor::try_from(r.logits.expect("logits")).unwrap();
+        assert_eq!(logits.shape(), &[2, 10]);
+        answers.push((dtype, logits.to_f32_vec()));
+    }
+    for (dtype, a) in &answers[1..] {
+        assert_eq!(
+            a, &answers[0].1,
+            "{dtype:?} inputs gave other logits than f32 inputs"
+        );
+    }
 
     let killed = output_within(
-        Command::new("kill").args(["-TERM", &child.0.id().to_string()]),
-        "kill -TERM",
+        Command::new("kill").args([signal, &child.0.id().to_string()]),
+        "kill",
     );
     assert!(killed.status.success());
-    let status = child.wait_within(DEADLINE, "the server after SIGTERM");
-    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    let status = child.wait_within(DEADLINE, "the server after the signal");
+    assert!(
+        status.success(),
+        "exit status after kill {signal}: {status:?}"
+    );
 }
 
 #[test]
