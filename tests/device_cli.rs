@@ -4,42 +4,32 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::Proc;
 
 /// Longest any one `distill` command here may run (the slowest, gpu-smoke's self-test, takes
 /// seconds).
 const DEADLINE: Duration = Duration::from_secs(300);
 
-/// A child process that is killed and reaped when dropped: a failing or overrunning test
-/// leaves nothing running.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `distill ARGS` in `cwd` to completion, or panics (killing it) after [`DEADLINE`].
 fn distill(args: &[&str], cwd: &Path) -> Output {
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_distill"))
-            .args(args)
-            .current_dir(cwd)
-            .env("RUST_LOG", "warn")
-            .env("RAYON_NUM_THREADS", "2")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running the distill binary"),
-    );
+    let mut child: Proc = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the distill binary")
+        .into();
     // Each pipe is read to its end on a helper thread (a full pipe cannot stall the child);
     // the bytes come back over a channel, so even a pipe held open by a leftover grandchild
     // cannot block the test.
@@ -52,11 +42,11 @@ fn distill(args: &[&str], cwd: &Path) -> Output {
         });
         rx
     };
-    let out = collect(Box::new(child.0.stdout.take().unwrap()));
-    let err = collect(Box::new(child.0.stderr.take().unwrap()));
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
     let end = Instant::now() + DEADLINE;
     let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
