@@ -10,13 +10,11 @@ const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 use std::time::Duration;
 
-use candle_core::Device;
 use coordinator::config::{MemberConfig, RunConfig, SoftTargetEncoding, StudentConfig};
 use distill_core::checkpoint::Checkpoint;
 use distill_core::kd::Combine;
-use distill_core::model::TrainableModel;
 use distill_core::optim::OptimConfig;
-use distill_core::spec::{Arch, ModelSpec};
+use distill_core::spec::Arch;
 use distill_proto::pb::coordinator_client::CoordinatorClient;
 use distill_proto::pb::{self, JoinRequest, RunStatusRequest, WorkerMessage, worker_message};
 use tokio_util::sync::CancellationToken;
@@ -28,18 +26,18 @@ async fn teacher(shutdown: &CancellationToken) -> String {
 
 /// [`teacher`] listening on `addr`.
 async fn teacher_at(addr: &str, shutdown: &CancellationToken) -> String {
-    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
-    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
     let opts = teacher_server::ServeOptions {
         member: "t".into(),
         ..Default::default()
     };
-    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
-    let tl = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let taddr = tl.local_addr().unwrap();
-    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
-    format!("http://{taddr}")
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    common::serve_teacher_on(
+        &common::random_checkpoint("mlp:784-16-10", 1),
+        &opts,
+        listener,
+        shutdown,
+    )
+    .1
 }
 
 fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
@@ -892,19 +890,14 @@ async fn a_batch_that_keeps_failing_ends_the_run_with_an_error_instead_of_stalli
         async move {
             let dir = tempfile::tempdir().unwrap();
             let shutdown = CancellationToken::new();
-            let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-            let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
-            let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
             let opts = teacher_server::ServeOptions {
                 member: "t".into(),
                 max_batch: 100,
                 ..Default::default()
             };
-            let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
-            let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let taddr = tl.local_addr().unwrap();
-            tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
-            let cfg = config(dir.path(), vec![format!("http://{taddr}")]);
+            let ck = common::random_checkpoint("mlp:784-16-10", 1);
+            let (_, url) = common::serve_teacher(&ck, &opts, &shutdown).await;
+            let cfg = config(dir.path(), vec![url]);
             let (caddr, served) = serve_config(cfg, &shutdown).await;
             let worker_stop = CancellationToken::new();
             let worker = spawn_worker(caddr, dir.path(), &worker_stop);

@@ -11,14 +11,10 @@ const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 use std::time::Duration;
 
-use candle_core::Device;
 use coordinator::config::{MemberConfig, MembershipSettings};
 use coordinator::domain::membership::{Membership, ReplicaView};
 use coordinator::membership::MembershipHandle;
 use coordinator::teachers::TeacherPool;
-use distill_core::checkpoint::Checkpoint;
-use distill_core::model::TrainableModel;
-use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::HostTensor;
 use tokio_util::sync::CancellationToken;
 
@@ -27,19 +23,13 @@ const REQUESTS: u64 = 100;
 
 /// A teacher server whose every forward pass takes at least `latency`.
 async fn teacher(latency: Duration, shutdown: &CancellationToken) -> String {
-    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
-    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
     let opts = teacher_server::ServeOptions {
         member: "t".into(),
         simulate_latency: latency,
         ..Default::default()
     };
-    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
-    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tl.local_addr().unwrap();
-    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
-    format!("http://{addr}")
+    let ck = common::random_checkpoint("mlp:784-16-10", 1);
+    common::serve_teacher(&ck, &opts, shutdown).await.1
 }
 
 /// One member `t` over `endpoints`.

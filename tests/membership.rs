@@ -325,25 +325,14 @@ async fn teacher(
     seed: u64,
     shutdown: &CancellationToken,
 ) -> (teacher_server::TeacherService, SocketAddr) {
-    use distill_core::model::TrainableModel;
-    use distill_core::spec::{Arch, ModelSpec};
-    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-    let m = TrainableModel::init(spec.clone(), seed, &candle_core::Device::Cpu).unwrap();
-    let ck = distill_core::checkpoint::Checkpoint::from_tensors(spec, &m.named_tensors().unwrap())
-        .unwrap();
     let opts = teacher_server::ServeOptions {
         member: member.into(),
         ..Default::default()
     };
-    let svc = teacher_server::build_service(&ck, &candle_core::Device::Cpu, &opts).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(teacher_server::serve(
-        svc.clone(),
-        listener,
-        64 << 20,
-        shutdown.clone(),
-    ));
+    let ck = common::random_checkpoint("mlp:784-16-10", seed);
+    let (svc, _) = common::serve_teacher_on(&ck, &opts, listener, shutdown);
     (svc, addr)
 }
 

@@ -27,14 +27,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use candle_core::Device;
 use coordinator::config::{MemberConfig, MembershipSettings};
 use coordinator::domain::membership::{Health, Membership, ReplicaView, normalize_address};
 use coordinator::membership::MembershipHandle;
 use coordinator::teachers::{MAX_ATTEMPTS, TeacherPool};
-use distill_core::checkpoint::Checkpoint;
-use distill_core::model::TrainableModel;
-use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::pb::teacher_client::TeacherClient;
 use distill_proto::pb::teacher_server::{Teacher, TeacherServer};
 use distill_proto::pb::{
@@ -52,23 +48,18 @@ const THRESHOLD: usize = 3;
 
 /// A real teacher server for member `t` (random weights, seed 1); its address and identity.
 async fn good_teacher(shutdown: &CancellationToken) -> (String, DescribeResponse) {
-    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
-    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
     let opts = teacher_server::ServeOptions {
         member: "t".into(),
         ..Default::default()
     };
-    let svc = teacher_server::build_service(&ck, &Device::Cpu, &opts).unwrap();
+    let ck = common::random_checkpoint("mlp:784-16-10", 1);
+    let (svc, url) = common::serve_teacher(&ck, &opts, shutdown).await;
     let identity = svc
         .describe(Request::new(DescribeRequest {}))
         .await
         .unwrap()
         .into_inner();
-    let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tl.local_addr().unwrap();
-    tokio::spawn(teacher_server::serve(svc, tl, 64 << 20, shutdown.clone()));
-    (format!("http://{addr}"), identity)
+    (url, identity)
 }
 
 /// How a hostile replica answers `Infer`.

@@ -248,3 +248,39 @@ pub fn reserve_port() -> PortReservation {
         addr,
     }
 }
+
+/// A checkpoint of `arch` with the random initial weights of `seed` (no training).
+pub fn random_checkpoint(arch: &str, seed: u64) -> distill_core::checkpoint::Checkpoint {
+    let spec = ModelSpec::new(Arch::parse(arch).unwrap());
+    let m = distill_core::model::TrainableModel::init(spec.clone(), seed, &Device::Cpu).unwrap();
+    distill_core::checkpoint::Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap()
+}
+
+/// Serves `ck` in-process with `opts` on `listener` until `shutdown`; returns the service (a
+/// clone shares its counters) and its URL.
+pub fn serve_teacher_on(
+    ck: &distill_core::checkpoint::Checkpoint,
+    opts: &teacher_server::ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> (teacher_server::TeacherService, String) {
+    let svc = teacher_server::build_service(ck, &Device::Cpu, opts).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(teacher_server::serve(
+        svc.clone(),
+        listener,
+        64 << 20,
+        shutdown.clone(),
+    ));
+    (svc, url)
+}
+
+/// [`serve_teacher_on`] a fresh loopback port.
+pub async fn serve_teacher(
+    ck: &distill_core::checkpoint::Checkpoint,
+    opts: &teacher_server::ServeOptions,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> (teacher_server::TeacherService, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_teacher_on(ck, opts, listener, shutdown)
+}
