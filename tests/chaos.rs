@@ -21,8 +21,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher,
-    wait_until, wait_with_deadline, worker,
+    Proc, Procs, count as u, distill, logs, read_report, reserve_port, run_status, start,
+    train_teacher, wait_until, wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -85,10 +85,6 @@ fn coordinator(procs: &mut Procs, d: &Path, cfg: &Path, listen: &str, log: &str)
         .args(["--listen", listen]);
     let addr = start(procs, cmd, &d.join(log));
     (procs.0.pop().unwrap(), addr)
-}
-
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
 }
 
 /// Trains a small teacher on the synthetic set and serves it from a teacher-server process;

@@ -72,11 +72,7 @@ fn the_demo_distils_a_student_that_beats_the_baseline_and_keeps_its_run_director
     // The headline: distilled beats the baseline, and the table says what the report says.
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let n = |k: &str| {
-        report[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("report.{k}: {report}"))
-    };
+    let n = |k: &str| common::count(&report, k);
     let (distilled, baseline) = (n("student_test_errors"), n("baseline_student_test_errors"));
     assert_eq!(n("test_size"), 2000);
     assert_eq!(n("batches_trained"), n("batches_expected"));

@@ -97,11 +97,7 @@ endpoints = ["{}", "{}"]
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("run/report.json")).unwrap()).unwrap();
-    let n = |k: &str| {
-        report[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("report.{k}: {report}"))
-    };
+    let n = |k: &str| common::count(&report, k);
     assert_eq!(n("batches_trained"), n("batches_expected"));
     assert_eq!(n("batches_expected"), 2 * 12_000u64.div_ceil(128));
     assert_eq!(n("test_size"), 2000);

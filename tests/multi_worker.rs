@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, distill, logs, read_report, run_status, start, train_teacher, wait_until,
-    wait_with_deadline, worker,
+    Proc, Procs, count as u, distill, logs, read_report, run_status, start, train_teacher,
+    wait_until, wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -106,10 +106,6 @@ fn finish(d: &Path, coordinator: Proc, workers: Vec<Proc>) {
     }
     let st = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
     assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
-}
-
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
 }
 
 #[test]

@@ -150,7 +150,7 @@ fn registered_teachers_expire_when_killed_and_register_again_with_a_restarted_co
     assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
 
     let r = read_report(&d.join("run"));
-    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let n = |k: &str| common::count(&r, k);
     assert_eq!(n("resumes"), 1, "{r}");
     assert_eq!(n("batches_trained"), n("batches_expected"), "{r}");
     assert_eq!(n("degraded_batches"), 0, "{r}");

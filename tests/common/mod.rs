@@ -173,6 +173,11 @@ pub fn wait_until<T>(deadline: Duration, what: &str, mut cond: impl FnMut() -> O
 }
 
 /// Reads a run's `report.json`.
+/// The unsigned integer `k` of a report (or any JSON object); panics naming it and the object.
+pub fn count(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
+}
+
 pub fn read_report(run_dir: &Path) -> serde_json::Value {
     let p = run_dir.join("report.json");
     serde_json::from_str(
