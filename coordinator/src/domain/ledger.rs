@@ -11,7 +11,9 @@
 //!   the remainder. A batch is identified by `(epoch, index)` ([`BatchId`]).
 //! - **Leases.** [`Ledger::lease`] hands out batches of the current epoch: requeued batches
 //!   first (oldest requeue first), then fresh ones in index order. Each lease has a fencing id
-//!   that only grows (also across a restore) and a deadline `now + lease_timeout`. A lease is
+//!   that only grows and is never issued twice, also across a crash and restore (a restore
+//!   starts above any id the crashed coordinator can have issued after its commit point), and a
+//!   deadline `now + lease_timeout`. A lease is
 //!   expired by [`Ledger::tick`] once `now >= deadline`.
 //! - **Epoch barrier.** Epoch `e + 1` is not leased until every batch of epoch `e` is acked;
 //!   meanwhile `lease` returns `None` (and the driver retries after the next ack or expiry).
@@ -50,6 +52,10 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+/// Lease ids and ack sequence numbers one coordinator lifetime may issue: a restore moves both
+/// counters to the next multiple of this ([`Ledger::restore`]).
+const RESTORE_ID_RANGE: u64 = 1 << 40;
 
 /// What the ledger needs to know about a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -446,6 +452,17 @@ impl Ledger {
             events.extend(ledger.put_back(id, ReleaseReason::Restore));
         }
         ledger.state.counters.restores += 1;
+        // The stored counters are those of the commit point: the crashed coordinator may have
+        // handed out later ids before it died. Each restore starts a fresh range of ids above
+        // anything it could have issued (2^40 per coordinator lifetime), so no lease id or ack
+        // sequence number is ever issued twice.
+        let floor = ledger
+            .state
+            .counters
+            .restores
+            .saturating_mul(RESTORE_ID_RANGE);
+        ledger.state.next_lease_id = ledger.state.next_lease_id.max(floor);
+        ledger.state.next_ack_seq = ledger.state.next_ack_seq.max(floor);
         Ok((ledger, events))
     }
 
@@ -1478,6 +1495,48 @@ mod tests {
         let json = serde_json::to_string(&r.snapshot()).unwrap();
         let (done, events) = Ledger::restore(serde_json::from_str(&json).unwrap()).unwrap();
         assert!(done.is_done() && events.is_empty());
+    }
+
+    #[test]
+    fn no_lease_id_or_ack_seq_is_issued_twice_across_a_crash_after_the_commit_point() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(cfg(100, 5, 1)).unwrap();
+        let w = joined(&mut l, "w", 1);
+        let a = lease(&mut l, &w, t0);
+        acked(&l.ack(&w, a.id, t0));
+        let commit_point = l.snapshot();
+        // After the commit point, the doomed coordinator hands out more ids and seqs.
+        let mut seen_ids = vec![a.id];
+        let mut seen_seqs = Vec::new();
+        for _ in 0..5 {
+            let ls = lease(&mut l, &w, t0);
+            seen_ids.push(ls.id);
+            if let AckOutcome::Acked { seq, .. } = l.ack(&w, ls.id, t0) {
+                seen_seqs.push(seq);
+            }
+        }
+        // It crashes; the next one restores the commit point, twice over.
+        let (mut r, _) = Ledger::restore(commit_point).unwrap();
+        let w2 = Worker::new("w", 2);
+        for round in 0..2 {
+            let ls = lease(&mut r, &w2, t0);
+            assert!(
+                !seen_ids.contains(&ls.id),
+                "lease id {} issued twice",
+                ls.id
+            );
+            let AckOutcome::Acked { seq, .. } = r.ack(&w2, ls.id, t0) else {
+                panic!("ack refused");
+            };
+            assert!(!seen_seqs.contains(&seq), "ack seq {seq} issued twice");
+            assert!(ls.id > *seen_ids.iter().max().unwrap());
+            seen_ids.push(ls.id);
+            seen_seqs.push(seq);
+            if round == 0 {
+                let (again, _) = Ledger::restore(r.snapshot()).unwrap();
+                r = again;
+            }
+        }
     }
 
     #[test]
