@@ -14,8 +14,7 @@
 //!   exits non-zero naming `state.redb` and the stored settings.
 //! - `killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers`: SIGKILL of the
 //!   coordinator mid-run with two workers and rounds; restarted on the same port, both workers
-//!   join again by themselves and train, `resumes = 1`, every batch trained. Ignored for now:
-//!   it fails intermittently on a bug (see its `ignore` reason).
+//!   join again by themselves and train, `resumes = 1`, every batch trained.
 //! - `checkpoint_every_writes_worker_checkpoints_between_epoch_ends`: `checkpoint_every = N` —
 //!   the worker's `student.safetensors` is rewritten during the run at steps that are multiples
 //!   of N, not only at epoch ends.
@@ -337,11 +336,8 @@ fn a_restart_with_other_student_settings_is_refused() {
 }
 
 #[test]
-#[ignore = "intermittent (about 1 run in 4 with the other tests in parallel): a worker's \
-            contribution and acks queued on its old stream are sent on its new one, so the \
-            restarted coordinator counts a stale contribution for the open round and refuses \
-            the worker's next one ('worker w0#2 already contributed to round 16'); the worker \
-            exits with an error"]
+// This test found the bug of a rejoining worker sending its old stream's queued contribution
+// and acks on the new one (each message now carries its stream number; stale ones are dropped).
 fn killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers() {
     let mut s = setup();
     let d = s.dir.path().to_path_buf();

@@ -273,13 +273,18 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
                 reader.abort(); // drops the command sender, waking the training thread
             }
             up = acks.recv() => match up {
-                Some(Up::Ack(ack)) => {
+                Some(Up::Ack(_, n) | Up::Sync(_, n))
+                    if n < stream.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    tracing::debug!(stream = n, "an ack or contribution of an earlier stream dropped");
+                }
+                Some(Up::Ack(ack, _)) => {
                     let msg = pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Ack(ack)) };
                     if out_tx.send(msg).await.is_err() {
                         tracing::warn!("the batch stream is gone; acks are dropped");
                     }
                 }
-                Some(Up::Sync(c)) => {
+                Some(Up::Sync(c, _)) => {
                     if let Err(e) = send_contribution(&out_tx, *c, sync_dtype, sync_chunk).await {
                         tracing::warn!(error = %e, "could not send the parameters");
                     }
@@ -588,6 +593,7 @@ async fn read_batches(
                         version,
                         params: None,
                         contributors,
+                        stream: generation,
                     }))
                 } else {
                     let (v, assembler) = download
@@ -615,6 +621,7 @@ async fn read_batches(
                         version,
                         params: Some(params),
                         contributors,
+                        stream: generation,
                     }))
                 }
             }

@@ -60,6 +60,8 @@ pub struct ParamsDown {
     pub params: Option<Vec<Param>>,
     /// Workers averaged.
     pub contributors: u32,
+    /// The batch stream they came on.
+    pub stream: u64,
 }
 
 /// The worker's parameters for a round.
@@ -75,13 +77,16 @@ pub struct SyncOut {
     pub is_final: bool,
 }
 
-/// What the training thread sends out, in order.
+/// What the training thread sends out, in order, each with the number of the batch stream it
+/// belongs to: after the worker joined again, what was meant for an older stream (a batch's
+/// ack, a contribution made before the new stream's parameters arrived) must not go out on
+/// the new one.
 #[derive(Debug)]
 pub enum Up {
     /// A trained batch.
-    Ack(pb::Ack),
+    Ack(pb::Ack, u64),
     /// Parameters for a round (the thread then waits for [`Command::Params`]).
-    Sync(Box<SyncOut>),
+    Sync(Box<SyncOut>, u64),
 }
 
 /// How this worker takes part in synchronisation rounds (from `JoinResponse.sync`).
@@ -242,6 +247,7 @@ fn contribute(
     sy: &mut SyncState,
     is_final: bool,
     out: &mpsc::Sender<Up>,
+    on_stream: u64,
 ) -> Result<()> {
     let c = SyncOut {
         base_version: sy.base_version,
@@ -250,7 +256,7 @@ fn contribute(
         is_final,
     };
     sy.waiting_since = Some(Instant::now());
-    if out.blocking_send(Up::Sync(Box::new(c))).is_err() {
+    if out.blocking_send(Up::Sync(Box::new(c), on_stream)).is_err() {
         // The async side is gone; the loop ends on the closed command channel.
         tracing::debug!("parameters not sent: the stream is gone");
     }
@@ -338,6 +344,8 @@ fn run(
         checkpoint_bytes: bytes,
     };
     let mut sy = SyncState::default();
+    // The batch stream this thread is on: that of the latest batch or parameters it took.
+    let mut on_stream: u64 = 0;
     let mut writer = Writer::start(work_dir.clone())?;
     loop {
         let idle = Instant::now();
@@ -367,7 +375,9 @@ fn run(
                     version,
                     params,
                     contributors,
+                    stream: from,
                 } = *p;
+                on_stream = on_stream.max(from);
                 if let Some(params) = &params {
                     student.set_params(params)?;
                 }
@@ -387,7 +397,7 @@ fn run(
                 (sy.steps, sy.samples) = (0, 0);
             }
             Command::SyncNow(is_final) => {
-                contribute(&student, &mut sy, is_final, &acks)?;
+                contribute(&student, &mut sy, is_final, &acks, on_stream)?;
             }
             Command::Invalid(e) => {
                 // The state is consistent (nothing trained on the batch): keep it.
@@ -412,7 +422,10 @@ fn run(
                         tracing::debug!("batch of an earlier stream dropped");
                         continue;
                     }
-                    Command::Uploaded(u, _) => *u,
+                    Command::Uploaded(u, n) => {
+                        on_stream = on_stream.max(n);
+                        *u
+                    }
                     Command::Train(b) => {
                         match decode_train(*b, &batch_spec).and_then(|d| upload(d, &device)) {
                             Ok(d) => d,
@@ -465,13 +478,13 @@ fn run(
                     step_seconds: step_seconds as f32,
                     sync_seconds: std::mem::take(&mut sy.unreported) as f32,
                 };
-                if acks.blocking_send(Up::Ack(ack)).is_err() {
+                if acks.blocking_send(Up::Ack(ack, on_stream)).is_err() {
                     break;
                 }
                 sy.steps += 1;
                 sy.samples += rows as u64;
                 if sync.every > 0 && sy.steps >= sync.every {
-                    contribute(&student, &mut sy, false, &acks)?;
+                    contribute(&student, &mut sy, false, &acks, on_stream)?;
                 }
             }
             Command::Eval(b) => {

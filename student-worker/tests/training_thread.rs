@@ -72,14 +72,19 @@ fn outcome(t: &mut TrainingThread) -> student_worker::Result<Outcome> {
 /// The next ack from the thread (None when it ended); panics on anything else.
 fn next_ack(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> Option<pb::Ack> {
     match within("waiting for an ack", rx.recv())? {
-        Up::Ack(a) => Some(a),
+        Up::Ack(a, _) => Some(a),
         other => panic!("expected an ack, got {other:?}"),
     }
 }
 
 fn next_sync(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> SyncOut {
+    next_sync_on(rx).0
+}
+
+/// The next contribution and the batch stream it is stamped with.
+fn next_sync_on(rx: &mut tokio::sync::mpsc::Receiver<Up>) -> (SyncOut, u64) {
     match within("waiting for the round's parameters", rx.recv()) {
-        Some(Up::Sync(s)) => *s,
+        Some(Up::Sync(s, stream)) => (*s, stream),
         other => panic!("expected parameters, got {other:?}"),
     }
 }
@@ -237,6 +242,7 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
             version: 1,
             params: Some(zeros.clone()),
             contributors: 2,
+            stream: 0,
         })),
     );
     let a = next_ack(&mut t.acks).unwrap();
@@ -290,20 +296,38 @@ fn synchronisation_rounds_send_parameters_wait_and_take_the_average() {
         }
     }
     let flat: Vec<f32> = up.params.iter().flat_map(|(_, _, v)| v.clone()).collect();
-    // A lone contributor keeps its own parameters.
+    // A lone contributor keeps its own parameters. These come on a newer batch stream (the
+    // worker joined again): what the thread sends from then on is stamped with that stream,
+    // so the worker never sends it on another.
     send(
         &t,
         Command::Params(Box::new(ParamsDown {
             version: 2,
             params: None,
             contributors: 1,
+            stream: 1,
+        })),
+    );
+    send(&t, Command::SyncNow(false));
+    let (_, on) = next_sync_on(&mut t.acks);
+    assert_eq!(
+        on, 1,
+        "a contribution after stream 1's parameters belongs to stream 1"
+    );
+    send(
+        &t,
+        Command::Params(Box::new(ParamsDown {
+            version: 3,
+            params: None,
+            contributors: 1,
+            stream: 1,
         })),
     );
     send(&t, Command::Finish);
     assert!(next_ack(&mut t.acks).is_none());
     let out = outcome(&mut t).unwrap();
     assert!(out.completed);
-    assert_eq!((out.steps, out.rounds), (4, 2));
+    assert_eq!((out.steps, out.rounds), (4, 3));
     assert!(out.sync_seconds > 0.0);
     let saved = Checkpoint::read(&out.checkpoint).unwrap();
     let saved: Vec<f32> = saved
