@@ -21,8 +21,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, count as u, distill, logs, read_report, reserve_port, run_status, start,
-    train_teacher, wait_until, wait_with_deadline, worker,
+    Proc, Procs, coordinator, count as u, distill, logs, read_report, reserve_port, run_status,
+    start, train_teacher, trained_teacher, wait_until, wait_with_deadline, worker,
 };
 use distill_core::data::Dataset;
 
@@ -74,30 +74,6 @@ lr = 0.002
     )
     .unwrap();
     cfg
-}
-
-/// Starts a coordinator; returns it and the address it listens on.
-fn coordinator(procs: &mut Procs, d: &Path, cfg: &Path, listen: &str, log: &str) -> (Proc, String) {
-    let mut cmd = distill();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(cfg)
-        .args(["--listen", listen]);
-    let addr = start(procs, cmd, &d.join(log));
-    (procs.0.pop().unwrap(), addr)
-}
-
-/// Trains a small teacher on the synthetic set and serves it from a teacher-server process;
-/// returns its address.
-fn trained_teacher(procs: &mut Procs, d: &Path) -> String {
-    let data = Dataset::load("synthetic:0").unwrap();
-    train_teacher(&data, "mlp:784-64-10", 1, &d.join("teacher.safetensors"));
-    let mut cmd = distill();
-    cmd.arg("teacher-server")
-        .arg("--model")
-        .arg(d.join("teacher.safetensors"))
-        .args(["--listen", "127.0.0.1:0", "--member", "t"]);
-    format!("http://{}", start(procs, cmd, &d.join("teacher.log")))
 }
 
 #[test]

@@ -17,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, count as u, distill, logs, read_report, run_status, start, train_teacher,
-    wait_until, wait_with_deadline, worker,
+    Proc, Procs, count as u, distill, logs, read_report, run_status, start, wait_until,
+    wait_with_deadline, worker,
 };
-use distill_core::data::Dataset;
 
 /// Tolerance of the 2-worker student against the 1-worker one: at most this many more test
 /// errors (of 2000) than 1.25 × the 1-worker errors. Averaging every 10 updates is close to, not
@@ -35,22 +34,12 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let data = Dataset::load("synthetic:0").unwrap();
-    let model = dir.path().join("teacher.safetensors");
-    train_teacher(&data, "mlp:784-64-10", 1, &model);
     let mut procs = Procs(Vec::new());
-    let mut cmd = distill();
-    cmd.arg("teacher-server").arg("--model").arg(&model).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--member",
-        "t",
-    ]);
-    let teacher = start(&mut procs, cmd, &dir.path().join("teacher.log"));
+    let teacher = common::trained_teacher(&mut procs, dir.path());
     Setup {
         dir,
         procs,
-        teacher: format!("http://{teacher}"),
+        teacher,
     }
 }
 
@@ -172,15 +161,8 @@ fn killing_one_worker_mid_run_still_completes_with_the_other() {
     // Freeze the victim once the run is under way, and kill it only while it holds batches that
     // no average has (RunStatus' `unaveraged_batches`, read while it can neither train nor
     // contribute): exactly those must be rolled back and trained again.
-    let pid = victim.id().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let pid = victim.id();
+    let signal = |sig: &str| common::signal(pid, sig);
     let victim_of = |st: &distill_proto::pb::RunStatusResponse| {
         st.workers
             .iter()

@@ -62,13 +62,7 @@ name = "b"
 }
 
 fn coordinator(procs: &mut Procs, d: &Path, listen: &str, log: &str) -> Proc {
-    let mut cmd = distill();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(config(d))
-        .args(["--listen", listen]);
-    start(procs, cmd, &d.join(log));
-    procs.0.pop().unwrap()
+    common::coordinator(procs, d, &config(d), listen, log).0
 }
 
 /// Starts a teacher server of member `b` that registers with the coordinator at `coordinator`;

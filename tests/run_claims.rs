@@ -28,11 +28,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher,
+    Proc, Procs, count as u, distill, logs, read_report, reserve_port, run_status, signal,
     wait_until, wait_with_deadline, worker,
 };
 use distill_core::checkpoint::Checkpoint;
-use distill_core::data::Dataset;
 
 /// Workers keep trying to reach a restarted coordinator for this long.
 const RECONNECT: &[&str] = &["--connect-timeout-s", "60"];
@@ -55,22 +54,12 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let data = Dataset::load("synthetic:0").unwrap();
-    let model = dir.path().join("teacher.safetensors");
-    train_teacher(&data, "mlp:784-64-10", 1, &model);
     let mut procs = Procs(Vec::new());
-    let mut cmd = distill();
-    cmd.arg("teacher-server").arg("--model").arg(&model).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--member",
-        "t",
-    ]);
-    let teacher = start(&mut procs, cmd, &dir.path().join("teacher.log"));
+    let teacher = common::trained_teacher(&mut procs, dir.path());
     Setup {
         dir,
         procs,
-        teacher: format!("http://{teacher}"),
+        teacher,
     }
 }
 
@@ -111,13 +100,7 @@ endpoints = ["{}"]
 
 /// Starts a coordinator on `listen`; returns it and the address it listens on.
 fn coordinator(s: &mut Setup, cfg: &Path, listen: &str, log: &str) -> (Proc, String) {
-    let mut cmd = distill();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(cfg)
-        .args(["--listen", listen]);
-    let addr = start(&mut s.procs, cmd, &s.dir.path().join(log));
-    (s.procs.0.pop().unwrap(), addr)
+    common::coordinator(&mut s.procs, s.dir.path(), cfg, listen, log)
 }
 
 /// Waits for the workers, then the coordinator, to exit successfully.
@@ -128,10 +111,6 @@ fn finish(d: &Path, coordinator: Proc, workers: Vec<Proc>) {
     }
     let st = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
     assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
-}
-
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"))
 }
 
 /// Rows worker `id` trained, per the report (0 when it is not listed).
@@ -150,16 +129,6 @@ fn status_samples(st: &distill_proto::pb::RunStatusResponse, id: &str) -> u64 {
         .iter()
         .find(|w| w.worker_id == id)
         .map_or(0, |w| w.samples)
-}
-
-/// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 #[test]

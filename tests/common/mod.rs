@@ -289,3 +289,43 @@ pub async fn serve_teacher(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     serve_teacher_on(ck, opts, listener, shutdown)
 }
+
+/// Starts a coordinator process on `listen` (log in `d/log`); returns it and its address.
+pub fn coordinator(
+    procs: &mut Procs,
+    d: &Path,
+    cfg: &Path,
+    listen: &str,
+    log: &str,
+) -> (Proc, String) {
+    let mut cmd = distill();
+    cmd.arg("coordinator")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--listen", listen]);
+    let addr = start(procs, cmd, &d.join(log));
+    (procs.0.pop().unwrap(), addr)
+}
+
+/// Trains a small teacher on the synthetic set and serves it from a teacher-server process;
+/// returns its address.
+pub fn trained_teacher(procs: &mut Procs, d: &Path) -> String {
+    let data = Dataset::load("synthetic:0").unwrap();
+    train_teacher(&data, "mlp:784-64-10", 1, &d.join("teacher.safetensors"));
+    let mut cmd = distill();
+    cmd.arg("teacher-server")
+        .arg("--model")
+        .arg(d.join("teacher.safetensors"))
+        .args(["--listen", "127.0.0.1:0", "--member", "t"]);
+    format!("http://{}", start(procs, cmd, &d.join("teacher.log")))
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`, …) to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}

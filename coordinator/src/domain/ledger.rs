@@ -13,8 +13,8 @@
 //!   first (oldest requeue first), then fresh ones in index order. Each lease has a fencing id
 //!   that only grows and is never issued twice, also across a crash and restore (a restore
 //!   starts above any id the crashed coordinator can have issued after its commit point), and a
-//!   deadline `now + lease_timeout`. A lease is
-//!   expired by [`Ledger::tick`] once `now >= deadline`.
+//!   deadline `now + lease_timeout`. A lease is expired by [`Ledger::tick`] once
+//!   `now >= deadline`.
 //! - **Epoch barrier.** Epoch `e + 1` is not leased until every batch of epoch `e` is acked;
 //!   meanwhile `lease` returns `None` (and the driver retries after the next ack or expiry).
 //! - **Workers** are `(id, incarnation)` as in TorchElastic, but the ledger keeps no table of
@@ -490,26 +490,24 @@ impl Ledger {
     /// incarnation replaced it) and puts the batches back in line; acks of those leases are
     /// refused from now on.
     pub fn revoke(&mut self, worker_id: &str, reason: ReleaseReason) -> Vec<LedgerEvent> {
-        let ids: Vec<u64> = self
-            .deadlines
-            .keys()
-            .copied()
-            .filter(|id| {
-                self.state
-                    .leases
-                    .get(id)
-                    .is_some_and(|r| r.worker.id == worker_id)
-            })
-            .collect();
-        let events = ids
-            .into_iter()
-            .filter_map(|id| self.put_back(id, reason))
-            .collect();
         // Expired and released leases too: a late ack from a gone process must not be taken.
-        for r in self.state.leases.values_mut() {
-            if r.worker.id == worker_id
-                && matches!(r.state, LeaseState::Expired | LeaseState::Released)
-            {
+        let ids: Vec<u64> = self
+            .state
+            .leases
+            .iter()
+            .filter(|(_, r)| {
+                r.worker.id == worker_id
+                    && matches!(
+                        r.state,
+                        LeaseState::Outstanding | LeaseState::Expired | LeaseState::Released
+                    )
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut events = Vec::new();
+        for id in ids {
+            events.extend(self.put_back(id, reason));
+            if let Some(r) = self.state.leases.get_mut(&id) {
                 r.state = LeaseState::Revoked(reason);
             }
         }
@@ -849,7 +847,7 @@ impl Ledger {
                 .acked
                 .iter()
                 .flatten()
-                .any(|a| a.seq > self.state.committed.get(&a.worker.id).copied().unwrap_or(0))
+                .any(|a| a.seq > self.committed_seq(&a.worker.id))
     }
 
     /// Puts an outstanding lease back in line at once (its batch could not be prepared); `None`
@@ -880,12 +878,7 @@ impl Ledger {
 
     /// Whether `worker_id` holds acks of the current epoch that are not committed.
     pub fn has_uncommitted(&self, worker_id: &str) -> bool {
-        let c = self.state.committed.get(worker_id).copied().unwrap_or(0);
-        self.state
-            .acked
-            .iter()
-            .flatten()
-            .any(|a| a.worker.id == worker_id && a.seq > c)
+        self.acks_after(worker_id, self.committed_seq(worker_id)) > 0
     }
 
     /// Every ack of `worker_id` up to `through_seq` is in the model (its parameters were
@@ -1068,11 +1061,6 @@ mod tests {
         t0 + Duration::from_millis(ms)
     }
 
-    /// A worker for the tests (the ledger keeps no table of workers: any may lease).
-    fn joined(_: &mut Ledger, id: &str, inc: u64) -> Worker {
-        Worker::new(id, inc)
-    }
-
     fn lease(l: &mut Ledger, w: &Worker, now: Instant) -> Lease {
         l.lease(w, now).unwrap().expect("a batch to lease")
     }
@@ -1088,7 +1076,7 @@ mod tests {
     fn full_run_lease_and_ack_until_done() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 3, 2)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         assert_eq!(l.progress().expected_total, 8);
         let mut seen = Vec::new();
         let mut events = Vec::new();
@@ -1132,7 +1120,7 @@ mod tests {
     fn every_sample_in_exactly_one_batch_and_last_batch_is_partial() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 3, 3)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let mut orders = Vec::new();
         for _epoch in 0..3 {
             let mut order = Vec::new();
@@ -1163,7 +1151,7 @@ mod tests {
     fn expiry_happens_at_the_deadline_not_before() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let ls = lease(&mut l, &w, t0);
         assert_eq!(ls.deadline, t0 + TIMEOUT);
         assert_eq!(l.next_deadline(), Some(ls.deadline));
@@ -1188,15 +1176,15 @@ mod tests {
     fn requeued_batches_go_first_oldest_requeue_first() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 2, 1)).unwrap();
-        let a = joined(&mut l, "a", 1);
-        let b = joined(&mut l, "b", 1);
+        let a = Worker::new("a", 1);
+        let b = Worker::new("b", 1);
         let la = lease(&mut l, &a, t0); // batch 0, deadline t0 + 10 s
         let lb = lease(&mut l, &b, at(t0, 1000)); // batch 1
         assert_eq!((la.batch.index, lb.batch.index), (0, 1));
         // b leaves first, then a's lease expires: requeue order is b's batch, then a's.
         assert_eq!(l.revoke("b", ReleaseReason::WorkerLeft).len(), 1);
         assert_eq!(l.tick(at(t0, 10_000)).len(), 1);
-        let c = joined(&mut l, "c", 1);
+        let c = Worker::new("c", 1);
         let now = at(t0, 11_000);
         let order: Vec<u32> = (0..3).map(|_| lease(&mut l, &c, now).batch.index).collect();
         assert_eq!(order, [1, 0, 2], "requeued first, then fresh");
@@ -1207,7 +1195,7 @@ mod tests {
     fn duplicate_ack_is_idempotent() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let ls = lease(&mut l, &w, t0);
         let first = l.ack(&w, ls.id, t0);
         assert_eq!(acked(&first), ls.batch);
@@ -1222,8 +1210,8 @@ mod tests {
     fn stale_ack_after_re_lease_is_rejected() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
-        let a = joined(&mut l, "a", 1);
-        let b = joined(&mut l, "b", 1);
+        let a = Worker::new("a", 1);
+        let b = Worker::new("b", 1);
         let la = lease(&mut l, &a, t0);
         l.tick(la.deadline);
         let lb = lease(&mut l, &b, la.deadline);
@@ -1265,7 +1253,7 @@ mod tests {
     fn late_ack_is_taken_while_nobody_else_has_the_batch() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let first = lease(&mut l, &w, t0);
         l.tick(first.deadline);
         assert_eq!(l.progress().requeued_waiting, 1);
@@ -1291,7 +1279,7 @@ mod tests {
     fn a_replaced_incarnation_is_fenced_off() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 5, 1)).unwrap();
-        let old = joined(&mut l, "w", 1);
+        let old = Worker::new("w", 1);
         let ls = lease(&mut l, &old, t0);
         let new = Worker::new("w", 2);
         let events = l.revoke("w", ReleaseReason::NewIncarnation);
@@ -1337,8 +1325,8 @@ mod tests {
     fn a_departure_requeues_its_leases_at_once() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 2, 1)).unwrap();
-        let a = joined(&mut l, "a", 1);
-        let b = joined(&mut l, "b", 1);
+        let a = Worker::new("a", 1);
+        let b = Worker::new("b", 1);
         let l1 = lease(&mut l, &a, t0);
         let l2 = lease(&mut l, &a, t0);
         let lb = lease(&mut l, &b, t0);
@@ -1390,7 +1378,7 @@ mod tests {
         ));
         let mut none = Ledger::new(cfg(10, 5, 0)).unwrap();
         assert!(none.is_done());
-        let w = joined(&mut none, "w", 1);
+        let w = Worker::new("w", 1);
         assert_eq!(none.lease(&w, t0), Ok(None));
     }
 
@@ -1398,8 +1386,8 @@ mod tests {
     fn epoch_barrier_holds_until_every_batch_is_acked() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(4, 2, 2)).unwrap();
-        let a = joined(&mut l, "a", 1);
-        let b = joined(&mut l, "b", 1);
+        let a = Worker::new("a", 1);
+        let b = Worker::new("b", 1);
         let la = lease(&mut l, &a, t0);
         let lb = lease(&mut l, &b, t0);
         acked(&l.ack(&a, la.id, t0));
@@ -1436,7 +1424,7 @@ mod tests {
     fn restore_requeues_outstanding_leases_and_keeps_acks() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 2, 2)).unwrap();
-        let a = joined(&mut l, "a", 1);
+        let a = Worker::new("a", 1);
         let l1 = lease(&mut l, &a, t0);
         let l2 = lease(&mut l, &a, t0);
         let l3 = lease(&mut l, &a, t0);
@@ -1501,7 +1489,7 @@ mod tests {
     fn no_lease_id_or_ack_seq_is_issued_twice_across_a_crash_after_the_commit_point() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(100, 5, 1)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let a = lease(&mut l, &w, t0);
         acked(&l.ack(&w, a.id, t0));
         let commit_point = l.snapshot();
@@ -1543,7 +1531,7 @@ mod tests {
     fn restore_rejects_inconsistent_state() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(10, 2, 2)).unwrap();
-        let a = joined(&mut l, "a", 1);
+        let a = Worker::new("a", 1);
         let ls = lease(&mut l, &a, t0);
         acked(&l.ack(&a, ls.id, t0));
         let good = l.snapshot();
@@ -1570,8 +1558,8 @@ mod tests {
     fn rollback_requeues_acks_after_the_checkpoint() {
         let t0 = Instant::now();
         let mut l = Ledger::new(cfg(12, 2, 2)).unwrap();
-        let w1 = joined(&mut l, "w", 1);
-        let other = joined(&mut l, "o", 1);
+        let w1 = Worker::new("w", 1);
+        let other = Worker::new("o", 1);
         let mut seqs = Vec::new();
         for _ in 0..3 {
             let ls = lease(&mut l, &w1, t0);
@@ -1599,7 +1587,7 @@ mod tests {
 
         // Rolling back past an epoch barrier cannot be undone, and says so.
         let mut l = Ledger::new(cfg(4, 2, 2)).unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         for _ in 0..3 {
             let ls = lease(&mut l, &w, t0);
             acked(&l.ack(&w, ls.id, t0));
@@ -1629,9 +1617,8 @@ mod tests {
                 ..cfg(23, 4, 3)
             })
             .unwrap();
-            let mut workers: Vec<Worker> = (0..3)
-                .map(|i| joined(&mut l, &format!("w{i}"), 1))
-                .collect();
+            let mut workers: Vec<Worker> =
+                (0..3).map(|i| Worker::new(format!("w{i}"), 1)).collect();
             let mut held: Vec<(Worker, Lease)> = Vec::new();
             // Batches each worker id has acked since its last rollback point.
             let mut trained: BTreeMap<BatchId, u32> = BTreeMap::new();
@@ -1738,7 +1725,7 @@ mod tests {
             ..cfg(8, 4, 2)
         })
         .unwrap();
-        let w = joined(&mut l, "w", 1);
+        let w = Worker::new("w", 1);
         let mut seqs = Vec::new();
         for _ in 0..2 {
             let ls = lease(&mut l, &w, t0);

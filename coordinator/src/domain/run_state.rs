@@ -712,10 +712,7 @@ impl RunState {
                     .live()
                     .iter()
                     .map(|w| {
-                        let through = self
-                            .ledger
-                            .committed_seq(&w.id)
-                            .max(self.rounds.pending_seq(w).unwrap_or(0));
+                        let through = self.averaged_through(w);
                         (w.id.clone(), self.ledger.acks_after(&w.id, through))
                     })
                     .collect()
@@ -792,11 +789,7 @@ impl RunState {
         if !self.settings.rounds {
             return;
         }
-        // Its contribution in the open round, if any, will be averaged: keep the acks it covers.
-        let committed = self
-            .ledger
-            .committed_seq(&worker.id)
-            .max(self.rounds.pending_seq(worker).unwrap_or(0));
+        let committed = self.averaged_through(worker);
         if let Some(c) = self.rounds.leave(worker, &self.workers.live(), now) {
             self.on_round_closed(c, now);
         }
@@ -805,6 +798,14 @@ impl RunState {
             tracing::warn!(%worker, batches = rb.requeued.len(), "batches trained after the worker's last round are trained again");
         }
         self.on_ledger_events(&rb.events, now);
+    }
+
+    /// The last ack of `worker` that an average holds or will hold: its commit point, or its
+    /// contribution in the open round (which is averaged even if the worker is gone).
+    fn averaged_through(&self, worker: &Worker) -> u64 {
+        self.ledger
+            .committed_seq(&worker.id)
+            .max(self.rounds.pending_seq(worker).unwrap_or(0))
     }
 
     fn on_ledger_events(&mut self, events: &[LedgerEvent], now: Instant) {
@@ -988,8 +989,9 @@ impl RunState {
         let epoch = self.ledger.progress().epoch;
         let awaiting = self.settings.rounds && self.ledger.awaiting_commit();
         let trained = self.ledger.is_done();
-        let live = self.workers.live();
-        let rounds_final = self.rounds.all_final(&live);
+        // Only asked once everything is trained: the live set is not built for every batch.
+        let rounds_final =
+            trained && self.settings.rounds && self.rounds.all_final(&self.workers.live());
         for &stream in &streams {
             let Some(s) = self.workers.stream_mut(stream) else {
                 continue;

@@ -671,7 +671,12 @@ impl TeacherPool {
                     let secs = latency.as_secs_f64();
                     m.stats(|s| {
                         s.requests += 1;
-                        *s.answered_by.entry(r.address.clone()).or_default() += 1;
+                        match s.answered_by.get_mut(&r.address) {
+                            Some(n) => *n += 1,
+                            None => {
+                                s.answered_by.insert(r.address.clone(), 1);
+                            }
+                        }
                         s.total_latency_secs += secs;
                         s.max_latency_secs = s.max_latency_secs.max(secs);
                     });
