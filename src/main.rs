@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod credentials_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod gpu_smoke_cmd;
@@ -40,6 +41,8 @@ enum Command {
     Coordinator(coordinator::cli::Args),
     /// Train a run's student on streamed batches (same as the `student-worker` binary).
     StudentWorker(student_worker::cli::Args),
+    /// Write a CA, a certificate per role and a token per role for mutual TLS with tokens.
+    Credentials(credentials_cmd::CredentialsArgs),
     /// Measure throughput on loopback and print the figures (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::StudentWorker(a) => return student_worker::cli::main(a),
         Command::GpuSmoke(a) => gpu_smoke_cmd::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Credentials(a) => credentials_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

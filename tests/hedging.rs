@@ -12,7 +12,7 @@ const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 use std::time::Duration;
 
 use coordinator::config::{MemberConfig, MembershipSettings};
-use coordinator::domain::membership::{Membership, ReplicaView};
+use coordinator::domain::membership::{Claim, Membership, ModelIdentity, ReplicaView};
 use coordinator::membership::MembershipHandle;
 use coordinator::teachers::TeacherPool;
 use distill_proto::HostTensor;
@@ -150,16 +150,43 @@ async fn the_load_replicas_report_steers_requests() {
                 teacher(Duration::ZERO, &shutdown).await,
                 teacher(Duration::ZERO, &shutdown).await,
             ];
-            let pool = pool(&endpoints, false);
+            // Loads come only from registered replicas' heartbeats, which carry their lease
+            // secret: nobody can state a static replica's load.
+            let pool = pool(&[], false);
+            let ck = common::random_checkpoint("mlp:784-16-10", 1);
+            let secrets: Vec<String> = (0..endpoints.len())
+                .map(|i| i.to_string().repeat(64))
+                .collect();
+            for (e, secret) in endpoints.iter().zip(&secrets) {
+                let identity = ModelIdentity {
+                    model_id: ck.model_id(),
+                    weights_digest: ck.digest(),
+                    input_shape: vec![784],
+                    classes: 10,
+                    max_batch: 1024,
+                };
+                let claim = Claim {
+                    presented: String::new(),
+                    fresh: secret.clone(),
+                };
+                pool.membership()
+                    .update(|m| {
+                        let out = m.register("t", e, identity, claim, std::time::Instant::now());
+                        (out.value, out.events)
+                    })
+                    .unwrap()
+                    .unwrap();
+            }
             let ids: Vec<_> = views(&pool, &endpoints).iter().map(|v| v.id).collect();
-            // A heartbeat from replica `i` (static replicas may send them too: they carry its load).
+            // A heartbeat from replica `i`.
             let report = |i: usize, in_flight: u32, max_in_flight: u32| {
                 let mut m = pool.membership().lock().unwrap();
                 let load = Load {
                     in_flight,
                     max_in_flight,
                 };
-                let hb = m.heartbeat(ids[i], &endpoints[i], load, std::time::Instant::now());
+                let now = std::time::Instant::now();
+                let hb = m.heartbeat(ids[i], &endpoints[i], &secrets[i], load, now);
                 assert!(hb.value);
             };
             let rows = HostTensor::from_f32(vec![2, 784], &[0.25; 2 * 784]).unwrap();

@@ -475,7 +475,11 @@ async fn the_ensemble_degrades_or_waits_for_a_member_that_is_down() {
             };
             pool.membership()
                 .update(|m| {
-                    let out = m.register("b", &b, identity, std::time::Instant::now());
+                    let claim = coordinator::domain::membership::Claim {
+                        presented: String::new(),
+                        fresh: "b".repeat(64),
+                    };
+                    let out = m.register("b", &b, identity, claim, std::time::Instant::now());
                     (out.value, out.events)
                 })
                 .unwrap()
@@ -494,7 +498,7 @@ async fn the_ensemble_degrades_or_waits_for_a_member_that_is_down() {
             let b_id = view_of(&pool, "b", &b).id;
             pool.membership()
                 .update(|m| {
-                    let out = m.deregister(b_id, &b);
+                    let out = m.deregister(b_id, &b, &"b".repeat(64));
                     (out.value, out.events)
                 })
                 .unwrap();

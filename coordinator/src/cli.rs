@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::{RunConfig, prepare, serve};
+use crate::security::SecurityArgs;
+use crate::{RunConfig, prepare_with, serve};
 
 /// Coordinate a distributed distillation run: shards the data, asks the teachers for soft
 /// targets and streams batches to student workers; exits when the run is complete.
@@ -17,17 +18,21 @@ pub struct Args {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, env = "DISTILL_LISTEN", default_value = "127.0.0.1:50050")]
     pub listen: String,
+    /// TLS and the credentials of each role (see docs/security.md).
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// Loads the config and the data, prints `listening on HOST:PORT`, runs until the run is
 /// complete (or SIGINT/SIGTERM).
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::from_file(&args.config)?;
+    let security = args.security.load()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let shutdown = distill_shutdown::on_signal();
-    let run = prepare(cfg).await?;
+    let run = prepare_with(cfg, security).await?;
     println!("listening on {}", listener.local_addr()?);
     match serve(run, listener, shutdown).await? {
         Some(report) => {

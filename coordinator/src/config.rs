@@ -120,6 +120,13 @@ pub struct MembershipSettings {
     /// another replica, and take the first answer.
     #[serde(default = "default_true")]
     pub hedge: bool,
+    /// Most replicas a member may have, static and registered together.
+    #[serde(default = "default_max_replicas")]
+    pub max_replicas_per_member: usize,
+}
+
+fn default_max_replicas() -> usize {
+    64
 }
 
 fn default_true() -> bool {
@@ -135,6 +142,7 @@ impl Default for MembershipSettings {
             probe_initial_secs: default_probe_initial(),
             probe_max_secs: default_probe_max(),
             hedge: true,
+            max_replicas_per_member: default_max_replicas(),
         }
     }
 }
@@ -150,6 +158,7 @@ impl MembershipSettings {
             probe_initial: Duration::from_secs_f64(self.probe_initial_secs),
             probe_max: Duration::from_secs_f64(self.probe_max_secs),
             hedge: self.hedge,
+            max_replicas_per_member: self.max_replicas_per_member,
             seed: seed ^ crate::domain::membership::MembershipConfig::default().seed,
             ..Default::default()
         }
@@ -506,6 +515,12 @@ impl RunConfig {
         }
         if ms.failure_threshold == 0 {
             return bad("membership.failure_threshold", "must be at least 1".into());
+        }
+        if ms.max_replicas_per_member == 0 {
+            return bad(
+                "membership.max_replicas_per_member",
+                "must be at least 1".into(),
+            );
         }
         if !self.sync.outer_lr.is_finite() || self.sync.outer_lr <= 0.0 || self.sync.outer_lr > 64.0
         {

@@ -17,6 +17,7 @@ pub mod driver;
 pub mod error;
 pub mod membership;
 pub mod registry;
+pub mod security;
 pub mod store;
 pub mod teachers;
 
@@ -26,11 +27,17 @@ pub use domain::report::RunReport;
 pub use driver::context::Run;
 pub use error::{Error, Result};
 pub use registry::RegistryService;
+pub use security::Security;
 pub use store::cache;
 
-/// Loads the run's data set (off the async threads), builds the run, asks the teachers what
-/// they serve and opens the soft-target cache under the run's key.
+/// [`prepare_with`] in plaintext with no credential (a trusted loopback: tests, the demo).
 pub async fn prepare(cfg: RunConfig) -> Result<Run> {
+    prepare_with(cfg, Security::plaintext()).await
+}
+
+/// Loads the run's data set (off the async threads), builds the run under `security`, asks
+/// the teachers what they serve and opens the soft-target cache under the run's key.
+pub async fn prepare_with(cfg: RunConfig, security: Security) -> Result<Run> {
     let source = cfg.data.clone();
     let data = tokio::task::spawn_blocking(move || distill_core::data::Dataset::load(&source))
         .await
@@ -42,7 +49,7 @@ pub async fn prepare(cfg: RunConfig) -> Result<Run> {
         classes = data.classes,
         "data loaded"
     );
-    let mut run = Run::new(cfg, data)?;
+    let mut run = Run::new(cfg, data, security)?;
     let ctx = run.ctx.clone();
     let digests = ctx
         .pool

@@ -107,7 +107,11 @@ mod tests {
         };
         let id = handle
             .update(|m| {
-                let out = m.register("b", "http://h:1", identity, t0);
+                let claim = crate::domain::membership::Claim {
+                    presented: String::new(),
+                    fresh: "5".repeat(64),
+                };
+                let out = m.register("b", "http://h:1", identity, claim, t0);
                 (out.value, out.events)
             })
             .unwrap()

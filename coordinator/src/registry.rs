@@ -23,12 +23,13 @@ use distill_proto::pb::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse,
 };
+use distill_transport::ClientSecurity;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::domain::membership::{
-    Event, Load, Membership, MembershipError, ModelIdentity, normalize_address,
+    Claim, Event, Load, Membership, MembershipError, ModelIdentity, normalize_address,
 };
 use crate::membership::MembershipHandle;
 
@@ -36,12 +37,24 @@ use crate::membership::MembershipHandle;
 #[derive(Clone)]
 pub struct RegistryService {
     membership: MembershipHandle,
+    /// How the registered replicas will be dialled: an address they cannot be dialled at
+    /// (http:// under TLS, https:// without) is refused at registration.
+    dialling: ClientSecurity,
 }
 
 impl RegistryService {
     /// A service over `membership` (shared with whoever sends requests to the replicas).
     pub fn new(membership: MembershipHandle) -> Self {
-        Self { membership }
+        Self {
+            membership,
+            dialling: ClientSecurity::plaintext(),
+        }
+    }
+
+    /// This service refusing addresses that `dialling` cannot reach.
+    pub fn dialling_with(mut self, dialling: ClientSecurity) -> Self {
+        self.dialling = dialling;
+        self
     }
 
     /// The membership it serves.
@@ -75,7 +88,9 @@ impl From<MembershipError> for Status {
             }
             MembershipError::DigestMismatch { .. }
             | MembershipError::ShapeMismatch { .. }
-            | MembershipError::AddressTaken { .. } => Status::failed_precondition(msg),
+            | MembershipError::AddressTaken { .. }
+            | MembershipError::AddressHeld { .. } => Status::failed_precondition(msg),
+            MembershipError::TooManyReplicas { .. } => Status::resource_exhausted(msg),
             // Only `Membership::new` returns it: a bug if it reaches a handler.
             MembershipError::DuplicateStatic { .. } => Status::internal(msg),
         }
@@ -118,6 +133,33 @@ pub fn resolve_address(
     })
 }
 
+/// Longest member name, address, model id and lease secret a request may carry, and most
+/// input dimensions: what the membership keeps per replica stays small.
+const MAX_NAME: usize = 128;
+const MAX_ADDRESS: usize = 512;
+const MAX_MODEL_ID: usize = 256;
+const MAX_SECRET: usize = 128;
+const MAX_DIMS: usize = 8;
+
+/// Refuses a string field longer than `max` bytes.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max} are accepted",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh lease secret: 256 bits from the thread's cryptographic generator, in hex.
+fn fresh_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
@@ -128,11 +170,11 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Checks a registration and converts it to (member, address, identity).
+/// Checks a registration and converts it to (member, address, identity, presented secret).
 fn validate_register(
     req: RegisterRequest,
     peer: Option<SocketAddr>,
-) -> Result<(String, String, ModelIdentity), Status> {
+) -> Result<(String, String, ModelIdentity, String), Status> {
     let RegisterRequest {
         member,
         address,
@@ -141,7 +183,18 @@ fn validate_register(
         input_shape,
         num_classes,
         max_batch,
+        lease_secret,
     } = req;
+    bounded("RegisterRequest.member", &member, MAX_NAME)?;
+    bounded("RegisterRequest.address", &address, MAX_ADDRESS)?;
+    bounded("RegisterRequest.model_id", &model_id, MAX_MODEL_ID)?;
+    bounded("RegisterRequest.lease_secret", &lease_secret, MAX_SECRET)?;
+    if input_shape.len() > MAX_DIMS {
+        return Err(Status::invalid_argument(format!(
+            "RegisterRequest.input_shape has {} dimensions; at most {MAX_DIMS} are accepted",
+            input_shape.len()
+        )));
+    }
     if member.trim().is_empty() {
         return Err(Status::invalid_argument("RegisterRequest.member is empty"));
     }
@@ -188,6 +241,7 @@ fn validate_register(
             classes: num_classes,
             max_batch,
         },
+        lease_secret,
     ))
 }
 
@@ -207,10 +261,17 @@ impl Registry for RegistryService {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let peer = req.remote_addr();
-        let (member, address, identity) = validate_register(req.into_inner(), peer)?;
+        let (member, address, identity, presented) = validate_register(req.into_inner(), peer)?;
+        self.dialling
+            .check_url(&address)
+            .map_err(|e| Status::invalid_argument(format!("RegisterRequest.address: {e}")))?;
+        let claim = Claim {
+            presented,
+            fresh: fresh_secret(),
+        };
         let out = self
             .lock()?
-            .register(&member, &address, identity, Instant::now());
+            .register(&member, &address, identity, claim, Instant::now());
         self.publish(&out.events);
         let reg = out.value.inspect_err(|e| {
             tracing::warn!(%member, %address, error = %e, "teacher registration refused");
@@ -220,6 +281,7 @@ impl Registry for RegistryService {
             lease_ttl_ms: millis(reg.lease_ttl),
             heartbeat_interval_ms: millis(reg.heartbeat_interval),
             address: reg.address,
+            lease_secret: reg.secret,
         }))
     }
 
@@ -233,8 +295,11 @@ impl Registry for RegistryService {
             address,
             in_flight,
             max_in_flight,
+            lease_secret,
         } = req.into_inner();
         let id = validate_id("HeartbeatRequest.replica_id", replica_id)?;
+        bounded("HeartbeatRequest.address", &address, MAX_ADDRESS)?;
+        bounded("HeartbeatRequest.lease_secret", &lease_secret, MAX_SECRET)?;
         let address = resolve_address("HeartbeatRequest.address", &address, peer)?;
         let load = Load {
             in_flight,
@@ -242,7 +307,7 @@ impl Registry for RegistryService {
         };
         let (out, ttl, interval) = {
             let mut m = self.lock()?;
-            let out = m.heartbeat(id, &address, load, Instant::now());
+            let out = m.heartbeat(id, &address, &lease_secret, load, Instant::now());
             let cfg = m.config();
             (out, cfg.lease_ttl, cfg.heartbeat_interval)
         };
@@ -265,10 +330,13 @@ impl Registry for RegistryService {
         let DeregisterRequest {
             replica_id,
             address,
+            lease_secret,
         } = req.into_inner();
         let id = validate_id("DeregisterRequest.replica_id", replica_id)?;
+        bounded("DeregisterRequest.address", &address, MAX_ADDRESS)?;
+        bounded("DeregisterRequest.lease_secret", &lease_secret, MAX_SECRET)?;
         let address = resolve_address("DeregisterRequest.address", &address, peer)?;
-        let out = self.lock()?.deregister(id, &address);
+        let out = self.lock()?.deregister(id, &address, &lease_secret);
         self.publish(&out.events);
         Ok(Response::new(DeregisterResponse { removed: out.value }))
     }
@@ -321,6 +389,7 @@ mod tests {
             input_shape: vec![784],
             num_classes: 10,
             max_batch: 1024,
+            lease_secret: String::new(),
         }
     }
 
@@ -346,6 +415,7 @@ mod tests {
                 address: reg.address.clone(),
                 in_flight: 2,
                 max_in_flight: 64,
+                lease_secret: reg.lease_secret.clone(),
             }))
             .await
             .unwrap()
@@ -357,6 +427,7 @@ mod tests {
             .deregister(Request::new(DeregisterRequest {
                 replica_id: 1,
                 address: reg.address.clone(),
+                lease_secret: reg.lease_secret.clone(),
             }))
             .await
             .unwrap()
@@ -368,6 +439,7 @@ mod tests {
                 address: reg.address,
                 in_flight: 0,
                 max_in_flight: 0,
+                lease_secret: reg.lease_secret,
             }))
             .await
             .unwrap()
@@ -468,6 +540,7 @@ mod tests {
                 address: "http://h:1".into(),
                 in_flight: 0,
                 max_in_flight: 0,
+                lease_secret: String::new(),
             }))
             .await
             .unwrap_err();
@@ -480,6 +553,7 @@ mod tests {
             .deregister(Request::new(DeregisterRequest {
                 replica_id: 3,
                 address: "nope".into(),
+                lease_secret: String::new(),
             }))
             .await
             .unwrap_err();
@@ -519,6 +593,71 @@ mod tests {
         .await;
         assert_eq!(st.code(), tonic::Code::FailedPrecondition);
         assert!(st.message().contains("must serve the same model"), "{st:?}");
+    }
+
+    #[tokio::test]
+    async fn lease_secrets_are_fresh_and_guard_the_address_and_oversized_fields_are_refused() {
+        let svc = service();
+        let a = svc
+            .register(Request::new(request()))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = svc
+            .register(Request::new(RegisterRequest {
+                address: "http://10.0.0.6:50051".into(),
+                ..request()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(is_sha256_hex(&a.lease_secret), "{}", a.lease_secret);
+        assert_ne!(a.lease_secret, b.lease_secret);
+        // Someone else registering a's address: refused, a untouched.
+        let st = register_err(&svc, request()).await;
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+        assert!(st.message().contains("registered already"), "{st:?}");
+        // a itself, with its secret, renews.
+        let again = svc
+            .register(Request::new(RegisterRequest {
+                lease_secret: a.lease_secret.clone(),
+                ..request()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (again.replica_id, &again.lease_secret),
+            (a.replica_id, &a.lease_secret)
+        );
+        let long = "x".repeat(MAX_ADDRESS + 1);
+        for req in [
+            RegisterRequest {
+                member: long.clone(),
+                ..request()
+            },
+            RegisterRequest {
+                model_id: long.clone(),
+                ..request()
+            },
+            RegisterRequest {
+                address: format!("http://{long}:1"),
+                ..request()
+            },
+            RegisterRequest {
+                lease_secret: long.clone(),
+                ..request()
+            },
+            RegisterRequest {
+                input_shape: vec![1; MAX_DIMS + 1],
+                ..request()
+            },
+        ] {
+            let st = register_err(&svc, req).await;
+            assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+            assert!(st.message().contains("at most"), "{st:?}");
+        }
+        assert_eq!(svc.membership().lock().unwrap().replicas("big").len(), 2);
     }
 
     #[test]

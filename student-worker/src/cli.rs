@@ -33,6 +33,14 @@ pub struct Args {
     /// Largest gRPC message, in MiB, in either direction.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES >> 20)]
     pub max_message_mb: usize,
+    /// TLS: the CA that verifies the coordinator, and this worker's certificate and key
+    /// for mutual TLS.
+    #[command(flatten)]
+    pub tls: distill_transport::TlsArgs,
+    /// File holding the worker token presented to the coordinator (else
+    /// DISTILL_WORKER_TOKEN).
+    #[arg(long, env = "DISTILL_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<PathBuf>,
 }
 
 /// Runs the worker to the end of the run; the exit code is 0 when the run completed, 130 when
@@ -68,14 +76,27 @@ async fn async_main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let security = distill_transport::Token::resolve(
+        distill_transport::Role::Worker,
+        args.worker_token_file.as_deref(),
+    )
+    .and_then(|token| distill_transport::ClientSecurity::new(&args.tls, token.as_ref()));
+    let security = match security {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = WorkerConfig {
-        coordinator: args.coordinator,
+        coordinator: security.url(&args.coordinator),
         device,
         work_dir: args.work_dir,
         worker_id: args.worker_id,
         prefetch: args.prefetch,
         max_message_bytes: args.max_message_mb << 20,
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
+        security,
     };
     let shutdown = distill_shutdown::on_signal();
     match run(cfg, shutdown).await {

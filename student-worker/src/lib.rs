@@ -43,11 +43,11 @@ use candle_core::Device;
 use distill_core::settings::StudentSettings;
 use distill_proto::pb;
 use distill_proto::pb::coordinator_client::CoordinatorClient;
+use distill_transport::{AuthChannel, ClientSecurity};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 
 pub use error::{Error, Result};
 
@@ -83,6 +83,8 @@ pub struct WorkerConfig {
     pub max_message_bytes: usize,
     /// How long to keep retrying an unreachable coordinator before giving up.
     pub connect_timeout: Duration,
+    /// TLS towards the coordinator, and the worker credential presented.
+    pub security: ClientSecurity,
 }
 
 impl Default for WorkerConfig {
@@ -95,6 +97,7 @@ impl Default for WorkerConfig {
             prefetch: DEFAULT_PREFETCH,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            security: ClientSecurity::plaintext(),
         }
     }
 }
@@ -419,7 +422,7 @@ fn is_stream_break(e: &Error) -> bool {
 /// Joins the run again (a new incarnation, retried with backoff while the coordinator is
 /// unreachable) and opens a new batch stream; returns its sender and inbound side.
 async fn reopen(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut CoordinatorClient<AuthChannel>,
     cfg: &WorkerConfig,
     worker_id: &str,
     shutdown: &CancellationToken,
@@ -658,13 +661,15 @@ async fn read_batches(
     }
 }
 
-fn channel(cfg: &WorkerConfig) -> Result<Channel> {
+fn channel(cfg: &WorkerConfig) -> Result<AuthChannel> {
     let bad = |msg: String| Error::Connect {
         url: cfg.coordinator.clone(),
         msg,
     };
-    let ep = Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|e| bad(format!("not a valid URL: {e}")))?
+    let ep = cfg
+        .security
+        .endpoint(&cfg.coordinator)
+        .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Notice a dead coordinator on an idle stream.
@@ -672,12 +677,12 @@ fn channel(cfg: &WorkerConfig) -> Result<Channel> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    Ok(ep.connect_lazy())
+    Ok(cfg.security.channel(ep))
 }
 
 /// `Join`, retried with exponential backoff while the coordinator is UNAVAILABLE.
 async fn join(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut CoordinatorClient<AuthChannel>,
     cfg: &WorkerConfig,
     worker_id: String,
     resume_step: u64,

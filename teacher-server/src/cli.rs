@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::register;
-use crate::{ServeOptions, build_service, load_checkpoint, serve};
+use crate::{ServeOptions, build_service, load_checkpoint, serve_with};
+use distill_transport::{ClientSecurity, Credentials, Role, ServerSecurity, TlsArgs, Token};
 
 /// Serve a distill checkpoint's tempered logits (z/T) over gRPC.
 #[derive(clap::Parser, Debug)]
@@ -48,6 +49,18 @@ pub struct Args {
     /// the coordinator with the host the registration came from).
     #[arg(long, env = "DISTILL_ADVERTISE", requires = "register")]
     pub advertise: Option<String>,
+    /// TLS: this server's certificate and key, and the CA its clients must be signed by
+    /// (the same files serve the registration with the coordinator).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// File holding the infer token callers must present (else DISTILL_INFER_TOKEN; with
+    /// neither, calls need no token).
+    #[arg(long, env = "DISTILL_INFER_TOKEN_FILE")]
+    pub infer_token_file: Option<PathBuf>,
+    /// File holding the register token presented to the coordinator (else
+    /// DISTILL_REGISTER_TOKEN).
+    #[arg(long, env = "DISTILL_REGISTER_TOKEN_FILE")]
+    pub register_token_file: Option<PathBuf>,
 }
 
 /// Loads the model, prints `listening on HOST:PORT`, serves until SIGINT/SIGTERM.
@@ -62,6 +75,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_mb << 20,
         simulate_latency: Duration::from_millis(args.simulate_latency_ms),
     };
+    let infer = Token::resolve(Role::Infer, args.infer_token_file.as_deref())?;
+    let security = ServerSecurity::new(&args.tls, Credentials::none().with(Role::Infer, infer)?)?;
+    let register_token = Token::resolve(Role::Register, args.register_token_file.as_deref())?;
+    let client_security = ClientSecurity::new(&args.tls, register_token.as_ref())?;
     let service = build_service(&ck, &device, &opts)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -72,12 +89,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registrar = match args.register {
         Some(coordinator) => {
             let advertise = args.advertise.unwrap_or_else(|| local.to_string());
-            let reg_opts = register::RegisterOptions::new(
+            let mut reg_opts = register::RegisterOptions::new(
                 coordinator,
-                register::with_scheme(&advertise),
+                client_security.url(&advertise),
                 service.info().clone(),
                 u32::try_from(opts.max_inflight).unwrap_or(u32::MAX),
             );
+            reg_opts.security = client_security;
             let view = service.clone();
             let in_flight =
                 std::sync::Arc::new(move || u32::try_from(view.inflight()).unwrap_or(u32::MAX));
@@ -85,7 +103,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    serve(service, listener, opts.max_message_bytes, shutdown).await?;
+    serve_with(
+        service,
+        listener,
+        opts.max_message_bytes,
+        &security,
+        shutdown,
+    )
+    .await?;
     if let Some(r) = registrar {
         // It deregisters within its call deadline once the token is cancelled.
         let _ = r.task.await;

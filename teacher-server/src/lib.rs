@@ -17,6 +17,7 @@ use std::time::Duration;
 use candle_core::Device;
 use distill_core::checkpoint::Checkpoint;
 use distill_proto::pb::teacher_server::TeacherServer;
+use distill_transport::{Access, Role, ServerSecurity};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -106,14 +107,52 @@ pub fn load_checkpoint(path: &std::path::Path) -> Result<Checkpoint> {
     Ok(Checkpoint::read(path)?)
 }
 
-/// Serves `service` on `listener` until `shutdown` is cancelled, then flips health to
-/// NOT_SERVING, lets in-flight requests finish and returns.
+/// Serves `service` on `listener` in plaintext with no credential (a trusted loopback: tests,
+/// the demo), as [`serve_with`].
 pub async fn serve(
     service: TeacherService,
     listener: TcpListener,
     max_message_bytes: usize,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    serve_with(
+        service,
+        listener,
+        max_message_bytes,
+        &ServerSecurity::plaintext(),
+        shutdown,
+    )
+    .await
+}
+
+/// Which credential each RPC of a teacher needs: `Teacher` calls the infer one, reflection any
+/// credential of this server, health none.
+pub fn policy(path: &str) -> Access {
+    if path.starts_with(distill_transport::auth::HEALTH_PREFIX) {
+        Access::Open
+    } else if path.starts_with("/distill.v1.Teacher/") {
+        Access::Role(Role::Infer)
+    } else {
+        Access::AnyRole
+    }
+}
+
+/// Serves `service` on `listener` under `security` (TLS, credentials, limits) until
+/// `shutdown` is cancelled, then flips health to NOT_SERVING, lets in-flight requests finish
+/// and returns.
+pub async fn serve_with(
+    service: TeacherService,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    security: &ServerSecurity,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        security.warn_if_exposed(addr, "the teacher server");
+    }
+    let builder = security
+        .builder(policy)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<TeacherServer<TeacherService>>()
@@ -137,7 +176,7 @@ pub async fn serve(
             .set_not_serving::<TeacherServer<TeacherService>>()
             .await;
     };
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection)

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use distill_proto::pb::registry_client::RegistryClient;
 use distill_proto::pb::{DeregisterRequest, HeartbeatRequest, RegisterRequest};
+use distill_transport::{AuthChannel, ClientSecurity};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
 use crate::service::ModelInfo;
@@ -43,6 +43,8 @@ pub struct RegisterOptions {
     pub backoff_max: Duration,
     /// Deadline of each call to the coordinator.
     pub rpc_timeout: Duration,
+    /// TLS towards the coordinator, and the register credential presented.
+    pub security: ClientSecurity,
 }
 
 impl RegisterOptions {
@@ -61,6 +63,7 @@ impl RegisterOptions {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             rpc_timeout: Duration::from_secs(5),
+            security: ClientSecurity::plaintext(),
         }
     }
 }
@@ -89,26 +92,20 @@ pub struct Registrar {
     pub state: watch::Receiver<RegistrationState>,
 }
 
-/// Prefixes `http://` to an address given as `HOST:PORT`.
-pub fn with_scheme(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 /// Starts the registration task; `in_flight` reports the requests in flight at each heartbeat.
 pub fn spawn(
     opts: RegisterOptions,
     in_flight: Arc<dyn Fn() -> u32 + Send + Sync>,
     shutdown: CancellationToken,
 ) -> Result<Registrar> {
-    let endpoint = Endpoint::from_shared(with_scheme(&opts.coordinator))
-        .map_err(|e| Error::InvalidArgument(format!("--register `{}`: {e}", opts.coordinator)))?
+    let url = opts.security.url(&opts.coordinator);
+    let endpoint = opts
+        .security
+        .endpoint(&url)
+        .map_err(|e| Error::InvalidArgument(format!("--register: {e}")))?
         .connect_timeout(opts.rpc_timeout)
         .timeout(opts.rpc_timeout);
-    let client = RegistryClient::new(endpoint.connect_lazy());
+    let client = RegistryClient::new(opts.security.channel(endpoint));
     let (tx, rx) = watch::channel(RegistrationState::Unregistered);
     let task = tokio::spawn(run(opts, client, in_flight, tx, shutdown));
     Ok(Registrar { task, state: rx })
@@ -133,6 +130,16 @@ fn next_unit(state: &mut u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A registration held: what heartbeats and the deregistration carry.
+#[derive(Clone)]
+struct Lease {
+    id: u64,
+    address: String,
+    /// Presented with every heartbeat and the deregistration; never logged.
+    secret: String,
+    interval: Duration,
+}
+
 /// Sleeps `d`; false if `shutdown` came first.
 async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -145,18 +152,20 @@ fn register_request(opts: &RegisterOptions) -> RegisterRequest {
     let info = &opts.info;
     RegisterRequest {
         member: info.member.clone(),
-        address: with_scheme(&opts.advertise),
+        address: opts.security.url(&opts.advertise),
         model_id: info.model_id.clone(),
         weights_digest: info.digest.clone(),
         input_shape: info.input_shape.iter().map(|&d| d as u64).collect(),
         num_classes: u32::try_from(info.classes).unwrap_or(u32::MAX),
         max_batch: u32::try_from(info.max_batch).unwrap_or(u32::MAX),
+        // Registration starts afresh each time: a renewal happens only through heartbeats.
+        lease_secret: String::new(),
     }
 }
 
 async fn run(
     opts: RegisterOptions,
-    mut client: RegistryClient<Channel>,
+    mut client: RegistryClient<AuthChannel>,
     in_flight: Arc<dyn Fn() -> u32 + Send + Sync>,
     state: watch::Sender<RegistrationState>,
     shutdown: CancellationToken,
@@ -167,8 +176,7 @@ async fn run(
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id()).rotate_left(32);
     let mut failures: u32 = 0;
-    // (replica id, address to heartbeat with, heartbeat interval)
-    let mut registered: Option<(u64, String, Duration)> = None;
+    let mut registered: Option<Lease> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -187,7 +195,12 @@ async fn run(
                         replica_id: r.replica_id,
                         address: r.address.clone(),
                     });
-                    registered = Some((r.replica_id, r.address, interval));
+                    registered = Some(Lease {
+                        id: r.replica_id,
+                        address: r.address,
+                        secret: r.lease_secret,
+                        interval,
+                    });
                     failures = 0;
                 }
                 Err(status) => {
@@ -203,15 +216,17 @@ async fn run(
                     }
                 }
             },
-            Some((id, address, interval)) => {
+            Some(lease) => {
+                let (id, interval) = (lease.id, lease.interval);
                 if !pause(interval, &shutdown).await {
                     break;
                 }
                 let req = HeartbeatRequest {
                     replica_id: id,
-                    address: address.clone(),
+                    address: lease.address.clone(),
                     in_flight: in_flight(),
                     max_in_flight: opts.max_in_flight,
+                    lease_secret: lease.secret.clone(),
                 };
                 match client.heartbeat(req).await {
                     Ok(resp) => {
@@ -219,7 +234,7 @@ async fn run(
                         failures = 0;
                         if r.valid {
                             let interval = Duration::from_millis(r.heartbeat_interval_ms.max(1));
-                            registered = Some((id, address, interval));
+                            registered = Some(Lease { interval, ..lease });
                         } else {
                             tracing::warn!(
                                 coordinator = %opts.coordinator, replica = id,
@@ -247,10 +262,12 @@ async fn run(
             }
         }
     }
-    if let Some((id, address, _)) = registered {
+    if let Some(lease) = registered {
+        let id = lease.id;
         let req = DeregisterRequest {
             replica_id: id,
-            address,
+            address: lease.address,
+            lease_secret: lease.secret,
         };
         match tokio::time::timeout(opts.rpc_timeout, client.deregister(req)).await {
             Ok(Ok(_)) => tracing::info!(replica = id, "deregistered from the coordinator"),
@@ -305,6 +322,9 @@ mod tests {
         assert_eq!(r.address, "http://0.0.0.0:2");
         assert_eq!(r.weights_digest, "0".repeat(64));
         assert_eq!((r.input_shape, r.num_classes, r.max_batch), (vec![4], 2, 8));
-        assert_eq!(with_scheme("https://x:1"), "https://x:1");
+        assert_eq!(
+            ClientSecurity::plaintext().url("https://x:1"),
+            "https://x:1"
+        );
     }
 }

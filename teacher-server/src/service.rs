@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use distill_proto::pb::teacher_server::Teacher;
 use distill_proto::pb::{
@@ -9,8 +10,9 @@ use distill_proto::pb::{
     RequestError, infer_stream_response,
 };
 use distill_proto::{DType, HostTensor};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::{Batcher, Job};
@@ -54,7 +56,14 @@ pub struct TeacherService {
     batcher: Batcher,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
+    reply_deadline: Duration,
+    /// `InferStream`s closed because their client stopped reading.
+    stalled_streams: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Default longest wait for an `InferStream` client to take a reply (see
+/// [`TeacherService::with_reply_deadline`]).
+pub const DEFAULT_REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
 impl TeacherService {
     /// A service answering from `batcher`, with at most `max_inflight` requests in flight.
@@ -70,7 +79,17 @@ impl TeacherService {
             batcher,
             inflight,
             max_inflight,
+            reply_deadline: DEFAULT_REPLY_DEADLINE,
+            stalled_streams: Arc::default(),
         }
+    }
+
+    /// This service closing an `InferStream` whose client has not taken a reply within
+    /// `deadline`: a request's in-flight permit is held until its reply is handed to the
+    /// stream, so a client that stops reading would otherwise keep its permits forever.
+    pub fn with_reply_deadline(mut self, deadline: Duration) -> Self {
+        self.reply_deadline = deadline;
+        self
     }
 
     /// Model facts.
@@ -81,6 +100,13 @@ impl TeacherService {
     /// The compute thread's counters (forward passes and rows).
     pub fn stats(&self) -> &crate::batcher::BatchStats {
         &self.batcher.stats
+    }
+
+    /// `InferStream`s closed so far because their client did not take a reply within the
+    /// reply deadline.
+    pub fn stalled_streams(&self) -> u64 {
+        self.stalled_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Requests in flight right now (queued or computing).
@@ -169,14 +195,24 @@ impl TeacherService {
         })
     }
 
-    /// Runs one request end to end.
-    pub async fn infer_one(&self, req: InferRequest) -> Result<InferResponse> {
-        let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+    /// One in-flight permit, or `RESOURCE_EXHAUSTED` at once when all are taken.
+    fn permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.inflight.clone().try_acquire_owned().map_err(|_| {
             Error::Overloaded(format!(
                 "too many requests in flight (limit {})",
                 self.max_inflight
             ))
-        })?;
+        })
+    }
+
+    /// Runs one request end to end.
+    pub async fn infer_one(&self, req: InferRequest) -> Result<InferResponse> {
+        let _permit = self.permit()?;
+        self.infer_admitted(req).await
+    }
+
+    /// Runs a request that holds an in-flight permit.
+    async fn infer_admitted(&self, req: InferRequest) -> Result<InferResponse> {
         let Validated {
             job,
             reply: rx,
@@ -192,6 +228,66 @@ impl TeacherService {
             logits: Some(tensor.into()),
             model_id: self.info.model_id.clone(),
         })
+    }
+
+    /// Answers one admitted request of an `InferStream`, holding its permit until the reply
+    /// is handed to the stream.
+    async fn answer_streamed(
+        &self,
+        req: InferRequest,
+        permit: OwnedSemaphorePermit,
+        tx: mpsc::Sender<InferStreamResponse>,
+        stalled: CancellationToken,
+    ) {
+        let id = req.request_id;
+        let result = self.infer_admitted(req).await;
+        self.hand_over(&tx, stream_reply(id, result), &stalled)
+            .await;
+        drop(permit);
+    }
+
+    /// Hands `reply` to the stream; false (and the stream marked stalled) when the client did
+    /// not take it within the deadline.
+    async fn hand_over(
+        &self,
+        tx: &mpsc::Sender<InferStreamResponse>,
+        reply: InferStreamResponse,
+        stalled: &CancellationToken,
+    ) -> bool {
+        match tokio::time::timeout(self.reply_deadline, tx.send(reply)).await {
+            // Sent, or the client went away (the stream then ends by itself).
+            Ok(_) => true,
+            Err(_) => {
+                if !stalled.is_cancelled() {
+                    stalled.cancel();
+                    self.stalled_streams
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        deadline = ?self.reply_deadline,
+                        "InferStream closed: its client did not read a reply in time"
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+/// The stream message answering request `id`.
+fn stream_reply(id: u64, result: Result<InferResponse>) -> InferStreamResponse {
+    let result = match result {
+        Ok(r) => infer_stream_response::Result::Response(r),
+        Err(e) => {
+            let s = Status::from(e);
+            infer_stream_response::Result::Error(RequestError {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            })
+        }
+    };
+    InferStreamResponse {
+        request_id: id,
+        result: Some(result),
     }
 }
 
@@ -251,43 +347,61 @@ impl Teacher for TeacherService {
         req: Request<Streaming<InferRequest>>,
     ) -> std::result::Result<Response<Self::InferStreamStream>, Status> {
         let mut inbound = req.into_inner();
-        // Replies wait here for the client to read them; the bound is the in-flight limit, so
-        // a client that stops reading stalls its own requests, not the server.
+        // Replies wait here for the client to read them. Each admitted request holds an
+        // in-flight permit until its reply is in this channel, and refusals are handed over by
+        // the reading loop itself, so a client that stops reading stops being read: it can
+        // hold at most `max_inflight` permits, and only until the reply deadline.
         let (tx, rx) = mpsc::channel(self.max_inflight.max(1));
+        let stalled = CancellationToken::new();
         let svc = self.clone();
+        let stop = stalled.clone();
         tokio::spawn(async move {
-            while let Some(item) = inbound.next().await {
+            loop {
+                let item = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    item = inbound.next() => item,
+                };
                 let req = match item {
-                    Ok(r) => r,
-                    Err(status) => {
+                    Some(Ok(r)) => r,
+                    Some(Err(status)) => {
                         tracing::debug!(%status, "InferStream: client stream ended with an error");
                         break;
                     }
+                    None => break,
                 };
-                let svc = svc.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let id = req.request_id;
-                    let result = match svc.infer_one(req).await {
-                        Ok(r) => infer_stream_response::Result::Response(r),
-                        Err(e) => {
-                            let s = Status::from(e);
-                            infer_stream_response::Result::Error(RequestError {
-                                code: s.code() as i32,
-                                message: s.message().to_string(),
-                            })
+                match svc.permit() {
+                    Ok(permit) => {
+                        let (svc, tx, stop) = (svc.clone(), tx.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            svc.answer_streamed(req, permit, tx, stop).await;
+                        });
+                    }
+                    Err(e) => {
+                        let reply = stream_reply(req.request_id, Err(e));
+                        if !svc.hand_over(&tx, reply, &stop).await {
+                            break;
                         }
-                    };
-                    // A failed send means the client went away.
-                    let _ = tx
-                        .send(Ok(InferStreamResponse {
-                            request_id: id,
-                            result: Some(result),
-                        }))
-                        .await;
-                });
+                    }
+                }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let deadline = self.reply_deadline;
+        let replies = futures::stream::unfold(Some((rx, stalled)), move |state| async move {
+            let (mut rx, stalled) = state?;
+            let closed = || {
+                Status::resource_exhausted(format!(
+                    "InferStream closed: a reply waited more than {deadline:?} for the client \
+                     to read it"
+                ))
+            };
+            if stalled.is_cancelled() {
+                return Some((Err(closed()), None));
+            }
+            tokio::select! {
+                m = rx.recv() => m.map(|m| (Ok(m), Some((rx, stalled)))),
+                _ = stalled.cancelled() => Some((Err(closed()), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 }

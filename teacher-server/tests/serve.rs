@@ -836,3 +836,92 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
         .fold(0f32, f32::max);
     assert!(diff <= 1e-6, "drained answer off by {diff}");
 }
+
+/// A client that sends on an `InferStream` and never reads: each reply holds its request's
+/// in-flight permit until the stream takes it, so once the client's window is full the server
+/// stops reading the stream, closes it at the reply deadline (the client sees
+/// RESOURCE_EXHAUSTED when it finally reads), frees the permits and goes on serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_stream_is_cut_off_and_others_are_served() {
+    // 1000 classes: one 1024-row reply is 4 MB, more than a client's stream window.
+    let ck = checkpoint("mlp:4-1000", 3);
+    let opts = ServeOptions {
+        max_inflight: 2,
+        ..Default::default()
+    };
+    let service = build_service(&ck, &Device::Cpu, &opts)
+        .unwrap()
+        .with_reply_deadline(Duration::from_millis(300));
+    let listener = TcpListener::bind("127.0.0.1:0").deadline().await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve(service.clone(), listener, MAX_MSG, shutdown.clone()));
+    let connect = || async {
+        let ch = Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .deadline()
+            .await
+            .unwrap();
+        TeacherClient::new(ch)
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG)
+    };
+
+    const SENT: u64 = 40;
+    let x = inputs(1024, 4, 1);
+    let (tx, rx) = tokio::sync::mpsc::channel(SENT as usize);
+    for id in 0..SENT {
+        tx.send(request(id, &x, 1024, 2.0)).await.unwrap();
+    }
+    // The sending side stays open: the client is alive, it only never reads.
+    let mut stalled = connect().await;
+    let mut replies = stalled
+        .infer_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .deadline()
+        .await
+        .unwrap()
+        .into_inner();
+    // Once a reply has waited out the deadline the stream is closed and its permits come back.
+    until("the stream closed as stalled", || {
+        service.stalled_streams() == 1
+    })
+    .await;
+    until("the stalled stream's permits released", || {
+        service.inflight() == 0
+    })
+    .await;
+    // Meanwhile another client is served.
+    let mut other = connect().await;
+    let r = other
+        .infer(request(7, &inputs(3, 4, 2), 3, 2.0))
+        .deadline()
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        HostTensor::try_from(r.logits.unwrap()).unwrap().shape(),
+        &[3, 1000]
+    );
+    // Reading now: what was handed over, then the stream's end with the reason.
+    let mut got = 0u64;
+    let end = loop {
+        match replies.message().deadline().await {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = end.expect("the stream is closed with a status, not left open");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("InferStream closed"),
+        "{status:?}"
+    );
+    assert!(
+        got < SENT,
+        "all {SENT} replies were computed for a client that never read"
+    );
+    drop(tx);
+    shutdown.cancel();
+}

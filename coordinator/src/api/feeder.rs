@@ -202,6 +202,7 @@ endpoints = ["http://127.0.0.1:1"]
             pool: Arc::new(pool),
             cache: None,
             batches_per_epoch: 1,
+            security: Default::default(),
             cfg,
         }
     }

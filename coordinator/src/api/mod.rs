@@ -32,7 +32,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<Option<RunReport>> {
     let max_msg = run.ctx.cfg.max_message_bytes();
-    let registry_service = RegistryService::new(run.ctx.pool.membership().clone());
+    let security = run.ctx.security.clone();
+    if let Ok(addr) = listener.local_addr() {
+        security.server.warn_if_exposed(addr, "the coordinator");
+    }
+    let builder = security
+        .server
+        .builder(crate::security::policy)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let registry_service = RegistryService::new(run.ctx.pool.membership().clone())
+        .dialling_with(security.teachers.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
@@ -89,7 +98,7 @@ pub async fn serve(
     // Parameters and soft targets are megabytes per message: let HTTP/2 grow its flow-control
     // windows instead of waiting for a window update every 64 KiB.
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .http2_adaptive_window(Some(true))
             .add_service(health_service)
             .add_service(reflection)

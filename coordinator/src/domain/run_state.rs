@@ -581,6 +581,16 @@ impl RunState {
         self.pump(now);
     }
 
+    /// The latest average of the synchronisation rounds and its version (None without rounds
+    /// or before the first).
+    pub fn latest_average(&self) -> Option<(u64, Params)> {
+        if self.settings.rounds {
+            self.rounds.latest()
+        } else {
+            None
+        }
+    }
+
     /// The evaluator's result arrived on `stream`.
     pub fn eval_result(
         &mut self,

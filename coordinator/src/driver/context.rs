@@ -14,6 +14,7 @@ use crate::domain::rounds::SyncRounds;
 use crate::domain::run_state::{RunSettings, RunState};
 use crate::error::{Error, Result};
 use crate::membership::MembershipHandle;
+use crate::security::Security;
 use crate::store::RunDirLock;
 use crate::store::cache::{CacheKey, CacheMode, MemberIdentity, SoftTargetCache};
 use crate::store::run_store::{RunStore, STATE_FILE};
@@ -57,6 +58,8 @@ pub struct RunContext {
     pub param_shapes: Vec<(String, Vec<usize>)>,
     /// Batches per epoch.
     pub batches_per_epoch: u64,
+    /// What the server presents and accepts, and how the teachers are dialled.
+    pub security: Security,
 }
 
 impl RunContext {
@@ -88,7 +91,7 @@ impl Run {
     /// Builds the run on loaded `data`: locks the run directory, writes the resolved config,
     /// prepares the ledger, the rounds and the teacher clients, and resumes from the stored
     /// state when the run directory has one. The cache is opened by [`Run::open_cache`].
-    pub fn new(cfg: RunConfig, data: Dataset) -> Result<Self> {
+    pub fn new(cfg: RunConfig, data: Dataset, security: Security) -> Result<Self> {
         cfg.validate()?;
         let settings = cfg.student_settings()?;
         let classes = settings.spec.arch.classes();
@@ -115,6 +118,14 @@ impl Run {
             hold_for_commit: cfg.sync.every > 0,
         })
         .map_err(|e| Error::Config(e.to_string()))?;
+        for m in &cfg.members {
+            for e in &m.endpoints {
+                security
+                    .teachers
+                    .check_url(e)
+                    .map_err(|err| Error::Config(format!("`members` `{}`: {err}", m.name)))?;
+            }
+        }
         let mut membership = Membership::new(
             cfg.membership.to_config(cfg.seed),
             cfg.members
@@ -128,7 +139,8 @@ impl Run {
             MembershipHandle::new(membership),
             secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
             cfg.max_message_bytes(),
-        )?;
+        )?
+        .with_security(security.teachers.clone());
         // The lock comes first: nothing is written into a run directory another coordinator
         // is using.
         let lock = RunDirLock::acquire(&cfg.run_dir)?;
@@ -200,6 +212,7 @@ impl Run {
                 cache: None,
                 param_shapes,
                 batches_per_epoch,
+                security,
             }),
             state,
             store,

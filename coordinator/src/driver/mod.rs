@@ -340,13 +340,25 @@ impl Driver {
                 errors,
                 total,
                 checkpoint,
-            } => match self.state.eval_result(stream, errors, total, now) {
-                Ok(()) => self.checkpoint = Some(checkpoint),
-                Err(e) => {
+            } => {
+                // A checkpoint of another network is refused before it ends the run.
+                if checkpoint.spec != self.ctx.settings.spec {
+                    let e = Error::InvalidArgument(format!(
+                        "the final checkpoint is a {} but the run trains a {}",
+                        checkpoint.spec.arch, self.ctx.settings.spec.arch
+                    ));
                     tracing::error!(stream, error = %e, "bad evaluation result");
-                    self.close(stream, run_error(e), now);
+                    self.close(stream, e, now);
+                    return;
                 }
-            },
+                match self.state.eval_result(stream, errors, total, now) {
+                    Ok(()) => self.checkpoint = Some(checkpoint),
+                    Err(e) => {
+                        tracing::error!(stream, error = %e, "bad evaluation result");
+                        self.close(stream, run_error(e), now);
+                    }
+                }
+            }
             Command::Status { reply } => {
                 let _ = reply.send(StatusView {
                     facts: self.state.facts(now),
@@ -540,10 +552,42 @@ impl Driver {
                         .finished(Err("the evaluator's checkpoint is missing".into()));
                     return;
                 };
-                let report = self.report_of(&finish, now);
-                let (dir, tx) = (self.ctx.cfg.run_dir.clone(), self.tx.clone());
+                let mut report = self.report_of(&finish, now);
+                // With rounds, the student is the coordinator's own final average: the
+                // evaluator's copy only carried its claim. Either way the coordinator scores
+                // the student it writes, so a worker cannot hand in a student or an error
+                // count of its own making.
+                let checkpoint = match self.state.latest_average() {
+                    Some((_, params)) => Box::new(Checkpoint {
+                        spec: self.ctx.settings.spec.clone(),
+                        params: params.as_ref().clone(),
+                        extra: Default::default(),
+                    }),
+                    None => checkpoint,
+                };
+                let (dir, tx, data) = (
+                    self.ctx.cfg.run_dir.clone(),
+                    self.tx.clone(),
+                    self.ctx.data.clone(),
+                );
                 self.tasks.spawn(async move {
                     let write = move || -> Result<RunReport> {
+                        let model = checkpoint.to_model(&candle_core::Device::Cpu)?;
+                        let own = distill_core::eval::evaluate(
+                            &model,
+                            &data.test,
+                            distill_core::eval::EVAL_BATCH,
+                        )?;
+                        if own.errors as u64 != report.student_test_errors {
+                            tracing::warn!(
+                                claimed = report.student_test_errors,
+                                scored = own.errors,
+                                "the evaluator's error count differs from the coordinator's \
+                                 own scoring of the final student; the report has the latter"
+                            );
+                        }
+                        report.student_test_errors = own.errors as u64;
+                        report.test_size = own.n as u64;
                         checkpoint.save(&report.student_checkpoint)?;
                         write_report(&dir, &report)?;
                         Ok(report)

@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 use distill_proto::pb::teacher_client::TeacherClient;
 use distill_proto::pb::{DescribeRequest, DescribeResponse, InferRequest};
 use distill_proto::{DType, HostTensor};
+use distill_transport::{AuthChannel, ClientSecurity};
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::config::MemberConfig;
 use crate::domain::choice::{self, Candidate};
@@ -73,7 +73,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A replica's client, created on first use and kept while the replica is known.
 struct Replica {
     address: String,
-    client: TeacherClient<Channel>,
+    client: TeacherClient<AuthChannel>,
     outstanding: AtomicUsize,
     /// The member's pick number when this replica was last chosen.
     last_pick: AtomicU64,
@@ -206,6 +206,8 @@ pub struct TeacherPool {
     timeout: Duration,
     max_message_bytes: usize,
     retries: AtomicU64,
+    /// TLS and the infer credential towards the replicas.
+    security: ClientSecurity,
 }
 
 impl TeacherPool {
@@ -258,7 +260,14 @@ impl TeacherPool {
             timeout,
             max_message_bytes,
             retries: AtomicU64::new(0),
+            security: ClientSecurity::plaintext(),
         })
+    }
+
+    /// This pool dialling its replicas under `security` (TLS, the infer credential).
+    pub fn with_security(mut self, security: ClientSecurity) -> Self {
+        self.security = security;
+        self
     }
 
     /// The membership this pool sends requests by (build the Registry service from it).
@@ -313,12 +322,14 @@ impl TeacherPool {
             .address(id)
             .map(str::to_string)
             .ok_or_else(|| Error::Internal(format!("replica {id} left the membership")))?;
-        let ep = Endpoint::from_shared(address.clone())
-            .map_err(|err| Error::Internal(format!("replica {id}: address `{address}`: {err}")))?
+        let ep = self
+            .security
+            .endpoint(&address)
+            .map_err(|err| Error::Internal(format!("replica {id}: {err}")))?
             .connect_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true)
             .timeout(self.timeout);
-        let client = TeacherClient::new(ep.connect_lazy())
+        let client = TeacherClient::new(self.security.channel(ep))
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
         let r = Arc::new(Replica {

@@ -437,7 +437,7 @@ mod tests {
         // The static member `a` was never affected.
         assert!(m.is_up("a"));
         // Expiry of the only replica in rotation takes the member down as well.
-        let _ = m.heartbeat(r1, "http://h:1", Load::default(), t0 + secs(5));
+        let _ = m.heartbeat(r1, "http://h:1", SECRET, Load::default(), t0 + secs(5));
         let events = m.tick(t0 + secs(10));
         assert_eq!(removed(&events), vec![(r2, RemovalReason::Expired)]);
         assert_eq!(
@@ -463,7 +463,11 @@ mod tests {
         // The second probe is due 100..=200 ms after the first failed.
         let t = t0 + Duration::from_millis(1001);
         assert!(m.due_probes(t).is_empty());
-        let reg = register(&mut m, "b", "http://h:1", t);
+        // The same process registering again (it holds the lease secret).
+        let reg = m
+            .register("b", "http://h:1", identity(DIGEST_A), renewal(), t)
+            .value
+            .unwrap();
         assert!(reg.renewed);
         assert_eq!(m.replica(id).unwrap().health, Health::OutOfRotation);
         assert_eq!(m.due_probes(t).len(), 1);

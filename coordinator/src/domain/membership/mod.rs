@@ -110,6 +110,9 @@ pub struct MembershipConfig {
     pub hedge: bool,
     /// Seed of the probe jitter.
     pub seed: u64,
+    /// Most replicas a member may have, static and registered together; a registration past
+    /// it is refused.
+    pub max_replicas_per_member: usize,
 }
 
 impl Default for MembershipConfig {
@@ -131,6 +134,7 @@ impl Default for MembershipConfig {
             straggler_factor: 3.0,
             hedge: true,
             seed: 0x5eed,
+            max_replicas_per_member: 64,
         }
     }
 }
@@ -363,6 +367,39 @@ pub enum MembershipError {
     /// No replica with this id.
     #[error("no replica {0}")]
     UnknownReplica(ReplicaId),
+    /// Another registration holds the address, and this one does not present its lease
+    /// secret.
+    #[error(
+        "address {address} is registered already (replica {replica}); only the registered process, presenting its lease secret, may renew or change that registration (a restarted one registers again once the old lease ends)"
+    )]
+    AddressHeld { address: String, replica: ReplicaId },
+    /// The member has as many replicas as a member may have.
+    #[error("member `{member}` has {limit} replicas already, the most a member may have")]
+    TooManyReplicas { member: String, limit: usize },
+}
+
+/// The lease secrets of a registration: the one it presents, to renew or change the
+/// registration at its address (empty for a new one), and the fresh one that a new
+/// registration will hold. The caller draws `fresh` from a cryptographic generator; the
+/// membership only keeps and compares secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The secret presented with the request.
+    pub presented: String,
+    /// The secret a new registration gets.
+    pub fresh: String,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Claim(<redacted>)")
+    }
+}
+
+/// Whether two lease secrets are equal, in time independent of where they differ.
+pub(crate) fn secrets_match(held: &str, presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    !held.is_empty() && bool::from(held.as_bytes().ct_eq(presented.as_bytes()))
 }
 
 /// A replica as the rest of the coordinator sees it.
@@ -418,6 +455,8 @@ pub struct Registration {
     pub heartbeat_interval: Duration,
     /// True if the address was already known (same id, new lease).
     pub renewed: bool,
+    /// The lease secret that Heartbeat and Deregister must present.
+    pub secret: String,
 }
 
 /// What a replica reports with a heartbeat.
@@ -455,6 +494,8 @@ struct Replica {
     latency: ReplicaLatency,
     load: Option<Load>,
     identity: Option<ModelIdentity>,
+    /// A registered replica's lease secret (empty for a static one).
+    secret: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -683,6 +724,7 @@ impl Replica {
             latency: ReplicaLatency::default(),
             load: None,
             identity: None,
+            secret: String::new(),
         }
     }
 
@@ -737,7 +779,7 @@ mod tests {
             in_flight: 4,
             max_in_flight: 16,
         };
-        assert!(m.heartbeat(r2, "http://h:2", load, t0).value);
+        assert!(m.heartbeat(r2, "http://h:2", SECRET, load, t0).value);
         let _ = m.record_failure(r3, t0);
         let _ = m.record_failure(r3, t0);
         let mut out = vec![Candidate {

@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use super::{
-    Event, Load, Membership, MembershipError, ModelIdentity, Outcome, Registration, RemovalReason,
-    Replica, ReplicaId, Source, normalize_address,
+    Claim, Event, Load, Membership, MembershipError, ModelIdentity, Outcome, Registration,
+    RemovalReason, Replica, ReplicaId, Source, normalize_address, secrets_match,
 };
 
 impl Membership {
@@ -60,16 +60,20 @@ impl Membership {
         Ok(())
     }
 
-    /// A replica registers (or renews its registration) at `now`.
+    /// A replica registers (or renews its registration) at `now`. An address that a
+    /// registration holds can be renewed or moved to another member only with that
+    /// registration's secret (`claim.presented`); a static replica's address cannot be
+    /// registered at all.
     pub fn register(
         &mut self,
         member: &str,
         address: &str,
         identity: ModelIdentity,
+        claim: Claim,
         now: Instant,
     ) -> Outcome<Result<Registration, MembershipError>> {
         let mut events = Vec::new();
-        let value = self.register_inner(member, address, identity, now, &mut events);
+        let value = self.register_inner(member, address, identity, claim, now, &mut events);
         self.member_transitions(&mut events);
         Outcome { value, events }
     }
@@ -79,6 +83,7 @@ impl Membership {
         member: &str,
         address: &str,
         identity: ModelIdentity,
+        claim: Claim,
         now: Instant,
         events: &mut Vec<Event>,
     ) -> Result<Registration, MembershipError> {
@@ -92,17 +97,40 @@ impl Membership {
         let existing = self.by_address(&address);
         if let Some(id) = existing {
             let r = &self.replicas[&id];
+            if r.source == Source::Static {
+                return Err(MembershipError::AddressTaken {
+                    address,
+                    member: member.into(),
+                    owner: r.member.clone(),
+                });
+            }
+            // Only the process that holds the registration may renew or change it: anyone
+            // else could otherwise evict a replica by registering its address.
+            if !secrets_match(&r.secret, &claim.presented) {
+                return Err(MembershipError::AddressHeld {
+                    address,
+                    replica: id,
+                });
+            }
             if r.member != member {
-                if r.source == Source::Static {
-                    return Err(MembershipError::AddressTaken {
-                        address,
-                        member: member.into(),
-                        owner: r.member.clone(),
-                    });
-                }
                 // The process at this address now serves another member: the old replica is
                 // gone, whether or not the new registration is accepted.
                 self.remove(id, RemovalReason::Replaced, events);
+            }
+        }
+        if self.by_address(&address).is_none() {
+            let limit = self.cfg.max_replicas_per_member;
+            if self
+                .replicas
+                .values()
+                .filter(|r| r.member == member)
+                .count()
+                >= limit
+            {
+                return Err(MembershipError::TooManyReplicas {
+                    member: member.into(),
+                    limit,
+                });
             }
         }
         if let Err(e) = self.check_identity(member, &address, &identity) {
@@ -116,13 +144,13 @@ impl Membership {
         }
         self.pin_identity(member, &identity);
         let deadline = now + self.cfg.lease_ttl;
-        let (id, renewed) = match self.by_address(&address) {
+        let (id, renewed, secret) = match self.by_address(&address) {
             Some(id) => {
+                let mut secret = String::new();
                 if let Some(r) = self.replicas.get_mut(&id) {
-                    if r.source == Source::Registered {
-                        r.lease_deadline = Some(deadline);
-                    }
+                    r.lease_deadline = Some(deadline);
                     r.identity = Some(identity);
+                    secret = r.secret.clone();
                     // A (re)started process: check it at once instead of waiting out the
                     // backoff.
                     r.health.restart_probes(now);
@@ -132,7 +160,7 @@ impl Membership {
                     replica: id,
                     address: address.clone(),
                 });
-                (id, true)
+                (id, true, secret)
             }
             None => {
                 let id = self.next_id;
@@ -144,13 +172,14 @@ impl Membership {
                     Some(deadline),
                 );
                 r.identity = Some(identity);
+                r.secret = claim.fresh.clone();
                 self.replicas.insert(id, r);
                 events.push(Event::Joined {
                     member: member.into(),
                     replica: id,
                     address: address.clone(),
                 });
-                (id, false)
+                (id, false, claim.fresh)
             }
         };
         Ok(Registration {
@@ -159,17 +188,20 @@ impl Membership {
             lease_ttl: self.cfg.lease_ttl,
             heartbeat_interval: self.cfg.heartbeat_interval,
             renewed,
+            secret,
         })
     }
 
-    /// A heartbeat from replica `id` registered at `address`: renews its lease and records its
-    /// load. False means the replica is unknown (never registered here, expired — also when
-    /// `now` is at or past its deadline and no tick removed it yet — or deregistered) and must
-    /// register again.
+    /// A heartbeat from replica `id` registered at `address` with lease secret `secret`:
+    /// renews its lease and records its load. False means the replica is unknown (never
+    /// registered here, expired — also when `now` is at or past its deadline and no tick
+    /// removed it yet — or deregistered) and must register again; a heartbeat without the
+    /// registration's secret is unknown too, and changes nothing.
     pub fn heartbeat(
         &mut self,
         id: ReplicaId,
         address: &str,
+        secret: &str,
         load: Load,
         now: Instant,
     ) -> Outcome<bool> {
@@ -177,7 +209,7 @@ impl Membership {
         let address = normalize_address(address).unwrap_or_default();
         let ttl = self.cfg.lease_ttl;
         let value = match self.replicas.get_mut(&id) {
-            Some(r) if r.address == address => {
+            Some(r) if r.address == address && secrets_match(&r.secret, secret) => {
                 if r.lease_deadline.is_some_and(|d| now >= d) {
                     self.remove(id, RemovalReason::Expired, &mut events);
                     false
@@ -195,13 +227,18 @@ impl Membership {
         Outcome { value, events }
     }
 
-    /// Replica `id` at `address` leaves. True if a registered replica was removed; a static
-    /// replica stays (false), and an unknown one is a no-op (false).
-    pub fn deregister(&mut self, id: ReplicaId, address: &str) -> Outcome<bool> {
+    /// Replica `id` at `address`, presenting lease secret `secret`, leaves. True if a
+    /// registered replica was removed; a static replica stays (false), and an unknown one or
+    /// a wrong secret is a no-op (false).
+    pub fn deregister(&mut self, id: ReplicaId, address: &str, secret: &str) -> Outcome<bool> {
         let mut events = Vec::new();
         let address = normalize_address(address).unwrap_or_default();
         let value = match self.replicas.get(&id) {
-            Some(r) if r.address == address && r.source == Source::Registered => {
+            Some(r)
+                if r.address == address
+                    && r.source == Source::Registered
+                    && secrets_match(&r.secret, secret) =>
+            {
                 self.remove(id, RemovalReason::Deregistered, &mut events);
                 true
             }
@@ -332,7 +369,13 @@ mod tests {
     fn registration_joins_at_once_and_brings_the_member_up() {
         let mut m = membership();
         let t0 = Instant::now();
-        let out = m.register("b", "http://10.0.0.5:50051", identity(DIGEST_A), t0);
+        let out = m.register(
+            "b",
+            "http://10.0.0.5:50051",
+            identity(DIGEST_A),
+            claim(),
+            t0,
+        );
         let reg = out.value.unwrap();
         assert_eq!(
             reg,
@@ -342,6 +385,7 @@ mod tests {
                 lease_ttl: secs(10),
                 heartbeat_interval: secs(2),
                 renewed: false,
+                secret: SECRET.into(),
             }
         );
         assert_eq!(
@@ -374,7 +418,7 @@ mod tests {
             in_flight: 3,
             max_in_flight: 64,
         };
-        let hb = m.heartbeat(id, "http://h:1", load, t0 + secs(8));
+        let hb = m.heartbeat(id, "http://h:1", SECRET, load, t0 + secs(8));
         assert!(hb.value);
         assert!(hb.events.is_empty());
         let r = m.replica(id).unwrap();
@@ -400,7 +444,10 @@ mod tests {
         assert!(m.replica(id).is_none());
         assert!(!m.is_up("b"));
         // Its heartbeat is now unknown: it must register again, and gets a new id.
-        assert!(!m.heartbeat(id, "http://h:1", load, t0 + secs(19)).value);
+        assert!(
+            !m.heartbeat(id, "http://h:1", SECRET, load, t0 + secs(19))
+                .value
+        );
         let again = register(&mut m, "b", "http://h:1", t0 + secs(20));
         assert!(!again.renewed);
         assert_ne!(again.replica, id);
@@ -413,7 +460,7 @@ mod tests {
         let mut m = membership();
         let t0 = Instant::now();
         let id = register(&mut m, "b", "http://h:1", t0).replica;
-        let hb = m.heartbeat(id, "http://h:1", Load::default(), t0 + secs(10));
+        let hb = m.heartbeat(id, "http://h:1", SECRET, Load::default(), t0 + secs(10));
         assert!(!hb.value);
         assert_eq!(removed(&hb.events), vec![(id, RemovalReason::Expired)]);
         assert!(
@@ -428,11 +475,17 @@ mod tests {
         let t0 = Instant::now();
         let id = register(&mut m, "b", "http://h:1", t0).replica;
         // An id handed out by an earlier coordinator to another address.
-        assert!(!m.heartbeat(id, "http://other:1", Load::default(), t0).value);
-        assert!(!m.heartbeat(99, "http://h:1", Load::default(), t0).value);
+        assert!(
+            !m.heartbeat(id, "http://other:1", SECRET, Load::default(), t0)
+                .value
+        );
+        assert!(
+            !m.heartbeat(99, "http://h:1", SECRET, Load::default(), t0)
+                .value
+        );
         // The real one is untouched, and case or a trailing slash do not matter.
         assert!(
-            m.heartbeat(id, "HTTP://H:1/", Load::default(), t0 + secs(1))
+            m.heartbeat(id, "HTTP://H:1/", SECRET, Load::default(), t0 + secs(1))
                 .value
         );
         assert_eq!(m.replica(id).unwrap().lease_deadline, Some(t0 + secs(11)));
@@ -443,10 +496,17 @@ mod tests {
         let mut m = membership();
         let t0 = Instant::now();
         let first = register(&mut m, "b", "http://h:1", t0);
-        let out = m.register("b", "http://H:1/", identity(DIGEST_A), t0 + secs(5));
+        let out = m.register(
+            "b",
+            "http://H:1/",
+            identity(DIGEST_A),
+            renewal(),
+            t0 + secs(5),
+        );
         let second = out.value.unwrap();
         assert_eq!(second.replica, first.replica);
         assert!(second.renewed);
+        assert_eq!(second.secret, SECRET, "a renewal keeps the secret");
         assert_eq!(
             out.events,
             vec![Event::Renewed {
@@ -463,20 +523,25 @@ mod tests {
     }
 
     #[test]
-    fn static_replicas_never_expire_and_cannot_be_deregistered() {
+    fn static_replicas_never_expire_and_cannot_be_registered_heartbeated_or_deregistered() {
         let mut m = membership();
         let t0 = Instant::now();
-        // Registering a static address returns the static replica; heartbeats carry its load.
-        let reg = register(&mut m, "a", "http://s1:1", t0);
-        assert_eq!(reg.replica, 1);
-        assert!(reg.renewed);
-        assert_eq!(m.replica(1).unwrap().lease_deadline, None);
+        // A static replica is the operator's: nobody may register its address, even for its
+        // own member (that would let a stranger restate its model).
+        let err = m
+            .register("a", "http://s1:1", identity(DIGEST_A), claim(), t0)
+            .value
+            .unwrap_err();
+        assert!(matches!(err, MembershipError::AddressTaken { .. }), "{err}");
+        assert_eq!(m.replica(1).unwrap().identity, None);
         assert!(m.tick(t0 + secs(1_000_000)).is_empty());
-        assert!(
-            m.heartbeat(1, "http://s1:1", Load::default(), t0 + secs(1_000_000))
-                .value
-        );
-        let out = m.deregister(1, "http://s1:1");
+        let load = Load {
+            in_flight: 64,
+            max_in_flight: 64,
+        };
+        assert!(!m.heartbeat(1, "http://s1:1", "", load, t0).value);
+        assert_eq!(m.replica(1).unwrap().in_flight, None);
+        let out = m.deregister(1, "http://s1:1", "");
         assert!(!out.value);
         assert!(out.events.is_empty());
         assert!(m.is_up("a"));
@@ -484,12 +549,95 @@ mod tests {
     }
 
     #[test]
+    fn only_the_lease_secret_keeps_changes_or_ends_a_registration() {
+        let mut m = Membership::new(
+            cfg(),
+            [("a".to_string(), vec![]), ("b".to_string(), vec![])],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let id = register(&mut m, "b", "http://h:1", t0).replica;
+        let forged = "f".repeat(64);
+        // A forged heartbeat claiming a full replica neither renews the lease nor steers load.
+        let full = Load {
+            in_flight: 64,
+            max_in_flight: 64,
+        };
+        assert!(
+            !m.heartbeat(id, "http://h:1", &forged, full, t0 + secs(5))
+                .value
+        );
+        assert!(!m.heartbeat(id, "http://h:1", "", full, t0 + secs(5)).value);
+        let r = m.replica(id).unwrap();
+        assert_eq!((r.in_flight, r.lease_deadline), (None, Some(t0 + secs(10))));
+        // A forged deregistration removes nothing.
+        assert!(!m.deregister(id, "http://h:1", &forged).value);
+        assert!(m.replica(id).is_some());
+        // Registering the address again without the secret (an eviction, or a takeover for
+        // another member) is refused and leaves the replica as it was.
+        for (member, digest) in [("b", DIGEST_A), ("b", DIGEST_B), ("a", DIGEST_B)] {
+            let bad = Claim {
+                presented: forged.clone(),
+                fresh: "1".repeat(64),
+            };
+            let out = m.register(member, "http://h:1", identity(digest), bad, t0 + secs(6));
+            assert_eq!(
+                out.value.unwrap_err(),
+                MembershipError::AddressHeld {
+                    address: "http://h:1".into(),
+                    replica: id,
+                }
+            );
+            assert!(out.events.is_empty());
+        }
+        let r = m.replica(id).unwrap();
+        assert_eq!(
+            (r.member.as_str(), r.lease_deadline),
+            ("b", Some(t0 + secs(10)))
+        );
+        assert_eq!(m.digest("b"), Some(DIGEST_A));
+        // The holder's own secret works.
+        assert!(
+            m.heartbeat(id, "http://h:1", SECRET, full, t0 + secs(7))
+                .value
+        );
+        assert!(m.deregister(id, "http://h:1", SECRET).value);
+        // Once the registration is gone (deregistered, or its lease ended) the address is free.
+        assert!(!register(&mut m, "b", "http://h:1", t0 + secs(8)).renewed);
+    }
+
+    #[test]
+    fn a_member_takes_at_most_the_configured_number_of_replicas() {
+        let mut m = Membership::new(
+            MembershipConfig {
+                max_replicas_per_member: 2,
+                ..cfg()
+            },
+            [("a".to_string(), vec!["http://s1:1".to_string()])],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        register(&mut m, "a", "http://h:1", t0);
+        let out = m.register("a", "http://h:2", identity(DIGEST_A), claim(), t0);
+        assert_eq!(
+            out.value.unwrap_err(),
+            MembershipError::TooManyReplicas {
+                member: "a".into(),
+                limit: 2,
+            }
+        );
+        // Renewing one it has is not a new replica.
+        let out = m.register("a", "http://h:1", identity(DIGEST_A), renewal(), t0);
+        assert!(out.value.unwrap().renewed);
+    }
+
+    #[test]
     fn deregister_removes_a_registered_replica_once() {
         let mut m = membership();
         let t0 = Instant::now();
         let id = register(&mut m, "b", "http://h:1", t0).replica;
-        assert!(!m.deregister(id, "http://wrong:1").value);
-        let out = m.deregister(id, "http://h:1");
+        assert!(!m.deregister(id, "http://wrong:1", SECRET).value);
+        let out = m.deregister(id, "http://h:1", SECRET);
         assert!(out.value);
         assert_eq!(
             removed(&out.events),
@@ -499,7 +647,7 @@ mod tests {
             out.events.last(),
             Some(&Event::MemberDown { member: "b".into() })
         );
-        assert!(!m.deregister(id, "http://h:1").value);
+        assert!(!m.deregister(id, "http://h:1", SECRET).value);
     }
 
     #[test]
@@ -507,7 +655,7 @@ mod tests {
         let mut m = membership();
         let t0 = Instant::now();
         let id = register(&mut m, "b", "http://h:1", t0).replica;
-        let out = m.register("b", "http://h:2", identity(DIGEST_B), t0);
+        let out = m.register("b", "http://h:2", identity(DIGEST_B), claim(), t0);
         let err = out.value.unwrap_err();
         assert!(
             matches!(err, MembershipError::DigestMismatch { .. }),
@@ -523,7 +671,13 @@ mod tests {
         assert_eq!(m.replicas("b").len(), 1);
         // The registered replica's own address coming back with other weights: the process
         // there no longer serves the member's model, so the replica is removed too.
-        let out = m.register("b", "http://h:1", identity(DIGEST_B), t0 + secs(1));
+        let out = m.register(
+            "b",
+            "http://h:1",
+            identity(DIGEST_B),
+            renewal(),
+            t0 + secs(1),
+        );
         assert!(out.value.is_err());
         assert_eq!(removed(&out.events), vec![(id, RemovalReason::Refused)]);
         assert!(
@@ -532,12 +686,12 @@ mod tests {
         );
         // The pin holds with the member empty.
         assert!(
-            m.register("b", "http://h:3", identity(DIGEST_B), t0)
+            m.register("b", "http://h:3", identity(DIGEST_B), claim(), t0)
                 .value
                 .is_err()
         );
         assert!(
-            m.register("b", "http://h:3", identity(DIGEST_A), t0)
+            m.register("b", "http://h:3", identity(DIGEST_A), claim(), t0)
                 .value
                 .is_ok()
         );
@@ -579,7 +733,7 @@ mod tests {
         let mut wrong = identity(DIGEST_A);
         wrong.input_shape = vec![1, 32, 32];
         let err = m
-            .register("b", "http://h:1", wrong, Instant::now())
+            .register("b", "http://h:1", wrong, claim(), Instant::now())
             .value
             .unwrap_err();
         assert_eq!(
@@ -590,7 +744,7 @@ mod tests {
         let mut fits = identity(DIGEST_A);
         fits.input_shape = vec![1, 28, 28];
         assert!(
-            m.register("b", "http://h:1", fits, Instant::now())
+            m.register("b", "http://h:1", fits, claim(), Instant::now())
                 .value
                 .is_ok()
         );
@@ -601,7 +755,7 @@ mod tests {
         let mut m = membership();
         let t0 = Instant::now();
         let err = m
-            .register("zzz", "http://h:1", identity(DIGEST_A), t0)
+            .register("zzz", "http://h:1", identity(DIGEST_A), claim(), t0)
             .value
             .unwrap_err();
         assert_eq!(
@@ -609,7 +763,7 @@ mod tests {
             "member `zzz` is not part of this run (members: `a`, `b`)"
         );
         let err = m
-            .register("b", "http://s1:1", identity(DIGEST_A), t0)
+            .register("b", "http://s1:1", identity(DIGEST_A), claim(), t0)
             .value
             .unwrap_err();
         assert_eq!(
@@ -627,7 +781,7 @@ mod tests {
             ("http://", "is not a URI"),
         ] {
             let err = m
-                .register("b", addr, identity(DIGEST_A), t0)
+                .register("b", addr, identity(DIGEST_A), claim(), t0)
                 .value
                 .unwrap_err();
             assert!(err.to_string().contains(why), "{addr}: {err}");
@@ -654,7 +808,13 @@ mod tests {
         .unwrap();
         let t0 = Instant::now();
         let old = register(&mut m, "a", "http://h:1", t0).replica;
-        let out = m.register("b", "http://h:1", identity(DIGEST_B), t0 + secs(1));
+        let out = m.register(
+            "b",
+            "http://h:1",
+            identity(DIGEST_B),
+            renewal(),
+            t0 + secs(1),
+        );
         let new = out.value.unwrap();
         assert!(!new.renewed);
         assert_ne!(new.replica, old);
@@ -680,7 +840,7 @@ mod tests {
         );
         assert_eq!(m.digest("a"), None, "nothing pinned");
         let err = m
-            .register("b", "http://h:1", huge.clone(), t0)
+            .register("b", "http://h:1", huge.clone(), claim(), t0)
             .value
             .unwrap_err();
         assert!(

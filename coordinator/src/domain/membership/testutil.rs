@@ -50,9 +50,28 @@ pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// The lease secret every test registration gets.
+pub const SECRET: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
+
+/// A new registration's claim: it presents nothing and gets [`SECRET`].
+pub fn claim() -> Claim {
+    Claim {
+        presented: String::new(),
+        fresh: SECRET.into(),
+    }
+}
+
+/// A renewal's claim: it presents [`SECRET`].
+pub fn renewal() -> Claim {
+    Claim {
+        presented: SECRET.into(),
+        fresh: "0".repeat(64),
+    }
+}
+
 /// Registers `addr` for `member` with weights [`DIGEST_A`]; must succeed.
 pub fn register(m: &mut Membership, member: &str, addr: &str, now: Instant) -> Registration {
-    m.register(member, addr, identity(DIGEST_A), now)
+    m.register(member, addr, identity(DIGEST_A), claim(), now)
         .value
         .unwrap()
 }
