@@ -245,9 +245,12 @@ impl TopKFormat {
             .ok_or_else(|| Error::Input(format!("top-k soft targets: k = {} is too large", self.k)))
     }
 
-    /// Bytes per sample (row): `4 + k·(index bytes + value bytes)`. Meaningful for a valid format.
+    /// Bytes per sample (row): `4 + k·(index bytes + value bytes)`. Meaningful for a valid format;
+    /// saturates (rather than overflowing) for a k that [`TopKFormat::validate`] refuses.
     pub fn bytes_per_sample(&self) -> usize {
-        REST_BYTES + self.k * (self.index.bytes() + self.value.bytes())
+        self.k
+            .saturating_mul(self.index.bytes() + self.value.bytes())
+            .saturating_add(REST_BYTES)
     }
 
     /// Bytes for `rows` rows, checked against overflow.
@@ -484,8 +487,11 @@ pub fn decode(bytes: &[u8], rows: usize, format: &TopKFormat) -> Result<SparseTa
         rest_per_class: Vec::with_capacity(rows),
         neg_entropy: Vec::with_capacity(rows),
     };
-    let mut sorted: Vec<u32> = Vec::with_capacity(k);
-    let mut d: Vec<f64> = Vec::with_capacity(k);
+    // Per-row scratch, sized by k only when there is a row: with rows ≥ 1 the length check above
+    // bounds k by the input, but with none k is whatever the format says (up to 2³²).
+    let scratch = if rows == 0 { 0 } else { k };
+    let mut sorted: Vec<u32> = Vec::with_capacity(scratch);
+    let mut d: Vec<f64> = Vec::with_capacity(scratch);
     let others = (c - k) as f64;
     for (r, row) in bytes.chunks_exact(bpr).enumerate() {
         let (rest_b, tail) = row.split_at(REST_BYTES);
