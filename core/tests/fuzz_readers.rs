@@ -385,6 +385,31 @@ fn bytes_per_sample_of_an_invalid_format_does_not_overflow() {
     assert!(topk::decode(&[], 0, &f).is_err());
 }
 
+/// Regression: a row whose values are all huge (bf16 holds up to 3·10^38; an encoder writes a
+/// maximum of 0) decoded to probabilities summing to ~1 besides the rest's mass: `ln(1 − R)` was
+/// added to a value of 3·10^38 before the log-sum was subtracted, and vanished in rounding.
+#[test]
+fn topk_huge_values_still_decode_to_a_normalised_row() {
+    for (value, v) in [
+        (ValueDtype::Bf16, half::bf16::MIN.to_le_bytes()),
+        (ValueDtype::Bf16, half::bf16::from_f32(5.8e17).to_le_bytes()),
+        (ValueDtype::F16, half::f16::MAX.to_le_bytes()),
+    ] {
+        let f = TopKFormat::with_value_dtype(4, 1, value).unwrap();
+        let mut row = (-1.0f32).to_le_bytes().to_vec(); // R = e^-1
+        row.extend_from_slice(&2u16.to_le_bytes());
+        row.extend_from_slice(&v);
+        let t = topk::decode(&row, 1, &f).unwrap();
+        let want = 1.0 - (-1.0f64).exp();
+        assert!(
+            (f64::from(t.probs()[0]) - want).abs() < 1e-6,
+            "{value:?}: {:?}",
+            t.probs()
+        );
+        check_sparse(&t, &row, 1, &f);
+    }
+}
+
 /// Regression: with no rows, `decode` reserved scratch for k values per row anyway, so a format
 /// of k = C = 2^32 (valid: 4 + 6k bytes per row fits) made it reserve 48 GiB for an empty input.
 #[test]
@@ -1122,6 +1147,44 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(192))]
+
+    /// Optimizer state files (what a worker resumes from, through `safetensors_io`): valid ones
+    /// with corrupted bytes, and arbitrary ones; what `from_bytes` accepts round-trips.
+    #[test]
+    fn optim_state_any(
+        step in any::<u64>(),
+        bufs in proptest::collection::vec((proptest::collection::vec(0..4usize, 0..3), any::<u32>()), 0..4),
+        faults in faults(),
+    ) {
+        let buffers: Vec<(String, Vec<usize>, Vec<f32>)> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, (s, seed))| {
+                let len: usize = s.iter().product();
+                (format!("fc{i}.weight.momentum"), s.clone(), (0..len).map(|j| (j as u32 ^ seed) as f32).collect())
+            })
+            .collect();
+        let st = distill_core::optim::OptimState { config: distill_core::optim::OptimConfig::default(), step, buffers };
+        let mut bytes = st.to_bytes().unwrap();
+        prop_assert_eq!(&distill_core::optim::OptimState::from_bytes(&bytes).unwrap(), &st);
+        for f in &faults {
+            apply(&mut bytes, f);
+        }
+        if let Ok(got) = distill_core::optim::OptimState::from_bytes(&bytes) {
+            // Values compared as bits: a flipped one may be NaN, which equals nothing.
+            let again = distill_core::optim::OptimState::from_bytes(&got.to_bytes().unwrap()).unwrap();
+            let bits = |s: &distill_core::optim::OptimState| -> Vec<(String, Vec<usize>, Vec<u32>)> {
+                s.buffers.iter().map(|(n, sh, v)| (n.clone(), sh.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()
+            };
+            prop_assert_eq!((&again.config, again.step), (&got.config, got.step));
+            prop_assert_eq!(bits(&again), bits(&got));
+        }
+        vm_guard();
+    }
+}
+
 /// Regression: a checkpoint whose spec has 64 conv layers made `from_bytes` panic (`1 << 64`
 /// overflows in the spec's validation) on bytes a worker sends (`EvalResult.checkpoint_bytes`);
 /// and a conv spec whose flattened width overflows panicked in `import_sequential`.
@@ -1186,4 +1249,34 @@ fn import_refuses_non_finite_weights() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("non-finite value at element 1"), "{e}");
+}
+
+/// Found, not fixed here (`train.rs`/`model.rs`/`spec.rs` are outside this change): a
+/// training-state file (`distill train --resume FILE`) whose spec has 64 conv layers panics in
+/// `Trainer::resume` (`TrainableModel::from_tensors` calls `Arch::param_shapes` on an unvalidated
+/// spec: `1usize << 64`, "attempt to shift left with overflow"); a spec whose flattened conv width
+/// overflows panics the same way ("attempt to multiply with overflow"). Run with `--ignored`.
+#[test]
+#[ignore = "known panic in Trainer::resume on an unvalidated spec, see the doc comment"]
+fn known_panic_train_state_with_64_conv_layers() {
+    let spec = format!(
+        r#"{{"arch":{{"kind":"conv","input":[1,28,28],"channels":{:?},"kernel":5,"hidden":8,"classes":10}}}}"#,
+        vec![1; 64]
+    );
+    let state = r#"{"epoch":0,"batch":0,"step":0,"loss_sum":0.0,"correct":0,"samples":0,"train_seconds":0.0,"step_seconds":0.0,"history":[]}"#;
+    let meta = HashMap::from([
+        (
+            "distill.format".to_string(),
+            "distill-train-state".to_string(),
+        ),
+        ("distill.format_version".to_string(), "1".to_string()),
+        ("distill.spec".to_string(), spec),
+        ("distill.train.config".to_string(), "{}".to_string()),
+        ("distill.train.state".to_string(), state.to_string()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("state.safetensors");
+    std::fs::write(&p, serialize(&[], Some(meta))).unwrap();
+    let r = distill_core::train::Trainer::resume(&p, &candle_core::Device::Cpu);
+    assert!(r.is_err());
 }
