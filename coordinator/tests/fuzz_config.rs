@@ -8,6 +8,8 @@
 //! Every property runs `PROPTEST_CASES` cases (proptest's variable) when it is set, else a
 //! default sized so that this file runs in seconds in a debug build.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::collections::BTreeMap;
 
 use coordinator::config::RunConfig;

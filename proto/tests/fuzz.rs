@@ -9,6 +9,8 @@
 //! default sized so that this file runs in a few seconds in a debug build, e.g.
 //! `PROPTEST_CASES=20000 cargo test -p distill-proto --test fuzz` for a longer run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use bytes::Bytes;
 use distill_proto::params::{self, Param, ParamAssembler};
 use distill_proto::{DType, Error, HostTensor, MAX_ELEMENTS, pb};
@@ -34,12 +36,14 @@ fn vm_peak() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Fails if the process ever reserved more than 8 GiB: every input here is at most a few KiB, so
-/// only an allocation sized by a declared (not actual) length gets there.
+/// Fails if the process ever reserved more than 32 GiB: every input here is at most a few KiB, so
+/// only an allocation sized by a declared (not actual) length gets there (the margin is for the
+/// allocator's per-thread arenas, 64 MiB of address space each, on machines with many test
+/// threads).
 fn vm_guard() {
     if let Some(peak) = vm_peak() {
         assert!(
-            peak < 8 << 30,
+            peak < 32 << 30,
             "peak virtual memory {peak} bytes: something allocated what an input declared"
         );
     }
