@@ -170,7 +170,7 @@ impl Checkpoint {
             .ok_or_else(|| bad(format!("missing `{KEY_SPEC}` metadata")))?;
         let spec: ModelSpec = serde_json::from_str(spec_json)
             .map_err(|e| bad(format!("`{KEY_SPEC}` is not a valid spec: {e}")))?;
-        spec.validate().map_err(|e| bad(e.to_string()))?;
+        check_spec(&spec).map_err(|e| bad(e.to_string()))?;
         let st = SafeTensors::deserialize(buf)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let params = read_params(&st, &spec.arch)?;
@@ -198,6 +198,35 @@ impl Checkpoint {
             extra,
         })
     }
+}
+
+/// [`ModelSpec::validate`] for a spec from outside (a checkpoint's metadata, a caller of
+/// [`import_sequential`]), after checking the sizes that validation and
+/// [`Arch::param_shapes`] compute with: a conv net of 64 or more layers overflows their
+/// `1 << layers` and huge sizes overflow the flattened width, which panics (debug) or wraps
+/// (release) instead of being an error.
+fn check_spec(spec: &ModelSpec) -> Result<()> {
+    if let Arch::Conv {
+        input, channels, ..
+    } = &spec.arch
+    {
+        let too_large = || {
+            Error::Spec(format!(
+                "{}: {} conv layers on a {input:?} input are too many or too large",
+                spec.arch,
+                channels.len()
+            ))
+        };
+        let div = u32::try_from(channels.len())
+            .ok()
+            .and_then(|n| 1usize.checked_shl(n))
+            .ok_or_else(too_large)?;
+        let cin = channels.last().copied().unwrap_or(input[0]);
+        cin.checked_mul(input[1] / div)
+            .and_then(|n| n.checked_mul(input[2] / div))
+            .ok_or_else(too_large)?;
+    }
+    spec.validate()
 }
 
 /// Reads each parameter of `arch` from `st` by name, checking presence, shape and dtype
@@ -246,6 +275,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 /// renamed to the spec's names in order (conv layers first, then linear ones, as in
 /// [`Arch::param_shapes`]). Every shape must match.
 pub fn import_sequential(buf: &[u8], spec: ModelSpec) -> Result<Checkpoint> {
+    check_spec(&spec)?;
     let st = SafeTensors::deserialize(buf)
         .map_err(|e| Error::Input(format!("not a safetensors file: {e}")))?;
     // (layer index, is_bias, key)
@@ -288,9 +318,14 @@ pub fn import_sequential(buf: &[u8], spec: ModelSpec) -> Result<Checkpoint> {
         let v = decode_floats(t.dtype(), t.data()).ok_or_else(|| {
             Error::Input(format!("`{key}` has unsupported dtype {:?}", t.dtype()))
         })?;
+        // As `Checkpoint::read` checks: an import must be a checkpoint its reader accepts.
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Input(format!(
+                "`{key}` holds a non-finite value at element {i}"
+            )));
+        }
         params.push((name, shape, v));
     }
-    spec.validate()?;
     Ok(Checkpoint {
         spec,
         params,

@@ -245,9 +245,12 @@ impl TopKFormat {
             .ok_or_else(|| Error::Input(format!("top-k soft targets: k = {} is too large", self.k)))
     }
 
-    /// Bytes per sample (row): `4 + k·(index bytes + value bytes)`. Meaningful for a valid format.
+    /// Bytes per sample (row): `4 + k·(index bytes + value bytes)`. Meaningful for a valid format;
+    /// saturates (rather than overflowing) for a k that [`TopKFormat::validate`] refuses.
     pub fn bytes_per_sample(&self) -> usize {
-        REST_BYTES + self.k * (self.index.bytes() + self.value.bytes())
+        self.k
+            .saturating_mul(self.index.bytes() + self.value.bytes())
+            .saturating_add(REST_BYTES)
     }
 
     /// Bytes for `rows` rows, checked against overflow.
@@ -484,8 +487,11 @@ pub fn decode(bytes: &[u8], rows: usize, format: &TopKFormat) -> Result<SparseTa
         rest_per_class: Vec::with_capacity(rows),
         neg_entropy: Vec::with_capacity(rows),
     };
-    let mut sorted: Vec<u32> = Vec::with_capacity(k);
-    let mut d: Vec<f64> = Vec::with_capacity(k);
+    // Per-row scratch, sized by k only when there is a row: with rows ≥ 1 the length check above
+    // bounds k by the input, but with none k is whatever the format says (up to 2³²).
+    let scratch = if rows == 0 { 0 } else { k };
+    let mut sorted: Vec<u32> = Vec::with_capacity(scratch);
+    let mut d: Vec<f64> = Vec::with_capacity(scratch);
     let others = (c - k) as f64;
     for (r, row) in bytes.chunks_exact(bpr).enumerate() {
         let (rest_b, tail) = row.split_at(REST_BYTES);
@@ -531,14 +537,18 @@ pub fn decode(bytes: &[u8], rows: usize, format: &TopKFormat) -> Result<SparseTa
             d.push(f64::from(v));
         }
 
-        // ln p̂_j = ln(1 − R) + d_j − ln Σ_i exp(d_i), all in f64.
+        // ln p̂_j = ln(1 − R) + (d_j − max d) − ln Σ_i exp(d_i − max d), all in f64. The values
+        // are shifted by their maximum before anything is added to them: an encoder writes
+        // d ≤ 0 with a maximum of 0, but a corrupted row may hold d of 10^17 or more (bf16 goes
+        // to 3·10^38), which would swallow ln(1 − R) in rounding and leave a row summing to ~2.
         let dmax = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = dmax + d.iter().map(|v| (v - dmax).exp()).sum::<f64>().ln();
+        d.iter_mut().for_each(|v| *v -= dmax); // finite: |d| ≤ 3.4·10^38
+        let lse = d.iter().map(|v| v.exp()).sum::<f64>().ln(); // in [0, ln k]
         let rest = f64::from(rest);
         let top_log_mass = (-rest.exp_m1()).ln(); // finite: rest < 0
         let mut neg_entropy = 0.0f64;
         for v in &d {
-            let lp = top_log_mass + v - lse;
+            let lp = top_log_mass + (v - lse);
             let p = lp.exp();
             neg_entropy += p * lp; // lp finite, so p = 0 gives 0
             t.probs.push(p as f32);

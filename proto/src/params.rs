@@ -17,23 +17,31 @@ fn bad(msg: String) -> Error {
     Error::Params(msg)
 }
 
+fn not_float(dtype: DType) -> Error {
+    bad(format!(
+        "parameters travel as F32, F16 or BF16, not {dtype:?}"
+    ))
+}
+
 /// Encodes f32 values as a 1-D tensor of `dtype` (F32, F16 or BF16).
 pub fn encode_values(values: &[f32], dtype: DType) -> Result<HostTensor> {
     HostTensor::from_f32_as(vec![values.len()], values, dtype).map_err(|e| match e {
-        Error::NotFloat(other) => bad(format!(
-            "parameters travel as F32, F16 or BF16, not {other:?}"
-        )),
+        Error::NotFloat(other) => not_float(other),
         e => e,
     })
 }
 
 /// Splits `params` into groups of chunks, each group holding at most `chunk_bytes` of values
-/// (at least one element per group).
+/// (at least one element per group). An integer `dtype` is an error even when there are no values
+/// to encode.
 pub fn to_chunk_groups(
     params: &[Param],
     dtype: DType,
     chunk_bytes: usize,
 ) -> Result<Vec<Vec<pb::ParamChunk>>> {
+    if !dtype.is_float() {
+        return Err(not_float(dtype));
+    }
     let per_group = (chunk_bytes / dtype.size()).max(1);
     let mut groups = Vec::new();
     let mut group = Vec::new();
@@ -76,20 +84,37 @@ pub fn value_bytes(groups: &[Vec<pb::ParamChunk>]) -> u64 {
 #[derive(Debug)]
 pub struct ParamAssembler {
     expected: Vec<(String, Vec<usize>)>,
+    /// Each expected parameter's element count; None where the shape's product overflows (an
+    /// error on the first chunk of it, and at [`ParamAssembler::finish`]).
+    numels: Vec<Option<usize>>,
     values: Vec<Vec<f32>>,
     /// Index of the parameter being filled.
     current: usize,
 }
 
+/// The element count of `shape`, None if it overflows.
+fn numel_of(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+fn too_large(name: &str, shape: &[usize]) -> Error {
+    bad(format!(
+        "parameter `{name}` of shape {shape:?} is too large (its element count overflows)"
+    ))
+}
+
 impl ParamAssembler {
-    /// An assembler for parameters of these names and shapes, in this order.
+    /// An assembler for parameters of these names and shapes, in this order; each parameter's
+    /// values are reserved up front.
     pub fn new(expected: Vec<(String, Vec<usize>)>) -> Self {
-        let values = expected
+        let numels: Vec<Option<usize>> = expected.iter().map(|(_, s)| numel_of(s)).collect();
+        let values = numels
             .iter()
-            .map(|(_, s)| Vec::with_capacity(s.iter().product()))
+            .map(|n| Vec::with_capacity(n.unwrap_or(0)))
             .collect();
         Self {
             expected,
+            numels,
             values,
             current: 0,
         }
@@ -105,8 +130,7 @@ impl ParamAssembler {
         } = chunk;
         // Move past parameters that are complete.
         while self.current < self.expected.len()
-            && self.values[self.current].len()
-                == self.expected[self.current].1.iter().product::<usize>()
+            && Some(self.values[self.current].len()) == self.numels[self.current]
         {
             self.current += 1;
         }
@@ -126,6 +150,7 @@ impl ParamAssembler {
                 "parameter `{name}` has shape {shape:?}, expected {want_shape:?}"
             )));
         }
+        let numel = self.numels[self.current].ok_or_else(|| too_large(&name, want_shape))?;
         let have = &mut self.values[self.current];
         if offset != have.len() as u64 {
             return Err(bad(format!(
@@ -141,7 +166,6 @@ impl ParamAssembler {
                 t.shape()
             )));
         }
-        let numel: usize = want_shape.iter().product();
         if t.numel() == 0 || have.len() + t.numel() > numel {
             return Err(bad(format!(
                 "chunk of `{name}` with {} values at offset {offset} does not fit its {numel} values",
@@ -161,8 +185,10 @@ impl ParamAssembler {
     /// The whole parameter set; an error names the first incomplete parameter.
     pub fn finish(self) -> Result<Vec<Param>> {
         let mut out = Vec::with_capacity(self.expected.len());
-        for ((name, shape), v) in self.expected.into_iter().zip(self.values) {
-            let numel: usize = shape.iter().product();
+        for (((name, shape), v), numel) in
+            self.expected.into_iter().zip(self.values).zip(self.numels)
+        {
+            let numel = numel.ok_or_else(|| too_large(&name, &shape))?;
             if v.len() != numel {
                 return Err(bad(format!(
                     "parameter `{name}` got {} of its {numel} values",

@@ -147,25 +147,48 @@ enum Source {
     Gzip,
 }
 
+/// The most bytes deflate can inflate one compressed byte to (RFC 1951: a 258-byte match coded in
+/// two bits), so a gzip file of `n` bytes never yields more than `n · GZIP_MAX_RATIO` bytes.
+const GZIP_MAX_RATIO: u64 = 1032;
+
+/// An opened IDX file: where its bytes come from, the stream, and the most bytes that stream can
+/// yield when that is known (a regular file: its length raw, [`GZIP_MAX_RATIO`] times it
+/// gzipped), so that a header declaring more is refused before anything is read.
+struct Opened<R> {
+    source: Source,
+    stream: R,
+    max_len: Option<u64>,
+}
+
 /// Opens `path`, gunzipping when its content starts with the gzip magic 1f 8b (whatever its
 /// name). Nothing is read beyond the first two bytes here: the caller reads only as much as the
-/// header says, so a small file cannot inflate into unbounded memory.
-fn open(path: &Path) -> Result<(Source, Box<dyn Read>)> {
+/// header says, and refuses a header declaring more than the file can hold, so a small file
+/// cannot inflate into unbounded memory.
+fn open(path: &Path) -> Result<Opened<Box<dyn Read>>> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
     let mut magic = [0u8; 2];
     let got = read_up_to(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
     let stream = std::io::Cursor::new(magic[..got].to_vec()).chain(f);
     let named_gz = path.extension().is_some_and(|e| e == "gz");
     if magic[..got] == [0x1f, 0x8b] {
         let gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(stream));
-        Ok((Source::Gzip, Box::new(gz)))
+        Ok(Opened {
+            source: Source::Gzip,
+            stream: Box::new(gz),
+            max_len: file_len.map(|n| n.saturating_mul(GZIP_MAX_RATIO)),
+        })
     } else if named_gz {
         Err(Error::data(
             path,
             "not gzip: the name ends in .gz but the file does not start with the gzip magic 1f 8b",
         ))
     } else {
-        Ok((Source::Raw, Box::new(stream)))
+        Ok(Opened {
+            source: Source::Raw,
+            stream: Box::new(stream),
+            max_len: file_len,
+        })
     }
 }
 
@@ -234,17 +257,40 @@ struct Idx {
 /// Reads an IDX file of `ndim` sizes from `r`: the header, then exactly the body the header
 /// declares (`body_len(dims)` bytes, with `says` describing it in errors). At most one byte past
 /// the declared body is read, so a short gzip file that inflates to far more than its header says
-/// is refused after that byte, not decompressed into memory.
+/// is refused after that byte, not decompressed into memory; and a body larger than the file can
+/// hold (raw: what follows the header; gzip: [`GZIP_MAX_RATIO`] times the file) is refused before
+/// any of it is read, so a header declaring terabytes is not believed up to the end of a bomb.
 fn read_idx(
     path: &Path,
-    (source, mut r): (Source, impl Read),
+    opened: Opened<impl Read>,
     (magic, ndim, what): (u32, usize, &str),
     body_len: impl Fn(&[usize]) -> Result<(u64, String)>,
 ) -> Result<Idx> {
+    let Opened {
+        source,
+        stream: mut r,
+        max_len,
+    } = opened;
     let mut hdr = vec![0u8; 4 * (1 + ndim)];
     let got = read_up_to(&mut r, &mut hdr).map_err(|e| read_error(path, &source, e))?;
     let dims = header(path, &hdr[..got], magic, ndim, what)?;
     let (want, says) = body_len(&dims)?;
+    if let Some(max) = max_len.map(|m| m.saturating_sub(hdr.len() as u64))
+        && want > max
+    {
+        return Err(Error::data(
+            path,
+            match source {
+                Source::Raw => format!(
+                    "truncated: header says {says} ({want} bytes) but only {max} bytes follow"
+                ),
+                Source::Gzip => format!(
+                    "truncated: header says {says} ({want} bytes) but a gzip file of this size \
+                     inflates to at most {max} bytes after the header"
+                ),
+            },
+        ));
+    }
     let mut body = Vec::new();
     r.take(want.saturating_add(1))
         .read_to_end(&mut body)
@@ -276,7 +322,7 @@ pub fn read_images(path: &Path) -> Result<IdxImages> {
     images_from(path, open(path)?)
 }
 
-fn images_from(path: &Path, src: (Source, impl Read)) -> Result<IdxImages> {
+fn images_from(path: &Path, src: Opened<impl Read>) -> Result<IdxImages> {
     let body_len = |d: &[usize]| {
         let (n, rows, cols) = (d[0], d[1], d[2]);
         if n == 0 || rows == 0 || cols == 0 {
@@ -523,9 +569,12 @@ mod tests {
         let gz = flate2::read::GzEncoder::new(raw, flate2::Compression::fast());
         let stream = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(gz));
         let path = Path::new("bomb-images-idx3-ubyte.gz");
-        let e = images_from(path, (Source::Gzip, stream))
-            .unwrap_err()
-            .to_string();
+        let opened = Opened {
+            source: Source::Gzip,
+            stream,
+            max_len: None,
+        };
+        let e = images_from(path, opened).unwrap_err().to_string();
         assert!(e.contains("bomb-images-idx3-ubyte.gz"), "{e}");
         assert!(
             e.contains("trailing garbage: header says 1 images of 2×3 (6 bytes) but more bytes follow (decompressed)"),
