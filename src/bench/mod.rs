@@ -29,8 +29,12 @@
 //! - `capacity` ([`capacity`]): batches/s and MB/s one coordinator sustains, serving soft
 //!   targets from its cache, to 1, 4, 16 and 64 simulated workers that ack on arrival, with
 //!   the process's CPU use per window: where one coordinator saturates.
+//! - `load` ([`load`]): many concurrent clients against a teacher-server process and a
+//!   coordinator process's Registry: answers and refusals per second with their latency
+//!   quantiles, and the servers' resident memory before, at peak and after.
 
 mod capacity;
+mod load;
 mod stats;
 mod steady;
 
@@ -51,7 +55,7 @@ use crate::local::LocalMember;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers,
-    /// capacity. Default: all.
+    /// capacity, load. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -97,14 +101,26 @@ pub struct BenchArgs {
     /// ÷ student step is needed; at 8 four replicas reach only ~0.7 of (a).
     #[arg(long, default_value_t = 16)]
     pub prefetch: usize,
+    /// Concurrent clients of `load`, each on its own connection.
+    #[arg(long, default_value_t = 256)]
+    pub load_clients: usize,
+    /// Seconds `load` drives each target.
+    #[arg(long, default_value_t = 5.0)]
+    pub load_secs: f64,
+    /// Most requests `load` sends to each target.
+    #[arg(long, default_value_t = 500_000)]
+    pub load_requests: u64,
+    /// The teacher's `--max-inflight` in `load`.
+    #[arg(long, default_value_t = 16)]
+    pub load_inflight: usize,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 8] = [
-    "e2e", "teacher", "slow", "bytes", "cache", "cpu", "workers", "capacity",
+const SECTIONS: [&str; 9] = [
+    "e2e", "teacher", "slow", "bytes", "cache", "cpu", "workers", "capacity", "load",
 ];
 
 /// Runs `distill bench`.
@@ -159,6 +175,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if wants("capacity") {
         capacity::run(&a, &rt, &out)?;
+    }
+    if wants("load") {
+        load::run(&a, &rt, &out)?;
     }
     Ok(())
 }

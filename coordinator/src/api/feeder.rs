@@ -92,6 +92,20 @@ pub async fn feed(
                 }
                 if !gone {
                     let _ = send(done()).await;
+                    // The answer may still be refused (a checkpoint of another network): the
+                    // worker is then told why before its stream closes.
+                    while let Some(item) = outbox.recv().await {
+                        match item {
+                            Outgoing::Close(e) => {
+                                let _ =
+                                    tokio::time::timeout(stall, wire.send(Err(Status::from(e))))
+                                        .await;
+                                break;
+                            }
+                            Outgoing::Done => break,
+                            _ => {}
+                        }
+                    }
                     return;
                 }
             }
