@@ -344,13 +344,9 @@ fn deep_nesting() {
     }
 }
 
-/// A conv architecture of 64 (or more) conv layers in `student.arch` panics in
-/// `distill_core::spec::Arch::validate` (`1usize << channels.len()`: "attempt to shift left with
-/// overflow") instead of being an error; a debug build of the coordinator dies on such a
-/// config. Ignored until `spec.rs` (not part of this change) checks the shift; the properties
-/// above stay below 64 layers.
+/// A conv architecture of 64 (or more) conv layers in `student.arch` used to panic in
+/// `distill_core::spec::Arch::validate` (`1usize << channels.len()`); it is an error now.
 #[test]
-#[ignore = "known panic in distill_core::spec::Arch::validate, see the doc comment"]
 fn known_panic_conv_arch_with_64_layers() {
     let text = render(&[(("student", "arch"), conv_arch(64))], false);
     assert!(RunConfig::from_toml(&text).is_err());

@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Most conv layers an architecture may have (each halves the input's height and width).
+pub const MAX_CONV_LAYERS: usize = 16;
+
 /// The layers of a network (no training hyperparameters).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -130,7 +133,23 @@ impl Arch {
                 hidden,
                 classes,
             } => {
+                // Each conv layer halves the height and width: past MAX_CONV_LAYERS no input
+                // is divisible, and the shift below would overflow.
+                if channels.len() > MAX_CONV_LAYERS {
+                    return Err(Error::Spec(format!(
+                        "{self}: {} conv layers; at most {MAX_CONV_LAYERS} are supported",
+                        channels.len()
+                    )));
+                }
                 let div = 1usize << channels.len();
+                let flat = channels
+                    .last()
+                    .and_then(|&c| c.checked_mul(input[1] / div)?.checked_mul(input[2] / div));
+                if flat.is_none() && !channels.is_empty() {
+                    return Err(Error::Spec(format!(
+                        "{self}: the flattened conv output does not fit in memory"
+                    )));
+                }
                 if channels.is_empty()
                     || channels.contains(&0)
                     || input.contains(&0)
@@ -202,8 +221,15 @@ impl Arch {
                     out.push((format!("conv{i}.bias"), vec![c]));
                     cin = c;
                 }
-                let div = 1usize << channels.len();
-                let flat = cin * (input[1] / div) * (input[2] / div);
+                // Saturating: an unvalidated spec (one read from a file) must not panic here;
+                // its shapes then fit no tensor and are refused by the caller.
+                let div = u32::try_from(channels.len())
+                    .ok()
+                    .and_then(|n| 1usize.checked_shl(n))
+                    .unwrap_or(usize::MAX);
+                let flat = cin
+                    .saturating_mul(input[1] / div)
+                    .saturating_mul(input[2] / div);
                 linear(&mut out, 0, flat, *hidden);
                 linear(&mut out, 1, *hidden, *classes);
             }

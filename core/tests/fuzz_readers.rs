@@ -1257,13 +1257,10 @@ fn import_refuses_non_finite_weights() {
     assert!(e.contains("non-finite value at element 1"), "{e}");
 }
 
-/// Found, not fixed here (`train.rs`/`model.rs`/`spec.rs` are outside this change): a
-/// training-state file (`distill train --resume FILE`) whose spec has 64 conv layers panics in
-/// `Trainer::resume` (`TrainableModel::from_tensors` calls `Arch::param_shapes` on an unvalidated
-/// spec: `1usize << 64`, "attempt to shift left with overflow"); a spec whose flattened conv width
-/// overflows panics the same way ("attempt to multiply with overflow"). Run with `--ignored`.
+/// A training-state file (`distill train --resume FILE`) whose spec has 64 conv layers used to
+/// panic in `Trainer::resume` (`Arch::param_shapes` on an unvalidated spec: `1usize << 64`); it
+/// is an error now.
 #[test]
-#[ignore = "known panic in Trainer::resume on an unvalidated spec, see the doc comment"]
 fn known_panic_train_state_with_64_conv_layers() {
     let spec = format!(
         r#"{{"arch":{{"kind":"conv","input":[1,28,28],"channels":{:?},"kernel":5,"hidden":8,"classes":10}}}}"#,
