@@ -232,41 +232,6 @@ async fn a_failed_teacher_request_is_retried_on_another_replica() {
     .await
 }
 
-/// Opens a batch stream for a fresh worker `id`; returns the sender of its messages and the
-/// coordinator's replies.
-async fn open_stream(
-    client: &mut CoordinatorClient<tonic::transport::Channel>,
-    id: &str,
-) -> (
-    tokio::sync::mpsc::Sender<WorkerMessage>,
-    tonic::Streaming<pb::CoordinatorMessage>,
-) {
-    let j = client
-        .join(JoinRequest {
-            worker_id: id.into(),
-            resume_step: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(WorkerMessage {
-        kind: Some(worker_message::Kind::Hello(pb::Hello {
-            worker_id: j.worker_id,
-            incarnation: j.incarnation,
-            credits: 1,
-        })),
-    })
-    .await
-    .unwrap();
-    let inbound = client
-        .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, inbound)
-}
-
 fn sync_up(params: &[distill_proto::params::Param], chunk_bytes: usize) -> Vec<WorkerMessage> {
     let groups =
         distill_proto::params::to_chunk_groups(params, distill_proto::DType::F32, chunk_bytes)
@@ -308,7 +273,7 @@ async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it()
 
             // Worker a: gets the seeded initial parameters (version 0) first, then a batch; it
             // contributes a parameter set in chunks; alone in the round, it is told to keep its own.
-            let (a_tx, mut a_in) = open_stream(&mut client, "a").await;
+            let (a_tx, mut a_in) = common::open_stream(&mut client, "a", 1).await;
             let init = distill_core::model::init_params(&Arch::parse("mlp:784-16-10").unwrap(), 1);
             let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
             let first = loop {
@@ -355,7 +320,7 @@ async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it()
             assert_eq!((reply.version, reply.contributors), (1, 1));
 
             // Worker b joins mid-run: the first thing it gets is round 1's parameters, exactly.
-            let (_b_tx, mut b_in) = open_stream(&mut client, "b").await;
+            let (_b_tx, mut b_in) = common::open_stream(&mut client, "b", 1).await;
             let mut asm = distill_proto::params::ParamAssembler::new(shapes.clone());
             let mut messages = 0;
             loop {
@@ -664,7 +629,7 @@ impl HandWorker {
         id: &str,
         arch: &Arch,
     ) -> Self {
-        let (up, down) = open_stream(client, id).await;
+        let (up, down) = common::open_stream(client, id, 1).await;
         let shapes = distill_core::model::init_params(arch, 0)
             .into_iter()
             .map(|(n, s, _)| (n, s))
@@ -1034,7 +999,7 @@ async fn a_run_visits_batches_in_the_order_local_training_does() {
             let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
                 .await
                 .unwrap();
-            let (tx, mut down) = open_stream(&mut client, "w").await;
+            let (tx, mut down) = common::open_stream(&mut client, "w", 1).await;
             let n = data.train.len();
             let per_epoch = n.div_ceil(bs);
             let mut seen = 0;

@@ -13,44 +13,10 @@ use candle_core::Device;
 use coordinator::config::RunConfig;
 use distill_core::checkpoint::Checkpoint;
 use distill_proto::pb::coordinator_client::CoordinatorClient;
-use distill_proto::pb::{self, JoinRequest, WorkerMessage, worker_message};
+use distill_proto::pb::{self, WorkerMessage, worker_message};
 use tokio_util::sync::CancellationToken;
 
 const TEST_DEADLINE: Duration = Duration::from_secs(300);
-
-/// Joins as `id` and opens its batch stream.
-async fn open_stream(
-    client: &mut CoordinatorClient<tonic::transport::Channel>,
-    id: &str,
-) -> (
-    tokio::sync::mpsc::Sender<WorkerMessage>,
-    tonic::Streaming<pb::CoordinatorMessage>,
-) {
-    let j = client
-        .join(JoinRequest {
-            worker_id: id.into(),
-            resume_step: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tx.send(WorkerMessage {
-        kind: Some(worker_message::Kind::Hello(pb::Hello {
-            worker_id: j.worker_id,
-            incarnation: j.incarnation,
-            credits: 4,
-        })),
-    })
-    .await
-    .unwrap();
-    let inbound = client
-        .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, inbound)
-}
 
 /// Acks every batch and waits out the evaluation batches until `Done`; returns how many test
 /// rows were sent.
@@ -132,7 +98,7 @@ endpoints = ["{url}"]
 
             // The elected evaluator hands in a checkpoint of another network: its stream is
             // closed with a message naming both, and the run goes on.
-            let (tx, mut down) = open_stream(&mut client, "w1").await;
+            let (tx, mut down) = common::open_stream(&mut client, "w1", 4).await;
             let total = until_done(&tx, &mut down).await;
             assert!(total > 0);
             let foreign = common::random_checkpoint("mlp:784-8-10", 2);
@@ -152,7 +118,7 @@ endpoints = ["{url}"]
             );
 
             // The next evaluator claims a perfect score for an untrained student.
-            let (tx, mut down) = open_stream(&mut client, "w2").await;
+            let (tx, mut down) = common::open_stream(&mut client, "w2", 4).await;
             assert_eq!(until_done(&tx, &mut down).await, total);
             let trojan = common::random_checkpoint("mlp:784-16-10", 9);
             tx.send(eval_result(&trojan, 0, total)).await.unwrap();

@@ -329,3 +329,42 @@ pub fn signal(pid: u32, sig: &str) {
         .success();
     assert!(ok, "kill {sig} {pid}");
 }
+
+/// Joins as worker `id` and opens its batch stream with `credits` batches of credit; returns
+/// the sender of its messages and the coordinator's replies (a hand-driven worker).
+pub async fn open_stream(
+    client: &mut distill_proto::pb::coordinator_client::CoordinatorClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    credits: u32,
+) -> (
+    tokio::sync::mpsc::Sender<distill_proto::pb::WorkerMessage>,
+    tonic::Streaming<distill_proto::pb::CoordinatorMessage>,
+) {
+    use distill_proto::pb;
+    let j = client
+        .join(pb::JoinRequest {
+            worker_id: id.into(),
+            resume_step: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            worker_id: j.worker_id,
+            incarnation: j.incarnation,
+            credits,
+        })),
+    })
+    .await
+    .unwrap();
+    let inbound = client
+        .batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
