@@ -128,23 +128,18 @@ where
 
 /// Prints one target's figures.
 fn print(what: &str, outcomes: &[Outcome], elapsed: f64, rss: (f64, f64, f64)) {
-    let by = |ok: bool| -> Vec<f64> {
+    let millis = |code: tonic::Code| -> Vec<f64> {
         outcomes
             .iter()
-            .filter(|(_, c)| (*c == tonic::Code::Ok) == ok)
+            .filter(|(_, c)| *c == code)
             .map(|(s, _)| s * 1000.0)
             .collect()
     };
-    let exhausted = outcomes
-        .iter()
-        .filter(|(_, c)| *c == tonic::Code::ResourceExhausted)
-        .count();
-    let other = outcomes.len() - by(true).len() - exhausted;
-    let refused: Vec<f64> = outcomes
-        .iter()
-        .filter(|(_, c)| *c == tonic::Code::ResourceExhausted)
-        .map(|(s, _)| s * 1000.0)
-        .collect();
+    let (ok, refused) = (
+        millis(tonic::Code::Ok),
+        millis(tonic::Code::ResourceExhausted),
+    );
+    let other = outcomes.len() - ok.len() - refused.len();
     let q = |v: &[f64]| {
         Summary::of(v).map_or("-".to_string(), |s| {
             let mut v = v.to_vec();
@@ -153,14 +148,13 @@ fn print(what: &str, outcomes: &[Outcome], elapsed: f64, rss: (f64, f64, f64)) {
             format!("p50 {:.2} ms, p99 {:.2} ms", s.median, p99)
         })
     };
-    let ok = by(true);
     println!(
         "  {what:<9} {:>7} calls in {elapsed:.1} s: {:>6} answered ({:.0}/s; {}), {:>6} RESOURCE_EXHAUSTED ({}), {} other errors; server RSS {:.0} MiB before, {:.0} MiB peak, {:.0} MiB after",
         outcomes.len(),
         ok.len(),
         ok.len() as f64 / elapsed.max(1e-9),
         q(&ok),
-        exhausted,
+        refused.len(),
         q(&refused),
         other,
         rss.0,
