@@ -109,7 +109,7 @@ fn write_all(args: &CredentialsArgs) -> anyhow::Result<Vec<String>> {
         )?;
     }
     for role in distill_transport::Role::ALL {
-        let token = random_hex(32);
+        let token = distill_transport::secret::random_hex(32);
         write(
             &args.out.join(format!("{}.token", role.name())),
             format!("{token}\n").as_bytes(),
@@ -117,14 +117,6 @@ fn write_all(args: &CredentialsArgs) -> anyhow::Result<Vec<String>> {
         )?;
     }
     Ok(names)
-}
-
-/// `n` random bytes from the thread's cryptographic generator, in hex.
-fn random_hex(n: usize) -> String {
-    use rand::RngCore;
-    let mut bytes = vec![0u8; n];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates `path` (never replacing a file), readable by its owner only when `secret`.

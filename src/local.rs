@@ -65,6 +65,7 @@ pub async fn run(
             name: m.name.clone(),
             endpoints,
             weight: 1.0,
+            trusted: Vec::new(),
         });
     }
     cfg.min_workers = workers.max(1);

@@ -74,6 +74,7 @@ fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
             name: "t".into(),
             endpoints,
             weight: 1.0,
+            trusted: Vec::new(),
         }],
         membership: Default::default(),
     }
@@ -127,43 +128,56 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
             assert_eq!(st.members.len(), 1);
             assert_eq!(st.members[0].member, "t");
 
-            // Join hands out the settings; a second join of the same id is a new incarnation.
-            let j = client
-                .join(JoinRequest {
-                    worker_id: "w".into(),
-                    resume_step: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            // Join hands out the settings and a session secret.
+            let join = |id: &str, secret: &str| JoinRequest {
+                worker_id: id.into(),
+                resume_step: 0,
+                session_secret: secret.into(),
+            };
+            let j = client.join(join("w", "")).await.unwrap().into_inner();
             assert_eq!((j.worker_id.as_str(), j.incarnation), ("w", 1));
+            assert_eq!(j.session_secret.len(), 64, "256 bits in hex");
             let settings: distill_core::settings::StudentSettings =
                 serde_json::from_str(&j.settings_json).unwrap();
             assert_eq!(settings.temperature, 3.0);
             assert_eq!(j.batches_per_epoch, 24);
+            // Another process cannot take the id while incarnation 1 holds it, with no secret
+            // or a guessed one; the process holding the secret joins again as incarnation 2.
+            for guess in ["", "0000", &"0".repeat(64)] {
+                let st = client.join(join("w", guess)).await.unwrap_err();
+                assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+                assert!(st.message().contains("session secret"), "{st:?}");
+            }
             let j2 = client
-                .join(JoinRequest {
-                    worker_id: "w".into(),
-                    resume_step: 0,
-                })
+                .join(join("w", &j.session_secret))
                 .await
                 .unwrap()
                 .into_inner();
             assert_eq!(j2.incarnation, 2);
+            assert_ne!(j2.session_secret, j.session_secret);
 
-            // A stream from the replaced incarnation is fenced off; one without Hello is refused.
-            let hello = |inc: u64, credits: u32| WorkerMessage {
+            // A stream from the replaced incarnation is fenced off; one without Hello, or
+            // without the incarnation's secret, is refused.
+            let hello = |inc: u64, credits: u32, secret: &str| WorkerMessage {
                 kind: Some(worker_message::Kind::Hello(pb::Hello {
                     worker_id: "w".into(),
                     incarnation: inc,
                     credits,
+                    session_secret: secret.into(),
                 })),
             };
             let st = client
-                .batches(tokio_stream::iter(vec![hello(1, 2)]))
+                .batches(tokio_stream::iter(vec![hello(1, 2, &j.session_secret)]))
                 .await
                 .unwrap_err();
             assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+            for secret in ["", j.session_secret.as_str()] {
+                let st = client
+                    .batches(tokio_stream::iter(vec![hello(2, 2, secret)]))
+                    .await
+                    .unwrap_err();
+                assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+            }
             let st = client
                 .batches(tokio_stream::iter(vec![WorkerMessage {
                     kind: Some(worker_message::Kind::Credits(3)),
@@ -172,7 +186,7 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
                 .unwrap_err();
             assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
             let st = client
-                .batches(tokio_stream::iter(vec![hello(2, 0)]))
+                .batches(tokio_stream::iter(vec![hello(2, 0, &j2.session_secret)]))
                 .await
                 .unwrap_err();
             assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
@@ -181,6 +195,7 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
                     worker_id: "nobody".into(),
                     incarnation: 1,
                     credits: 1,
+                    session_secret: String::new(),
                 })),
             };
             let st = client
@@ -504,6 +519,7 @@ async fn under_degrade_a_member_that_is_down_is_left_out_and_counted() {
                 name: "gone".into(),
                 endpoints: vec![format!("http://{dead}")],
                 weight: 3.0,
+                trusted: Vec::new(),
             });
             cfg.teacher_policy = coordinator::config::TeacherPolicy::Degrade;
             cfg.teacher_timeout_secs = 2.0;
@@ -540,6 +556,7 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
                 name: "late".into(),
                 endpoints: vec![format!("http://{late}")],
                 weight: 1.0,
+                trusted: Vec::new(),
             });
             cfg.teacher_timeout_secs = 2.0;
             let run = coordinator::prepare(cfg).await.unwrap();

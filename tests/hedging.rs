@@ -48,6 +48,7 @@ fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
         name: "t".into(),
         endpoints: endpoints.to_vec(),
         weight: 1.0,
+        trusted: Vec::new(),
     }];
     TeacherPool::new(
         &members,

@@ -176,6 +176,7 @@ async fn collect_run(run: coordinator::Run, n: usize) -> Vec<pb::TrainBatch> {
         client.join(JoinRequest {
             worker_id: "hand".into(),
             resume_step: 0,
+            session_secret: String::new(),
         }),
     )
     .await
@@ -187,6 +188,7 @@ async fn collect_run(run: coordinator::Run, n: usize) -> Vec<pb::TrainBatch> {
             worker_id: j.worker_id,
             incarnation: j.incarnation,
             credits: 2,
+            session_secret: j.session_secret,
         })),
     })
     .unwrap();

@@ -171,6 +171,7 @@ fn pool_with(endpoints: &[String], settings: MembershipSettings) -> TeacherPool 
         name: "t".into(),
         endpoints: endpoints.to_vec(),
         weight: 1.0,
+        trusted: Vec::new(),
     }];
     TeacherPool::new(
         &members,
@@ -413,11 +414,13 @@ fn two_member_pool(a: &str) -> TeacherPool {
             name: "a".into(),
             endpoints: vec![a.to_string()],
             weight: 1.0,
+            trusted: Vec::new(),
         },
         MemberConfig {
             name: "b".into(),
             endpoints: vec![],
             weight: 1.0,
+            trusted: Vec::new(),
         },
     ];
     TeacherPool::new(

@@ -123,6 +123,23 @@ pub struct MembershipSettings {
     /// Most replicas a member may have, static and registered together.
     #[serde(default = "default_max_replicas")]
     pub max_replicas_per_member: usize,
+    /// A new registration enters rotation only once its answers to a few rows of the data
+    /// agree with a trusted replica's (a static endpoint or a `trusted` address of its member).
+    #[serde(default = "default_true")]
+    pub canary: bool,
+    /// Largest difference of logits (at T = 1, each row shifted so its top logit is 0)
+    /// between a registration and the trusted replica on the canary rows.
+    #[serde(default = "default_canary_tolerance")]
+    pub canary_tolerance: f32,
+    /// For a member with no static endpoint and no trusted address: trust its first
+    /// registration (while no admitted replica is present) and check later ones against the
+    /// admitted ones. When false, such a member refuses every registration.
+    #[serde(default = "default_true")]
+    pub trust_first_registration: bool,
+}
+
+fn default_canary_tolerance() -> f32 {
+    0.05
 }
 
 fn default_max_replicas() -> usize {
@@ -143,6 +160,9 @@ impl Default for MembershipSettings {
             probe_max_secs: default_probe_max(),
             hedge: true,
             max_replicas_per_member: default_max_replicas(),
+            canary: true,
+            canary_tolerance: default_canary_tolerance(),
+            trust_first_registration: true,
         }
     }
 }
@@ -159,6 +179,9 @@ impl MembershipSettings {
             probe_max: Duration::from_secs_f64(self.probe_max_secs),
             hedge: self.hedge,
             max_replicas_per_member: self.max_replicas_per_member,
+            canary: self.canary,
+            canary_tolerance: self.canary_tolerance,
+            trust_first_registration: self.trust_first_registration,
             seed: seed ^ crate::domain::membership::MembershipConfig::default().seed,
             ..Default::default()
         }
@@ -196,6 +219,11 @@ pub struct MemberConfig {
     /// Weight of this member in the combination (> 0; renormalised).
     #[serde(default = "default_weight")]
     pub weight: f32,
+    /// Addresses whose registrations are trusted as they are (`http(s)://host:port`): they
+    /// enter rotation at once and, with the static endpoints, are what every other
+    /// registration's canary answers are compared with (`[membership] canary`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted: Vec<String>,
 }
 
 /// Synchronisation rounds: workers average their parameters every `every` local updates (see
@@ -423,6 +451,14 @@ impl RunConfig {
                     );
                 }
             }
+            for t in &m.trusted {
+                if crate::domain::address::normalize_address(t).is_err() {
+                    return bad(
+                        &format!("members[{i}].trusted"),
+                        format!("`{t}` is not an address like http://host:port"),
+                    );
+                }
+            }
             if !m.weight.is_finite() || m.weight <= 0.0 {
                 return bad(
                     &format!("members[{i}].weight"),
@@ -515,6 +551,12 @@ impl RunConfig {
         }
         if ms.failure_threshold == 0 {
             return bad("membership.failure_threshold", "must be at least 1".into());
+        }
+        if !ms.canary_tolerance.is_finite() || ms.canary_tolerance < 0.0 {
+            return bad(
+                "membership.canary_tolerance",
+                format!("must be finite and >= 0, got {}", ms.canary_tolerance),
+            );
         }
         if ms.max_replicas_per_member == 0 {
             return bad(

@@ -12,6 +12,10 @@ pub enum Error {
     /// The worker is not part of the run.
     #[error("{0}")]
     NotFound(String),
+    /// The caller holds a credential of the right role but not the secret of what it asks
+    /// for (another worker's id).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The worker's incarnation was replaced by a newer one.
     #[error("{0}")]
     Stale(String),
@@ -63,6 +67,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Config(_) | Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Stale(_) | Error::TeacherRejected { .. } => {
                 tonic::Status::failed_precondition(msg)
             }

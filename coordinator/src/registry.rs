@@ -89,7 +89,9 @@ impl From<MembershipError> for Status {
             MembershipError::DigestMismatch { .. }
             | MembershipError::ShapeMismatch { .. }
             | MembershipError::AddressTaken { .. }
-            | MembershipError::AddressHeld { .. } => Status::failed_precondition(msg),
+            | MembershipError::AddressHeld { .. }
+            | MembershipError::NoTrustedReplica { .. } => Status::failed_precondition(msg),
+            MembershipError::Banned { .. } => Status::permission_denied(msg),
             MembershipError::TooManyReplicas { .. } => Status::resource_exhausted(msg),
             // Only `Membership::new` returns it: a bug if it reaches a handler.
             MembershipError::DuplicateStatic { .. } => Status::internal(msg),
@@ -150,14 +152,6 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// A fresh lease secret: 256 bits from the thread's cryptographic generator, in hex.
-fn fresh_secret() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -267,7 +261,7 @@ impl Registry for RegistryService {
             .map_err(|e| Status::invalid_argument(format!("RegisterRequest.address: {e}")))?;
         let claim = Claim {
             presented,
-            fresh: fresh_secret(),
+            fresh: distill_transport::secret::fresh_secret(),
         };
         let out = self
             .lock()?

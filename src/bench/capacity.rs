@@ -323,6 +323,7 @@ async fn sim_worker(
         .join(pb::JoinRequest {
             worker_id: id,
             resume_step: 0,
+            session_secret: String::new(),
         })
         .await?
         .into_inner();
@@ -333,6 +334,7 @@ async fn sim_worker(
             worker_id: joined.worker_id,
             incarnation: joined.incarnation,
             credits,
+            session_secret: joined.session_secret,
         })),
     })
     .await

@@ -163,7 +163,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
     let mut client = CoordinatorClient::new(channel)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
-    let join = join(&mut client, &cfg, worker_id, local_step, &shutdown).await?;
+    let join = join(&mut client, &cfg, worker_id, "", local_step, &shutdown).await?;
     let pb::JoinResponse {
         worker_id,
         incarnation,
@@ -173,7 +173,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
         input_shape,
         resume_step,
         sync,
+        session_secret,
     } = join;
+    // Held for this process only: a rejoin after a broken stream presents it.
+    let mut session_secret = session_secret;
     let sync = sync_settings(sync)?;
     if cfg.worker_id.is_none() && !worker_id.is_empty() {
         distill_core::fsutil::atomic_write(&work_dir.join(WORKER_ID_FILE), worker_id.as_bytes())?;
@@ -234,6 +237,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
             worker_id: worker_id.clone(),
             incarnation,
             credits: cfg.prefetch,
+            session_secret: session_secret.clone(),
         })),
     };
     out_tx
@@ -300,9 +304,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<Worke
                     && is_stream_break(e)
                 {
                     tracing::warn!(error = %e, "the batch stream broke; joining the run again");
-                    match reopen(&mut client, &cfg, &worker_id, &shutdown).await {
-                        Ok((tx, inbound)) => {
+                    match reopen(&mut client, &cfg, &worker_id, &session_secret, &shutdown).await {
+                        Ok((tx, inbound, secret)) => {
                             out_tx = tx;
+                            session_secret = secret;
                             let n = stream.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
                             reader = tokio::spawn(read_batches(
                                 inbound,
@@ -420,17 +425,28 @@ fn is_stream_break(e: &Error) -> bool {
 }
 
 /// Joins the run again (a new incarnation, retried with backoff while the coordinator is
-/// unreachable) and opens a new batch stream; returns its sender and inbound side.
+/// unreachable), presenting the session secret of the incarnation whose stream broke, and
+/// opens a new batch stream; returns its sender, its inbound side and the new secret.
 async fn reopen(
     client: &mut CoordinatorClient<AuthChannel>,
     cfg: &WorkerConfig,
     worker_id: &str,
+    session_secret: &str,
     shutdown: &CancellationToken,
 ) -> Result<(
     mpsc::Sender<pb::WorkerMessage>,
     tonic::Streaming<pb::CoordinatorMessage>,
+    String,
 )> {
-    let j = join(client, cfg, worker_id.to_string(), 0, shutdown).await?;
+    let j = join(
+        client,
+        cfg,
+        worker_id.to_string(),
+        session_secret,
+        0,
+        shutdown,
+    )
+    .await?;
     tracing::info!(
         worker_id,
         incarnation = j.incarnation,
@@ -442,12 +458,13 @@ async fn reopen(
             worker_id: worker_id.to_string(),
             incarnation: j.incarnation,
             credits: cfg.prefetch,
+            session_secret: j.session_secret.clone(),
         })),
     })
     .await
     .map_err(|_| Error::Protocol("the outgoing stream closed before Hello".into()))?;
     let inbound = client.batches(ReceiverStream::new(rx)).await?.into_inner();
-    Ok((tx, inbound))
+    Ok((tx, inbound, j.session_secret))
 }
 
 /// Ends a training thread that got no batches and returns the cancellation error.
@@ -685,6 +702,7 @@ async fn join(
     client: &mut CoordinatorClient<AuthChannel>,
     cfg: &WorkerConfig,
     worker_id: String,
+    session_secret: &str,
     resume_step: u64,
     shutdown: &CancellationToken,
 ) -> Result<pb::JoinResponse> {
@@ -694,6 +712,7 @@ async fn join(
         let mut req = tonic::Request::new(pb::JoinRequest {
             worker_id: worker_id.clone(),
             resume_step,
+            session_secret: session_secret.to_string(),
         });
         req.set_timeout(Duration::from_secs(30));
         let status = tokio::select! {

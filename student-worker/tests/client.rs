@@ -78,6 +78,7 @@ impl Coordinator for Script {
             input_shape: vec![1, 28, 28],
             resume_step: r.resume_step,
             sync: None,
+            session_secret: "scripted-secret".into(),
         }))
     }
 

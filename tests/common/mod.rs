@@ -347,6 +347,7 @@ pub async fn open_stream(
         .join(pb::JoinRequest {
             worker_id: id.into(),
             resume_step: 0,
+            session_secret: String::new(),
         })
         .await
         .unwrap()
@@ -357,6 +358,7 @@ pub async fn open_stream(
             worker_id: j.worker_id,
             incarnation: j.incarnation,
             credits,
+            session_secret: j.session_secret,
         })),
     })
     .await

@@ -1,6 +1,6 @@
 //! How distill's roles reach each other on a real network: TLS and mutual TLS
 //! ([`tls`]), a bearer credential per role checked on every RPC ([`auth`]), and the limits
-//! every server runs under ([`limits`]).
+//! every server runs under ([`limits`]); the secrets servers hand out and ask back ([`secret`]).
 //!
 //! A server is built from a [`ServerSecurity`] (its certificate, the CA its clients must be
 //! signed by, the credentials it accepts) and a [`auth::Policy`] saying which role each of its
@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod limits;
+pub mod secret;
 pub mod tls;
 
 pub use auth::{Access, AuthChannel, Bearer, Credentials, Policy, Role, Token};

@@ -62,6 +62,7 @@ impl Coordinator for CoordinatorService {
         let JoinRequest {
             worker_id,
             resume_step,
+            session_secret,
         } = req.into_inner();
         let (reply, rx) = oneshot::channel();
         let joined = self
@@ -69,6 +70,7 @@ impl Coordinator for CoordinatorService {
             .ask(
                 Command::Join {
                     requested_id: worker_id,
+                    presented: session_secret,
                     reply,
                 },
                 rx,
@@ -91,6 +93,7 @@ impl Coordinator for CoordinatorService {
                 dtype: pb::DType::from(ctx.cfg.sync.dtype.wire()) as i32,
                 chunk_bytes: ctx.cfg.sync.chunk_bytes as u64,
             }),
+            session_secret: joined.secret,
         }))
     }
 
@@ -135,6 +138,7 @@ impl Coordinator for CoordinatorService {
             .ask(
                 Command::OpenStream {
                     worker: worker.clone(),
+                    secret: hello.session_secret,
                     credits: hello.credits,
                     outbox: out_tx,
                     reply,

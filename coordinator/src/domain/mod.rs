@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod choice;
+pub mod claim;
 pub mod counters;
 pub mod ledger;
 pub mod membership;

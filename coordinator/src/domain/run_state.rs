@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::claim::Claim;
 use super::counters::{AckTimes, Counters};
 use super::ledger::{
     AckOutcome, BatchId, Lease, Ledger, LedgerCounters, LedgerEvent, LedgerState, Progress,
@@ -74,6 +75,9 @@ pub struct RunSettings {
     pub max_batch_failures: u32,
     /// Most credits a worker may hold.
     pub max_credits: u32,
+    /// How long a joined incarnation holds its id before it opens its stream (the Hello
+    /// deadline): meanwhile a Join of the id needs its session secret.
+    pub join_hold: Duration,
     /// The student settings the run trains with, as JSON (a resume with others is refused).
     pub settings_json: String,
 }
@@ -364,9 +368,18 @@ impl RunState {
     /// A worker joins: the next incarnation of its id (a new id when `requested_id` is empty).
     /// The incarnation it replaces loses its stream and, with rounds, whatever it trained after
     /// its last averaged contribution.
-    pub fn join(&mut self, requested_id: &str, now: Instant) -> Result<Worker, RunError> {
-        let (worker, previous) = self.workers.next_join(requested_id);
-        self.workers.commit_join(&worker);
+    /// Refused when the id's current incarnation is held and `claim.presented` is not its
+    /// session secret ([`crate::domain::workers`]); the new incarnation holds `claim.fresh`.
+    pub fn join(
+        &mut self,
+        requested_id: &str,
+        claim: &Claim,
+        now: Instant,
+    ) -> Result<Worker, RunError> {
+        let (worker, previous) =
+            self.workers
+                .next_join(requested_id, &claim.presented, now, self.settings.join_hold)?;
+        self.workers.commit_join(&worker, claim, now);
         if let Some((old, stream)) = previous {
             let events = self.ledger.revoke(&old.id, ReleaseReason::NewIncarnation);
             self.on_ledger_events(&events, now);
@@ -392,11 +405,12 @@ impl RunState {
         Ok(self.workers.check(worker)?)
     }
 
-    /// A batch stream opened for `worker` with `credits`: it starts from the run's parameters
-    /// (with rounds) and is leased batches.
+    /// A batch stream opened for `worker`, presenting its session secret `secret`, with
+    /// `credits`: it starts from the run's parameters (with rounds) and is leased batches.
     pub fn open_stream(
         &mut self,
         worker: &Worker,
+        secret: &str,
         credits: u32,
         now: Instant,
     ) -> Result<StreamId, RunError> {
@@ -409,7 +423,7 @@ impl RunState {
         if matches!(self.phase, Phase::Failed) {
             return Err(RunError::Invalid("the run has failed".into()));
         }
-        let stream = self.workers.open_stream(worker, credits)?;
+        let stream = self.workers.open_stream(worker, secret, credits)?;
         tracing::info!(%worker, stream, credits, "batch stream open");
         if self.settings.rounds {
             // With rounds the coordinator's average is the model: every stream starts from it
@@ -1147,6 +1161,7 @@ mod tests {
             eval_timeout: Duration::from_secs(60),
             max_batch_failures: 3,
             max_credits: 8,
+            join_hold: Duration::from_secs(30),
             settings_json: "{}".into(),
         }
     }
@@ -1204,9 +1219,19 @@ mod tests {
         }
     }
 
+    /// The session secret the tests give every incarnation of `id`.
+    fn secret(id: &str) -> String {
+        format!("secret-of-{id}")
+    }
+
+    /// A join of `id` presenting and taking [`secret`]`(id)`.
+    fn claim(id: &str) -> Claim {
+        Claim::new(secret(id), secret(id))
+    }
+
     fn open(st: &mut RunState, id: &str, credits: u32, now: Instant) -> (Worker, StreamId) {
-        let w = st.join(id, now).unwrap();
-        let s = st.open_stream(&w, credits, now).unwrap();
+        let w = st.join(id, &claim(id), now).unwrap();
+        let s = st.open_stream(&w, &secret(id), credits, now).unwrap();
         (w, s)
     }
 
@@ -1775,7 +1800,7 @@ mod tests {
         // coordinator, so it must join again.
         let mut restored = restored;
         assert!(matches!(
-            restored.open_stream(&Worker::new("a", 1), 1, t0),
+            restored.open_stream(&Worker::new("a", 1), &secret("a"), 1, t0),
             Err(RunError::Worker(WorkerError::Left(_)))
         ));
         // A worker that joins the restored run starts from the stored average.
@@ -1805,18 +1830,35 @@ mod tests {
         let mut st = new_state(settings(false), 1);
         let (w1, s1) = open(&mut st, "w", 2, t0);
         st.take_actions();
-        let w2 = st.join("w", t0).unwrap();
+        // Another process cannot take the id; the one holding its secret can.
+        assert!(matches!(
+            st.join("w", &Claim::new("", "other"), t0),
+            Err(RunError::Worker(WorkerError::Held { .. }))
+        ));
+        assert!(
+            st.take_actions().is_empty(),
+            "a refused join changes nothing"
+        );
+        assert!(st.check_worker(&w1).is_ok());
+        let w2 = st.join("w", &claim("w"), t0).unwrap();
         assert_eq!(w2.incarnation, w1.incarnation + 1);
         assert!(st.take_actions().iter().any(|a| matches!(a, Action::Close { stream, error: StreamError::Replaced(_) } if *stream == s1)));
         assert!(st.check_worker(&w1).is_err());
-        assert!(st.open_stream(&w1, 1, t0).is_err());
-        let s2 = st.open_stream(&w2, 1, t0).unwrap();
+        assert!(st.open_stream(&w1, &secret("w"), 1, t0).is_err());
         assert!(
-            st.open_stream(&w2, 1, t0).is_err(),
+            st.open_stream(&w2, "other", 1, t0).is_err(),
+            "a stream needs the incarnation's secret"
+        );
+        let s2 = st.open_stream(&w2, &secret("w"), 1, t0).unwrap();
+        assert!(
+            st.open_stream(&w2, &secret("w"), 1, t0).is_err(),
             "one stream per incarnation"
         );
         assert_ne!(s1, s2);
-        let x = st.join("x", t0).unwrap();
-        assert!(st.open_stream(&x, 0, t0).is_err(), "credits 0");
+        let x = st.join("x", &claim("x"), t0).unwrap();
+        assert!(
+            st.open_stream(&x, &secret("x"), 0, t0).is_err(),
+            "credits 0"
+        );
     }
 }

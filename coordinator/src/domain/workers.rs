@@ -9,10 +9,22 @@
 //! worker identity: the ledger only records which incarnation holds each lease, the rounds are
 //! given the live set ([`WorkerTable::live`]), and the table's incarnations are persisted with
 //! each commit point so that a restored run still fences off the old processes.
+//!
+//! **Who may be a worker id.** Each incarnation holds a session secret, handed out with its
+//! `Join`: its `Hello` must present it, and so must a `Join` of the same id while that
+//! incarnation is *held* — its stream is open, or it joined less than `hold` ago (the Hello
+//! deadline) and has not left. So another holder of the worker credential cannot fence a
+//! working worker by joining with its id (ids are listed by `RunStatus`) nor open a stream as
+//! it; a worker whose stream broke rejoins with its secret; once an incarnation has left (its
+//! stream closed, or it never opened one in time) or the run was restored, its id is free to
+//! join without one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
+use super::claim::Claim;
 use super::ledger::{BatchId, Worker};
+use distill_transport::secret::secrets_match;
 
 /// A batch stream, numbered in opening order.
 pub type StreamId = u64;
@@ -63,6 +75,21 @@ struct Entry {
     left: bool,
     /// Training rows acked since its last contribution to a round: its weight in the next one.
     rows_since_contribution: u64,
+    /// The incarnation's session secret (empty for a restored one, which has left).
+    secret: String,
+    /// When it joined (None for a restored one).
+    joined_at: Option<Instant>,
+}
+
+impl Entry {
+    /// Whether a Join of this id needs the incarnation's secret at `now` (see the module docs).
+    fn held(&self, now: Instant, hold: Duration) -> bool {
+        !self.left
+            && (self.stream.is_some()
+                || self
+                    .joined_at
+                    .is_some_and(|t| now < t.checked_add(hold).unwrap_or(t)))
+    }
 }
 
 /// Why a worker may not do what it asked.
@@ -84,6 +111,11 @@ pub enum WorkerError {
     /// Its stream closed; it must join again.
     #[error("worker {0} has left the run (its batch stream closed); join again")]
     Left(Worker),
+    /// Another process holds the id, and this request does not present its session secret.
+    #[error(
+        "worker id `{id}` is in the run (incarnation {incarnation}); only the process holding its session secret may join or open a stream as `{id}` (another process joins under another id, or after that incarnation left)"
+    )]
+    Held { id: String, incarnation: u64 },
 }
 
 /// Every worker id of the run and the open streams.
@@ -119,12 +151,16 @@ impl WorkerTable {
     }
 
     /// The next incarnation of `requested_id` (a fresh `worker-N` id when empty), and the
-    /// incarnation it replaces with that one's stream, if any. Nothing changes until
+    /// incarnation it replaces with that one's stream, if any; refused when that incarnation
+    /// is held at `now` and `presented` is not its secret. Nothing changes until
     /// [`Self::commit_join`].
     pub fn next_join(
         &mut self,
         requested_id: &str,
-    ) -> (Worker, Option<(Worker, Option<StreamId>)>) {
+        presented: &str,
+        now: Instant,
+        hold: Duration,
+    ) -> Result<(Worker, Option<(Worker, Option<StreamId>)>), WorkerError> {
         let id = if requested_id.is_empty() {
             loop {
                 let id = format!("worker-{}", self.next_auto_id);
@@ -136,17 +172,26 @@ impl WorkerTable {
         } else {
             requested_id.to_string()
         };
-        match self.workers.get(&id) {
-            Some(e) => (
-                Worker::new(id.clone(), e.incarnation.saturating_add(1)),
-                Some((Worker::new(id, e.incarnation), e.stream)),
-            ),
+        Ok(match self.workers.get(&id) {
+            Some(e) => {
+                if e.held(now, hold) && !secrets_match(&e.secret, presented) {
+                    return Err(WorkerError::Held {
+                        id,
+                        incarnation: e.incarnation,
+                    });
+                }
+                (
+                    Worker::new(id.clone(), e.incarnation.saturating_add(1)),
+                    Some((Worker::new(id, e.incarnation), e.stream)),
+                )
+            }
             None => (Worker::new(id, 1), None),
-        }
+        })
     }
 
-    /// Makes `worker` the current incarnation of its id (its rows count from zero).
-    pub fn commit_join(&mut self, worker: &Worker) {
+    /// Makes `worker` the current incarnation of its id at `now`, holding `claim.fresh` as
+    /// its session secret (its rows count from zero).
+    pub fn commit_join(&mut self, worker: &Worker, claim: &Claim, now: Instant) {
         self.workers.insert(
             worker.id.clone(),
             Entry {
@@ -154,6 +199,8 @@ impl WorkerTable {
                 stream: None,
                 left: false,
                 rows_since_contribution: 0,
+                secret: claim.fresh.clone(),
+                joined_at: Some(now),
             },
         );
     }
@@ -189,18 +236,30 @@ impl WorkerTable {
         self.check(worker).is_ok()
     }
 
-    /// Opens a stream for the current incarnation `worker` with `credits`.
-    pub fn open_stream(&mut self, worker: &Worker, credits: u32) -> Result<StreamId, WorkerError> {
+    /// Opens a stream for the current incarnation `worker`, presenting its session secret
+    /// `secret`, with `credits`.
+    pub fn open_stream(
+        &mut self,
+        worker: &Worker,
+        secret: &str,
+        credits: u32,
+    ) -> Result<StreamId, WorkerError> {
         self.check(worker)?;
         let entry = self
             .workers
             .get_mut(&worker.id)
             .ok_or_else(|| WorkerError::Unknown(worker.id.clone()))?;
-        if entry.stream.is_some() {
-            return Err(WorkerError::StreamOpen(worker.clone()));
-        }
         if entry.left {
             return Err(WorkerError::Left(worker.clone()));
+        }
+        if !secrets_match(&entry.secret, secret) {
+            return Err(WorkerError::Held {
+                id: worker.id.clone(),
+                incarnation: entry.incarnation,
+            });
+        }
+        if entry.stream.is_some() {
+            return Err(WorkerError::StreamOpen(worker.clone()));
         }
         let id = self.next_stream;
         self.next_stream += 1;
@@ -308,22 +367,41 @@ mod tests {
 
     use super::*;
 
+    const HOLD: Duration = Duration::from_secs(30);
+
+    fn claim(presented: &str, fresh: &str) -> Claim {
+        Claim::new(presented, fresh)
+    }
+
+    /// Joins `id` at `now` presenting `presented`, holding `fresh`.
+    fn join(
+        t: &mut WorkerTable,
+        id: &str,
+        presented: &str,
+        fresh: &str,
+        now: Instant,
+    ) -> Result<(Worker, Option<(Worker, Option<StreamId>)>), WorkerError> {
+        let (w, prev) = t.next_join(id, presented, now, HOLD)?;
+        t.commit_join(&w, &claim(presented, fresh), now);
+        Ok((w, prev))
+    }
+
     #[test]
     fn each_join_is_the_next_incarnation_and_fences_off_the_previous_one() {
         let mut t = WorkerTable::default();
-        let (w1, prev) = t.next_join("w");
+        let t0 = Instant::now();
+        let (w1, prev) = join(&mut t, "w", "", "s1", t0).unwrap();
         assert_eq!((w1.clone(), prev), (Worker::new("w", 1), None));
-        t.commit_join(&w1);
-        let s1 = t.open_stream(&w1, 4).unwrap();
+        let s1 = t.open_stream(&w1, "s1", 4).unwrap();
         assert_eq!(
-            t.open_stream(&w1, 4),
+            t.open_stream(&w1, "s1", 4),
             Err(WorkerError::StreamOpen(w1.clone()))
         );
         assert_eq!(t.live(), BTreeSet::from([w1.clone()]));
-        let (w2, prev) = t.next_join("w");
+        // The process holding the secret joins again (its stream broke, say).
+        let (w2, prev) = join(&mut t, "w", "s1", "s2", t0).unwrap();
         assert_eq!(w2, Worker::new("w", 2));
         assert_eq!(prev, Some((w1.clone(), Some(s1))));
-        t.commit_join(&w2);
         assert_eq!(
             t.check(&w1),
             Err(WorkerError::Replaced {
@@ -332,7 +410,7 @@ mod tests {
                 current: 2
             })
         );
-        assert!(t.open_stream(&w1, 1).is_err());
+        assert!(t.open_stream(&w1, "s1", 1).is_err());
         // The replaced incarnation's stream closes as not current.
         let (s, current) = t.close_stream(s1).unwrap();
         assert_eq!((s.worker, current), (w1, false));
@@ -342,26 +420,69 @@ mod tests {
             Err(WorkerError::Unknown("x".into()))
         );
         // Empty ids get fresh names.
-        let (auto, _) = t.next_join("");
+        let (auto, _) = join(&mut t, "", "", "s3", t0).unwrap();
         assert_eq!(auto, Worker::new("worker-0", 1));
+    }
+
+    #[test]
+    fn a_held_id_takes_a_join_or_a_stream_only_with_its_session_secret() {
+        let mut t = WorkerTable::default();
+        let t0 = Instant::now();
+        let (w, _) = join(&mut t, "w", "", "secret-1", t0).unwrap();
+        let held = WorkerError::Held {
+            id: "w".into(),
+            incarnation: 1,
+        };
+        // Joined, no stream yet, within the hold: nobody else may take the id.
+        for presented in ["", "secret-2", "secret-"] {
+            assert_eq!(
+                t.next_join("w", presented, t0 + HOLD / 2, HOLD).map(|_| ()),
+                Err(held.clone())
+            );
+        }
+        // Nor open its stream.
+        assert_eq!(t.open_stream(&w, "", 2), Err(held.clone()));
+        assert_eq!(t.open_stream(&w, "secret-2", 2), Err(held.clone()));
+        let s = t.open_stream(&w, "secret-1", 2).unwrap();
+        // With its stream open it is held however long ago it joined.
+        assert_eq!(
+            t.next_join("w", "", t0 + HOLD * 100, HOLD).map(|_| ()),
+            Err(held.clone())
+        );
+        assert_eq!(t.check(&w), Ok(()), "a refused join changes nothing");
+        // Once it has left, the id is free.
+        let _ = t.close_stream(s).unwrap();
+        let (next, prev) = join(&mut t, "w", "", "secret-3", t0 + HOLD * 100).unwrap();
+        assert_eq!(
+            (next.incarnation, prev.map(|(p, _)| p)),
+            (2, Some(w.clone()))
+        );
+        // An incarnation that never opened a stream is free once the hold ran out.
+        let (u, _) = join(&mut t, "u", "", "secret-u", t0).unwrap();
+        assert!(t.next_join("u", "", t0 + HOLD, HOLD).is_ok());
+        assert!(
+            t.next_join("u", "", t0 + HOLD - Duration::from_millis(1), HOLD)
+                .is_err()
+        );
+        assert_eq!(u.incarnation, 1);
     }
 
     #[test]
     fn an_incarnation_whose_stream_closed_has_left_and_so_has_every_restored_one() {
         let mut t = WorkerTable::default();
-        let (w, _) = t.next_join("w");
-        t.commit_join(&w);
-        let s = t.open_stream(&w, 1).unwrap();
+        let t0 = Instant::now();
+        let (w, _) = join(&mut t, "w", "", "s", t0).unwrap();
+        let s = t.open_stream(&w, "s", 1).unwrap();
         let (_, current) = t.close_stream(s).unwrap();
         assert!(current);
-        assert_eq!(t.open_stream(&w, 1), Err(WorkerError::Left(w.clone())));
+        assert_eq!(t.open_stream(&w, "s", 1), Err(WorkerError::Left(w.clone())));
         assert_eq!(t.incarnations(), BTreeMap::from([("w".to_string(), 1)]));
-        // A restored run knows every id's incarnation, and each must join again.
+        // A restored run knows every id's incarnation, and each must join again (no secret
+        // survives a restart: nothing holds the ids).
         let mut r = WorkerTable::restored(t.incarnations());
-        assert_eq!(r.open_stream(&w, 1), Err(WorkerError::Left(w.clone())));
-        let (next, prev) = r.next_join("w");
+        assert_eq!(r.open_stream(&w, "s", 1), Err(WorkerError::Left(w.clone())));
+        let (next, prev) = join(&mut r, "w", "", "s2", t0).unwrap();
         assert_eq!((next.incarnation, prev.map(|(p, _)| p)), (2, Some(w)));
-        r.commit_join(&next);
-        assert!(r.open_stream(&next, 1).is_ok());
+        assert!(r.open_stream(&next, "s2", 1).is_ok());
     }
 }

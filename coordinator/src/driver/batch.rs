@@ -41,19 +41,28 @@ impl From<Error> for PrepareError {
     }
 }
 
+/// Rows `idx` of `split` (of `data`) as the wire tensor a teacher is sent (u8 pixels stay u8).
+pub fn input_rows(
+    data: &distill_core::data::Dataset,
+    split: &Split,
+    idx: &[usize],
+) -> Result<HostTensor> {
+    let mut shape = vec![idx.len()];
+    shape.extend(&data.input_shape);
+    match split.rows_u8(idx) {
+        Some(bytes) => HostTensor::new(shape, DType::U8, bytes),
+        None => HostTensor::from_f32(shape, &split.rows_f32(idx)),
+    }
+    .map_err(|e| Error::Internal(e.to_string()))
+}
+
 /// Inputs and labels of rows `idx` of `split`, as wire tensors (u8 pixels stay u8).
 pub fn inputs_and_labels(
     ctx: &RunContext,
     split: &Split,
     idx: &[usize],
 ) -> Result<(HostTensor, HostTensor)> {
-    let mut shape = vec![idx.len()];
-    shape.extend(&ctx.data.input_shape);
-    let inputs = match split.rows_u8(idx) {
-        Some(bytes) => HostTensor::new(shape, DType::U8, bytes),
-        None => HostTensor::from_f32(shape, &split.rows_f32(idx)),
-    }
-    .map_err(|e| Error::Internal(e.to_string()))?;
+    let inputs = input_rows(&ctx.data, split, idx)?;
     let labels: Vec<u8> = split
         .labels(idx)
         .iter()

@@ -133,6 +133,11 @@ impl Run {
                 .map(|m| (m.name.clone(), m.endpoints.clone())),
         )
         .map_err(|e| Error::Config(format!("`members`: {e}")))?;
+        for m in &cfg.members {
+            membership
+                .trust(&m.name, m.trusted.iter().cloned())
+                .map_err(|e| Error::Config(format!("`members` `{}` `trusted`: {e}", m.name)))?;
+        }
         membership.expect_model(data.row_len() as u64, data.classes as u32);
         let pool = TeacherPool::new(
             &cfg.members,
@@ -140,7 +145,8 @@ impl Run {
             secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
             cfg.max_message_bytes(),
         )?
-        .with_security(security.teachers.clone());
+        .with_security(security.teachers.clone())
+        .with_canary(canary_rows(&data)?);
         // The lock comes first: nothing is written into a run directory another coordinator
         // is using.
         let lock = RunDirLock::acquire(&cfg.run_dir)?;
@@ -183,6 +189,7 @@ impl Run {
             eval_timeout: secs(cfg.eval_timeout_secs, "eval_timeout_secs")?,
             max_batch_failures: MAX_BATCH_FAILURES,
             max_credits: MAX_CREDITS,
+            join_hold: secs(cfg.hello_timeout_secs, "hello_timeout_secs")?,
             settings_json: settings_json.clone(),
         };
         let state = RunState::new(run_settings, ledger, rounds, restored).map_err(|e| {
@@ -312,6 +319,31 @@ impl Run {
     pub fn batches_per_epoch(&self) -> u64 {
         self.state.batches_per_epoch()
     }
+}
+
+/// Rows a registration on trial answers, with a trusted replica answering the same.
+pub const CANARY_ROWS: usize = 8;
+
+/// [`CANARY_ROWS`] training rows picked afresh by each coordinator (a replica cannot know in
+/// advance which rows it will be checked on), as the wire tensor the teachers are sent.
+fn canary_rows(data: &Dataset) -> Result<distill_proto::HostTensor> {
+    use std::hash::{BuildHasher, Hasher};
+    let n = data.train.len();
+    if n == 0 {
+        return Err(Error::Config(format!(
+            "{}: the training split is empty",
+            data.source
+        )));
+    }
+    let state = std::collections::hash_map::RandomState::new();
+    let idx: Vec<usize> = (0..CANARY_ROWS.min(n))
+        .map(|i| {
+            let mut h = state.build_hasher();
+            h.write_usize(i);
+            (h.finish() % n as u64) as usize
+        })
+        .collect();
+    super::batch::input_rows(data, &data.train, &idx)
 }
 
 /// A config duration, refused (naming the key) when it cannot be one.

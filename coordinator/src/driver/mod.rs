@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::claim::Claim;
 use crate::domain::counters::AckTimes;
 use crate::domain::report::{CacheReport, RunReport, SyncReport, TeacherErrors};
 use crate::domain::rounds::Params;
@@ -58,6 +59,8 @@ pub enum Outgoing {
 pub struct Joined {
     /// Its id and incarnation.
     pub worker: crate::domain::ledger::Worker,
+    /// The incarnation's session secret (its Hello, and a later Join of the id, present it).
+    pub secret: String,
 }
 
 /// A status snapshot for `RunStatus`.
@@ -77,11 +80,15 @@ pub enum Command {
     /// A worker joins.
     Join {
         requested_id: String,
+        /// The session secret the request presents (empty: none).
+        presented: String,
         reply: oneshot::Sender<Result<Joined>>,
     },
     /// A batch stream opened (after its `Hello`).
     OpenStream {
         worker: crate::domain::ledger::Worker,
+        /// The session secret its Hello presents.
+        secret: String,
         credits: u32,
         outbox: mpsc::Sender<Outgoing>,
         reply: oneshot::Sender<Result<StreamId>>,
@@ -286,21 +293,27 @@ impl Driver {
         match cmd {
             Command::Join {
                 requested_id,
+                presented,
                 reply,
             } => {
+                let claim = Claim::new(presented, distill_transport::secret::fresh_secret());
                 let r = self
                     .state
-                    .join(&requested_id, now)
-                    .map(|worker| Joined { worker })
+                    .join(&requested_id, &claim, now)
+                    .map(|worker| Joined {
+                        worker,
+                        secret: claim.fresh,
+                    })
                     .map_err(run_error);
                 let _ = reply.send(r);
             }
             Command::OpenStream {
                 worker,
+                secret,
                 credits,
                 outbox,
                 reply,
-            } => match self.state.open_stream(&worker, credits, now) {
+            } => match self.state.open_stream(&worker, &secret, credits, now) {
                 Ok(stream) => {
                     self.outboxes.insert(stream, outbox);
                     let _ = reply.send(Ok(stream));
@@ -785,6 +798,7 @@ fn run_error(e: crate::domain::run_state::RunError) -> Error {
         RunError::Worker(w @ (WorkerError::StreamOpen(_) | WorkerError::Left(_))) => {
             Error::Stale(w.to_string())
         }
+        RunError::Worker(w @ WorkerError::Held { .. }) => Error::PermissionDenied(w.to_string()),
         RunError::Invalid(m) => Error::InvalidArgument(m),
     }
 }

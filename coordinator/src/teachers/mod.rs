@@ -148,6 +148,9 @@ pub struct MemberStats {
     pub hedge_wins: u64,
     /// Requests answered, per replica address: how the member's load was shared.
     pub answered_by: std::collections::BTreeMap<String, u64>,
+    /// Registrations refused because their answers to the canary rows disagreed with a
+    /// trusted replica's.
+    pub canary_refused: u64,
 }
 
 /// Whether a status says the request itself is bad (see the module docs).
@@ -208,6 +211,8 @@ pub struct TeacherPool {
     retries: AtomicU64,
     /// TLS and the infer credential towards the replicas.
     security: ClientSecurity,
+    /// The rows a registration on trial and a trusted replica both answer.
+    canary: HostTensor,
 }
 
 impl TeacherPool {
@@ -250,18 +255,27 @@ impl TeacherPool {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let row_len = usize::try_from(row_len)
+            .map_err(|_| Error::Internal(format!("a row of {row_len} values")))?;
         Ok(Self {
             members,
             membership,
             clients: Mutex::new(HashMap::new()),
-            row_len: usize::try_from(row_len)
-                .map_err(|_| Error::Internal(format!("a row of {row_len} values")))?,
+            canary: synthetic_canary(row_len)?,
+            row_len,
             classes: classes as usize,
             timeout,
             max_message_bytes,
             retries: AtomicU64::new(0),
             security: ClientSecurity::plaintext(),
         })
+    }
+
+    /// This pool checking registrations on trial with `rows` (rows of the data, as the teachers
+    /// are sent them) instead of the synthetic rows it starts with.
+    pub fn with_canary(mut self, rows: HostTensor) -> Self {
+        self.canary = rows;
+        self
     }
 
     /// This pool dialling its replicas under `security` (TLS, the infer credential).
@@ -299,9 +313,22 @@ impl TeacherPool {
 
     /// Statistics of every member.
     pub fn stats(&self) -> Vec<MemberStats> {
+        let refusals: Vec<u64> = match self.membership.lock() {
+            Ok(ms) => self
+                .members
+                .iter()
+                .map(|m| ms.canary_refusals(&m.name))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         self.members
             .iter()
-            .map(|m| m.stats.lock().map(|s| s.clone()).unwrap_or_default())
+            .enumerate()
+            .map(|(i, m)| {
+                let mut s = m.stats.lock().map(|s| s.clone()).unwrap_or_default();
+                s.canary_refused = refusals.get(i).copied().unwrap_or(0);
+                s
+            })
             .collect()
     }
 
@@ -720,6 +747,25 @@ impl TeacherPool {
         tracing::warn!(member = %m.name, replica = id, error = %err, "teacher request failed");
         Ok(Outcome::Failed(err))
     }
+}
+
+/// Canary rows for a pool whose caller gave none ([`TeacherPool::with_canary`]): a few f32 rows
+/// in [0, 1) from a fixed generator.
+fn synthetic_canary(row_len: usize) -> Result<HostTensor> {
+    const ROWS: usize = 4;
+    let mut x: u32 = 0x9e37_79b9;
+    let values: Vec<f32> = (0..ROWS.saturating_mul(row_len))
+        .map(|_| {
+            // xorshift32: any spread of values will do; the rows only have to be the same
+            // for the replica on trial and the reference.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1u32 << 24) as f32
+        })
+        .collect();
+    HostTensor::from_f32(vec![ROWS, row_len], &values)
+        .map_err(|e| Error::Internal(format!("canary rows: {e}")))
 }
 
 /// `d` scaled by a pseudo-random factor in [0.5, 1.5), so replicas that failed together are not

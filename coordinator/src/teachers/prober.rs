@@ -3,6 +3,14 @@
 //! a `Describe` (the replica must still serve the member's model) and one `Infer` of a zero row
 //! at T = 1, whose reply must pass [`super::reply::checked_logits`]: a replica taken out for
 //! bad replies does not come back on a good description alone.
+//!
+//! A registration on trial is probed differently: after its `Describe`, it and the trusted
+//! reference the membership names answer the pool's canary rows (rows of the data) at T = 1,
+//! and the two answers must agree within `canary_tolerance`
+//! ([`super::reply::largest_difference`]). Agreement admits it; disagreement, or a reply that
+//! is no valid logits at all, refuses it ([`crate::domain::membership::Membership::canary_disagreed`]);
+//! the replica not answering, or the reference being unavailable, only retries later. Nothing
+//! a replica on trial returns is used for anything but the comparison.
 
 use std::time::Instant;
 
@@ -11,7 +19,17 @@ use distill_proto::{DType, HostTensor};
 use tokio_util::sync::CancellationToken;
 
 use super::{TeacherPool, identity, reply};
-use crate::domain::membership::{ModelIdentity, Probe};
+use crate::domain::membership::{ModelIdentity, Probe, ProbeKind, ReplicaId};
+
+/// How a probe ended.
+enum Probed {
+    /// It answered well (and agreed, on trial): what it serves.
+    Healthy(ModelIdentity),
+    /// It did not answer, answered badly, or could not be compared: try again later.
+    Failed(String),
+    /// On trial, its answers disagree with the reference's.
+    Disagreed(String),
+}
 
 impl TeacherPool {
     /// Probes the replicas out of rotation whose probe is due (each call within the request
@@ -39,8 +57,9 @@ impl TeacherPool {
                 let now = Instant::now();
                 let reported = self.membership.update(|m| {
                     let events = match result {
-                        Ok(id) => m.probe_succeeded(p.replica, Some(id), now),
-                        Err(e) => m.probe_failed(p.replica, &e, now),
+                        Probed::Healthy(id) => m.probe_succeeded(p.replica, Some(id), now),
+                        Probed::Failed(e) => m.probe_failed(p.replica, &e, now),
+                        Probed::Disagreed(e) => m.canary_disagreed(p.replica, &e, now),
                     };
                     ((), events)
                 });
@@ -63,29 +82,105 @@ impl TeacherPool {
         }
     }
 
-    /// One probe: what the replica says it serves, if it also answers a test row well.
-    async fn probe(&self, p: &Probe) -> Result<ModelIdentity, String> {
-        let c = self.client(p.replica).map_err(|e| e.to_string())?;
-        let within = |what: &str| format!("{what}: no answer within {:?}", self.timeout);
-        let described =
-            tokio::time::timeout(self.timeout, c.client.clone().describe(DescribeRequest {}))
-                .await
-                .map_err(|_| within("Describe"))?
-                .map_err(|s| format!("Describe: {}: {}", s.code(), s.message()))?;
-        let row = HostTensor::from_f32(vec![1, self.row_len], &vec![0.0; self.row_len])
-            .map_err(|e| format!("test row: {e}"))?;
+    /// One probe: what the replica says it serves, if it also answers a test row well (or, on
+    /// trial, the canary rows as its reference does).
+    async fn probe(&self, p: &Probe) -> Probed {
+        match p.kind {
+            ProbeKind::Health => match self.health_probe(p).await {
+                Ok(id) => Probed::Healthy(id),
+                Err(e) => Probed::Failed(e),
+            },
+            ProbeKind::Trial { reference: None } => Probed::Failed(
+                "no trusted replica of the member is in rotation to compare its answers with"
+                    .into(),
+            ),
+            ProbeKind::Trial {
+                reference: Some(reference),
+            } => self.trial(p, reference).await,
+        }
+    }
+
+    /// A trial of `p`'s replica against `reference` (see the module docs).
+    async fn trial(&self, p: &Probe, reference: ReplicaId) -> Probed {
+        let ident = match self.describe(p.replica).await {
+            Ok(d) => d,
+            Err(e) => return Probed::Failed(e),
+        };
+        let rows = self.canary.shape().first().copied().unwrap_or(0);
+        let (got, want) = tokio::join!(
+            self.answer(p.replica, &self.canary),
+            self.answer(reference, &self.canary)
+        );
+        let want = match want {
+            Ok(Ok(v)) => v,
+            Ok(Err(bad)) | Err(bad) => {
+                return Probed::Failed(format!("the trusted replica {reference}: {bad}"));
+            }
+        };
+        let got = match got {
+            Ok(Ok(v)) => v,
+            // Not valid logits at all: as wrong as wrong values.
+            Ok(Err(bad)) => return Probed::Disagreed(format!("canary rows: bad reply: {bad}")),
+            Err(e) => return Probed::Failed(e),
+        };
+        let tolerance = match self.membership.lock() {
+            Ok(m) => m.config().canary_tolerance,
+            Err(e) => return Probed::Failed(e.to_string()),
+        };
+        match reply::largest_difference(&got, &want, self.classes) {
+            Some((_, _, d)) if d <= tolerance => Probed::Healthy(ident),
+            Some((row, class, d)) => Probed::Disagreed(format!(
+                "on {rows} canary rows its logits differ from the trusted replica's by up to \
+                 {d} (row {row}, class {class}; tolerance {tolerance})"
+            )),
+            None => Probed::Failed("no canary rows to compare".into()),
+        }
+    }
+
+    /// Replica `id`'s logits for `rows` at T = 1: the outer error when it did not answer, the
+    /// inner one when its reply is no valid logits.
+    async fn answer(
+        &self,
+        id: ReplicaId,
+        rows: &HostTensor,
+    ) -> Result<Result<Vec<f32>, String>, String> {
+        let c = self.client(id).map_err(|e| e.to_string())?;
+        let n = rows.shape().first().copied().unwrap_or(0);
         let req = InferRequest {
             request_id: 0,
-            inputs: Some(row.into()),
+            inputs: Some(rows.clone().into()),
             temperature: 1.0,
             output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
         };
         let answered = tokio::time::timeout(self.timeout, c.client.clone().infer(req))
             .await
-            .map_err(|_| within("Infer"))?
+            .map_err(|_| format!("Infer: no answer within {:?}", self.timeout))?
             .map_err(|s| format!("Infer: {}: {}", s.code(), s.message()))?;
-        reply::checked_logits(answered.into_inner(), 1, self.classes)
-            .map_err(|e| format!("Infer: bad reply: {e}"))?;
+        Ok(
+            reply::checked_logits(answered.into_inner(), n, self.classes)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// What replica `id` says it serves.
+    async fn describe(&self, id: ReplicaId) -> Result<ModelIdentity, String> {
+        let c = self.client(id).map_err(|e| e.to_string())?;
+        let described =
+            tokio::time::timeout(self.timeout, c.client.clone().describe(DescribeRequest {}))
+                .await
+                .map_err(|_| format!("Describe: no answer within {:?}", self.timeout))?
+                .map_err(|s| format!("Describe: {}: {}", s.code(), s.message()))?;
         Ok(identity(described.get_ref()))
+    }
+
+    /// A replica out of rotation: its description, if it also answers a zero row well.
+    async fn health_probe(&self, p: &Probe) -> Result<ModelIdentity, String> {
+        let ident = self.describe(p.replica).await?;
+        let row = HostTensor::from_f32(vec![1, self.row_len], &vec![0.0; self.row_len])
+            .map_err(|e| format!("test row: {e}"))?;
+        self.answer(p.replica, &row)
+            .await?
+            .map_err(|e| format!("Infer: bad reply: {e}"))?;
+        Ok(ident)
     }
 }

@@ -76,6 +76,27 @@ pub fn checked_logits(
     Ok(v)
 }
 
+/// Where two replicas' logits for the same rows (`rows × classes`, row-major, finite) differ
+/// most once each row is shifted so its largest logit is 0 (softmax ignores a row's shift at
+/// any temperature): the row, the class and the difference. None for empty or unequal inputs.
+pub fn largest_difference(a: &[f32], b: &[f32], classes: usize) -> Option<(usize, usize, f32)> {
+    if a.len() != b.len() || a.is_empty() || classes == 0 {
+        return None;
+    }
+    let top = |row: &[f32]| row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut worst = (0, 0, 0.0f32);
+    for (r, (ra, rb)) in a.chunks(classes).zip(b.chunks(classes)).enumerate() {
+        let (ta, tb) = (top(ra), top(rb));
+        for (c, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+            let d = ((x - ta) - (y - tb)).abs();
+            if d > worst.2 {
+                worst = (r, c, d);
+            }
+        }
+    }
+    Some(worst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +107,20 @@ mod tests {
             logits: Some(t.into()),
             model_id: "m".into(),
         }
+    }
+
+    #[test]
+    fn the_largest_difference_ignores_each_rows_shift() {
+        let a = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0];
+        // Row 0 shifted by 10: the same distribution. Row 1: class 2 raised by 0.5.
+        let b = [11.0, 12.0, 13.0, 0.0, 0.0, 0.5];
+        let (row, class, d) = largest_difference(&a, &b, 3).unwrap();
+        // Row 1's top moves to class 2: classes 0 and 1 drop by 0.5 relative to it.
+        assert_eq!((row, class), (1, 0));
+        assert!((d - 0.5).abs() < 1e-6, "{d}");
+        assert_eq!(largest_difference(&a, &a, 3), Some((0, 0, 0.0)));
+        assert_eq!(largest_difference(&a, &b[..3], 3), None);
+        assert_eq!(largest_difference(&[], &[], 3), None);
     }
 
     #[test]

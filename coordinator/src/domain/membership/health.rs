@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Event, Membership, MembershipConfig, ModelIdentity, Probe, ReplicaId};
+use super::{
+    Event, Membership, MembershipConfig, ModelIdentity, Probe, ProbeKind, RemovalReason, ReplicaId,
+};
 
 /// Probing state of a replica out of rotation.
 #[derive(Debug, Clone)]
@@ -51,7 +53,7 @@ impl ReplicaHealth {
     }
 
     /// Out of rotation (or still out) after `attempt` failed probes; the next is due at `due`.
-    fn take_out(&mut self, attempt: u32, due: Instant) {
+    pub(super) fn take_out(&mut self, attempt: u32, due: Instant) {
         self.probing = Some(Probing {
             attempt,
             next_due: due,
@@ -165,19 +167,60 @@ impl Membership {
             .min()
     }
 
-    /// Replicas out of rotation whose probe is due at `now`; each is marked as being probed
-    /// until the driver reports [`Membership::probe_succeeded`] or [`Membership::probe_failed`].
+    /// Replicas out of rotation or on trial whose probe is due at `now`; each is marked as
+    /// being probed until the driver reports [`Membership::probe_succeeded`],
+    /// [`Membership::probe_failed`] or (a trial) [`Membership::canary_disagreed`]. A trial
+    /// names the replica to compare with ([`Membership::reference_for`]).
     pub fn due_probes(&mut self, now: Instant) -> Vec<Probe> {
-        self.replicas
+        let due: Vec<ReplicaId> = self
+            .replicas
             .iter_mut()
-            .filter_map(|(&id, r)| {
-                r.health.claim_probe(now).then(|| Probe {
+            .filter_map(|(&id, r)| r.health.claim_probe(now).then_some(id))
+            .collect();
+        due.into_iter()
+            .filter_map(|id| {
+                let r = self.replicas.get(&id)?;
+                let kind = if r.on_trial {
+                    ProbeKind::Trial {
+                        reference: self.reference_for(&r.member, id),
+                    }
+                } else {
+                    ProbeKind::Health
+                };
+                Some(Probe {
                     replica: id,
                     member: r.member.clone(),
                     address: r.address.clone(),
+                    kind,
                 })
             })
             .collect()
+    }
+
+    /// A replica on trial answered the canary rows other than the reference did (`detail`
+    /// says how): it is removed, counted, and its address refused for `probe_max` (the
+    /// longest wait between two checks), so it cannot register again at once.
+    pub fn canary_disagreed(&mut self, id: ReplicaId, detail: &str, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        let Some(r) = self.replicas.get(&id).filter(|r| r.on_trial) else {
+            return events;
+        };
+        let (member, address) = (r.member.clone(), r.address.clone());
+        let banned_for = self.cfg.probe_max;
+        self.banned.insert(address.clone(), now + banned_for);
+        if let Some(m) = self.members.get_mut(&member) {
+            m.canary_refusals = m.canary_refusals.saturating_add(1);
+        }
+        events.push(Event::CanaryRefused {
+            member,
+            replica: id,
+            address,
+            detail: detail.into(),
+            banned_for,
+        });
+        self.remove(id, RemovalReason::Disagreed, &mut events);
+        self.member_transitions(&mut events);
+        events
     }
 
     /// A probe of replica `id` answered; with `identity` (a Describe) it must still serve the
@@ -198,6 +241,22 @@ impl Membership {
             if let Some(r) = self.replicas.get_mut(&id) {
                 r.identity = Some(identity);
             }
+        }
+        if let Some(r) = self.replicas.get_mut(&id).filter(|r| r.on_trial) {
+            // Its trial passed: it serves the member's model, so its identity may pin.
+            r.on_trial = false;
+            r.health.answered();
+            let (member, address) = (r.member.clone(), r.address.clone());
+            if let Some(identity) = r.identity.clone() {
+                self.pin_identity(&member, &identity);
+            }
+            let mut events = vec![Event::Admitted {
+                member,
+                replica: id,
+                address,
+            }];
+            self.member_transitions(&mut events);
+            return events;
         }
         let mut events: Vec<Event> = self
             .replicas
@@ -303,6 +362,7 @@ mod tests {
                     replica: id,
                     member: "b".into(),
                     address: "http://h:1".into(),
+                    kind: ProbeKind::Health,
                 }]
             );
             // Handed out once until reported.

@@ -113,6 +113,15 @@ pub struct MembershipConfig {
     /// Most replicas a member may have, static and registered together; a registration past
     /// it is refused.
     pub max_replicas_per_member: usize,
+    /// Whether a new registration is on trial (its answers to canary rows compared with a
+    /// trusted replica's) before it enters rotation.
+    pub canary: bool,
+    /// Largest difference allowed between a replica's logits and the reference's on the
+    /// canary rows, each row shifted so its largest logit is 0 (softmax ignores the shift).
+    pub canary_tolerance: f32,
+    /// For a member with no static endpoint and no trusted address: whether the first
+    /// registration (while no admitted replica of the member is present) is trusted as it is.
+    pub trust_first_registration: bool,
 }
 
 impl Default for MembershipConfig {
@@ -135,6 +144,11 @@ impl Default for MembershipConfig {
             hedge: true,
             seed: 0x5eed,
             max_replicas_per_member: 64,
+            canary: true,
+            // Logit units: well above what the same weights give on another device or batch
+            // (~1e-4 in f32), well below what changes soft targets (e^0.05 ≈ 5 % in a ratio).
+            canary_tolerance: 0.05,
+            trust_first_registration: true,
         }
     }
 }
@@ -179,6 +193,9 @@ pub enum Health {
     InRotation,
     /// Taken out after failures; probed until a probe succeeds.
     OutOfRotation,
+    /// Registered and not yet admitted: its answers to the canary rows must agree with a
+    /// trusted replica's first.
+    OnTrial,
 }
 
 /// Why a replica left.
@@ -192,6 +209,8 @@ pub enum RemovalReason {
     Replaced,
     /// Its address registered again with a model the member does not serve.
     Refused,
+    /// On trial, its answers to the canary rows disagreed with the trusted replica's.
+    Disagreed,
 }
 
 /// Something that happened to the membership, for logging and for the run's policy.
@@ -202,6 +221,34 @@ pub enum Event {
         member: String,
         replica: ReplicaId,
         address: String,
+    },
+    /// A new registration is on trial: it enters rotation once its canary answers agree with
+    /// a trusted replica's.
+    OnTrial {
+        member: String,
+        replica: ReplicaId,
+        address: String,
+    },
+    /// A replica on trial agreed with the trusted one and is in rotation.
+    Admitted {
+        member: String,
+        replica: ReplicaId,
+        address: String,
+    },
+    /// A member with nothing to compare with trusts its first registration as it is.
+    TrustedOnFirstUse {
+        member: String,
+        replica: ReplicaId,
+        address: String,
+    },
+    /// A replica on trial disagreed with the trusted one: it is removed (a [`Event::Removed`]
+    /// follows) and its address refused for `banned_for`.
+    CanaryRefused {
+        member: String,
+        replica: ReplicaId,
+        address: String,
+        detail: String,
+        banned_for: Duration,
     },
     /// A known address registered again: same id, new lease.
     Renewed {
@@ -259,6 +306,42 @@ impl Event {
                 replica,
                 address,
             } => tracing::info!(%member, replica, %address, "teacher replica registered again"),
+            Event::OnTrial {
+                member,
+                replica,
+                address,
+            } => tracing::info!(
+                %member, replica, %address,
+                "teacher replica on trial: checking its answers against a trusted replica"
+            ),
+            Event::Admitted {
+                member,
+                replica,
+                address,
+            } => tracing::info!(
+                %member, replica, %address,
+                "teacher replica agreed with the trusted replica and is in rotation"
+            ),
+            Event::TrustedOnFirstUse {
+                member,
+                replica,
+                address,
+            } => tracing::warn!(
+                %member, replica, %address,
+                "member has no static endpoint, no trusted address and no admitted replica: its \
+                 first registration is trusted as it is (list trusted addresses under the member \
+                 to check every registration)"
+            ),
+            Event::CanaryRefused {
+                member,
+                replica,
+                address,
+                detail,
+                banned_for,
+            } => tracing::warn!(
+                %member, replica, %address, %detail, ?banned_for,
+                "teacher replica refused: its answers disagree with the trusted replica's"
+            ),
             Event::Removed {
                 member,
                 replica,
@@ -267,6 +350,10 @@ impl Event {
             } => match reason {
                 RemovalReason::Deregistered => {
                     tracing::info!(%member, replica, %address, "teacher replica deregistered")
+                }
+                // Logged with its reason by `CanaryRefused`.
+                RemovalReason::Disagreed => {
+                    tracing::debug!(%member, replica, %address, "teacher replica removed")
                 }
                 _ => {
                     tracing::warn!(%member, replica, %address, ?reason, "teacher replica removed")
@@ -376,31 +463,24 @@ pub enum MembershipError {
     /// The member has as many replicas as a member may have.
     #[error("member `{member}` has {limit} replicas already, the most a member may have")]
     TooManyReplicas { member: String, limit: usize },
+    /// Nothing trusted to check a registration against, and first use is not trusted.
+    #[error(
+        "member `{member}` has no trusted replica to check a registration against: give it a static endpoint or trusted addresses, or set `[membership] trust_first_registration = true`"
+    )]
+    NoTrustedReplica { member: String },
+    /// The address's last replica disagreed with the trusted one on the canary rows.
+    #[error(
+        "address {address} served answers that disagree with member `{member}`'s trusted replica; it is refused for {secs} s more"
+    )]
+    Banned {
+        address: String,
+        member: String,
+        secs: u64,
+    },
 }
 
-/// The lease secrets of a registration: the one it presents, to renew or change the
-/// registration at its address (empty for a new one), and the fresh one that a new
-/// registration will hold. The caller draws `fresh` from a cryptographic generator; the
-/// membership only keeps and compares secrets.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Claim {
-    /// The secret presented with the request.
-    pub presented: String,
-    /// The secret a new registration gets.
-    pub fresh: String,
-}
-
-impl std::fmt::Debug for Claim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Claim(<redacted>)")
-    }
-}
-
-/// Whether two lease secrets are equal, in time independent of where they differ.
-pub(crate) fn secrets_match(held: &str, presented: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    !held.is_empty() && bool::from(held.as_bytes().ct_eq(presented.as_bytes()))
-}
+pub use crate::domain::claim::Claim;
+pub(crate) use distill_transport::secret::secrets_match;
 
 /// A replica as the rest of the coordinator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -413,6 +493,8 @@ pub struct ReplicaView {
     pub address: String,
     /// Static or registered.
     pub source: Source,
+    /// Whether its answers are the reference new replicas are checked against.
+    pub trusted: bool,
     /// In or out of rotation.
     pub health: Health,
     /// Failed requests since the last success.
@@ -440,6 +522,18 @@ pub struct Probe {
     pub member: String,
     /// Where to dial.
     pub address: String,
+    /// What the probe must check.
+    pub kind: ProbeKind,
+}
+
+/// What a probe checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// A replica out of rotation: does it serve the member's model and answer well again?
+    Health,
+    /// A replica on trial: do its answers to the canary rows agree with `reference`'s (a
+    /// trusted replica in rotation; None when the member has none now, and the probe fails)?
+    Trial { reference: Option<ReplicaId> },
 }
 
 /// A successful registration.
@@ -496,6 +590,10 @@ struct Replica {
     identity: Option<ModelIdentity>,
     /// A registered replica's lease secret (empty for a static one).
     secret: String,
+    /// Static, at a trusted address, or trusted on first use.
+    trusted: bool,
+    /// Registered and not yet admitted (see [`Health::OnTrial`]).
+    on_trial: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -506,6 +604,13 @@ struct MemberState {
     shape: Option<(u64, u32)>,
     up: bool,
     latency: MemberLatency,
+    /// Addresses whose registrations are trusted as they are (the run config's `trusted`).
+    trusted_addresses: std::collections::BTreeSet<String>,
+    /// Whether its trust comes from the config (a static endpoint or a trusted address);
+    /// otherwise from first use, and any admitted replica may be the reference.
+    rooted: bool,
+    /// Replicas refused because their canary answers disagreed.
+    canary_refusals: u64,
 }
 
 /// The teacher membership of one run.
@@ -518,6 +623,8 @@ pub struct Membership {
     backoff: ProbeBackoff,
     /// Input values per row and classes of the data, if stated.
     data_shape: Option<(u64, u32)>,
+    /// Addresses refused until the instant: their replica disagreed on the canary rows.
+    banned: BTreeMap<String, Instant>,
 }
 
 impl Membership {
@@ -535,11 +642,13 @@ impl Membership {
             replicas: BTreeMap::new(),
             next_id: 1,
             data_shape: None,
+            banned: BTreeMap::new(),
         };
         let mut owner: BTreeMap<String, String> = BTreeMap::new();
         for (name, endpoints) in members {
-            m.members.entry(name.clone()).or_default();
+            let state = m.members.entry(name.clone()).or_default();
             for e in endpoints {
+                state.rooted = true;
                 let address = normalize_address(&e)?;
                 if let Some(first) = owner.get(&address) {
                     return Err(MembershipError::DuplicateStatic {
@@ -551,10 +660,9 @@ impl Membership {
                 owner.insert(address.clone(), name.clone());
                 let id = m.next_id;
                 m.next_id += 1;
-                m.replicas.insert(
-                    id,
-                    Replica::new(name.clone(), address, Source::Static, None),
-                );
+                let mut r = Replica::new(name.clone(), address, Source::Static, None);
+                r.trusted = true;
+                m.replicas.insert(id, r);
             }
         }
         let names: Vec<String> = m.members.keys().cloned().collect();
@@ -565,6 +673,33 @@ impl Membership {
             }
         }
         Ok(m)
+    }
+
+    /// Trusts registrations of `member` at `addresses` (the run config's `trusted`): they
+    /// enter rotation at once and are the reference that other registrations are checked
+    /// against, as static replicas are.
+    pub fn trust<I>(&mut self, member: &str, addresses: I) -> Result<(), MembershipError>
+    where
+        I: IntoIterator<Item = String>,
+    {
+        let known = self.known_members();
+        let state = self
+            .members
+            .get_mut(member)
+            .ok_or_else(|| MembershipError::UnknownMember {
+                member: member.into(),
+                known,
+            })?;
+        for a in addresses {
+            state.trusted_addresses.insert(normalize_address(&a)?);
+            state.rooted = true;
+        }
+        Ok(())
+    }
+
+    /// Replicas of `member` refused because their canary answers disagreed.
+    pub fn canary_refusals(&self, member: &str) -> u64 {
+        self.members.get(member).map_or(0, |m| m.canary_refusals)
     }
 
     /// The tunables.
@@ -725,12 +860,18 @@ impl Replica {
             load: None,
             identity: None,
             secret: String::new(),
+            trusted: false,
+            on_trial: false,
         }
     }
 
     /// The replica (`id`) answered a request or a probe: its failure count restarts, and it
     /// is back in rotation if it was out (the event saying so).
+    /// A replica on trial is admitted only by its trial ([`Membership::probe_succeeded`]).
     fn answered(&mut self, id: ReplicaId) -> Option<Event> {
+        if self.on_trial {
+            return None;
+        }
         self.health.answered().then(|| Event::BackInRotation {
             member: self.member.clone(),
             replica: id,
@@ -744,7 +885,10 @@ impl Replica {
             member: self.member.clone(),
             address: self.address.clone(),
             source: self.source,
-            health: if self.health.in_rotation() {
+            trusted: self.trusted,
+            health: if self.on_trial {
+                Health::OnTrial
+            } else if self.health.in_rotation() {
                 Health::InRotation
             } else {
                 Health::OutOfRotation

@@ -8,6 +8,19 @@ use super::{
     RemovalReason, Replica, ReplicaId, Source, normalize_address, secrets_match,
 };
 
+/// How a new registration enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// At a trusted address: in rotation at once, a reference for others.
+    Trusted,
+    /// The first of a member that has nothing trusted: in rotation at once, trusted.
+    FirstUse,
+    /// On trial until its canary answers agree with a reference's.
+    Trial,
+    /// Canary checks are off: in rotation at once.
+    Unchecked,
+}
+
 impl Membership {
     /// Requires every replica to take rows of `row_len` values and answer `classes` logits
     /// (the data's shape).
@@ -94,6 +107,17 @@ impl Membership {
             });
         }
         let address = normalize_address(address)?;
+        self.banned.retain(|_, until| now < *until);
+        if let Some(until) = self.banned.get(&address) {
+            return Err(MembershipError::Banned {
+                address,
+                member: member.into(),
+                secs: until
+                    .saturating_duration_since(now)
+                    .as_secs()
+                    .saturating_add(1),
+            });
+        }
         let existing = self.by_address(&address);
         if let Some(id) = existing {
             let r = &self.replicas[&id];
@@ -142,10 +166,14 @@ impl Membership {
             }
             return Err(e);
         }
-        self.pin_identity(member, &identity);
+        // A replica on trial pins nothing: a rogue first registration of a member whose
+        // trusted replicas have not told their digest yet must not lock them out.
         let deadline = now + self.cfg.lease_ttl;
         let (id, renewed, secret) = match self.by_address(&address) {
             Some(id) => {
+                if self.replicas.get(&id).is_some_and(|r| !r.on_trial) {
+                    self.pin_identity(member, &identity);
+                }
                 let mut secret = String::new();
                 if let Some(r) = self.replicas.get_mut(&id) {
                     r.lease_deadline = Some(deadline);
@@ -163,6 +191,10 @@ impl Membership {
                 (id, true, secret)
             }
             None => {
+                let admission = self.admission(member, &address)?;
+                if admission != Admission::Trial {
+                    self.pin_identity(member, &identity);
+                }
                 let id = self.next_id;
                 self.next_id += 1;
                 let mut r = Replica::new(
@@ -173,12 +205,32 @@ impl Membership {
                 );
                 r.identity = Some(identity);
                 r.secret = claim.fresh.clone();
+                r.trusted = matches!(admission, Admission::Trusted | Admission::FirstUse);
+                if admission == Admission::Trial {
+                    // Out of rotation with its trial due at once.
+                    r.on_trial = true;
+                    r.health.take_out(0, now);
+                }
                 self.replicas.insert(id, r);
+                let (member, address) = (member.to_string(), address.clone());
                 events.push(Event::Joined {
-                    member: member.into(),
+                    member: member.clone(),
                     replica: id,
                     address: address.clone(),
                 });
+                match admission {
+                    Admission::Trial => events.push(Event::OnTrial {
+                        member,
+                        replica: id,
+                        address,
+                    }),
+                    Admission::FirstUse => events.push(Event::TrustedOnFirstUse {
+                        member,
+                        replica: id,
+                        address,
+                    }),
+                    Admission::Trusted | Admission::Unchecked => {}
+                }
                 (id, false, claim.fresh)
             }
         };
@@ -264,7 +316,54 @@ impl Membership {
         events
     }
 
-    fn known_members(&self) -> String {
+    /// How a new registration of `member` at `address` enters (see [`Admission`]).
+    fn admission(&self, member: &str, address: &str) -> Result<Admission, MembershipError> {
+        let Some(state) = self.members.get(member) else {
+            return Err(MembershipError::UnknownMember {
+                member: member.into(),
+                known: self.known_members(),
+            });
+        };
+        if state.trusted_addresses.contains(address) {
+            return Ok(Admission::Trusted);
+        }
+        if !self.cfg.canary {
+            return Ok(Admission::Unchecked);
+        }
+        let admitted = self
+            .replicas
+            .values()
+            .any(|r| r.member == member && !r.on_trial);
+        if state.rooted || admitted {
+            return Ok(Admission::Trial);
+        }
+        if self.cfg.trust_first_registration {
+            Ok(Admission::FirstUse)
+        } else {
+            Err(MembershipError::NoTrustedReplica {
+                member: member.into(),
+            })
+        }
+    }
+
+    /// The replica that a trial of `candidate` (of `member`) compares with: a trusted one in
+    /// rotation — for a member trusted on first use, any admitted one in rotation — the
+    /// lowest id first (static replicas, then the oldest registrations).
+    pub(super) fn reference_for(&self, member: &str, candidate: ReplicaId) -> Option<ReplicaId> {
+        let rooted = self.members.get(member).is_some_and(|m| m.rooted);
+        self.replicas
+            .iter()
+            .find(|&(&id, r)| {
+                id != candidate
+                    && r.member == member
+                    && !r.on_trial
+                    && r.health.in_rotation()
+                    && (r.trusted || !rooted)
+            })
+            .map(|(&id, _)| id)
+    }
+
+    pub(super) fn known_members(&self) -> String {
         self.members
             .keys()
             .map(|k| format!("`{k}`"))
@@ -321,7 +420,7 @@ impl Membership {
 
     /// Pins the member's digest and shape to `identity`'s where none is yet (called after
     /// [`Membership::check_identity`] accepted it).
-    fn pin_identity(&mut self, member: &str, identity: &ModelIdentity) {
+    pub(super) fn pin_identity(&mut self, member: &str, identity: &ModelIdentity) {
         if let Some(s) = self.members.get_mut(member) {
             s.digest
                 .get_or_insert_with(|| identity.weights_digest.clone());
@@ -331,7 +430,7 @@ impl Membership {
         }
     }
 
-    fn remove(&mut self, id: ReplicaId, reason: RemovalReason, events: &mut Vec<Event>) {
+    pub(super) fn remove(&mut self, id: ReplicaId, reason: RemovalReason, events: &mut Vec<Event>) {
         if let Some(r) = self.replicas.remove(&id) {
             events.push(Event::Removed {
                 member: r.member,
@@ -856,5 +955,219 @@ mod tests {
             "{events:?}"
         );
         assert_eq!(m.replica(1).unwrap().health, Health::OutOfRotation);
+    }
+
+    fn trial_membership() -> Membership {
+        Membership::new(
+            trial_cfg(),
+            [
+                ("a".to_string(), vec!["http://s1:1".to_string()]),
+                ("b".to_string(), vec![]),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn kinds(m: &mut Membership, now: Instant) -> Vec<(ReplicaId, ProbeKind)> {
+        m.due_probes(now)
+            .into_iter()
+            .map(|p| (p.replica, p.kind))
+            .collect()
+    }
+
+    #[test]
+    fn a_registration_is_on_trial_against_a_trusted_replica_until_it_agrees() {
+        let mut m = trial_membership();
+        let t0 = Instant::now();
+        let out = m.register("a", "http://h:9", identity(DIGEST_A), claim(), t0);
+        let id = out.value.unwrap().replica;
+        assert!(
+            out.events
+                .iter()
+                .any(|e| matches!(e, Event::OnTrial { replica, .. } if *replica == id)),
+            "{:?}",
+            out.events
+        );
+        let v = m.replica(id).unwrap();
+        assert_eq!((v.health, v.trusted), (Health::OnTrial, false));
+        assert_eq!(
+            m.rotation("a").iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![1],
+            "not in rotation"
+        );
+        // A request's success does not admit it; only its trial does.
+        assert!(m.record_success(id, Duration::from_millis(1)).is_empty());
+        assert_eq!(m.replica(id).unwrap().health, Health::OnTrial);
+        // Its trial is due at once, against the static replica.
+        assert_eq!(
+            kinds(&mut m, t0),
+            vec![(id, ProbeKind::Trial { reference: Some(1) })]
+        );
+        let events = m.probe_succeeded(id, Some(identity(DIGEST_A)), t0);
+        assert!(
+            matches!(events.as_slice(), [Event::Admitted { replica, .. }] if *replica == id),
+            "{events:?}"
+        );
+        assert_eq!(m.rotation_len("a"), 2);
+        assert!(!m.replica(id).unwrap().trusted);
+        // Later trials still compare with the trusted replica, not with the admitted one.
+        let next = register(&mut m, "a", "http://h:10", t0);
+        assert_eq!(
+            kinds(&mut m, t0),
+            vec![(next.replica, ProbeKind::Trial { reference: Some(1) })]
+        );
+    }
+
+    #[test]
+    fn a_replica_that_disagrees_is_removed_counted_and_its_address_refused_for_a_while() {
+        let mut m = trial_membership();
+        let t0 = Instant::now();
+        let id = register(&mut m, "a", "http://h:9", t0).replica;
+        let _ = kinds(&mut m, t0);
+        let events = m.canary_disagreed(id, "row 0 differs by 3", t0);
+        assert!(
+            matches!(events.first(), Some(Event::CanaryRefused { replica, detail, .. }) if *replica == id && detail == "row 0 differs by 3"),
+            "{events:?}"
+        );
+        assert_eq!(removed(&events), vec![(id, RemovalReason::Disagreed)]);
+        assert!(m.replica(id).is_none());
+        assert_eq!((m.canary_refusals("a"), m.canary_refusals("b")), (1, 0));
+        // Refused at once, and for probe_max (1 s).
+        let again = m.register("a", "http://h:9", identity(DIGEST_A), claim(), t0 + secs(0));
+        assert!(
+            matches!(again.value, Err(MembershipError::Banned { .. })),
+            "{:?}",
+            again.value
+        );
+        let later = t0 + Duration::from_millis(1000);
+        let id2 = m
+            .register("a", "http://h:9", identity(DIGEST_A), claim(), later)
+            .value
+            .unwrap()
+            .replica;
+        assert_eq!(
+            m.replica(id2).unwrap().health,
+            Health::OnTrial,
+            "on trial again"
+        );
+        // An admitted replica is never "disagreed" away (a stale report changes nothing).
+        assert!(m.canary_disagreed(1, "stale", later).is_empty());
+        assert!(m.replica(1).is_some());
+    }
+
+    #[test]
+    fn a_trial_without_a_trusted_replica_in_rotation_waits() {
+        let mut m = trial_membership();
+        let t0 = Instant::now();
+        // The static replica goes out of rotation (threshold 2).
+        let _ = m.record_failure(1, t0);
+        let _ = m.record_failure(1, t0);
+        let id = register(&mut m, "a", "http://h:9", t0).replica;
+        assert_eq!(
+            kinds(&mut m, t0),
+            vec![(id, ProbeKind::Trial { reference: None })]
+        );
+        let events = m.probe_failed(id, "no trusted replica", t0);
+        assert!(
+            matches!(events.as_slice(), [Event::ProbeFailed { .. }]),
+            "{events:?}"
+        );
+        assert_eq!(m.replica(id).unwrap().health, Health::OnTrial);
+        assert!(
+            !m.is_up("a"),
+            "a replica on trial does not bring its member up"
+        );
+    }
+
+    #[test]
+    fn trusted_addresses_enter_at_once_and_are_the_reference() {
+        let mut m = trial_membership();
+        let t0 = Instant::now();
+        m.trust("b", ["HTTP://T:1".to_string()]).unwrap();
+        assert!(matches!(
+            m.trust("zzz", ["http://t:2".to_string()]),
+            Err(MembershipError::UnknownMember { .. })
+        ));
+        // Before the trusted replica registers, a rogue one is on trial with nothing to
+        // compare with, and it pins no digest: the trusted one, serving other weights than
+        // the rogue claimed, still gets in.
+        let rogue = m
+            .register("b", "http://r:1", identity(DIGEST_B), claim(), t0)
+            .value
+            .unwrap()
+            .replica;
+        assert_eq!(m.digest("b"), None);
+        let trusted = register(&mut m, "b", "http://t:1", t0).replica;
+        let v = m.replica(trusted).unwrap();
+        assert_eq!((v.health, v.trusted), (Health::InRotation, true));
+        assert_eq!(m.digest("b"), Some(DIGEST_A));
+        assert!(m.is_up("b"));
+        assert_eq!(
+            kinds(&mut m, t0),
+            vec![(
+                rogue,
+                ProbeKind::Trial {
+                    reference: Some(trusted)
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_member_with_nothing_trusted_trusts_its_first_registration_only_if_allowed() {
+        let t0 = Instant::now();
+        let mut strict = trial_membership();
+        assert_eq!(
+            strict
+                .register("b", "http://h:1", identity(DIGEST_A), claim(), t0)
+                .value,
+            Err(MembershipError::NoTrustedReplica { member: "b".into() })
+        );
+        let mut m = Membership::new(
+            MembershipConfig {
+                trust_first_registration: true,
+                ..trial_cfg()
+            },
+            [("b".to_string(), Vec::<String>::new())],
+        )
+        .unwrap();
+        let first = m.register("b", "http://h:1", identity(DIGEST_A), claim(), t0);
+        let first_id = first.value.unwrap().replica;
+        assert!(
+            first
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::TrustedOnFirstUse { .. })),
+            "{:?}",
+            first.events
+        );
+        assert_eq!(m.replica(first_id).unwrap().health, Health::InRotation);
+        // The next one is checked against an admitted replica.
+        let second = register(&mut m, "b", "http://h:2", t0).replica;
+        assert_eq!(
+            kinds(&mut m, t0),
+            vec![(
+                second,
+                ProbeKind::Trial {
+                    reference: Some(first_id)
+                }
+            )]
+        );
+        let _ = m.probe_succeeded(second, Some(identity(DIGEST_A)), t0);
+        // With both gone, the next registration is trusted on first use again.
+        let _ = m.tick(t0 + secs(10));
+        assert!(m.replicas("b").is_empty());
+        let third = m
+            .register(
+                "b",
+                "http://h:3",
+                identity(DIGEST_A),
+                claim(),
+                t0 + secs(10),
+            )
+            .value
+            .unwrap()
+            .replica;
+        assert!(m.replica(third).unwrap().trusted);
     }
 }

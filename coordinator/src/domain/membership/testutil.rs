@@ -9,9 +9,11 @@ pub const DIGEST_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
 /// Another weights digest.
 pub const DIGEST_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
-/// Threshold 2, probes from 100 ms to 1 s with jitter 0.5, leases of 10 s.
+/// Threshold 2, probes from 100 ms to 1 s with jitter 0.5, leases of 10 s; registrations enter
+/// rotation at once (no canary trial: [`trial_cfg`] has one).
 pub fn cfg() -> MembershipConfig {
     MembershipConfig {
+        canary: false,
         lease_ttl: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(2),
         failure_threshold: 2,
@@ -19,6 +21,15 @@ pub fn cfg() -> MembershipConfig {
         probe_max: Duration::from_millis(1000),
         probe_jitter: 0.5,
         ..MembershipConfig::default()
+    }
+}
+
+/// [`cfg`] with canary trials, first registrations of an unrooted member not trusted.
+pub fn trial_cfg() -> MembershipConfig {
+    MembershipConfig {
+        canary: true,
+        trust_first_registration: false,
+        ..cfg()
     }
 }
 
