@@ -32,10 +32,12 @@ async fn teacher(latency: Duration, shutdown: &CancellationToken) -> String {
     common::serve_teacher(&ck, &opts, shutdown).await.1
 }
 
-/// One member `t` over `endpoints`.
+/// One member `t` over `endpoints`; registrations enter rotation at once (no prober runs
+/// here to hold their canary trials).
 fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
     let settings = MembershipSettings {
         hedge,
+        canary: false,
         ..Default::default()
     };
     let mut membership = Membership::new(

@@ -12,6 +12,9 @@
 //! - A replica out of rotation for bad replies is not put back by a probe while its replies
 //!   stay bad (a good `Describe` is not enough).
 //! - A `Describe` whose input shape overflows is an error, not a panic.
+//! - A registration that claims the member's identity but answers other (finite, well-shaped)
+//!   logits never enters rotation: its canary answers disagree with the static replica's, so it
+//!   is removed, counted and refused for a while; an honest registration is admitted.
 //! - The ensemble fan-out: `degrade` combines the members that answered; `wait` keeps their
 //!   answers and asks only the member that is down again, at once when a replica of it joins;
 //!   shutdown ends the wait.
@@ -75,6 +78,8 @@ enum Misbehaviour {
     Refuses,
     /// `UNAVAILABLE` to every request.
     Unavailable,
+    /// Finite logits of the right shape, but not the model's.
+    Wrong,
 }
 
 /// A replica that claims the good replica's identity and answers `Infer` as `mode` says.
@@ -109,6 +114,7 @@ impl Teacher for Hostile {
         let classes = self.identity.num_classes as usize;
         let t = match self.mode {
             Misbehaviour::NaN => logits(rows, classes, true),
+            Misbehaviour::Wrong => logits(rows, classes, false),
             Misbehaviour::ExtraClass => logits(rows, classes + 1, false),
             Misbehaviour::MissingClass => logits(rows, classes - 1, false),
             Misbehaviour::Refuses => {
@@ -582,6 +588,121 @@ async fn a_replica_that_describes_itself_well_but_answers_nan_stays_out_of_rotat
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert_eq!(view(&pool, &bad).health, Health::OutOfRotation);
+            stop.cancel();
+            tokio::time::timeout(Duration::from_secs(20), prober)
+                .await
+                .expect("the prober stops")
+                .unwrap();
+            shutdown.cancel();
+        },
+    )
+    .await
+}
+
+/// Registers `endpoint` for member `t` as `identity` says, directly with the membership.
+fn register(
+    pool: &TeacherPool,
+    endpoint: &str,
+    identity: &DescribeResponse,
+) -> Result<u64, coordinator::domain::membership::MembershipError> {
+    let identity = coordinator::domain::membership::ModelIdentity {
+        model_id: identity.model_id.clone(),
+        weights_digest: identity.weights_digest.clone(),
+        input_shape: identity.input_shape.clone(),
+        classes: identity.num_classes,
+        max_batch: identity.max_batch,
+    };
+    let claim = coordinator::domain::membership::Claim::new("", "c".repeat(64));
+    pool.membership()
+        .update(|m| {
+            let out = m.register("t", endpoint, identity, claim, std::time::Instant::now());
+            (out.value.map(|r| r.replica), out.events)
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_answering_other_logits_never_enters_rotation_and_an_honest_one_does() {
+    common::within(
+        TEST_DEADLINE,
+        "a_registration_answering_other_logits_never_enters_rotation_and_an_honest_one_does",
+        async move {
+            let shutdown = CancellationToken::new();
+            let (good, identity) = good_teacher(&shutdown).await;
+            // Same checkpoint, same weights: an honest second replica.
+            let (honest, honest_identity) = good_teacher(&shutdown).await;
+            assert_eq!(honest_identity.weights_digest, identity.weights_digest);
+            let calls = Arc::new(AtomicUsize::new(0));
+            let rogue = serve_hostile(
+                Hostile {
+                    identity: identity.clone(),
+                    mode: Misbehaviour::Wrong,
+                    calls: calls.clone(),
+                },
+                &shutdown,
+            )
+            .await;
+            let settings = MembershipSettings {
+                hedge: false,
+                probe_initial_secs: 0.01,
+                probe_max_secs: 5.0,
+                ..Default::default()
+            };
+            let pool = Arc::new(pool_with(std::slice::from_ref(&good), settings));
+            let stop = CancellationToken::new();
+            let prober = {
+                let (pool, stop) = (pool.clone(), stop.clone());
+                tokio::spawn(async move { pool.run_prober(stop).await })
+            };
+            let rogue_id = register(&pool, &rogue, &identity).unwrap();
+            let honest_id = register(&pool, &honest, &honest_identity).unwrap();
+            // The rogue replica is refused and the honest one admitted, by the prober alone.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (rogue_there, honest_health) = {
+                    let m = pool.membership().lock().unwrap();
+                    (
+                        m.replica(rogue_id).is_some(),
+                        m.replica(honest_id).map(|v| v.health),
+                    )
+                };
+                if !rogue_there && honest_health == Some(Health::InRotation) {
+                    break;
+                }
+                if rogue_there {
+                    assert_eq!(view(&pool, &rogue).health, Health::OnTrial);
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no verdict: rogue present {rogue_there}, honest {honest_health:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                1,
+                "asked the canary rows only"
+            );
+            assert_eq!(pool.stats()[0].canary_refused, 1);
+            // Registering again at once is refused.
+            let again = register(&pool, &rogue, &identity).unwrap_err();
+            assert!(again.to_string().contains("refused for"), "{again}");
+            // Every request is answered with the model's logits, by the two honest replicas.
+            let want = direct(&good).await;
+            for _ in 0..REQUESTS {
+                assert_eq!(pool.infer(0, &inputs(), 2.0).await.unwrap(), want);
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "the rogue got no request");
+            let answered_by = pool.stats()[0].answered_by.clone();
+            assert!(
+                !answered_by.contains_key(&normalize_address(&rogue).unwrap()),
+                "{answered_by:?}"
+            );
+            assert_eq!(
+                answered_by.values().sum::<u64>(),
+                REQUESTS as u64,
+                "{answered_by:?}"
+            );
             stop.cancel();
             tokio::time::timeout(Duration::from_secs(20), prober)
                 .await

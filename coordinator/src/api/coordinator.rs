@@ -380,6 +380,7 @@ fn status_response(view: StatusView) -> RunStatusResponse {
                 failures: m.failures,
                 hedged_requests: m.hedged_requests,
                 hedge_wins: m.hedge_wins,
+                canary_refused: m.canary_refused,
             })
             .collect(),
         queues: facts

@@ -118,6 +118,9 @@ pub enum WorkerError {
     Held { id: String, incarnation: u64 },
 }
 
+/// The incarnation a join replaces, with its open stream if it has one.
+pub type Replaced = (Worker, Option<StreamId>);
+
 /// Every worker id of the run and the open streams.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerTable {
@@ -160,7 +163,7 @@ impl WorkerTable {
         presented: &str,
         now: Instant,
         hold: Duration,
-    ) -> Result<(Worker, Option<(Worker, Option<StreamId>)>), WorkerError> {
+    ) -> Result<(Worker, Option<Replaced>), WorkerError> {
         let id = if requested_id.is_empty() {
             loop {
                 let id = format!("worker-{}", self.next_auto_id);
@@ -380,7 +383,7 @@ mod tests {
         presented: &str,
         fresh: &str,
         now: Instant,
-    ) -> Result<(Worker, Option<(Worker, Option<StreamId>)>), WorkerError> {
+    ) -> Result<(Worker, Option<Replaced>), WorkerError> {
         let (w, prev) = t.next_join(id, presented, now, HOLD)?;
         t.commit_join(&w, &claim(presented, fresh), now);
         Ok((w, prev))

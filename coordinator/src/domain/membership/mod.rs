@@ -42,11 +42,23 @@
 //!   (from 0) is due `min(probe_initial · 2ⁿ, probe_max) · (1 − probe_jitter · u)` after the
 //!   previous failure, `u` in [0, 1) from a SplitMix64 generator seeded with `seed`, so tests are
 //!   deterministic and replicas that failed together are not probed in lock step. A successful
-//!   probe (or any successful request) puts the replica back in rotation. A new registration is
-//!   in rotation at once (the coordinator uses new replicas immediately). What counts as a
+//!   probe (or any successful request) puts the replica back in rotation. What counts as a
 //!   failed request is the teacher pool's decision (`crate::teachers`): errors, timeouts, replies
 //!   that are not `[rows, classes]` finite values, and refusals of requests that another replica
 //!   of the member accepts.
+//! - **Trials.** With `canary` on, a new registration is *on trial* ([`Health::OnTrial`]): out
+//!   of rotation, its first probe due at once, and that probe ([`ProbeKind::Trial`]) compares
+//!   its answers to canary rows with a *reference*'s. The reference is a trusted replica in
+//!   rotation — static replicas and registrations at the member's trusted addresses
+//!   ([`Membership::trust`]) — or, for a member with neither (not *rooted*), any admitted one.
+//!   Agreement admits it ([`Event::Admitted`], and only then may its identity pin the digest,
+//!   so a rogue first registration cannot lock the real replicas out); disagreement removes it
+//!   ([`Membership::canary_disagreed`], [`RemovalReason::Disagreed`]), counts it, and refuses
+//!   its address for `probe_max`; no reference, or no answer, retries with the probe backoff.
+//!   A registration at a trusted address, or any with `canary` off, is in rotation at once. A
+//!   member that is not rooted and has no admitted replica trusts its next registration as it
+//!   is when `trust_first_registration` holds ([`Event::TrustedOnFirstUse`]), and refuses it
+//!   otherwise ([`MembershipError::NoTrustedReplica`]).
 //! - **Stated shapes are checked.** A model identity whose input shape's size overflows `u64`
 //!   is refused ([`MembershipError::ShapeOverflow`]) like one that does not fit the data.
 //! - **Member down.** A member is *up* while at least one of its replicas is in rotation, and
