@@ -694,19 +694,23 @@ impl Membership {
     where
         I: IntoIterator<Item = String>,
     {
-        let known = self.known_members();
-        let state = self
-            .members
-            .get_mut(member)
-            .ok_or_else(|| MembershipError::UnknownMember {
-                member: member.into(),
-                known,
-            })?;
+        let state = self.member_mut(member)?;
         for a in addresses {
             state.trusted_addresses.insert(normalize_address(&a)?);
             state.rooted = true;
         }
         Ok(())
+    }
+
+    /// A member's state, to change; a member not in the run is an error naming the members.
+    fn member_mut(&mut self, member: &str) -> Result<&mut MemberState, MembershipError> {
+        let known = self.known_members();
+        self.members
+            .get_mut(member)
+            .ok_or_else(|| MembershipError::UnknownMember {
+                member: member.into(),
+                known,
+            })
     }
 
     /// Replicas of `member` refused because their canary answers disagreed.

@@ -31,14 +31,7 @@ impl Membership {
     /// Pins a member's weights digest (e.g. what the start-up check or the soft-target cache
     /// saw). Fails if another digest is pinned already.
     pub fn pin_digest(&mut self, member: &str, digest: &str) -> Result<(), MembershipError> {
-        let known = self.known_members();
-        let state = self
-            .members
-            .get_mut(member)
-            .ok_or_else(|| MembershipError::UnknownMember {
-                member: member.into(),
-                known,
-            })?;
+        let state = self.member_mut(member)?;
         match &state.digest {
             Some(d) if d != digest => Err(MembershipError::DigestMismatch {
                 member: member.into(),
