@@ -153,6 +153,22 @@ async fn serve_hostile(hostile: Hostile, shutdown: &CancellationToken) -> String
     format!("http://{addr}")
 }
 
+/// Serves a [`Hostile`] replica claiming `identity` and misbehaving as `mode`; returns its
+/// address and its count of `Infer` calls.
+async fn hostile(
+    identity: DescribeResponse,
+    mode: Misbehaviour,
+    shutdown: &CancellationToken,
+) -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hostile = Hostile {
+        identity,
+        mode,
+        calls: calls.clone(),
+    };
+    (serve_hostile(hostile, shutdown).await, calls)
+}
+
 /// A pool with one member `t` over `endpoints` (no prober runs: a replica out of rotation
 /// stays out).
 fn pool(endpoints: &[String]) -> TeacherPool {
@@ -222,16 +238,7 @@ async fn direct(endpoint: &str) -> Vec<f32> {
 async fn bad_replica_leaves_rotation(mode: Misbehaviour) {
     let shutdown = CancellationToken::new();
     let (good, identity) = good_teacher(&shutdown).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let bad = serve_hostile(
-        Hostile {
-            identity,
-            mode,
-            calls: calls.clone(),
-        },
-        &shutdown,
-    )
-    .await;
+    let (bad, calls) = hostile(identity, mode, &shutdown).await;
     let want = direct(&good).await;
     assert_eq!(want.len(), ROWS * CLASSES);
     assert!(want.iter().all(|v| v.is_finite()));
@@ -553,16 +560,7 @@ async fn a_replica_that_describes_itself_well_but_answers_nan_stays_out_of_rotat
         async move {
             let shutdown = CancellationToken::new();
             let (good, identity) = good_teacher(&shutdown).await;
-            let calls = Arc::new(AtomicUsize::new(0));
-            let bad = serve_hostile(
-                Hostile {
-                    identity,
-                    mode: Misbehaviour::NaN,
-                    calls: calls.clone(),
-                },
-                &shutdown,
-            )
-            .await;
+            let (bad, calls) = hostile(identity, Misbehaviour::NaN, &shutdown).await;
             // Probes every 10 to 40 ms.
             let settings = MembershipSettings {
                 hedge: false,
@@ -632,16 +630,7 @@ async fn a_registration_answering_other_logits_never_enters_rotation_and_an_hone
             // Same checkpoint, same weights: an honest second replica.
             let (honest, honest_identity) = good_teacher(&shutdown).await;
             assert_eq!(honest_identity.weights_digest, identity.weights_digest);
-            let calls = Arc::new(AtomicUsize::new(0));
-            let rogue = serve_hostile(
-                Hostile {
-                    identity: identity.clone(),
-                    mode: Misbehaviour::Wrong,
-                    calls: calls.clone(),
-                },
-                &shutdown,
-            )
-            .await;
+            let (rogue, calls) = hostile(identity.clone(), Misbehaviour::Wrong, &shutdown).await;
             let settings = MembershipSettings {
                 hedge: false,
                 probe_initial_secs: 0.01,
