@@ -4,9 +4,9 @@
 //!   config and seed (members `t`, two replicas, and `u`, one replica): (a) one replica of `t`
 //!   killed; (b) `u`'s only replica killed under `wait`, then started again on the same port;
 //!   (c) the same under `degrade`, never restarted; (d) the student worker killed and started
-//!   again on its work dir. Every kill lands between 25% and 75% of the run. Each run completes
-//!   with every batch trained, counts what happened (failures, retries, degraded batches,
-//!   requeued batches), and its student is within the tolerance below of the uninterrupted one.
+//!   again on its work dir; (e) one replica of `t` hung (SIGSTOP). Every kill lands between 25%
+//!   and 75% of the run. Each run completes with every batch trained, counts what happened in its
+//!   `report.json` (failures, retries, hedges, degraded batches, requeued batches), and its student is within the tolerance below of the uninterrupted one.
 //! - `killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run`: the coordinator is
 //!   killed while the run is between 25% and 75% trained and started again on the same run
 //!   directory and port; the worker joins again by itself, the run resumes from the stored state
@@ -21,9 +21,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, coordinator, count as u, distill, logs, read_report, reserve_port, run_status,
-    start, train_teacher, trained_teacher, wait_until, wait_with_deadline, worker,
+    Proc, Procs, coordinator, count as u, logs, member, read_report, reserve_port, run_status,
+    signal, small_run, static_member, teacher, train_teacher, trained_teacher, wait_until,
+    wait_with_deadline, worker, write_config,
 };
+use coordinator::config::{MemberConfig, RunConfig, TeacherPolicy};
 use distill_core::data::Dataset;
 
 /// Workers keep trying to reach a restarted coordinator for this long.
@@ -32,48 +34,23 @@ const RECONNECT: &[&str] = &["--connect-timeout-s", "60"];
 /// Test errors (of 2000) the resumed student may have beyond 1.25 × the uninterrupted one's.
 const EXTRA_ERRORS: u64 = 40;
 
-fn config(d: &Path, name: &str, teacher: &str) -> std::path::PathBuf {
-    config_with(
-        d,
-        name,
-        &format!("[[members]]\nname = \"t\"\nendpoints = [\"{teacher}\"]\n"),
-        "",
-    )
-}
-
-/// A run config with these `[[members]]` and extra top-level keys.
-fn config_with(d: &Path, name: &str, members: &str, top: &str) -> std::path::PathBuf {
-    let cfg = d.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-data = "synthetic:0"
-run_dir = "{name}"
-epochs = 4
-batch_size = 64
-seed = 5
-temperature = 4.0
-alpha = 0.7
-prefetch = 4
-lease_timeout_secs = 30.0
-teacher_timeout_secs = 5.0
-{top}
-[sync]
-every = 5
-round_timeout_secs = 10.0
-state_every_secs = 0.0
-[student]
-arch = "mlp:784-32-10"
-[optim]
-kind = "adamw"
-lr = 0.002
-{members}
-"#
-        ),
-    )
-    .unwrap();
-    cfg
+/// Run `name` (config `d/name.toml`, run dir `d/name`) of these members, with `tweak` applied.
+fn config(
+    d: &Path,
+    name: &str,
+    members: Vec<MemberConfig>,
+    tweak: impl FnOnce(&mut RunConfig),
+) -> std::path::PathBuf {
+    let mut cfg = small_run(name);
+    cfg.epochs = 4;
+    cfg.seed = 5;
+    cfg.lease_timeout_secs = 30.0;
+    cfg.sync.every = 5;
+    cfg.sync.round_timeout_secs = 10.0;
+    cfg.sync.state_every_secs = 0.0;
+    cfg.members = members;
+    tweak(&mut cfg);
+    write_config(d, name, &cfg)
 }
 
 #[test]
@@ -84,8 +61,8 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     let teacher = trained_teacher(&mut procs, d);
 
     // The uninterrupted run.
-    let cfg = config(d, "calm", &teacher);
-    let (c, calm_addr) = coordinator(&mut procs, d, &cfg, "127.0.0.1:0", "calm-coordinator.log");
+    let cfg = config(d, "calm", vec![static_member("t", &[&teacher])], |_| {});
+    let (c, calm_addr) = coordinator(d, &cfg, "127.0.0.1:0", "calm-coordinator.log");
     let w = worker(d, &calm_addr, "calm-worker", RECONNECT);
     let st = wait_with_deadline(w, Duration::from_secs(300), "the calm worker");
     assert!(st.success(), "{}", logs(d));
@@ -96,8 +73,8 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
     // Held until the test ends: nothing else can take the port between the kill and the restart.
     let port = reserve_port();
     let listen = port.addr.to_string();
-    let cfg = config(d, "chaos", &teacher);
-    let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "chaos-coordinator-1.log");
+    let cfg = config(d, "chaos", vec![static_member("t", &[&teacher])], |_| {});
+    let (mut c1, _) = coordinator(d, &cfg, &listen, "chaos-coordinator-1.log");
     let w = worker(d, &listen, "chaos-worker", RECONNECT);
     let at = wait_until(Duration::from_secs(240), "a quarter of the run", || {
         let st = run_status(&listen)?;
@@ -111,7 +88,7 @@ fn killing_the_coordinator_mid_epoch_and_restarting_it_resumes_the_run() {
         at.batches_trained,
         at.batches_expected
     );
-    let (c2, _) = coordinator(&mut procs, d, &cfg, &listen, "chaos-coordinator-2.log");
+    let (c2, _) = coordinator(d, &cfg, &listen, "chaos-coordinator-2.log");
     let st = wait_with_deadline(w, Duration::from_secs(300), "the chaos worker");
     assert!(st.success(), "{}", logs(d));
     assert!(
@@ -147,13 +124,13 @@ fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the
     let d = dir.path();
     let mut procs = Procs(Vec::new());
     let teacher = trained_teacher(&mut procs, d);
-    let cfg = config(d, "plain", &teacher);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("every = 5\n", "every = 0\n")).unwrap();
+    let cfg = config(d, "plain", vec![static_member("t", &[&teacher])], |c| {
+        c.sync.every = 0;
+    });
     // Held until the test ends: nothing else can take the port between the kill and the restart.
     let port = reserve_port();
     let listen = port.addr.to_string();
-    let (mut c1, _) = coordinator(&mut procs, d, &cfg, &listen, "plain-coordinator-1.log");
+    let (mut c1, _) = coordinator(d, &cfg, &listen, "plain-coordinator-1.log");
     let w = worker(d, &listen, "plain-worker", RECONNECT);
     let at = wait_until(Duration::from_secs(240), "a quarter of the run", || {
         let st = run_status(&listen)?;
@@ -168,7 +145,7 @@ fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the
         at.batches_expected
     );
     assert_eq!(at.sync_rounds, 0, "a run without rounds");
-    let (c2, _) = coordinator(&mut procs, d, &cfg, &listen, "plain-coordinator-2.log");
+    let (c2, _) = coordinator(d, &cfg, &listen, "plain-coordinator-2.log");
     let st = wait_with_deadline(w, Duration::from_secs(300), "the worker");
     assert!(st.success(), "{}", logs(d));
     assert!(
@@ -186,27 +163,9 @@ fn killing_the_coordinator_of_a_run_without_rounds_and_restarting_it_resumes_the
     );
 }
 
-/// What a scenario does a quarter into its run: (processes, coordinator address, the teacher
-/// processes t1, t2, u1, the worker, u1's listen address).
-type Chaos<'a> = dyn FnMut(&mut Procs, &str, &mut Vec<Proc>, &mut Proc, &str) + 'a;
-
-/// A teacher server process of `model` for `member` on `listen`; returns it and its URL.
-fn teacher(
-    procs: &mut Procs,
-    d: &Path,
-    model: &Path,
-    member: &str,
-    listen: &str,
-    log: &str,
-) -> (Proc, String) {
-    let mut cmd = distill();
-    cmd.arg("teacher-server")
-        .arg("--model")
-        .arg(model)
-        .args(["--listen", listen, "--member", member]);
-    let addr = start(procs, cmd, &d.join(log));
-    (procs.0.pop().unwrap(), format!("http://{addr}"))
-}
+/// What a scenario does a quarter into its run: (coordinator address, the teacher processes t1,
+/// t2, u1, the worker, u1's listen address).
+type Chaos<'a> = dyn FnMut(&str, &mut Vec<Proc>, &mut Proc, &str) + 'a;
 
 /// Waits until the run at `addr` is a quarter trained.
 fn a_quarter_in(addr: &str) -> distill_proto::pb::RunStatusResponse {
@@ -225,13 +184,6 @@ fn not_too_late(at: &distill_proto::pb::RunStatusResponse, what: &str) {
     );
 }
 
-fn member<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["members"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["member"] == name))
-        .unwrap_or_else(|| panic!("member {name}: {report}"))
-}
-
 #[test]
 fn teacher_and_worker_failures() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,7 +192,6 @@ fn teacher_and_worker_failures() {
     let (tm, um) = (d.join("t.safetensors"), d.join("u.safetensors"));
     train_teacher(&data, "mlp:784-64-10", 1, &tm);
     train_teacher(&data, "mlp:784-48-10", 2, &um);
-    let mut procs = Procs(Vec::new());
     // Each scenario's `u` port is held until the test ends, for `u`'s restart on it.
     let mut reserved = Vec::new();
     let mut free_port = || {
@@ -251,46 +202,21 @@ fn teacher_and_worker_failures() {
     };
     // Runs scenario `name`: fresh teachers (t twice, u once, u on `u_listen`), a coordinator, a
     // worker; `chaos` acts a quarter into the run and returns what it must wait for at the end.
-    let mut run = |name: &str, top: &str, chaos: &mut Chaos| -> serde_json::Value {
+    let mut run = |name: &str, policy: TeacherPolicy, chaos: &mut Chaos| -> serde_json::Value {
         let u_listen = free_port();
-        let (t1, t1u) = teacher(
-            &mut procs,
-            d,
-            &tm,
-            "t",
-            "127.0.0.1:0",
-            &format!("{name}-t1.log"),
-        );
-        let (t2, t2u) = teacher(
-            &mut procs,
-            d,
-            &tm,
-            "t",
-            "127.0.0.1:0",
-            &format!("{name}-t2.log"),
-        );
-        let (u1, u1u) = teacher(
-            &mut procs,
-            d,
-            &um,
-            "u",
-            &u_listen,
-            &format!("{name}-u1.log"),
-        );
-        let members = format!(
-            "[[members]]\nname = \"t\"\nendpoints = [\"{t1u}\", \"{t2u}\"]\n[[members]]\nname = \"u\"\nendpoints = [\"{u1u}\"]\n"
-        );
-        let cfg = config_with(d, name, &members, top);
-        let (c, addr) = coordinator(
-            &mut procs,
-            d,
-            &cfg,
-            "127.0.0.1:0",
-            &format!("{name}-coordinator.log"),
-        );
+        let log = |who: &str| format!("{name}-{who}.log");
+        let (t1, t1u) = teacher(d, &tm, "t", "127.0.0.1:0", &log("t1"));
+        let (t2, t2u) = teacher(d, &tm, "t", "127.0.0.1:0", &log("t2"));
+        let (u1, u1u) = teacher(d, &um, "u", &u_listen, &log("u1"));
+        let members = vec![
+            static_member("t", &[&t1u, &t2u]),
+            static_member("u", &[&u1u]),
+        ];
+        let cfg = config(d, name, members, |c| c.teacher_policy = policy);
+        let (c, addr) = coordinator(d, &cfg, "127.0.0.1:0", &log("coordinator"));
         let mut w = worker(d, &addr, &format!("{name}-worker"), RECONNECT);
         let mut teachers = vec![t1, t2, u1];
-        chaos(&mut procs, &addr, &mut teachers, &mut w, &u_listen);
+        chaos(&addr, &mut teachers, &mut w, &u_listen);
         let st = wait_with_deadline(w, Duration::from_secs(300), "the worker");
         assert!(st.success(), "{name}: {}", logs(d));
         assert!(
@@ -311,7 +237,7 @@ fn teacher_and_worker_failures() {
         r
     };
 
-    let calm = run("calm", "", &mut |_, _, _, _, _| {});
+    let calm = run("calm", TeacherPolicy::Wait, &mut |_, _, _, _| {});
     let e0 = u(&calm, "student_test_errors");
     assert!(
         e0 < 2000 * 3 / 10,
@@ -327,12 +253,16 @@ fn teacher_and_worker_failures() {
     };
 
     // (a) One replica of `t` dies: its requests go to the other.
-    let a = run("replica", "", &mut |_, addr, teachers, _, _| {
-        let at = a_quarter_in(addr);
-        teachers[1].kill().unwrap();
-        let _ = teachers[1].wait();
-        not_too_late(&at, "(a)");
-    });
+    let a = run(
+        "replica",
+        TeacherPolicy::Wait,
+        &mut |addr, teachers, _, _| {
+            let at = a_quarter_in(addr);
+            teachers[1].kill().unwrap();
+            let _ = teachers[1].wait();
+            not_too_late(&at, "(a)");
+        },
+    );
     assert!(u(member(&a, "t"), "failures") >= 1, "(a): {a}");
     // The failed requests were retried on the surviving replica, which answered the most.
     assert!(u(&a, "retries") >= 1, "(a): {a}");
@@ -346,19 +276,38 @@ fn teacher_and_worker_failures() {
     assert_eq!(u(&a, "degraded_batches"), 0);
     close(&a, "(a) one replica killed");
 
-    // (b) `u`'s only replica dies under `wait`; the run waits, then resumes when it is back.
-    let b = run("wait", "", &mut |procs, addr, teachers, _, u_listen| {
+    // (e) One replica of `t` hangs (SIGSTOP, its socket still open): a request to it outlives
+    // the member's hedge delay, a copy goes to the other replica, and that copy wins. Counted
+    // in the report the coordinator writes.
+    let e = run("hung", TeacherPolicy::Wait, &mut |addr, teachers, _, _| {
         let at = a_quarter_in(addr);
-        teachers[2].kill().unwrap();
-        let _ = teachers[2].wait();
-        not_too_late(&at, "(b)");
-        wait_until(Duration::from_secs(60), "member u seen down", || {
-            let st = run_status(addr)?;
-            (st.members.iter().find(|m| m.member == "u")?.failures >= 1).then_some(())
-        });
-        let (back, _) = teacher(procs, d, &um, "u", u_listen, "wait-u-again.log");
-        teachers[2] = back;
+        signal(teachers[1].id(), "-STOP");
+        not_too_late(&at, "(e)");
     });
+    let t = member(&e, "t");
+    assert!(u(t, "hedged_requests") >= 1, "(e): {e}");
+    assert!(u(t, "hedge_wins") >= 1, "(e): {e}");
+    assert!(u(t, "hedge_wins") <= u(t, "hedged_requests"), "(e): {e}");
+    assert_eq!(u(&e, "degraded_batches"), 0);
+    close(&e, "(e) one replica of t hung");
+
+    // (b) `u`'s only replica dies under `wait`; the run waits, then resumes when it is back.
+    let b = run(
+        "wait",
+        TeacherPolicy::Wait,
+        &mut |addr, teachers, _, u_listen| {
+            let at = a_quarter_in(addr);
+            teachers[2].kill().unwrap();
+            let _ = teachers[2].wait();
+            not_too_late(&at, "(b)");
+            wait_until(Duration::from_secs(60), "member u seen down", || {
+                let st = run_status(addr)?;
+                (st.members.iter().find(|m| m.member == "u")?.failures >= 1).then_some(())
+            });
+            let (back, _) = teacher(d, &um, "u", u_listen, "wait-u-again.log");
+            teachers[2] = back;
+        },
+    );
     assert!(u(member(&b, "u"), "failures") >= 1, "(b): {b}");
     assert_eq!(
         u(&b, "degraded_batches"),
@@ -373,8 +322,8 @@ fn teacher_and_worker_failures() {
     // (c) The same under `degrade`, never restarted: batches combine `t` alone.
     let c = run(
         "degrade",
-        "teacher_policy = \"degrade\"",
-        &mut |_, addr, teachers, _, _| {
+        TeacherPolicy::Degrade,
+        &mut |addr, teachers, _, _| {
             let at = a_quarter_in(addr);
             teachers[2].kill().unwrap();
             let _ = teachers[2].wait();
@@ -385,7 +334,7 @@ fn teacher_and_worker_failures() {
     close(&c, "(c) every replica of u killed under degrade");
 
     // (d) The worker dies and is started again on its work dir.
-    let dd = run("worker", "", &mut |_, addr, _, w, _| {
+    let dd = run("worker", TeacherPolicy::Wait, &mut |addr, _, w, _| {
         let at = a_quarter_in(addr);
         w.kill().unwrap();
         let _ = w.wait();

@@ -10,7 +10,7 @@ const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 use std::time::Duration;
 
-use coordinator::config::{MemberConfig, RunConfig, SoftTargetEncoding, StudentConfig};
+use coordinator::config::{MemberConfig, RunConfig, SoftTargetEncoding};
 use distill_core::checkpoint::Checkpoint;
 use distill_core::kd::Combine;
 use distill_core::optim::OptimConfig;
@@ -40,44 +40,30 @@ async fn teacher_at(addr: &str, shutdown: &CancellationToken) -> String {
     .1
 }
 
+/// One epoch of 500-row batches of `synthetic:5`, f16 soft targets, the small student, one
+/// member `t` at `endpoints`; run dir `dir/run`.
 fn config(dir: &std::path::Path, endpoints: Vec<String>) -> RunConfig {
-    RunConfig {
-        data: "synthetic:5".into(),
-        run_dir: dir.join("run"),
-        epochs: 1,
-        batch_size: 500,
-        seed: 1,
-        temperature: 3.0,
-        alpha: 0.5,
-        combine: Combine::MeanProb,
-        soft_targets: SoftTargetEncoding::F16,
-        checkpoint_every: 0,
-        lease_timeout_secs: 60.0,
-        prefetch: 2,
-        teacher_timeout_secs: 10.0,
-        teacher_policy: Default::default(),
-        max_message_mb: 64,
-        min_workers: 1,
-        eval_timeout_secs: 600.0,
-        hello_timeout_secs: 10.0,
-        stall_timeout_secs: 120.0,
-        cache: None,
-        sync: Default::default(),
-        student: StudentConfig {
-            arch: "mlp:784-16-10".into(),
-            dropout: 0.0,
-            input_dropout: 0.0,
-            precision: Default::default(),
-        },
-        optim: OptimConfig::adamw(1e-3, 0.0),
-        members: vec![MemberConfig {
-            name: "t".into(),
-            endpoints,
-            weight: 1.0,
-            trusted: Vec::new(),
-        }],
-        membership: Default::default(),
-    }
+    let mut cfg = common::small_run(dir.join("run"));
+    cfg.data = "synthetic:5".into();
+    cfg.epochs = 1;
+    cfg.batch_size = 500;
+    cfg.seed = 1;
+    cfg.temperature = 3.0;
+    cfg.alpha = 0.5;
+    cfg.combine = Combine::MeanProb;
+    cfg.soft_targets = SoftTargetEncoding::F16;
+    cfg.lease_timeout_secs = 60.0;
+    cfg.prefetch = 2;
+    cfg.teacher_timeout_secs = 10.0;
+    cfg.hello_timeout_secs = 10.0;
+    cfg.stall_timeout_secs = 120.0;
+    cfg.student.arch = "mlp:784-16-10".into();
+    cfg.optim = OptimConfig::adamw(1e-3, 0.0);
+    cfg.members = vec![MemberConfig {
+        endpoints,
+        ..common::static_member("t", &[])
+    }];
+    cfg
 }
 
 /// A real student worker in this process, run to the end.
@@ -86,17 +72,10 @@ async fn run_worker(
     dir: &std::path::Path,
     shutdown: &CancellationToken,
 ) -> student_worker::WorkerReport {
-    student_worker::run(
-        student_worker::WorkerConfig {
-            coordinator: format!("http://{coordinator}"),
-            work_dir: dir.join("worker"),
-            connect_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap()
+    common::spawn_worker(coordinator, dir, shutdown)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -108,10 +87,7 @@ async fn status_join_and_bad_streams_then_a_worker_completes_the_run() {
             let dir = tempfile::tempdir().unwrap();
             let shutdown = CancellationToken::new();
             let cfg = config(dir.path(), vec![teacher(&shutdown).await]);
-            let run = coordinator::prepare(cfg).await.unwrap();
-            let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let caddr = cl.local_addr().unwrap();
-            let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+            let (caddr, served) = common::serve_run(cfg, &shutdown).await;
             let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
                 .await
                 .unwrap();
@@ -231,10 +207,7 @@ async fn a_failed_teacher_request_is_retried_on_another_replica() {
             let dead_port = common::reserve_port();
             let dead = format!("http://{}", dead_port.addr);
             let cfg = config(dir.path(), vec![dead, teacher(&shutdown).await]);
-            let run = coordinator::prepare(cfg).await.unwrap();
-            let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let caddr = cl.local_addr().unwrap();
-            let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+            let (caddr, served) = common::serve_run(cfg, &shutdown).await;
             run_worker(caddr, dir.path(), &shutdown).await;
             let report = served.await.unwrap().unwrap().expect("the run completed");
             assert_eq!(report.batches_trained, report.batches_expected);
@@ -278,10 +251,7 @@ async fn a_lone_contribution_is_kept_and_a_worker_joining_later_starts_from_it()
             let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
             cfg.sync.chunk_bytes = 4096; // several messages per parameter set
             let shapes = Arch::parse(&cfg.student.arch).unwrap().param_shapes();
-            let run = coordinator::prepare(cfg).await.unwrap();
-            let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let caddr = cl.local_addr().unwrap();
-            tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+            let (caddr, _served) = common::serve_run(cfg, &shutdown).await;
             let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
                 .await
                 .unwrap();
@@ -391,11 +361,8 @@ async fn run_to_end(
     work: &std::path::Path,
     shutdown: &CancellationToken,
 ) -> (coordinator::RunReport, Vec<f32>) {
-    let run = coordinator::prepare(cfg).await.unwrap();
-    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let caddr = cl.local_addr().unwrap();
     let stop = shutdown.child_token();
-    let served = tokio::spawn(coordinator::serve(run, cl, stop.clone()));
+    let (caddr, served) = common::serve_run(cfg, &stop).await;
     let worker = run_worker(caddr, work, &stop).await;
     let report = served.await.unwrap().unwrap().expect("the run completed");
     assert_eq!(report.student_test_errors, worker.test_errors);
@@ -559,10 +526,7 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
                 trusted: Vec::new(),
             });
             cfg.teacher_timeout_secs = 2.0;
-            let run = coordinator::prepare(cfg).await.unwrap();
-            let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let caddr = cl.local_addr().unwrap();
-            let served = tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+            let (caddr, served) = common::serve_run(cfg, &shutdown).await;
             let worker = {
                 let (dir, shutdown) = (dir.path().to_path_buf(), shutdown.clone());
                 tokio::spawn(async move { run_worker(caddr, &dir, &shutdown).await })
@@ -623,10 +587,7 @@ async fn serve_with_rounds(
     cfg.sync.every = 1;
     cfg.student.arch = arch.into();
     tweak(&mut cfg);
-    let run = coordinator::prepare(cfg).await.unwrap();
-    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let caddr = cl.local_addr().unwrap();
-    tokio::spawn(coordinator::serve(run, cl, shutdown.clone()));
+    let (caddr, _served) = common::serve_run(cfg, shutdown).await;
     let client = CoordinatorClient::connect(format!("http://{caddr}"))
         .await
         .unwrap();
@@ -823,44 +784,6 @@ async fn the_outer_step_of_the_config_applies_to_rounds_with_several_contributor
     .await
 }
 
-/// Serves `cfg` in this process; returns the address and the server task.
-async fn serve_config(
-    cfg: RunConfig,
-    shutdown: &CancellationToken,
-) -> (
-    std::net::SocketAddr,
-    tokio::task::JoinHandle<coordinator::Result<Option<coordinator::RunReport>>>,
-) {
-    let run = coordinator::prepare(cfg).await.unwrap();
-    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let caddr = cl.local_addr().unwrap();
-    (
-        caddr,
-        tokio::spawn(coordinator::serve(run, cl, shutdown.clone())),
-    )
-}
-
-/// A real student worker in this process, in its own task, stopped by `stop`.
-fn spawn_worker(
-    coordinator: std::net::SocketAddr,
-    dir: &std::path::Path,
-    stop: &CancellationToken,
-) -> tokio::task::JoinHandle<student_worker::Result<student_worker::WorkerReport>> {
-    let (dir, stop) = (dir.to_path_buf(), stop.clone());
-    tokio::spawn(async move {
-        student_worker::run(
-            student_worker::WorkerConfig {
-                coordinator: format!("http://{coordinator}"),
-                work_dir: dir.join("worker"),
-                connect_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-            stop,
-        )
-        .await
-    })
-}
-
 /// A batch that cannot be prepared (here the teacher refuses every 500-row request: it takes
 /// at most 100 rows) ends the run with an error naming the batch and the cause. It used to
 /// keep the worker's credit, so after `prefetch` refusals the run stalled for ever.
@@ -880,9 +803,9 @@ async fn a_batch_that_keeps_failing_ends_the_run_with_an_error_instead_of_stalli
             let ck = common::random_checkpoint("mlp:784-16-10", 1);
             let (_, url) = common::serve_teacher(&ck, &opts, &shutdown).await;
             let cfg = config(dir.path(), vec![url]);
-            let (caddr, served) = serve_config(cfg, &shutdown).await;
+            let (caddr, served) = common::serve_run(cfg, &shutdown).await;
             let worker_stop = CancellationToken::new();
-            let worker = spawn_worker(caddr, dir.path(), &worker_stop);
+            let worker = common::spawn_worker(caddr, dir.path(), &worker_stop);
             let err = tokio::time::timeout(Duration::from_secs(120), served)
                 .await
                 .expect("the run ended instead of stalling")
@@ -943,7 +866,7 @@ async fn a_stream_without_hello_is_closed_at_its_deadline() {
             let shutdown = CancellationToken::new();
             let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
             cfg.hello_timeout_secs = 0.2;
-            let (caddr, _served) = serve_config(cfg, &shutdown).await;
+            let (caddr, _served) = common::serve_run(cfg, &shutdown).await;
             let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
                 .await
                 .unwrap();
@@ -976,9 +899,9 @@ async fn a_report_that_cannot_be_written_fails_the_run_and_names_the_file() {
             let mut cfg = config(dir.path(), vec![teacher(&shutdown).await]);
             cfg.batch_size = 1000;
             std::fs::create_dir_all(cfg.run_dir.join("report.json/blocked")).unwrap();
-            let (caddr, served) = serve_config(cfg, &shutdown).await;
+            let (caddr, served) = common::serve_run(cfg, &shutdown).await;
             let worker_stop = CancellationToken::new();
-            let worker = spawn_worker(caddr, dir.path(), &worker_stop);
+            let worker = common::spawn_worker(caddr, dir.path(), &worker_stop);
             let err = tokio::time::timeout(Duration::from_secs(120), served)
                 .await
                 .expect("the run ended instead of hanging")
@@ -1012,7 +935,7 @@ async fn a_run_visits_batches_in_the_order_local_training_does() {
             cfg.sync.every = 0;
             let (seed, bs) = (cfg.seed, cfg.batch_size);
             let data = distill_core::data::Dataset::load(&cfg.data).unwrap();
-            let (caddr, _served) = serve_config(cfg, &shutdown).await;
+            let (caddr, _served) = common::serve_run(cfg, &shutdown).await;
             let mut client = CoordinatorClient::connect(format!("http://{caddr}"))
                 .await
                 .unwrap();

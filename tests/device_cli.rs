@@ -6,12 +6,9 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-use common::Proc;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Longest any one `distill` command here may run (the slowest, gpu-smoke's self-test, takes
 /// seconds).
@@ -19,53 +16,15 @@ const DEADLINE: Duration = Duration::from_secs(300);
 
 /// Runs `distill ARGS` in `cwd` to completion, or panics (killing it) after [`DEADLINE`].
 fn distill(args: &[&str], cwd: &Path) -> Output {
-    let mut child: Proc = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .env("RAYON_NUM_THREADS", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running the distill binary")
-        .into();
-    // Each pipe is read to its end on a helper thread (a full pipe cannot stall the child);
-    // the bytes come back over a channel, so even a pipe held open by a leftover grandchild
-    // cannot block the test.
-    let collect = |mut r: Box<dyn Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            let _ = tx.send(v);
-        });
-        rx
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < end,
-            "`distill {}` still running after {DEADLINE:?}",
-            args.join(" ")
-        );
-        // Polling an exit (std has no wait with a timeout), not a synchronisation sleep.
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out
-            .recv_timeout(DEADLINE)
-            .expect("stdout not closed within the deadline"),
-        stderr: err
-            .recv_timeout(DEADLINE)
-            .expect("stderr not closed within the deadline"),
-    }
+    common::output_within(
+        Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "warn")
+            .env("RAYON_NUM_THREADS", "2"),
+        DEADLINE,
+        &format!("`distill {}`", args.join(" ")),
+    )
 }
 
 fn text(b: &[u8]) -> String {

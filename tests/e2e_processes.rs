@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Procs, distill, start, train_teacher, wait_with_deadline};
+use common::{Procs, finish, read_report, small_run, static_member, train_teacher, write_config};
 use distill_core::data::Dataset;
 
 #[test]
@@ -30,73 +29,25 @@ fn three_roles_as_processes_distill_a_student() {
     .iter()
     .enumerate()
     {
-        let mut cmd = distill();
-        cmd.arg("teacher-server")
-            .arg("--model")
-            .arg(d.join(file))
-            .args(["--listen", "127.0.0.1:0", "--member", member]);
-        let addr = start(&mut procs, cmd, &d.join(format!("teacher-{i}.log")));
-        endpoints.push(format!("http://{addr}"));
+        let log = format!("teacher-{i}.log");
+        let (p, url) = common::teacher(d, &d.join(file), member, "127.0.0.1:0", &log);
+        procs.0.push(p);
+        endpoints.push(url);
     }
-    let config = format!(
-        r#"
-data = "synthetic:0"
-run_dir = "run"
-epochs = 2
-batch_size = 128
-seed = 3
-temperature = 4.0
-alpha = 0.7
-prefetch = 4
-[student]
-arch = "mlp:784-32-10"
-[optim]
-kind = "adamw"
-lr = 0.002
-[[members]]
-name = "a"
-endpoints = ["{}"]
-[[members]]
-name = "b"
-endpoints = ["{}", "{}"]
-"#,
-        endpoints[0], endpoints[1], endpoints[2]
-    );
-    std::fs::write(d.join("run.toml"), config).unwrap();
-    let mut cmd = distill();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(d.join("run.toml"))
-        .args(["--listen", "127.0.0.1:0"]);
-    let coord_addr = start(&mut procs, cmd, &d.join("coordinator.log"));
-    let coordinator = procs.0.pop().unwrap();
+    let mut cfg = small_run("run");
+    cfg.epochs = 2;
+    cfg.batch_size = 128;
+    cfg.seed = 3;
+    cfg.members = vec![
+        static_member("a", &[&endpoints[0]]),
+        static_member("b", &[&endpoints[1], &endpoints[2]]),
+    ];
+    let cfg = write_config(d, "run", &cfg);
+    let (coordinator, coord_addr) = common::coordinator(d, &cfg, "127.0.0.1:0", "coordinator.log");
+    let worker = common::worker(d, &coord_addr, "worker", &[]);
+    finish(d, coordinator, vec![worker], Duration::from_secs(300));
 
-    let worker = distill()
-        .arg("student-worker")
-        .args(["--coordinator", &format!("http://{coord_addr}")])
-        .arg("--work-dir")
-        .arg(d.join("worker"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("worker.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let ws = wait_with_deadline(worker, Duration::from_secs(300), "the student worker");
-    let log = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
-    assert!(
-        ws.success(),
-        "worker failed: {ws:?}\n{}\n{}",
-        log("worker.log"),
-        log("coordinator.log")
-    );
-    let cs = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
-    assert!(
-        cs.success(),
-        "coordinator failed: {cs:?}\n{}",
-        log("coordinator.log")
-    );
-
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("run/report.json")).unwrap()).unwrap();
+    let report = read_report(&d.join("run"));
     let n = |k: &str| common::count(&report, k);
     assert_eq!(n("batches_trained"), n("batches_expected"));
     assert_eq!(n("batches_expected"), 2 * 12_000u64.div_ceil(128));

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, count as u, distill, logs, read_report, run_status, start, wait_until,
-    wait_with_deadline, worker,
+    Proc, Setup, count as u, read_report, run_status, setup, small_run, static_member, wait_until,
+    worker, write_config,
 };
 
 /// Tolerance of the 2-worker student against the 1-worker one: at most this many more test
@@ -26,88 +26,38 @@ use common::{
 /// equal to, one worker's sequence of updates.
 const EXTRA_ERRORS: u64 = 30;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    procs: Procs,
-    teacher: String,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let mut procs = Procs(Vec::new());
-    let teacher = common::trained_teacher(&mut procs, dir.path());
-    Setup {
-        dir,
-        procs,
-        teacher,
-    }
-}
-
-/// Starts a coordinator for `workers` workers; returns its process and address.
-fn coordinator(s: &mut Setup, name: &str, workers: usize, epochs: u32) -> (Proc, String, PathBuf) {
+/// Starts a coordinator for `workers` workers; returns its process, address and run dir.
+fn coordinator(s: &Setup, name: &str, workers: usize, epochs: u32) -> (Proc, String, PathBuf) {
     let d = s.dir.path();
-    let config = format!(
-        r#"
-data = "synthetic:0"
-run_dir = "{name}"
-epochs = {epochs}
-batch_size = 64
-seed = 3
-temperature = 4.0
-alpha = 0.7
-prefetch = 4
-lease_timeout_secs = 30.0
-min_workers = {workers}
-[sync]
-every = 10
-round_timeout_secs = 20.0
-[student]
-arch = "mlp:784-32-10"
-[optim]
-kind = "adamw"
-lr = 0.002
-[[members]]
-name = "t"
-endpoints = ["{}"]
-"#,
-        s.teacher
-    );
-    let cfg = d.join(format!("{name}.toml"));
-    std::fs::write(&cfg, config).unwrap();
-    let mut cmd = distill();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--listen", "127.0.0.1:0"]);
-    let addr = start(
-        &mut s.procs,
-        cmd,
-        &d.join(format!("{name}-coordinator.log")),
-    );
-    let child = s.procs.0.pop().unwrap();
-    (child, addr, d.join(name))
+    let mut cfg = small_run(name);
+    cfg.epochs = epochs;
+    cfg.seed = 3;
+    cfg.lease_timeout_secs = 30.0;
+    cfg.min_workers = workers;
+    cfg.sync.every = 10;
+    cfg.sync.round_timeout_secs = 20.0;
+    cfg.members = vec![static_member("t", &[&s.teacher])];
+    let cfg = write_config(d, name, &cfg);
+    let (c, addr) = common::coordinator(d, &cfg, "127.0.0.1:0", &format!("{name}-coordinator.log"));
+    (c, addr, d.join(name))
 }
 
+/// Waits for the workers, then the coordinator, to exit successfully.
 fn finish(d: &Path, coordinator: Proc, workers: Vec<Proc>) {
-    for (i, w) in workers.into_iter().enumerate() {
-        let st = wait_with_deadline(w, Duration::from_secs(300), "a student worker");
-        assert!(st.success(), "worker {i}: {st:?}\n{}", logs(d));
-    }
-    let st = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
-    assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
+    common::finish(d, coordinator, workers, Duration::from_secs(300));
 }
 
 #[test]
 fn two_workers_share_the_batches_and_match_one_worker() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
 
-    let (c1, a1, run1) = coordinator(&mut s, "one", 1, 3);
+    let (c1, a1, run1) = coordinator(&s, "one", 1, 3);
     let w = worker(&d, &a1, "solo", &[]);
     finish(&d, c1, vec![w]);
     let one = read_report(&run1);
 
-    let (c2, a2, run2) = coordinator(&mut s, "two", 2, 3);
+    let (c2, a2, run2) = coordinator(&s, "two", 2, 3);
     let ws = vec![worker(&d, &a2, "w0", &[]), worker(&d, &a2, "w1", &[])];
     finish(&d, c2, ws);
     let two = read_report(&run2);
@@ -153,9 +103,9 @@ fn two_workers_share_the_batches_and_match_one_worker() {
 
 #[test]
 fn killing_one_worker_mid_run_still_completes_with_the_other() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
-    let (c, addr, run) = coordinator(&mut s, "kill", 2, 6);
+    let (c, addr, run) = coordinator(&s, "kill", 2, 6);
     let mut victim = worker(&d, &addr, "victim", &[]);
     let survivor = worker(&d, &addr, "survivor", &[]);
     // Freeze the victim once the run is under way, and kill it only while it holds batches that

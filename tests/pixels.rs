@@ -4,9 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use candle_core::Device;
-use distill_core::checkpoint::Checkpoint;
-use distill_core::model::TrainableModel;
-use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::pb;
 use student_worker::decode::{BatchSpec, decode_eval};
 use teacher_server::{ServeOptions, build_service};
@@ -20,9 +17,7 @@ fn teacher_and_student_see_bit_identical_pixels() {
         data: bytes.clone().into(),
     };
 
-    let spec = ModelSpec::new(Arch::parse("mlp:256-4-2").unwrap());
-    let m = TrainableModel::init(spec.clone(), 0, &Device::Cpu).unwrap();
-    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
+    let ck = distill_testkit::random_checkpoint("mlp:256-4-2", 0);
     let service = build_service(&ck, &Device::Cpu, &ServeOptions::default()).unwrap();
     let teacher = service
         .validate(pb::InferRequest {

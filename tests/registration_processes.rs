@@ -16,8 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, distill, logs, read_report, reserve_port, run_status, start, train_teacher,
-    wait_until, wait_with_deadline, worker,
+    Proc, Procs, distill, logs, read_report, reserve_port, run_status, small_run, start,
+    static_member, train_teacher, wait_until, wait_with_deadline, worker, write_config,
 };
 use distill_core::data::Dataset;
 
@@ -25,44 +25,21 @@ use distill_core::data::Dataset;
 const LEASE_TTL_SECS: f64 = 2.0;
 
 fn config(d: &Path) -> std::path::PathBuf {
-    let cfg = d.join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-data = "synthetic:0"
-run_dir = "run"
-epochs = 4
-batch_size = 64
-seed = 5
-temperature = 4.0
-alpha = 0.7
-prefetch = 4
-lease_timeout_secs = 30.0
-teacher_timeout_secs = 5.0
-[sync]
-every = 5
-round_timeout_secs = 10.0
-state_every_secs = 0.0
-[student]
-arch = "mlp:784-32-10"
-[optim]
-kind = "adamw"
-lr = 0.002
-[membership]
-lease_ttl_secs = {LEASE_TTL_SECS}
-heartbeat_secs = 0.3
-[[members]]
-name = "b"
-"#
-        ),
-    )
-    .unwrap();
-    cfg
+    let mut cfg = small_run("run");
+    cfg.epochs = 4;
+    cfg.seed = 5;
+    cfg.lease_timeout_secs = 30.0;
+    cfg.sync.every = 5;
+    cfg.sync.round_timeout_secs = 10.0;
+    cfg.sync.state_every_secs = 0.0;
+    cfg.membership.lease_ttl_secs = LEASE_TTL_SECS;
+    cfg.membership.heartbeat_secs = 0.3;
+    cfg.members = vec![static_member("b", &[])];
+    write_config(d, "run", &cfg)
 }
 
-fn coordinator(procs: &mut Procs, d: &Path, listen: &str, log: &str) -> Proc {
-    common::coordinator(procs, d, &config(d), listen, log).0
+fn coordinator(d: &Path, listen: &str, log: &str) -> Proc {
+    common::coordinator(d, &config(d), listen, log).0
 }
 
 /// Starts a teacher server of member `b` that registers with the coordinator at `coordinator`;
@@ -88,7 +65,7 @@ fn registered_teachers_expire_when_killed_and_register_again_with_a_restarted_co
     let port = reserve_port();
     let listen = port.addr.to_string();
 
-    let mut c1 = coordinator(&mut procs, d, &listen, "coordinator-1.log");
+    let mut c1 = coordinator(d, &listen, "coordinator-1.log");
     let survivor = registered_teacher(&mut procs, d, &listen, "teacher-1.log");
     let victim = registered_teacher(&mut procs, d, &listen, "teacher-2.log");
     let victim_proc = procs.0.len() - 1;
@@ -136,7 +113,7 @@ fn registered_teachers_expire_when_killed_and_register_again_with_a_restarted_co
     // the surviving teacher registers again by itself.
     c1.kill().unwrap();
     let _ = c1.wait();
-    let c2 = coordinator(&mut procs, d, &listen, "coordinator-2.log");
+    let c2 = coordinator(d, &listen, "coordinator-2.log");
     let w = procs.0.remove(w_proc);
     let st = wait_with_deadline(w, Duration::from_secs(300), "the student worker");
     assert!(st.success(), "worker: {st:?}\n{}", logs(d));

@@ -28,9 +28,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, count as u, distill, logs, read_report, reserve_port, run_status, signal,
-    wait_until, wait_with_deadline, worker,
+    Proc, Setup, count as u, distill, logs, read_report, reserve_port, run_status, setup, signal,
+    small_run, static_member, wait_until, wait_with_deadline, worker, write_config,
 };
+use coordinator::config::{ParamDtype, RunConfig};
 use distill_core::checkpoint::Checkpoint;
 
 /// Workers keep trying to reach a restarted coordinator for this long.
@@ -45,72 +46,24 @@ const PARAMS: u64 = 784 * 32 + 32 + 32 * 10 + 10;
 /// A student that learned: well under chance (1,800 of 2,000 test rows wrong).
 const LEARNED: u64 = 2000 * 3 / 10;
 
-/// A test's directory, its processes and the URL of a small trained teacher it serves.
-struct Setup {
-    dir: tempfile::TempDir,
-    procs: Procs,
-    teacher: String,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let mut procs = Procs(Vec::new());
-    let teacher = common::trained_teacher(&mut procs, dir.path());
-    Setup {
-        dir,
-        procs,
-        teacher,
-    }
-}
-
-/// Writes run config `name.toml` (run dir `name`) with extra top-level keys `top`, the
-/// `[sync]` table's keys `sync` and the student architecture `arch`.
-fn config(s: &Setup, name: &str, top: &str, sync: &str, arch: &str) -> PathBuf {
-    let cfg = s.dir.path().join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-data = "synthetic:0"
-run_dir = "{name}"
-batch_size = 64
-seed = 7
-temperature = 4.0
-alpha = 0.7
-prefetch = 4
-teacher_timeout_secs = 5.0
-{top}
-[sync]
-{sync}
-[student]
-arch = "{arch}"
-[optim]
-kind = "adamw"
-lr = 0.002
-[[members]]
-name = "t"
-endpoints = ["{}"]
-"#,
-            s.teacher
-        ),
-    )
-    .unwrap();
-    cfg
+/// Writes run config `name.toml` (run dir `name`, seed 7, the teacher of `s` as member `t`)
+/// with `tweak` applied.
+fn config(s: &Setup, name: &str, tweak: impl FnOnce(&mut RunConfig)) -> PathBuf {
+    let mut cfg = small_run(name);
+    cfg.seed = 7;
+    cfg.members = vec![static_member("t", &[&s.teacher])];
+    tweak(&mut cfg);
+    write_config(s.dir.path(), name, &cfg)
 }
 
 /// Starts a coordinator on `listen`; returns it and the address it listens on.
-fn coordinator(s: &mut Setup, cfg: &Path, listen: &str, log: &str) -> (Proc, String) {
-    common::coordinator(&mut s.procs, s.dir.path(), cfg, listen, log)
+fn coordinator(s: &Setup, cfg: &Path, listen: &str, log: &str) -> (Proc, String) {
+    common::coordinator(s.dir.path(), cfg, listen, log)
 }
 
 /// Waits for the workers, then the coordinator, to exit successfully.
 fn finish(d: &Path, coordinator: Proc, workers: Vec<Proc>) {
-    for (i, w) in workers.into_iter().enumerate() {
-        let st = wait_with_deadline(w, Duration::from_secs(120), "a student worker");
-        assert!(st.success(), "worker {i}: {st:?}\n{}", logs(d));
-    }
-    let st = wait_with_deadline(coordinator, Duration::from_secs(60), "the coordinator");
-    assert!(st.success(), "coordinator: {st:?}\n{}", logs(d));
+    common::finish(d, coordinator, workers, Duration::from_secs(120));
 }
 
 /// Rows worker `id` trained, per the report (0 when it is not listed).
@@ -133,18 +86,19 @@ fn status_samples(st: &distill_proto::pb::RunStatusResponse, id: &str) -> u64 {
 
 #[test]
 fn a_hung_worker_s_leases_expire_and_the_other_worker_trains_them() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
     // No rounds, so nothing waits for the frozen worker but its leases; its stream stays open
     // (the stall timeout is far away), so only lease expiry can give its batches to the other.
-    let cfg = config(
-        &s,
-        "hung",
-        "epochs = 2\nmin_workers = 2\nlease_timeout_secs = 2.0\nstall_timeout_secs = 600.0",
-        "every = 0\nround_timeout_secs = 1.0",
-        "mlp:784-32-10",
-    );
-    let (c, addr) = coordinator(&mut s, &cfg, "127.0.0.1:0", "hung-coordinator.log");
+    let cfg = config(&s, "hung", |c| {
+        c.epochs = 2;
+        c.min_workers = 2;
+        c.lease_timeout_secs = 2.0;
+        c.stall_timeout_secs = 600.0;
+        c.sync.every = 0;
+        c.sync.round_timeout_secs = 1.0;
+    });
+    let (c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", "hung-coordinator.log");
     let mut frozen = worker(&d, &addr, "frozen", &[]);
     let other = worker(&d, &addr, "other", &[]);
     let pid = frozen.id();
@@ -208,17 +162,18 @@ fn a_hung_worker_s_leases_expire_and_the_other_worker_trains_them() {
 
 #[test]
 fn rounds_in_bf16_and_f16_complete_and_the_student_learns() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
-    for dtype in ["bf16", "f16"] {
-        let cfg = config(
-            &s,
-            dtype,
-            "epochs = 3\nmin_workers = 2\nlease_timeout_secs = 30.0",
-            &format!("every = 10\nround_timeout_secs = 20.0\ndtype = \"{dtype}\""),
-            "mlp:784-32-10",
-        );
-        let (c, addr) = coordinator(&mut s, &cfg, "127.0.0.1:0", &format!("{dtype}-c.log"));
+    for (dtype, wire) in [("bf16", ParamDtype::Bf16), ("f16", ParamDtype::F16)] {
+        let cfg = config(&s, dtype, |c| {
+            c.epochs = 3;
+            c.min_workers = 2;
+            c.lease_timeout_secs = 30.0;
+            c.sync.every = 10;
+            c.sync.round_timeout_secs = 20.0;
+            c.sync.dtype = wire;
+        });
+        let (c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", &format!("{dtype}-c.log"));
         let ws = vec![
             worker(&d, &addr, &format!("{dtype}-w0"), &[]),
             worker(&d, &addr, &format!("{dtype}-w1"), &[]),
@@ -246,14 +201,17 @@ fn rounds_in_bf16_and_f16_complete_and_the_student_learns() {
 
 #[test]
 fn a_restart_with_other_student_settings_is_refused() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
-    let (top, sync) = (
-        "epochs = 3\nlease_timeout_secs = 30.0",
-        "every = 5\nround_timeout_secs = 10.0\nstate_every_secs = 0.0",
-    );
-    let cfg = config(&s, "run", top, sync, "mlp:784-32-10");
-    let (mut c, addr) = coordinator(&mut s, &cfg, "127.0.0.1:0", "run-coordinator.log");
+    let settings = |c: &mut RunConfig| {
+        c.epochs = 3;
+        c.lease_timeout_secs = 30.0;
+        c.sync.every = 5;
+        c.sync.round_timeout_secs = 10.0;
+        c.sync.state_every_secs = 0.0;
+    };
+    let cfg = config(&s, "run", settings);
+    let (mut c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", "run-coordinator.log");
     let mut w = worker(&d, &addr, "w", &[]);
     // A commit point: rounds closed (each one written, `state_every_secs = 0`).
     wait_until(Duration::from_secs(60), "a commit point", || {
@@ -295,32 +253,37 @@ fn a_restart_with_other_student_settings_is_refused() {
         );
     };
     // Another architecture (the same config file, rewritten).
-    let other = config(&s, "run", top, sync, "mlp:784-48-10");
+    let other = config(&s, "run", |c| {
+        settings(c);
+        c.student.arch = "mlp:784-48-10".into();
+    });
     refused("arch", &other);
     // Another learning rate.
-    let cfg = config(&s, "run", top, sync, "mlp:784-32-10");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("lr = 0.002", "lr = 0.003")).unwrap();
-    refused("lr", &cfg);
+    let other = config(&s, "run", |c| {
+        settings(c);
+        c.optim.lr = 0.003;
+    });
+    refused("lr", &other);
 }
 
 #[test]
 // This test found the bug of a rejoining worker sending its old stream's queued contribution
 // and acks on the new one (each message now carries its stream number; stale ones are dropped).
 fn killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers() {
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
-    let cfg = config(
-        &s,
-        "resume",
-        "epochs = 3\nmin_workers = 2\nlease_timeout_secs = 30.0",
-        "every = 5\nround_timeout_secs = 10.0\nstate_every_secs = 0.0",
-        "mlp:784-32-10",
-    );
+    let cfg = config(&s, "resume", |c| {
+        c.epochs = 3;
+        c.min_workers = 2;
+        c.lease_timeout_secs = 30.0;
+        c.sync.every = 5;
+        c.sync.round_timeout_secs = 10.0;
+        c.sync.state_every_secs = 0.0;
+    });
     // Held until the test ends: nothing else can take the port between the kill and the restart.
     let port = reserve_port();
     let listen = port.addr.to_string();
-    let (mut c1, _) = coordinator(&mut s, &cfg, &listen, "resume-coordinator-1.log");
+    let (mut c1, _) = coordinator(&s, &cfg, &listen, "resume-coordinator-1.log");
     let ws = vec![
         worker(&d, &listen, "w0", RECONNECT),
         worker(&d, &listen, "w1", RECONNECT),
@@ -339,7 +302,7 @@ fn killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers() {
     );
     let before = [status_samples(&at, "w0"), status_samples(&at, "w1")];
     assert!(before.iter().all(|&n| n > 0), "both trained: {at:?}");
-    let (c2, _) = coordinator(&mut s, &cfg, &listen, "resume-coordinator-2.log");
+    let (c2, _) = coordinator(&s, &cfg, &listen, "resume-coordinator-2.log");
     finish(&d, c2, ws);
     let r = read_report(&d.join("resume"));
     assert_eq!(u(&r, "resumes"), 1, "{r}");
@@ -362,16 +325,14 @@ fn killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers() {
 #[test]
 fn checkpoint_every_writes_worker_checkpoints_between_epoch_ends() {
     const EVERY: u64 = 7;
-    let mut s = setup();
+    let s = setup();
     let d = s.dir.path().to_path_buf();
-    let cfg = config(
-        &s,
-        "ck",
-        &format!("epochs = 2\ncheckpoint_every = {EVERY}"),
-        "every = 0",
-        "mlp:784-32-10",
-    );
-    let (c, addr) = coordinator(&mut s, &cfg, "127.0.0.1:0", "ck-coordinator.log");
+    let cfg = config(&s, "ck", |c| {
+        c.epochs = 2;
+        c.checkpoint_every = EVERY;
+        c.sync.every = 0;
+    });
+    let (c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", "ck-coordinator.log");
     let mut w = worker(&d, &addr, "ck-worker", &[]);
     let file = d.join("ck-worker/student.safetensors");
     // Every step the worker checkpoint is seen at, until the worker exits.

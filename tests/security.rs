@@ -17,7 +17,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Procs, distill, logs, read_report, start, train_teacher, wait_with_deadline};
+use common::{
+    Procs, distill, logs, read_report, small_run, spawn_server, start, static_member,
+    train_teacher, wait_with_deadline, write_config,
+};
 use distill_core::data::Dataset;
 use distill_proto::pb;
 use distill_proto::pb::coordinator_client::CoordinatorClient;
@@ -114,35 +117,14 @@ fn describe_code(creds: &Path, addr: &str, who: &As) -> Code {
 }
 
 fn config(d: &Path, teacher: &str) -> PathBuf {
-    let cfg = d.join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-data = "synthetic:0"
-run_dir = "run"
-epochs = 2
-batch_size = 64
-seed = 3
-temperature = 4.0
-alpha = 0.7
-min_workers = 2
-[sync]
-every = 5
-state_every_secs = 0.0
-[student]
-arch = "mlp:784-32-10"
-[optim]
-kind = "adamw"
-lr = 0.002
-[[members]]
-name = "t"
-endpoints = ["https://{teacher}"]
-"#
-        ),
-    )
-    .unwrap();
-    cfg
+    let mut cfg = small_run("run");
+    cfg.epochs = 2;
+    cfg.seed = 3;
+    cfg.min_workers = 2;
+    cfg.sync.every = 5;
+    cfg.sync.state_every_secs = 0.0;
+    cfg.members = vec![static_member("t", &[&format!("https://{teacher}")])];
+    write_config(d, "run", &cfg)
 }
 
 /// The TLS flags of role `name`, and the token files given as `(flag, role)`.
@@ -240,8 +222,7 @@ fn a_full_run_over_mutual_tls_with_a_token_per_role_and_the_attacks_on_it_fail()
                 ("infer-token-file", "infer"),
             ],
         ));
-    let coord = start(&mut procs, cmd, &d.join("coordinator.log"));
-    let coordinator = procs.0.pop().unwrap();
+    let (coordinator, coord) = spawn_server(cmd, &d.join("coordinator.log"));
 
     // Plaintext, and TLS without a client certificate: no call gets through.
     let plain = As {

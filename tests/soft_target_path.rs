@@ -26,7 +26,7 @@ use distill_core::checkpoint::Checkpoint;
 use distill_core::model::Model;
 use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::pb::coordinator_client::CoordinatorClient;
-use distill_proto::pb::{self, JoinRequest, WorkerMessage, worker_message};
+use distill_proto::pb::{self, WorkerMessage, worker_message};
 use tokio_util::sync::CancellationToken;
 
 /// Teachers and student share this architecture (the data: 784 pixels, 10 classes).
@@ -45,9 +45,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// `f` within [`DEADLINE`], or the test fails naming `what`.
 async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no answer within {DEADLINE:?}"))
+    distill_testkit::within(DEADLINE, what, f).await
 }
 
 /// A random-weight teacher checkpoint: `init_params(seed)` with every parameter times `scale`
@@ -171,34 +169,11 @@ async fn collect_run(run: coordinator::Run, n: usize) -> Vec<pb::TrainBatch> {
     )
     .await
     .unwrap();
-    let j = within(
-        "join",
-        client.join(JoinRequest {
-            worker_id: "hand".into(),
-            resume_step: 0,
-            session_secret: String::new(),
-        }),
+    let (tx, mut down) = within(
+        "join and open the batch stream",
+        distill_testkit::open_stream(&mut client, "hand", 2),
     )
-    .await
-    .unwrap()
-    .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.try_send(WorkerMessage {
-        kind: Some(worker_message::Kind::Hello(pb::Hello {
-            worker_id: j.worker_id,
-            incarnation: j.incarnation,
-            credits: 2,
-            session_secret: j.session_secret,
-        })),
-    })
-    .unwrap();
-    let mut down = within(
-        "batch stream",
-        client.batches(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    .await;
     let mut batches = Vec::with_capacity(n);
     while batches.len() < n {
         let msg = within("the next TrainBatch", down.message())

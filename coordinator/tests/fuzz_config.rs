@@ -15,14 +15,7 @@ use std::collections::BTreeMap;
 use coordinator::config::RunConfig;
 use proptest::prelude::*;
 
-/// `PROPTEST_CASES` if set (proptest reads it), else `cases`.
-fn config(cases: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(cases)
-    }
-}
+use distill_testkit::fuzz::cases as config;
 
 const GOOD: &str = r#"
 data = "synthetic:1"

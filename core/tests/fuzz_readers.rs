@@ -27,53 +27,7 @@ use proptest::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
-/// `PROPTEST_CASES` if set (proptest reads it), else `cases`.
-fn config(cases: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(cases)
-    }
-}
-
-/// A `/proc/self/status` field in bytes (Linux; None elsewhere).
-fn proc_status(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Fails if the process ever reserved more than 32 GiB of virtual memory (`VmPeak`, which
-/// counts reservations whose pages are never touched, so an attempt to allocate what a hostile
-/// header declares shows up even when the kernel lets it through lazily). Every input here is at
-/// most a few MiB; the margin is for the allocator's per-thread arenas (64 MiB of address space
-/// each) on machines with many test threads.
-fn vm_guard() {
-    if let Some(peak) = proc_status("VmPeak:") {
-        assert!(
-            peak < 32 << 30,
-            "peak virtual memory {peak} bytes: something allocated what an input declared"
-        );
-    }
-}
-
-/// Runs `f` and fails if the process's peak resident memory (`VmHWM`) grew by more than
-/// `limit` bytes meanwhile: for readers that would fill (so touch) what they allocate. Resident
-/// rather than virtual memory, so that other tests' threads starting their allocator arenas
-/// meanwhile do not count.
-fn within_memory<T>(limit: u64, f: impl FnOnce() -> T) -> T {
-    let before = proc_status("VmHWM:");
-    let out = f();
-    if let (Some(b), Some(a)) = (before, proc_status("VmHWM:")) {
-        assert!(
-            a.saturating_sub(b) <= limit,
-            "peak resident memory grew by {} bytes (limit {limit})",
-            a - b
-        );
-    }
-    out
-}
+use distill_testkit::fuzz::{cases as config, vm_guard, within_memory};
 
 /// One corruption of a byte string.
 #[derive(Debug, Clone)]

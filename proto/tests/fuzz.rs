@@ -3,7 +3,7 @@
 //! and their assembly, and `prost` decoding of arbitrary or corrupted bytes into every message,
 //! followed by those conversions. No input may panic, and none may make the receiver allocate
 //! more than its input justifies: a header or shape declaring 2^60 elements is an error, never an
-//! attempt (each property also checks the process's peak virtual memory, see [`vm_guard`]).
+//! attempt (each property also checks the process's peak virtual memory, see `distill_testkit::fuzz::vm_guard`).
 //!
 //! Every property runs `PROPTEST_CASES` cases (proptest's variable) when it is set, else a
 //! default sized so that this file runs in a few seconds in a debug build, e.g.
@@ -17,37 +17,7 @@ use distill_proto::{DType, Error, HostTensor, MAX_ELEMENTS, pb};
 use proptest::prelude::*;
 use prost::Message;
 
-/// `PROPTEST_CASES` if set (proptest reads it), else `cases`.
-fn config(cases: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(cases)
-    }
-}
-
-/// Peak virtual memory of this process (Linux `VmPeak`), which counts every reservation even if
-/// its pages are never touched: an attempt to allocate what a hostile header declares shows up
-/// here even when the kernel would have let it through lazily.
-fn vm_peak() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmPeak:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Fails if the process ever reserved more than 32 GiB: every input here is at most a few KiB, so
-/// only an allocation sized by a declared (not actual) length gets there (the margin is for the
-/// allocator's per-thread arenas, 64 MiB of address space each, on machines with many test
-/// threads).
-fn vm_guard() {
-    if let Some(peak) = vm_peak() {
-        assert!(
-            peak < 32 << 30,
-            "peak virtual memory {peak} bytes: something allocated what an input declared"
-        );
-    }
-}
+use distill_testkit::fuzz::{cases as config, vm_guard};
 
 const ALL_DTYPES: [DType; 5] = [DType::F32, DType::F16, DType::BF16, DType::U8, DType::I64];
 

@@ -30,9 +30,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 /// `f`, or a panic naming `what` after [`DEADLINE`]: no await in these tests can hang.
 async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {DEADLINE:?}"))
+    distill_testkit::within(DEADLINE, what, f).await
 }
 
 /// What the scripted coordinator saw, in order.

@@ -45,13 +45,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Runs `f` to completion on a throwaway runtime, panicking with `what` after [`DEADLINE`]:
 /// no wait in these tests can block forever.
 fn within<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap()
-        // The timer is created inside the runtime (it needs its time driver).
-        .block_on(async { tokio::time::timeout(DEADLINE, f).await })
-        .unwrap_or_else(|_| panic!("{what}: nothing within {DEADLINE:?}"))
+    distill_testkit::block_within(DEADLINE, what, f)
 }
 
 /// Hands the thread a command (the channel is bounded: a stuck thread fails the test).

@@ -1,84 +1,25 @@
-//! The `teacher-server` binary as a real process: prints its address, serves, exits 0 on SIGTERM.
+//! The `teacher-server` binary as a real process: prints its address, serves, says NOT_SERVING
+//! on its health service when told to stop (SIGTERM or SIGINT), and exits 0.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use candle_core::Device;
-use distill_core::checkpoint::Checkpoint;
-use distill_core::model::TrainableModel;
-use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::HostTensor;
 use distill_proto::pb::InferRequest;
 use distill_proto::pb::teacher_client::TeacherClient;
+use distill_testkit::{Deadline, random_checkpoint, signal, spawn_server};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Longest wait for a server process to start, answer or exit.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A child process that is killed (SIGKILL) and reaped when dropped, so a failing test
-/// leaves no server behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-impl KillOnDrop {
-    /// The exit status, or a panic (and, through the drop, a kill) after `limit`.
-    fn wait_within(&mut self, limit: Duration, what: &str) -> ExitStatus {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "{what}: no exit within {limit:?}");
-            // Polling an exit (std has no wait with a timeout), not a synchronisation sleep.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-/// Runs `cmd` to completion with a deadline (killed if it overruns); stdout and stderr
-/// collected on helper threads so a full pipe cannot stall it.
+/// Runs `cmd` to completion within [`DEADLINE`] (killed if it overruns).
 fn output_within(cmd: &mut Command, what: &str) -> Output {
-    let mut child = KillOnDrop(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Each pipe is read to its end on a helper thread (a full pipe cannot stall the child);
-    // the bytes come back over a channel, so even a pipe held open by a leftover grandchild
-    // cannot block the test.
-    let collect = |mut r: Box<dyn Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            let _ = tx.send(v);
-        });
-        rx
-    };
-    let out = collect(Box::new(child.0.stdout.take().unwrap()));
-    let err = collect(Box::new(child.0.stderr.take().unwrap()));
-    let status = child.wait_within(DEADLINE, what);
-    Output {
-        status,
-        stdout: out
-            .recv_timeout(DEADLINE)
-            .expect("stdout not closed within the deadline"),
-        stderr: err
-            .recv_timeout(DEADLINE)
-            .expect("stderr not closed within the deadline"),
-    }
+    distill_testkit::output_within(cmd, DEADLINE, what)
 }
 
 #[tokio::test]
@@ -92,42 +33,19 @@ async fn binary_takes_f16_and_bf16_inputs_and_exits_cleanly_on_sigint() {
 }
 
 /// Starts the binary, asks it with f32, f16 and bf16 inputs of the same (exactly
-/// representable) values, which must give bit-identical logits, then sends `signal` and expects
-/// a clean exit.
-async fn serve_then_signal(signal: &str) {
+/// representable) values, which must give bit-identical logits, then sends `signal_name` and
+/// expects NOT_SERVING on a health watch opened before, then a clean exit.
+async fn serve_then_signal(signal_name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.safetensors");
-    let spec = ModelSpec::new(Arch::parse("mlp:784-16-10").unwrap());
-    let m = TrainableModel::init(spec.clone(), 1, &Device::Cpu).unwrap();
-    let ck = Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap();
+    let ck = random_checkpoint("mlp:784-16-10", 1);
     ck.save(&path).unwrap();
 
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_teacher-server"))
-            .arg("--model")
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:0", "--member", "m1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // The first line, read on a helper thread so a server that never prints fails the test
-    // (and is killed by the guard).
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = tx.send(out.read_line(&mut line).map(|_| line));
-    });
-    let line = rx
-        .recv_timeout(DEADLINE)
-        .unwrap_or_else(|_| panic!("no `listening on` line within {DEADLINE:?}"))
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("first line: {line:?}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_teacher-server"));
+    cmd.arg("--model")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--member", "m1"]);
+    let (mut child, addr) = spawn_server(cmd, &dir.path().join("server.log"));
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0);
 
@@ -172,15 +90,42 @@ async fn serve_then_signal(signal: &str) {
         );
     }
 
-    let killed = output_within(
-        Command::new("kill").args([signal, &child.0.id().to_string()]),
-        "kill",
+    // Health is watched from before the signal: the server must say NOT_SERVING (so load
+    // balancers and the coordinator's prober stop sending) before it goes away.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .deadline()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "distill.v1.Teacher".into(),
+        })
+        .deadline()
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().deadline().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    signal(child.id(), signal_name);
+    let next = watch
+        .message()
+        .deadline()
+        .await
+        .unwrap_or_else(|e| panic!("the health stream broke without NOT_SERVING: {e}"))
+        .unwrap_or_else(|| panic!("the health stream ended without NOT_SERVING"));
+    assert_eq!(
+        next.status,
+        ServingStatus::NotServing as i32,
+        "after {signal_name}"
     );
-    assert!(killed.status.success());
     let status = child.wait_within(DEADLINE, "the server after the signal");
     assert!(
         status.success(),
-        "exit status after kill {signal}: {status:?}"
+        "exit status after kill {signal_name}: {status:?}"
     );
 }
 

@@ -7,11 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use distill_core::checkpoint::Checkpoint;
-use distill_core::model::TrainableModel;
-use distill_core::spec::{Arch, ModelSpec};
 use distill_proto::pb::teacher_client::TeacherClient;
 use distill_proto::pb::{self, InferRequest, infer_stream_response};
 use distill_proto::{DType, HostTensor};
+use distill_testkit::{Deadline, random_checkpoint};
 use teacher_server::{ServeOptions, build_service, serve};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,44 +21,10 @@ const MAX_MSG: usize = 64 << 20;
 /// Longest wait for any one await in these tests (each takes well under a second normally).
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// `.deadline().await` instead of `.await`: the awaited thing, or a panic naming the line that
-/// waited after [`DEADLINE`], so a hang fails the test instead of blocking the suite.
-trait Deadline: std::future::IntoFuture + Sized {
-    #[track_caller]
-    fn deadline(self) -> impl std::future::Future<Output = Self::Output> {
-        let at = std::panic::Location::caller();
-        let f = self.into_future();
-        async move {
-            match tokio::time::timeout(DEADLINE, f).await {
-                Ok(v) => v,
-                Err(_) => panic!("{at}: the awaited call did not finish within {DEADLINE:?}"),
-            }
-        }
-    }
-}
-
-impl<F: std::future::IntoFuture> Deadline for F {}
-
 /// Waits (yielding, with a deadline) until `cond` holds.
 #[track_caller]
-fn until(what: &'static str, cond: impl Fn() -> bool) -> impl std::future::Future<Output = ()> {
-    let at = std::panic::Location::caller();
-    async move {
-        let poll = async {
-            while !cond() {
-                tokio::task::yield_now().await;
-            }
-        };
-        if tokio::time::timeout(DEADLINE, poll).await.is_err() {
-            panic!("{at}: {what}: not within {DEADLINE:?}");
-        }
-    }
-}
-
-fn checkpoint(arch: &str, seed: u64) -> Checkpoint {
-    let spec = ModelSpec::new(Arch::parse(arch).unwrap());
-    let m = TrainableModel::init(spec.clone(), seed, &Device::Cpu).unwrap();
-    Checkpoint::from_tensors(spec, &m.named_tensors().unwrap()).unwrap()
+fn until(what: &str, cond: impl Fn() -> bool) -> impl std::future::Future<Output = ()> {
+    distill_testkit::until(DEADLINE, what, cond)
 }
 
 struct Running {
@@ -136,7 +101,7 @@ fn logits_of(r: &pb::InferResponse) -> Vec<f32> {
 
 #[tokio::test]
 async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
-    let ck = checkpoint("mlp:784-64-32-10", 1);
+    let ck = random_checkpoint("mlp:784-64-32-10", 1);
     let mut s = start(
         &ck,
         ServeOptions {
@@ -232,7 +197,7 @@ async fn batched_and_unbatched_answers_are_identical() {
 }
 
 async fn batching_is_invisible(arch: &str) {
-    let ck = checkpoint(arch, 2);
+    let ck = random_checkpoint(arch, 2);
     // Unbatched: one request at a time, no waiting for company.
     let mut solo = start(
         &ck,
@@ -369,7 +334,7 @@ where
 
 #[tokio::test]
 async fn infer_stream_pipelines_many_requests_out_of_order() {
-    let ck = checkpoint("mlp:784-32-10", 3);
+    let ck = random_checkpoint("mlp:784-32-10", 3);
     // Every forward pass takes at least 200 ms: requests read while one runs queue up.
     let mut s = start(
         &ck,
@@ -473,7 +438,7 @@ async fn infer_stream_pipelines_many_requests_out_of_order() {
 
 #[tokio::test]
 async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
-    let ck = checkpoint("mlp:784-16-10", 4);
+    let ck = random_checkpoint("mlp:784-16-10", 4);
     let mut s = start(
         &ck,
         ServeOptions {
@@ -630,7 +595,7 @@ async fn every_bad_request_gets_invalid_argument_and_the_server_still_serves() {
 
 #[tokio::test]
 async fn a_temperature_so_small_that_logits_overflow_is_refused() {
-    let ck = checkpoint("mlp:784-16-10", 4);
+    let ck = random_checkpoint("mlp:784-16-10", 4);
     let mut s = start(&ck, ServeOptions::default()).deadline().await;
     let x = inputs(2, 784, 3);
     let z = local_logits(&ck, &x, 2, 1.0);
@@ -692,7 +657,7 @@ async fn a_temperature_so_small_that_logits_overflow_is_refused() {
 
 #[tokio::test]
 async fn too_many_requests_in_flight_get_resource_exhausted() {
-    let ck = checkpoint("mlp:784-16-10", 5);
+    let ck = random_checkpoint("mlp:784-16-10", 5);
     // A slow forward pass keeps the first request in flight while the second arrives.
     let s = start(
         &ck,
@@ -738,7 +703,7 @@ async fn too_many_requests_in_flight_get_resource_exhausted() {
 
 #[tokio::test]
 async fn health_and_reflection_are_served_and_shutdown_drains() {
-    let ck = checkpoint("mlp:784-16-10", 6);
+    let ck = random_checkpoint("mlp:784-16-10", 6);
     let s = start(
         &ck,
         ServeOptions {
@@ -844,7 +809,7 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_stream_is_cut_off_and_others_are_served() {
     // 1000 classes: one 1024-row reply is 4 MB, more than a client's stream window.
-    let ck = checkpoint("mlp:4-1000", 3);
+    let ck = random_checkpoint("mlp:4-1000", 3);
     let opts = ServeOptions {
         max_inflight: 2,
         ..Default::default()

@@ -1,0 +1,72 @@
+//! Our own servers in the test's process, each on a real loopback socket: teacher servers,
+//! a coordinator and student workers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use candle_core::Device;
+use distill_core::checkpoint::Checkpoint;
+use tokio_util::sync::CancellationToken;
+
+/// Serves `ck` in-process with `opts` on `listener` until `shutdown`; returns the service (a
+/// clone shares its counters) and its URL.
+pub fn serve_teacher_on(
+    ck: &Checkpoint,
+    opts: &teacher_server::ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> (teacher_server::TeacherService, String) {
+    let svc = teacher_server::build_service(ck, &Device::Cpu, opts).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(teacher_server::serve(
+        svc.clone(),
+        listener,
+        opts.max_message_bytes,
+        shutdown.clone(),
+    ));
+    (svc, url)
+}
+
+/// [`serve_teacher_on`] a fresh loopback port.
+pub async fn serve_teacher(
+    ck: &Checkpoint,
+    opts: &teacher_server::ServeOptions,
+    shutdown: &CancellationToken,
+) -> (teacher_server::TeacherService, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_teacher_on(ck, opts, listener, shutdown)
+}
+
+/// Prepares `cfg` and serves it in this process on a fresh loopback port until it ends or
+/// `shutdown`; returns the address and the server task.
+pub async fn serve_run(
+    cfg: coordinator::RunConfig,
+    shutdown: &CancellationToken,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<coordinator::Result<Option<coordinator::RunReport>>>,
+) {
+    let run = coordinator::prepare(cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(coordinator::serve(run, listener, shutdown.clone())),
+    )
+}
+
+/// A real student worker in this process, in its own task (work dir `dir/worker`), stopped
+/// by `stop`.
+pub fn spawn_worker(
+    coordinator: SocketAddr,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<student_worker::Result<student_worker::WorkerReport>> {
+    let cfg = student_worker::WorkerConfig {
+        coordinator: format!("http://{coordinator}"),
+        work_dir: dir.join("worker"),
+        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    tokio::spawn(student_worker::run(cfg, stop.clone()))
+}
