@@ -216,14 +216,16 @@ def numpy_check():
     print("numpy check: OK")
 
 
-def main_mlp():
-    torch.manual_seed(0)
+def make_fixture(seed, build, make, sample, model_path, io_path, arch, check):
+    """Trains `build()` on `make(gen)`'s data with its own seed and generator, writes its state
+    dict to `model_path` and the reference inputs/outputs to `io_path`, then runs `check()`."""
+    torch.manual_seed(seed)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
-    gen = torch.Generator().manual_seed(0)
-    model = build_model()
-    x_train, y_train, protos = make_data(gen)
+    gen = torch.Generator().manual_seed(seed)
+    model = build()
+    x_train, y_train, protos = make(gen)
     train(model, x_train, y_train, gen)
 
     model.eval()
@@ -233,11 +235,11 @@ def main_mlp():
         print(f"  {k:10s} {list(v.shape)}")
 
     os.makedirs(FIXTURE_DIR, exist_ok=True)
-    save_file(state, MODEL_PATH)
+    save_file(state, model_path)
 
     # Fresh held-out inputs: one sample each of classes 0..7.
     labels = torch.arange(N_IO)
-    x = sample_inputs(protos, labels, gen).contiguous()
+    x = sample(protos, labels, gen).contiguous()
     with torch.no_grad():
         logits = model(x)
     logits_t4 = logits / TEMPERATURE
@@ -251,13 +253,17 @@ def main_mlp():
             "logits": logits.contiguous(),
             "logits_t4": logits_t4.contiguous(),
         },
-        IO_PATH,
-        {"arch": ARCH, "torch_version": torch.__version__},
+        io_path,
+        {"arch": arch, "torch_version": torch.__version__},
     )
-    print(f"wrote {MODEL_PATH} ({os.path.getsize(MODEL_PATH)} bytes)")
-    print(f"wrote {IO_PATH} ({os.path.getsize(IO_PATH)} bytes)")
+    print(f"wrote {model_path} ({os.path.getsize(model_path)} bytes)")
+    print(f"wrote {io_path} ({os.path.getsize(io_path)} bytes)")
 
-    numpy_check()
+    check()
+
+
+def main_mlp():
+    make_fixture(0, build_model, make_data, sample_inputs, MODEL_PATH, IO_PATH, ARCH, numpy_check)
 
 
 # ---------------------------------------------------------------------------
@@ -400,47 +406,16 @@ def numpy_check_conv():
 
 
 def main_conv():
-    torch.manual_seed(CONV_SEED)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-
-    gen = torch.Generator().manual_seed(CONV_SEED)
-    model = build_conv_model()
-    x_train, y_train, protos = make_conv_data(gen)
-    train(model, x_train, y_train, gen)
-
-    model.eval()
-    state = model.state_dict()
-    for k, v in state.items():
-        assert v.dtype == torch.float32 and v.is_contiguous(), k
-        print(f"  {k:10s} {list(v.shape)}")
-
-    os.makedirs(FIXTURE_DIR, exist_ok=True)
-    save_file(state, CONV_MODEL_PATH)
-
-    # Fresh held-out inputs: one sample each of classes 0..7.
-    labels = torch.arange(N_IO)
-    x = sample_conv_inputs(protos, labels, gen).contiguous()
-    with torch.no_grad():
-        logits = model(x)
-    logits_t4 = logits / TEMPERATURE
-    print(f"io argmax   : {logits.argmax(dim=1).tolist()}")
-    print(f"true labels : {labels.tolist()}")
-    print(f"max |logit| = {logits.abs().max().item():.4f}")
-
-    save_io_file(
-        {
-            "x": x.contiguous(),
-            "logits": logits.contiguous(),
-            "logits_t4": logits_t4.contiguous(),
-        },
+    make_fixture(
+        CONV_SEED,
+        build_conv_model,
+        make_conv_data,
+        sample_conv_inputs,
+        CONV_MODEL_PATH,
         CONV_IO_PATH,
-        {"arch": CONV_ARCH, "torch_version": torch.__version__},
+        CONV_ARCH,
+        numpy_check_conv,
     )
-    print(f"wrote {CONV_MODEL_PATH} ({os.path.getsize(CONV_MODEL_PATH)} bytes)")
-    print(f"wrote {CONV_IO_PATH} ({os.path.getsize(CONV_IO_PATH)} bytes)")
-
-    numpy_check_conv()
 
 
 def main():

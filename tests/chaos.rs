@@ -21,8 +21,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, coordinator, count as u, logs, member, read_report, reserve_port, run_status,
-    signal, small_run, static_member, teacher, train_teacher, trained_teacher, wait_until,
+    Proc, Procs, coordinator, count as u, logs, member, read_report, reserve_port, resumable_run,
+    run_status, signal, static_member, teacher, train_teacher, trained_teacher, wait_until,
     wait_with_deadline, worker, write_config,
 };
 use coordinator::config::{MemberConfig, RunConfig, TeacherPolicy};
@@ -41,13 +41,9 @@ fn config(
     members: Vec<MemberConfig>,
     tweak: impl FnOnce(&mut RunConfig),
 ) -> std::path::PathBuf {
-    let mut cfg = small_run(name);
+    let mut cfg = resumable_run(name);
     cfg.epochs = 4;
     cfg.seed = 5;
-    cfg.lease_timeout_secs = 30.0;
-    cfg.sync.every = 5;
-    cfg.sync.round_timeout_secs = 10.0;
-    cfg.sync.state_every_secs = 0.0;
     cfg.members = members;
     tweak(&mut cfg);
     write_config(d, name, &cfg)

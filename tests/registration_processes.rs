@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, Procs, distill, logs, read_report, reserve_port, run_status, small_run, start,
+    Proc, Procs, distill, logs, read_report, reserve_port, resumable_run, run_status, start,
     static_member, train_teacher, wait_until, wait_with_deadline, worker, write_config,
 };
 use distill_core::data::Dataset;
@@ -25,13 +25,9 @@ use distill_core::data::Dataset;
 const LEASE_TTL_SECS: f64 = 2.0;
 
 fn config(d: &Path) -> std::path::PathBuf {
-    let mut cfg = small_run("run");
+    let mut cfg = resumable_run("run");
     cfg.epochs = 4;
     cfg.seed = 5;
-    cfg.lease_timeout_secs = 30.0;
-    cfg.sync.every = 5;
-    cfg.sync.round_timeout_secs = 10.0;
-    cfg.sync.state_every_secs = 0.0;
     cfg.membership.lease_ttl_secs = LEASE_TTL_SECS;
     cfg.membership.heartbeat_secs = 0.3;
     cfg.members = vec![static_member("b", &[])];

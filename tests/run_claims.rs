@@ -28,8 +28,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    Proc, Setup, count as u, distill, logs, read_report, reserve_port, run_status, setup, signal,
-    small_run, static_member, wait_until, wait_with_deadline, worker, write_config,
+    Proc, Setup, count as u, distill, logs, read_report, reserve_port, resumable, run_status,
+    setup, signal, small_run, static_member, wait_until, wait_with_deadline, worker, write_config,
 };
 use coordinator::config::{ParamDtype, RunConfig};
 use distill_core::checkpoint::Checkpoint;
@@ -204,11 +204,8 @@ fn a_restart_with_other_student_settings_is_refused() {
     let s = setup();
     let d = s.dir.path().to_path_buf();
     let settings = |c: &mut RunConfig| {
+        resumable(c);
         c.epochs = 3;
-        c.lease_timeout_secs = 30.0;
-        c.sync.every = 5;
-        c.sync.round_timeout_secs = 10.0;
-        c.sync.state_every_secs = 0.0;
     };
     let cfg = config(&s, "run", settings);
     let (mut c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", "run-coordinator.log");
@@ -273,12 +270,9 @@ fn killing_the_coordinator_of_a_two_worker_run_resumes_with_both_workers() {
     let s = setup();
     let d = s.dir.path().to_path_buf();
     let cfg = config(&s, "resume", |c| {
+        resumable(c);
         c.epochs = 3;
         c.min_workers = 2;
-        c.lease_timeout_secs = 30.0;
-        c.sync.every = 5;
-        c.sync.round_timeout_secs = 10.0;
-        c.sync.state_every_secs = 0.0;
     });
     // Held until the test ends: nothing else can take the port between the kill and the restart.
     let port = reserve_port();

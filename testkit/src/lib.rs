@@ -30,5 +30,5 @@ pub use process::{
     Proc, Procs, finish, logs, output_within, signal, spawn_server, start, wait_with_deadline,
 };
 pub use report::{count, member, read_report, run_status};
-pub use run_config::{small_run, static_member, write_config};
+pub use run_config::{resumable, resumable_run, small_run, static_member, write_config};
 pub use servers::{serve_run, serve_teacher, serve_teacher_on, spawn_worker};

@@ -31,6 +31,22 @@ pub fn small_run(run_dir: impl Into<PathBuf>) -> RunConfig {
     cfg
 }
 
+/// [`small_run`] made [`resumable`].
+pub fn resumable_run(run_dir: impl Into<PathBuf>) -> RunConfig {
+    let mut cfg = small_run(run_dir);
+    resumable(&mut cfg);
+    cfg
+}
+
+/// Synchronisation rounds every 5 updates (a 10 s timeout), each one a commit point of the run
+/// state, and 30 s leases: what the tests that kill and restart a coordinator need.
+pub fn resumable(cfg: &mut RunConfig) {
+    cfg.lease_timeout_secs = 30.0;
+    cfg.sync.every = 5;
+    cfg.sync.round_timeout_secs = 10.0;
+    cfg.sync.state_every_secs = 0.0;
+}
+
 /// Member `name` with these static endpoints, weight 1.
 pub fn static_member(name: &str, endpoints: &[&str]) -> MemberConfig {
     MemberConfig {
