@@ -11,9 +11,8 @@ const TEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 use std::time::Duration;
 
-use coordinator::config::{MemberConfig, MembershipSettings};
-use coordinator::domain::membership::{Claim, Membership, ModelIdentity, ReplicaView};
-use coordinator::membership::MembershipHandle;
+use coordinator::config::MembershipSettings;
+use coordinator::domain::membership::{Claim, ModelIdentity, ReplicaView};
 use coordinator::teachers::TeacherPool;
 use distill_proto::HostTensor;
 use tokio_util::sync::CancellationToken;
@@ -40,25 +39,7 @@ fn pool(endpoints: &[String], hedge: bool) -> TeacherPool {
         canary: false,
         ..Default::default()
     };
-    let mut membership = Membership::new(
-        settings.to_config(1),
-        [("t".to_string(), endpoints.to_vec())],
-    )
-    .unwrap();
-    membership.expect_model(784, 10);
-    let members = [MemberConfig {
-        name: "t".into(),
-        endpoints: endpoints.to_vec(),
-        weight: 1.0,
-        trusted: Vec::new(),
-    }];
-    TeacherPool::new(
-        &members,
-        MembershipHandle::new(membership),
-        Duration::from_secs(30),
-        64 << 20,
-    )
-    .unwrap()
+    common::teacher_pool(endpoints, settings)
 }
 
 /// The membership's view of each replica, in `endpoints` order.

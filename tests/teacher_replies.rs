@@ -183,25 +183,7 @@ fn pool(endpoints: &[String]) -> TeacherPool {
 
 /// A pool with one member `t` over `endpoints` and the membership `settings`.
 fn pool_with(endpoints: &[String], settings: MembershipSettings) -> TeacherPool {
-    let mut membership = Membership::new(
-        settings.to_config(1),
-        [("t".to_string(), endpoints.to_vec())],
-    )
-    .unwrap();
-    membership.expect_model(784, CLASSES as u32);
-    let members = [MemberConfig {
-        name: "t".into(),
-        endpoints: endpoints.to_vec(),
-        weight: 1.0,
-        trusted: Vec::new(),
-    }];
-    TeacherPool::new(
-        &members,
-        MembershipHandle::new(membership),
-        Duration::from_secs(30),
-        64 << 20,
-    )
-    .unwrap()
+    common::teacher_pool(endpoints, settings)
 }
 
 /// The membership's view of member `t`'s replica at `endpoint`.

@@ -31,4 +31,4 @@ pub use process::{
 };
 pub use report::{count, member, read_report, run_status};
 pub use run_config::{resumable, resumable_run, small_run, static_member, write_config};
-pub use servers::{serve_run, serve_teacher, serve_teacher_on, spawn_worker};
+pub use servers::{serve_run, serve_teacher, serve_teacher_on, spawn_worker, teacher_pool};

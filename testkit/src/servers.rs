@@ -70,3 +70,31 @@ pub fn spawn_worker(
     };
     tokio::spawn(student_worker::run(cfg, stop.clone()))
 }
+
+/// The coordinator's teacher pool over one member `t` (784 inputs, 10 classes) at `endpoints`,
+/// with the membership `settings`, a 30 s request deadline and 64 MiB messages.
+pub fn teacher_pool(
+    endpoints: &[String],
+    settings: coordinator::config::MembershipSettings,
+) -> coordinator::teachers::TeacherPool {
+    use coordinator::domain::membership::Membership;
+    let mut membership = Membership::new(
+        settings.to_config(1),
+        [("t".to_string(), endpoints.to_vec())],
+    )
+    .unwrap();
+    membership.expect_model(784, 10);
+    let members = [coordinator::config::MemberConfig {
+        name: "t".into(),
+        endpoints: endpoints.to_vec(),
+        weight: 1.0,
+        trusted: Vec::new(),
+    }];
+    coordinator::teachers::TeacherPool::new(
+        &members,
+        coordinator::membership::MembershipHandle::new(membership),
+        Duration::from_secs(30),
+        64 << 20,
+    )
+    .unwrap()
+}
