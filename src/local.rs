@@ -65,7 +65,7 @@ pub async fn run(
             name: m.name.clone(),
             endpoints,
             weight: 1.0,
-            trusted: Vec::new(),
+            ..Default::default()
         });
     }
     cfg.min_workers = workers.max(1);

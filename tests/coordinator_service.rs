@@ -486,7 +486,7 @@ async fn under_degrade_a_member_that_is_down_is_left_out_and_counted() {
                 name: "gone".into(),
                 endpoints: vec![format!("http://{dead}")],
                 weight: 3.0,
-                trusted: Vec::new(),
+                ..Default::default()
             });
             cfg.teacher_policy = coordinator::config::TeacherPolicy::Degrade;
             cfg.teacher_timeout_secs = 2.0;
@@ -523,7 +523,7 @@ async fn under_wait_the_run_pauses_for_a_member_that_is_down_and_resumes_when_it
                 name: "late".into(),
                 endpoints: vec![format!("http://{late}")],
                 weight: 1.0,
-                trusted: Vec::new(),
+                ..Default::default()
             });
             cfg.teacher_timeout_secs = 2.0;
             let (caddr, served) = common::serve_run(cfg, &shutdown).await;

@@ -25,8 +25,7 @@ use coordinator::RunConfig;
 use distill_core::checkpoint::Checkpoint;
 use distill_core::model::Model;
 use distill_core::spec::{Arch, ModelSpec};
-use distill_proto::pb::coordinator_client::CoordinatorClient;
-use distill_proto::pb::{self, WorkerMessage, worker_message};
+use distill_proto::pb;
 use tokio_util::sync::CancellationToken;
 
 /// Teachers and student share this architecture (the data: 784 pixels, 10 classes).
@@ -154,56 +153,7 @@ async fn collect(cfg: RunConfig, n: usize) -> Vec<pb::TrainBatch> {
 
 /// [`collect`] for a run already prepared.
 async fn collect_run(run: coordinator::Run, n: usize) -> Vec<pb::TrainBatch> {
-    let listener = within(
-        "coordinator bind",
-        tokio::net::TcpListener::bind("127.0.0.1:0"),
-    )
-    .await
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let served = tokio::spawn(coordinator::serve(run, listener, stop.clone()));
-    let mut client = within(
-        "connect",
-        CoordinatorClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap();
-    let (tx, mut down) = within(
-        "join and open the batch stream",
-        distill_testkit::open_stream(&mut client, "hand", 2),
-    )
-    .await;
-    let mut batches = Vec::with_capacity(n);
-    while batches.len() < n {
-        let msg = within("the next TrainBatch", down.message())
-            .await
-            .unwrap()
-            .expect("the stream is open");
-        let Some(pb::coordinator_message::Kind::Train(b)) = msg.kind else {
-            continue; // the initial parameters
-        };
-        within(
-            "ack",
-            tx.send(WorkerMessage {
-                kind: Some(worker_message::Kind::Ack(pb::Ack {
-                    lease_id: b.lease_id,
-                    ..Default::default()
-                })),
-            }),
-        )
-        .await
-        .unwrap();
-        batches.push(b);
-    }
-    drop((tx, down, client));
-    stop.cancel();
-    let outcome = within("the coordinator stopping", served)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(outcome.is_none(), "the run was stopped, not completed");
-    batches
+    distill_testkit::collect_batches(run, n, DEADLINE).await
 }
 
 /// Rows of a batch and its input values as the teacher server sees them (u8 pixels / 255).

@@ -409,13 +409,13 @@ fn two_member_pool(a: &str) -> TeacherPool {
             name: "a".into(),
             endpoints: vec![a.to_string()],
             weight: 1.0,
-            trusted: Vec::new(),
+            ..Default::default()
         },
         MemberConfig {
             name: "b".into(),
             endpoints: vec![],
             weight: 1.0,
-            trusted: Vec::new(),
+            ..Default::default()
         },
     ];
     TeacherPool::new(

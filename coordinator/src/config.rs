@@ -224,6 +224,147 @@ pub struct MemberConfig {
     /// registration's canary answers are compared with (`[membership] canary`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted: Vec<String>,
+    /// What the replicas speak: `distill` (our teacher servers, default) or `oip` (the Open
+    /// Inference Protocol, KServe v2 / Triton; see the fields below and
+    /// `coordinator::teachers::wire`).
+    #[serde(default, skip_serializing_if = "MemberProtocol::is_distill")]
+    pub protocol: MemberProtocol,
+    /// OIP: the model's name on the servers (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    /// OIP: the model version to ask for (default: the server's choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// OIP: the input tensor's name (default `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_name: Option<String>,
+    /// OIP: the input's datatype, `FP32` (default), `FP16`, `BF16` or `UINT8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_datatype: Option<String>,
+    /// OIP: the output tensor to ask for (default `logits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_name: Option<String>,
+    /// OIP: what that output holds (default `logits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputHolds>,
+    /// OIP: the operator's name for the model's current weights, part of the soft-target
+    /// cache key (OIP states no weights digest). A read-write cache needs it or a
+    /// `model_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+impl Default for MemberConfig {
+    /// A native member with no name, no endpoints and weight 1 (fill in the rest).
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            endpoints: Vec::new(),
+            weight: default_weight(),
+            trusted: Vec::new(),
+            protocol: MemberProtocol::Distill,
+            model_name: None,
+            model_version: None,
+            input_name: None,
+            input_datatype: None,
+            output_name: None,
+            output: None,
+            identity: None,
+        }
+    }
+}
+
+/// The protocol a member's replicas speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberProtocol {
+    /// `distill.v1.Teacher`.
+    #[default]
+    Distill,
+    /// `inference.GRPCInferenceService` (Open Inference Protocol).
+    Oip,
+}
+
+impl MemberProtocol {
+    fn is_distill(&self) -> bool {
+        *self == MemberProtocol::Distill
+    }
+}
+
+/// What an OIP member's output tensor holds; the coordinator turns it into z/T.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputHolds {
+    /// Logits z: z/T.
+    Logits,
+    /// Probabilities p (softmax(z)): ln p / T.
+    Probabilities,
+    /// Log-probabilities: log p / T.
+    LogProbabilities,
+}
+
+/// An OIP member's model, its defaults filled in ([`MemberConfig::oip`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OipMember {
+    /// The model's name on the servers.
+    pub model_name: String,
+    /// The version asked for (None: the server's choice).
+    pub model_version: Option<String>,
+    /// The input tensor's name.
+    pub input_name: String,
+    /// The input's datatype name, as configured (validated by [`RunConfig::validate`]).
+    pub input_datatype: String,
+    /// The output tensor asked for.
+    pub output_name: String,
+    /// What it holds.
+    pub output: OutputHolds,
+    /// The operator's identity string.
+    pub identity: Option<String>,
+}
+
+impl OipMember {
+    /// The input's element type (FP32 when the configured name is unknown; validation refuses
+    /// such a config before any request).
+    pub fn datatype(&self) -> distill_proto::DType {
+        distill_proto::oip::parse_datatype(&self.input_datatype)
+            .unwrap_or(distill_proto::DType::F32)
+    }
+
+    /// `model@version` (or the bare name), as the run reports the member's model.
+    pub fn model_id(&self) -> String {
+        match &self.model_version {
+            Some(v) => format!("{}@{v}", self.model_name),
+            None => self.model_name.clone(),
+        }
+    }
+
+    /// What stands for a weights digest (the membership pins it; the cache keys on it).
+    pub fn identity_key(&self) -> String {
+        format!(
+            "oip:{}:{}:{}",
+            self.model_name,
+            self.model_version.as_deref().unwrap_or(""),
+            self.identity.as_deref().unwrap_or("")
+        )
+    }
+}
+
+impl MemberConfig {
+    /// The OIP model of an OIP member, defaults filled in; None for a native member.
+    pub fn oip(&self) -> Option<OipMember> {
+        if self.protocol != MemberProtocol::Oip {
+            return None;
+        }
+        Some(OipMember {
+            model_name: self.model_name.clone().unwrap_or_default(),
+            model_version: self.model_version.clone(),
+            input_name: self.input_name.clone().unwrap_or_else(|| "input".into()),
+            input_datatype: self.input_datatype.clone().unwrap_or_else(|| "FP32".into()),
+            output_name: self.output_name.clone().unwrap_or_else(|| "logits".into()),
+            output: self.output.unwrap_or(OutputHolds::Logits),
+            identity: self.identity.clone(),
+        })
+    }
 }
 
 /// Synchronisation rounds: workers average their parameters every `every` local updates (see
@@ -415,6 +556,82 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// The protocol fields of member `i`: OIP ones only on an OIP member, which needs a model
+    /// name, static endpoints and a known input datatype, and (with a read-write cache) a
+    /// version or an identity, so that a silently replaced production model never meets its
+    /// predecessor's cached soft targets.
+    fn validate_protocol(&self, i: usize, m: &MemberConfig) -> Result<()> {
+        let bad =
+            |key: &str, msg: String| Err(Error::Config(format!("`members[{i}].{key}`: {msg}")));
+        let Some(oip) = m.oip() else {
+            for (key, set) in [
+                ("model_name", m.model_name.is_some()),
+                ("model_version", m.model_version.is_some()),
+                ("input_name", m.input_name.is_some()),
+                ("input_datatype", m.input_datatype.is_some()),
+                ("output_name", m.output_name.is_some()),
+                ("output", m.output.is_some()),
+                ("identity", m.identity.is_some()),
+            ] {
+                if set {
+                    return bad(
+                        key,
+                        "only an OIP member (`protocol = \"oip\"`) has it".into(),
+                    );
+                }
+            }
+            return Ok(());
+        };
+        if oip.model_name.is_empty() {
+            return bad(
+                "model_name",
+                "an OIP member needs the model's name on its servers".into(),
+            );
+        }
+        if m.endpoints.is_empty() {
+            return bad(
+                "endpoints",
+                "an OIP member needs static endpoints (OIP servers do not register)".into(),
+            );
+        }
+        if !m.trusted.is_empty() {
+            return bad(
+                "trusted",
+                "OIP members take no registrations to trust".into(),
+            );
+        }
+        match distill_proto::oip::parse_datatype(&oip.input_datatype) {
+            Some(d) if d != distill_proto::DType::I64 => {}
+            _ => {
+                return bad(
+                    "input_datatype",
+                    format!(
+                        "`{}` is not one of FP32, FP16, BF16, UINT8",
+                        oip.input_datatype
+                    ),
+                );
+            }
+        }
+        let read_write = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.mode == crate::store::cache::CacheMode::ReadWrite);
+        if read_write && oip.model_version.is_none() && oip.identity.is_none() {
+            return bad(
+                "identity",
+                format!(
+                    "member `{}` is an OIP model with neither `model_version` nor `identity`, \
+                     and the run writes the soft-target cache: OIP states no weights digest, so \
+                     a model replaced under the same name would be mixed with its \
+                     predecessor's cached targets. Pin a `model_version`, or name the weights \
+                     in `identity` (and change it when they change)",
+                    m.name
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<()> {
         fn bad<T>(key: &str, msg: String) -> Result<T> {
@@ -465,6 +682,7 @@ impl RunConfig {
                     format!("must be finite and > 0, got {}", m.weight),
                 );
             }
+            self.validate_protocol(i, m)?;
         }
         for (key, v) in [
             ("lease_timeout_secs", self.lease_timeout_secs),

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+pub mod oip;
 pub mod params;
 
 /// Generated protobuf messages and gRPC stubs for package `distill.v1`.
@@ -13,7 +14,14 @@ pub mod pb {
     tonic::include_proto!("distill.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every `distill.v1` file, for gRPC reflection.
+/// Generated messages and stubs of the Open Inference Protocol (package `inference`: KServe v2,
+/// Triton's core API); [`oip`] joins its tensors to [`HostTensor`].
+pub mod pb_oip {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded `FileDescriptorSet` of every `distill.v1` file and of `inference`, for gRPC
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distill_descriptor");
 
 /// Errors converting wire messages.
@@ -42,6 +50,9 @@ pub enum Error {
     /// A parameter chunk does not fit the parameter set being assembled.
     #[error("parameters: {0}")]
     Params(String),
+    /// An Open Inference Protocol tensor that does not fit what it claims or what is asked.
+    #[error("{0}")]
+    Oip(String),
 }
 
 /// Result alias of this crate.
@@ -232,7 +243,7 @@ impl HostTensor {
 /// dimension: a zero dimension makes the count 0, but every other dimension must still be at most
 /// [`MAX_ELEMENTS`] and so must the product of the nonzero ones, so callers may multiply any
 /// subset of the dimensions (a row length `shape[1..]`, say) without overflow.
-fn checked_numel(shape: &[u64]) -> Result<u64> {
+pub(crate) fn checked_numel(shape: &[u64]) -> Result<u64> {
     let too_large = || Error::TooLarge {
         shape: shape.to_vec(),
         limit: MAX_ELEMENTS,

@@ -456,7 +456,7 @@ async fn pipeline_window(
         name: "t".into(),
         endpoints: vec![endpoint.to_string()],
         weight: 1.0,
-        trusted: Vec::new(),
+        ..Default::default()
     }];
     cfg.min_workers = 1;
     cfg.validate()?;

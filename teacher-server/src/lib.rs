@@ -1,4 +1,5 @@
-//! `teacher-server`: serves one model's tempered logits z/T over gRPC (`distill.v1.Teacher`),
+//! `teacher-server`: serves one model's tempered logits z/T over gRPC (`distill.v1.Teacher`,
+//! and the Open Inference Protocol's `inference.GRPCInferenceService` on the same port: [`oip`]),
 //! with dynamic batching on a dedicated compute thread, input validation, an in-flight limit,
 //! standard health and reflection services, and graceful shutdown.
 //!
@@ -9,6 +10,7 @@ pub mod batcher;
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod oip;
 pub mod register;
 pub mod service;
 
@@ -17,6 +19,7 @@ use std::time::Duration;
 use candle_core::Device;
 use distill_core::checkpoint::Checkpoint;
 use distill_proto::pb::teacher_server::TeacherServer;
+use distill_proto::pb_oip::grpc_inference_service_server::GrpcInferenceServiceServer;
 use distill_transport::{Access, Role, ServerSecurity};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -130,7 +133,9 @@ pub async fn serve(
 pub fn policy(path: &str) -> Access {
     if path.starts_with(distill_transport::auth::HEALTH_PREFIX) {
         Access::Open
-    } else if path.starts_with("/distill.v1.Teacher/") {
+    } else if path.starts_with("/distill.v1.Teacher/")
+        || path.starts_with("/inference.GRPCInferenceService/")
+    {
         Access::Role(Role::Infer)
     } else {
         Access::AnyRole
@@ -164,6 +169,10 @@ pub async fn serve_with(
         .map_err(|e| Error::Compute(format!("reflection service: {e}")))?;
     let info = service.info().clone();
     let drain_view = service.clone();
+    let oip =
+        GrpcInferenceServiceServer::new(oip::OipService::new(service.clone(), shutdown.clone()))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
     let teacher = TeacherServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -181,6 +190,7 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(teacher)
+        .add_service(oip)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     // tonic's graceful shutdown also waits for idle client connections to close, which a
     // long-lived client (a coordinator) never does: once every request in flight is answered,

@@ -833,13 +833,21 @@ async fn a_client_that_never_reads_its_stream_is_cut_off_and_others_are_served()
             .max_encoding_message_size(MAX_MSG)
     };
 
-    const SENT: u64 = 40;
+    // The client keeps sending until the server stops reading it. (A fixed burst is not
+    // enough: most of a burst can be refused at once as over the in-flight limit, and the few
+    // admitted replies may all fit in the connection's buffers, so nothing ever stalls.)
+    const SENT: u64 = 2000;
     let x = inputs(1024, 4, 1);
-    let (tx, rx) = tokio::sync::mpsc::channel(SENT as usize);
-    for id in 0..SENT {
-        tx.send(request(id, &x, 1024, 2.0)).await.unwrap();
-    }
-    // The sending side stays open: the client is alive, it only never reads.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let feeder = tokio::spawn(async move {
+        for id in 0..SENT {
+            if tx.send(request(id, &x, 1024, 2.0)).await.is_err() {
+                return;
+            }
+        }
+        // The sending side stays open: the client is alive, it only never reads.
+        tx.closed().await;
+    });
     let mut stalled = connect().await;
     let mut replies = stalled
         .infer_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -887,6 +895,6 @@ async fn a_client_that_never_reads_its_stream_is_cut_off_and_others_are_served()
         got < SENT,
         "all {SENT} replies were computed for a client that never read"
     );
-    drop(tx);
+    feeder.abort();
     shutdown.cancel();
 }

@@ -44,8 +44,11 @@ pub trait Deadline: IntoFuture + Sized {
 
 impl<F: IntoFuture> Deadline for F {}
 
-/// Waits, yielding to the runtime, until `cond` holds; panics naming `what` and the caller's
-/// line after `limit`. (For a condition on state of this process that nothing signals.)
+/// Waits until `cond` holds, checking it every millisecond; panics naming `what` and the
+/// caller's line after `limit`. (For a condition on state of this process that nothing
+/// signals.) The check parks the worker between tries rather than spinning on `yield_now`:
+/// a spinning task can keep a task woken on its worker (tokio's LIFO slot, which no other
+/// worker steals) from ever running, and the condition it waits for with it.
 #[track_caller]
 pub fn until(limit: Duration, what: &str, cond: impl Fn() -> bool) -> impl Future<Output = ()> {
     let at = std::panic::Location::caller();
@@ -53,7 +56,7 @@ pub fn until(limit: Duration, what: &str, cond: impl Fn() -> bool) -> impl Futur
     async move {
         let poll = async {
             while !cond() {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         };
         if tokio::time::timeout(limit, poll).await.is_err() {

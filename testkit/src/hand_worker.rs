@@ -43,3 +43,69 @@ pub async fn open_stream(
         .into_inner();
     (tx, inbound)
 }
+
+/// Serves `run` in this process, opens one batch stream by hand and acks the first `n`
+/// `TrainBatch`es as they come (each wait within `deadline`); then closes the stream, stops
+/// the coordinator (which must end as stopped, releasing its soft-target cache) and returns
+/// those batches, in order.
+pub async fn collect_batches(
+    run: coordinator::Run,
+    n: usize,
+    deadline: std::time::Duration,
+) -> Vec<pb::TrainBatch> {
+    use crate::within;
+    let listener = within(
+        deadline,
+        "coordinator bind",
+        tokio::net::TcpListener::bind("127.0.0.1:0"),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(coordinator::serve(run, listener, stop.clone()));
+    let mut client = within(
+        deadline,
+        "connect",
+        CoordinatorClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .unwrap();
+    let (tx, mut down) = within(
+        deadline,
+        "join and open the batch stream",
+        open_stream(&mut client, "hand", 2),
+    )
+    .await;
+    let mut batches = Vec::with_capacity(n);
+    while batches.len() < n {
+        let msg = within(deadline, "the next TrainBatch", down.message())
+            .await
+            .unwrap()
+            .expect("the stream is open");
+        let Some(pb::coordinator_message::Kind::Train(b)) = msg.kind else {
+            continue; // the initial parameters
+        };
+        within(
+            deadline,
+            "ack",
+            tx.send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Ack(pb::Ack {
+                    lease_id: b.lease_id,
+                    ..Default::default()
+                })),
+            }),
+        )
+        .await
+        .unwrap();
+        batches.push(b);
+    }
+    drop((tx, down, client));
+    stop.cancel();
+    let outcome = within(deadline, "the coordinator stopping", served)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(outcome.is_none(), "the run was stopped, not completed");
+    batches
+}

@@ -23,7 +23,7 @@ pub mod run_config;
 pub mod servers;
 
 pub use deadline::{Deadline, block_within, until, wait_until, within};
-pub use hand_worker::open_stream;
+pub use hand_worker::{collect_batches, open_stream};
 pub use models::{random_checkpoint, train_teacher};
 pub use net::{PortReservation, reserve_port};
 pub use process::{

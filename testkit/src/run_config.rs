@@ -53,7 +53,7 @@ pub fn static_member(name: &str, endpoints: &[&str]) -> MemberConfig {
         name: name.into(),
         endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
         weight: 1.0,
-        trusted: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -88,7 +88,7 @@ pub fn teacher_pool(
         name: "t".into(),
         endpoints: endpoints.to_vec(),
         weight: 1.0,
-        trusted: Vec::new(),
+        ..Default::default()
     }];
     coordinator::teachers::TeacherPool::new(
         &members,

@@ -42,23 +42,23 @@
 pub mod ensemble;
 mod prober;
 pub mod reply;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use distill_proto::pb::teacher_client::TeacherClient;
-use distill_proto::pb::{DescribeRequest, DescribeResponse, InferRequest};
-use distill_proto::{DType, HostTensor};
-use distill_transport::{AuthChannel, ClientSecurity};
+use distill_proto::HostTensor;
+use distill_transport::ClientSecurity;
 use tokio::sync::Notify;
 
-use crate::config::MemberConfig;
+use crate::config::{MemberConfig, OipMember};
 use crate::domain::choice::{self, Candidate};
-use crate::domain::membership::{ModelIdentity, ReplicaId};
+use crate::domain::membership::ReplicaId;
 use crate::error::{Error, Result};
 use crate::membership::MembershipHandle;
+use wire::{Client, Described, Failure};
 
 pub use ensemble::Answer;
 
@@ -73,7 +73,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A replica's client, created on first use and kept while the replica is known.
 struct Replica {
     address: String,
-    client: TeacherClient<AuthChannel>,
+    client: Client,
     outstanding: AtomicUsize,
     /// The member's pick number when this replica was last chosen.
     last_pick: AtomicU64,
@@ -105,6 +105,13 @@ enum Outcome {
     Refused(String),
     /// An error, a timeout or a bad reply, already recorded; another replica may answer.
     Failed(String),
+}
+
+/// One request's rows and temperature, shared by its attempts (and a hedge's two copies).
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    inputs: &'a HostTensor,
+    temperature: f32,
 }
 
 /// The replica chosen for an attempt.
@@ -166,23 +173,14 @@ fn refuses_request(code: tonic::Code) -> bool {
     )
 }
 
-/// What a Describe says, as the membership records it.
-fn identity(d: &DescribeResponse) -> ModelIdentity {
-    ModelIdentity {
-        model_id: d.model_id.clone(),
-        weights_digest: d.weights_digest.clone(),
-        input_shape: d.input_shape.clone(),
-        classes: d.num_classes,
-        max_batch: d.max_batch,
-    }
-}
-
 /// One ensemble member.
 pub struct Member {
     /// Member name.
     pub name: String,
     /// Combination weight.
     pub weight: f32,
+    /// The model of an OIP member (None: a native member).
+    pub oip: Option<OipMember>,
     stats: Mutex<MemberStats>,
     /// Requests of this member so far (the round-robin and exploration clock).
     picks: AtomicU64,
@@ -247,6 +245,7 @@ impl TeacherPool {
                 Ok(Member {
                     name: m.name.clone(),
                     weight: m.weight,
+                    oip: m.oip(),
                     stats: Mutex::new(MemberStats {
                         member: m.name.clone(),
                         ..Default::default()
@@ -343,12 +342,17 @@ impl TeacherPool {
         if let Some(r) = self.clients()?.get(&id) {
             return Ok(r.clone());
         }
-        let address = self
+        let view = self
             .membership
             .lock()?
-            .address(id)
-            .map(str::to_string)
+            .replica(id)
             .ok_or_else(|| Error::Internal(format!("replica {id} left the membership")))?;
+        let address = view.address;
+        let oip = self
+            .members
+            .iter()
+            .find(|m| m.name == view.member)
+            .and_then(|m| m.oip.as_ref());
         let ep = self
             .security
             .endpoint(&address)
@@ -356,9 +360,7 @@ impl TeacherPool {
             .connect_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true)
             .timeout(self.timeout);
-        let client = TeacherClient::new(self.security.channel(ep))
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes);
+        let client = Client::new(self.security.channel(ep), oip, self.max_message_bytes);
         let r = Arc::new(Replica {
             address,
             client,
@@ -404,14 +406,11 @@ impl TeacherPool {
             let replicas = self.membership.lock()?.replicas(&m.name);
             for r in replicas {
                 let client = self.client(r.id)?;
-                let d = tokio::time::timeout(
-                    self.timeout,
-                    client.client.clone().describe(DescribeRequest {}),
-                )
-                .await;
+                let d =
+                    tokio::time::timeout(self.timeout, client.client.describe(row_len, classes))
+                        .await;
                 match d {
-                    Ok(Ok(d)) => {
-                        let ident = identity(d.get_ref());
+                    Ok(Described::Model(ident)) => {
                         let Some(inputs) = ident.row_len() else {
                             return Err(Error::Config(format!(
                                 "member `{}` replica {} states input shape {:?}, whose size overflows",
@@ -431,7 +430,13 @@ impl TeacherPool {
                             .map_err(|e| Error::Config(e.to_string()))?;
                         tracing::info!(member = %m.name, replica = %r.address, %model, "teacher replica ready");
                     }
-                    Ok(Err(status)) => {
+                    Ok(Described::Mismatch(msg)) => {
+                        return Err(Error::Config(format!(
+                            "member `{}` replica {}: {msg}",
+                            m.name, r.address
+                        )));
+                    }
+                    Ok(Described::NotReady(status)) => {
                         tracing::warn!(member = %m.name, replica = %r.address, %status, "teacher replica not ready")
                     }
                     Err(_) => {
@@ -513,13 +518,10 @@ impl TeacherPool {
             .members
             .get(member)
             .ok_or_else(|| Error::Internal(format!("no teacher member {member}")))?;
-        let req = InferRequest {
-            request_id: 0,
-            inputs: Some(inputs.clone().into()),
+        let req = Request {
+            inputs,
             temperature,
-            output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
         };
-        let rows = inputs.shape().first().copied().unwrap_or(0);
         let mut refused: Vec<(ReplicaId, String)> = Vec::new();
         let mut excluded: Vec<ReplicaId> = Vec::new();
         let mut last_failed: Option<ReplicaId> = None;
@@ -547,8 +549,8 @@ impl TeacherPool {
             };
             let attempts = *attempts.get_or_insert((2 * pick.rotation).min(MAX_ATTEMPTS));
             let outcomes = match pick.hedge.filter(|after| *after < self.timeout) {
-                Some(after) => self.hedged(m, &pick, after, &excluded, &req, rows).await?,
-                None => vec![(pick.id, self.call(m, &pick, req.clone(), rows).await?)],
+                Some(after) => self.hedged(m, &pick, after, &excluded, req).await?,
+                None => vec![(pick.id, self.call(m, &pick, req).await?)],
             };
             let mut failed_now = false;
             for (id, outcome) in outcomes {
@@ -633,12 +635,11 @@ impl TeacherPool {
         first: &Pick,
         after: Duration,
         excluded: &[ReplicaId],
-        req: &InferRequest,
-        rows: usize,
+        req: Request<'_>,
     ) -> Result<Vec<(ReplicaId, Outcome)>> {
         let id = first.id;
         let started = Instant::now();
-        let primary = self.call(m, first, req.clone(), rows);
+        let primary = self.call(m, first, req);
         tokio::pin!(primary);
         tokio::select! {
             o = &mut primary => return Ok(vec![(id, o?)]),
@@ -653,7 +654,7 @@ impl TeacherPool {
         m.stats(|s| s.hedged_requests += 1);
         tracing::debug!(member = %m.name, slow = id, hedge = id2, after_ms = after.as_secs_f64() * 1e3, "teacher request hedged");
         let started2 = Instant::now();
-        let secondary = self.call(m, &second, req.clone(), rows);
+        let secondary = self.call(m, &second, req);
         tokio::pin!(secondary);
         let mut done: Vec<(ReplicaId, Outcome)> = Vec::with_capacity(2);
         let (mut first_done, mut second_done) = (false, false);
@@ -694,37 +695,42 @@ impl TeacherPool {
     /// One request to the picked replica, with the request deadline, its reply checked.
     /// Records the outcome: latency and count on success; on a failure, the member's statistics
     /// and (unless the replica was only busy) the membership. A refusal is not recorded here.
-    async fn call(&self, m: &Member, p: &Pick, req: InferRequest, rows: usize) -> Result<Outcome> {
+    async fn call(&self, m: &Member, p: &Pick, req: Request<'_>) -> Result<Outcome> {
         let (id, r) = (p.id, &*p.replica);
         let _in_flight = InFlight::start(r);
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, r.client.clone().infer(req)).await;
+        let result = tokio::time::timeout(
+            self.timeout,
+            r.client.infer(req.inputs, req.temperature, self.classes),
+        )
+        .await;
         // Whether the failure says something about the replica's health (a busy replica is
         // retried elsewhere but stays in rotation).
         let mut unhealthy = true;
         let err = match result {
-            Ok(Ok(resp)) => match reply::checked_logits(resp.into_inner(), rows, self.classes) {
-                Ok(logits) => {
-                    let latency = started.elapsed();
-                    let secs = latency.as_secs_f64();
-                    m.stats(|s| {
-                        s.requests += 1;
-                        match s.answered_by.get_mut(&r.address) {
-                            Some(n) => *n += 1,
-                            None => {
-                                s.answered_by.insert(r.address.clone(), 1);
-                            }
+            Ok(Ok(logits)) => {
+                let latency = started.elapsed();
+                let secs = latency.as_secs_f64();
+                m.stats(|s| {
+                    s.requests += 1;
+                    match s.answered_by.get_mut(&r.address) {
+                        Some(n) => *n += 1,
+                        None => {
+                            s.answered_by.insert(r.address.clone(), 1);
                         }
-                        s.total_latency_secs += secs;
-                        s.max_latency_secs = s.max_latency_secs.max(secs);
-                    });
-                    self.membership
-                        .update(|ms| ((), ms.record_success(id, latency)))?;
-                    return Ok(Outcome::Answered(logits));
-                }
-                Err(bad) => format!("{}: bad reply: {bad}", r.address),
-            },
-            Ok(Err(status)) if refuses_request(status.code()) => {
+                    }
+                    s.total_latency_secs += secs;
+                    s.max_latency_secs = s.max_latency_secs.max(secs);
+                });
+                self.membership
+                    .update(|ms| ((), ms.record_success(id, latency)))?;
+                return Ok(Outcome::Answered(logits));
+            }
+            Ok(Err(Failure::BadReply(bad))) => format!("{}: bad reply: {bad}", r.address),
+            Ok(Err(Failure::Unsendable(msg))) => {
+                return Ok(Outcome::Refused(format!("{}: {msg}", r.address)));
+            }
+            Ok(Err(Failure::Status(status))) if refuses_request(status.code()) => {
                 return Ok(Outcome::Refused(format!(
                     "{}: {}: {}",
                     r.address,
@@ -732,7 +738,7 @@ impl TeacherPool {
                     status.message()
                 )));
             }
-            Ok(Err(status)) => {
+            Ok(Err(Failure::Status(status))) => {
                 unhealthy = status.code() != tonic::Code::ResourceExhausted;
                 format!("{}: {}: {}", r.address, status.code(), status.message())
             }

@@ -14,11 +14,11 @@
 
 use std::time::Instant;
 
-use distill_proto::pb::{DescribeRequest, InferRequest};
 use distill_proto::{DType, HostTensor};
 use tokio_util::sync::CancellationToken;
 
-use super::{TeacherPool, identity, reply};
+use super::wire::{Described, Failure};
+use super::{TeacherPool, reply};
 use crate::domain::membership::{ModelIdentity, Probe, ProbeKind, ReplicaId};
 
 /// How a probe ended.
@@ -145,38 +145,35 @@ impl TeacherPool {
         rows: &HostTensor,
     ) -> Result<Result<Vec<f32>, String>, String> {
         let c = self.client(id).map_err(|e| e.to_string())?;
-        let n = rows.shape().first().copied().unwrap_or(0);
-        let req = InferRequest {
-            request_id: 0,
-            inputs: Some(rows.clone().into()),
-            temperature: 1.0,
-            output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
-        };
-        let answered = tokio::time::timeout(self.timeout, c.client.clone().infer(req))
+        let answered = tokio::time::timeout(self.timeout, c.client.infer(rows, 1.0, self.classes))
             .await
-            .map_err(|_| format!("Infer: no answer within {:?}", self.timeout))?
-            .map_err(|s| format!("Infer: {}: {}", s.code(), s.message()))?;
-        Ok(
-            reply::checked_logits(answered.into_inner(), n, self.classes)
-                .map_err(|e| e.to_string()),
-        )
+            .map_err(|_| format!("Infer: no answer within {:?}", self.timeout))?;
+        match answered {
+            Ok(logits) => Ok(Ok(logits)),
+            Err(Failure::BadReply(bad)) => Ok(Err(bad)),
+            Err(Failure::Unsendable(msg)) => Err(msg),
+            Err(Failure::Status(s)) => Err(format!("Infer: {}: {}", s.code(), s.message())),
+        }
     }
 
     /// What replica `id` says it serves.
     async fn describe(&self, id: ReplicaId) -> Result<ModelIdentity, String> {
         let c = self.client(id).map_err(|e| e.to_string())?;
         let described =
-            tokio::time::timeout(self.timeout, c.client.clone().describe(DescribeRequest {}))
+            tokio::time::timeout(self.timeout, c.client.describe(self.row_len, self.classes))
                 .await
-                .map_err(|_| format!("Describe: no answer within {:?}", self.timeout))?
-                .map_err(|s| format!("Describe: {}: {}", s.code(), s.message()))?;
-        Ok(identity(described.get_ref()))
+                .map_err(|_| format!("Describe: no answer within {:?}", self.timeout))?;
+        match described {
+            Described::Model(ident) => Ok(ident),
+            Described::NotReady(msg) | Described::Mismatch(msg) => Err(msg),
+        }
     }
 
     /// A replica out of rotation: its description, if it also answers a zero row well.
     async fn health_probe(&self, p: &Probe) -> Result<ModelIdentity, String> {
         let ident = self.describe(p.replica).await?;
-        let row = HostTensor::from_f32(vec![1, self.row_len], &vec![0.0; self.row_len])
+        // Zero pixels: 0.0 as floats too, and sendable to any input datatype.
+        let row = HostTensor::new(vec![1, self.row_len], DType::U8, vec![0u8; self.row_len])
             .map_err(|e| format!("test row: {e}"))?;
         self.answer(p.replica, &row)
             .await?
