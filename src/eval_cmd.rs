@@ -6,7 +6,7 @@ use anyhow::Context;
 use distill_core::checkpoint::Checkpoint;
 use distill_core::data::Dataset;
 use distill_core::device::parse_device;
-use distill_core::eval::{EVAL_BATCH, EvalReport, evaluate};
+use distill_core::eval::{EVAL_BATCH, EvalReport, evaluate, logits};
 use serde::Serialize;
 
 /// Flags of `distill eval`.
@@ -28,6 +28,10 @@ pub struct EvalArgs {
     /// Device: `cpu` or `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", env = "DISTILL_DEVICE")]
     pub device: String,
+    /// Also write the test split's logits (T = 1) to this file as a NumPy `.npy` array,
+    /// f32 `[rows, classes]` (for comparing with other servers and tools).
+    #[arg(long, value_name = "FILE.npy")]
+    pub logits_out: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -58,6 +62,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             data.source
         )
     })?;
+    if let Some(path) = &args.logits_out {
+        let z = logits(&model, &data.test, args.batch)?;
+        let t = candle_core::Tensor::from_vec(
+            z,
+            (data.test.len(), ck.spec.arch.classes()),
+            &candle_core::Device::Cpu,
+        )?;
+        t.write_npy(path)
+            .with_context(|| format!("writing the logits to {}", path.display()))?;
+    }
     let out = Output {
         model: &args.model,
         arch: ck.spec.arch.to_string(),

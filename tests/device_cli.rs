@@ -230,6 +230,8 @@ fn train_with_bf16_precision() {
             "--data",
             "synthetic",
             "--json",
+            "--logits-out",
+            "z.npy",
         ],
         dir.path(),
     );
@@ -256,6 +258,21 @@ fn train_with_bf16_precision() {
     );
     assert_eq!(ev["digest"], report["digest"], "eval scored another file");
     assert_eq!(ev["arch"], "mlp:784-32-10");
+    // `--logits-out`: the test split's logits, one row per test row, whose arg-max errs
+    // exactly as often as eval counted.
+    let z = candle_core::Tensor::read_npy(dir.path().join("z.npy")).unwrap();
+    assert_eq!(z.dims(), [n as usize, 10], "logits file shape");
+    let pred = z
+        .argmax(candle_core::D::Minus1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let test = distill_core::data::Dataset::load("synthetic").unwrap().test;
+    let wrong = pred.iter().zip(&test.y).filter(|(p, y)| p != y).count();
+    assert_eq!(
+        wrong as u64, errors,
+        "arg-max of the written logits vs eval's count"
+    );
 
     let out = distill(
         &["eval", "--model", "m.safetensors", "--data", "synthetic"],

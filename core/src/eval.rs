@@ -96,6 +96,37 @@ impl EvalReport {
 /// `split`'s rows must have `model`'s input size; batches of `batch` rows are formed with the
 /// model's own input shape.
 pub fn predict(model: &Model, split: &Split, batch: usize) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(split.len());
+    forward_batches(model, split, batch, |z| {
+        // [B, classes] -> [B]
+        out.extend(
+            z.argmax(D::Minus1)?
+                .to_device(&Device::Cpu)?
+                .to_vec1::<u32>()?,
+        );
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The logits (T = 1) of every row of `split`, row-major `[rows, classes]`, as [`predict`]
+/// computes them.
+pub fn logits(model: &Model, split: &Split, batch: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(split.len() * model.spec().arch.classes());
+    forward_batches(model, split, batch, |z| {
+        out.extend(z.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Runs `model` over `split` in batches of `batch` rows, handing each batch's logits to `f`.
+fn forward_batches(
+    model: &Model,
+    split: &Split,
+    batch: usize,
+    mut f: impl FnMut(candle_core::Tensor) -> Result<()>,
+) -> Result<()> {
     let arch = &model.spec().arch;
     if !split.is_empty() && split.row_len() != arch.input_size() {
         return Err(Error::Input(format!(
@@ -105,16 +136,12 @@ pub fn predict(model: &Model, split: &Split, batch: usize) -> Result<Vec<u32>> {
         )));
     }
     let shape = arch.input_shape();
-    let batch = batch.max(1);
-    let mut out = Vec::with_capacity(split.len());
     let idx: Vec<usize> = (0..split.len()).collect();
-    for chunk in idx.chunks(batch) {
+    for chunk in idx.chunks(batch.max(1)) {
         let (x, _) = split.batch(&shape, chunk, model.device(), None)?;
-        // [B, classes] -> [B]
-        let pred = model.forward(&x)?.argmax(D::Minus1)?;
-        out.extend(pred.to_device(&Device::Cpu)?.to_vec1::<u32>()?);
+        f(model.forward(&x)?)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Scores `model` on every row of `split` (see [`predict`]).

@@ -10,7 +10,8 @@
 //!   keeps up) and cached epochs (soft targets from the soft-target cache, no teacher asked), in
 //!   turn, so machine noise hits all three alike; each pipeline window starts after its run's
 //!   first epoch (steady state). Ratios are of medians, with the median of per-round ratios.
-//! - `teacher` (b): teacher-server rows/s ÷ in-process forward at batch 128 and 1024.
+//! - `teacher` (b): teacher-server rows/s ÷ in-process forward at batch 128 and 1024, over
+//!   `distill.v1.Teacher` (f32 and u8 inputs) and over the Open Inference Protocol.
 //! - `slow` (c): teachers with a fixed extra latency per pass (4× the student's step time)
 //!   behind 1, 2 and 4 replicas answering one batch per pass, then 1 and 2 replicas batching up
 //!   to 1,024 rows per pass (the server's default): student wait fraction and samples/s.
@@ -238,24 +239,36 @@ fn one_worker_config(a: &BenchArgs, dir: PathBuf) -> RunConfig {
 }
 
 async fn teacher(a: &BenchArgs) -> anyhow::Result<()> {
-    use teacher_server::bench::{in_process, served};
+    use teacher_server::bench::{in_process, served, served_oip};
     let arch = "mlp:784-1200-1200-10";
     let ck = random_teacher(arch)?;
     println!();
-    println!("[teacher] (b) teacher server ÷ in-process forward, {arch}, 16 requests in flight");
     println!(
-        "{:>6} {:>14} {:>14} {:>14} {:>10} {:>10}",
-        "batch", "in-process/s", "server f32/s", "server u8/s", "f32 ratio", "u8 ratio"
+        "[teacher] (b) teacher server ÷ in-process forward, {arch}, 16 requests in flight \
+         (InferStream; OIP: concurrent ModelInfer calls, f32 raw contents)"
+    );
+    println!(
+        "{:>6} {:>14} {:>14} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "batch",
+        "in-process/s",
+        "server f32/s",
+        "server u8/s",
+        "oip f32/s",
+        "f32 ratio",
+        "u8 ratio",
+        "oip ratio"
     );
     let secs = 3.0;
     for batch in [128usize, 1024] {
         let local = in_process(&ck, batch, secs)?;
         let f = served(&ck, batch, secs, 16, distill_proto::DType::F32).await?;
         let u = served(&ck, batch, secs, 16, distill_proto::DType::U8).await?;
+        let o = served_oip(&ck, batch, secs, 16, distill_proto::DType::F32).await?;
         println!(
-            "{batch:>6} {local:>14.0} {f:>14.0} {u:>14.0} {:>10.3} {:>10.3}",
+            "{batch:>6} {local:>14.0} {f:>14.0} {u:>14.0} {o:>14.0} {:>10.3} {:>10.3} {:>10.3}",
             f / local,
-            u / local
+            u / local,
+            o / local
         );
     }
     let _ = a;

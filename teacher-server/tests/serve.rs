@@ -763,6 +763,12 @@ async fn health_and_reflection_are_served_and_shutdown_drains() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+    // The Open Inference Protocol's service, on the same port (clients such as grpcurl find
+    // it by reflection).
+    assert!(
+        names.contains(&"inference.GRPCInferenceService".to_string()),
+        "{names:?}"
+    );
 
     // A request in flight when shutdown starts still gets its answer.
     let mut c = s.client.clone();
