@@ -832,3 +832,112 @@ async fn oip_metadata_that_does_not_fit_is_refused_at_start_naming_member_and_fi
     );
     stop.cancel();
 }
+
+/// Replicas, the cache and top-k work for an OIP member as for a native one. Member `b` has two
+/// OIP replicas, one of them down (a port that refuses connections), a read-write cache keyed
+/// by the operator's `identity`, and top-3 soft targets: two epochs ask the live replica for
+/// every row exactly once (epoch 2 comes from the cache); a second run with the same identity
+/// asks nothing; one with another identity (a replaced production model) misses the cache and
+/// asks for every row again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oip_member_fails_over_and_is_cached_under_its_identity_with_top_k_targets() {
+    let stop = CancellationToken::new();
+    let opts = teacher_server::ServeOptions {
+        member: "b".into(),
+        ..Default::default()
+    };
+    let (service, b) =
+        distill_testkit::serve_teacher(&random_checkpoint(ARCH, 2), &opts, &stop).await;
+    let rows = || {
+        service
+            .stats()
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let down = distill_testkit::reserve_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    const BATCH: usize = 1000;
+    const PER_EPOCH: usize = 12; // synthetic:0 has 12,000 training rows
+    let run = |sub: &str, identity: &str, epochs: u32| {
+        let mut member = oip_member("b", &b, "logits", OutputHolds::Logits);
+        member.endpoints = vec![format!("http://{}", down.addr), b.clone()];
+        member.identity = Some(identity.into());
+        let mut cfg = run_config(&dir.path().join(sub), vec![member]);
+        cfg.batch_size = BATCH;
+        cfg.epochs = epochs;
+        cfg.sync.every = 0; // the hand-driven worker takes part in no averaging round
+        cfg.soft_targets = "topk:3".parse().unwrap();
+        // Without hedges every row is asked exactly once, so the counts below are exact.
+        cfg.membership.hedge = false;
+        cfg.cache = Some(serde_json::from_value(serde_json::json!({ "dir": cache })).unwrap());
+        cfg.validate().unwrap();
+        async move {
+            let run = within("prepare", coordinator::prepare(cfg)).await.unwrap();
+            let mut batches =
+                distill_testkit::collect_batches(run, PER_EPOCH * epochs as usize, DEADLINE).await;
+            batches.sort_by_key(|b| (b.epoch, b.index));
+            batches
+        }
+    };
+    let top3 = |b: &pb::TrainBatch| {
+        assert!(b.soft_targets.is_none(), "batch {}: dense targets", b.index);
+        let t = b.topk_targets.clone().expect("top-k targets");
+        assert_eq!((t.k, t.classes), (3, 10), "batch {}", b.index);
+        t.data
+    };
+
+    let filled = run("fill", "model-v1", 2).await;
+    assert_eq!(filled.len(), 2 * PER_EPOCH);
+    let (first, second) = filled.split_at(PER_EPOCH);
+    assert!(
+        first.iter().all(|b| !b.cached),
+        "epoch 1 came from the cache"
+    );
+    assert!(second.iter().all(|b| b.cached), "epoch 2 asked the teacher");
+    for b in second {
+        top3(b);
+    }
+    // Each run also has the teacher score the test split (its own test errors), as far as
+    // it got before the run was stopped: up to `test` rows more than the training rows.
+    let test = distill_core::data::Dataset::load("synthetic:0")
+        .unwrap()
+        .test
+        .len() as u64;
+    let train = (PER_EPOCH * BATCH) as u64;
+    let asked = |since: u64| rows() - since;
+    let fill = asked(0);
+    assert!(
+        (train..=train + test).contains(&fill),
+        "{fill} rows asked in two epochs of {train}"
+    );
+
+    let again = run("again", "model-v1", 1).await;
+    assert!(
+        again.iter().all(|b| b.cached),
+        "same identity missed the cache"
+    );
+    // The same seed draws the same batches: what the cache gave back is what was stored.
+    for (x, y) in first.iter().zip(&again) {
+        assert!(
+            top3(x) == top3(y),
+            "batch {}: cached top-k differs",
+            x.index
+        );
+    }
+    let before = fill;
+    let cached = asked(before);
+    assert!(cached <= test, "a cached run asked for {cached} rows");
+
+    let replaced = run("replaced", "model-v2", 1).await;
+    assert!(
+        replaced.iter().all(|b| !b.cached),
+        "another identity hit the first one's cache"
+    );
+    let new = asked(before + cached);
+    assert!(
+        (train..=train + test).contains(&new),
+        "{new} rows asked under the new identity"
+    );
+    stop.cancel();
+}
