@@ -174,9 +174,12 @@ impl OipClient {
         {
             Ok(m) => m.into_inner(),
             Err(st) if st.code() == tonic::Code::NotFound => {
+                let which = match &s.model_version {
+                    Some(v) => format!("model `{}` version `{v}`", s.model_name),
+                    None => format!("model `{}`", s.model_name),
+                };
                 return Described::Mismatch(format!(
-                    "`model_name`/`model_version`: the server has no model `{}` version `{version}`: {}",
-                    s.model_name,
+                    "`model_name`/`model_version`: the server has no {which}: {}",
                     st.message()
                 ));
             }
