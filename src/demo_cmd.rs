@@ -9,6 +9,7 @@
 //! 4. trains the same student architecture on hard labels alone (the baseline);
 //! 5. prints a table and writes the run directory (`report.json`, config, checkpoints, metrics).
 
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,6 +23,7 @@ use distill_core::kd::Combine;
 use distill_core::optim::OptimConfig;
 use distill_core::spec::{Arch, ModelSpec};
 use distill_core::train::{CrossEntropy, Event, TrainConfig, Trainer};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Flags of `distill demo` (every one has a default).
 #[derive(clap::Args, Debug)]
@@ -134,7 +136,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         };
         let path = out.join(format!("teacher-{}.safetensors", member_name(i)));
         let t0 = Instant::now();
-        let errors = train_supervised(spec, cfg, &data, &path)?;
+        let errors = train_supervised(
+            spec,
+            cfg,
+            &data,
+            &path,
+            &format!("training teacher {}", member_name(i)),
+        )?;
         println!(
             "trained teacher {} ({arch}): {errors} test errors in {:.1} s",
             member_name(i),
@@ -160,6 +168,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         baseline_cfg,
         &data,
         &out.join("baseline-student.safetensors"),
+        "training the baseline student",
     )?;
     let baseline_secs = t0.elapsed().as_secs_f64();
     println!(
@@ -241,6 +250,24 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A progress bar on stderr when it is a terminal (hidden otherwise, so piped output stays the
+/// table alone).
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:<34} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 fn member_name(i: usize) -> String {
     ["a", "b", "c", "d", "e", "f", "g", "h"]
         .get(i)
@@ -253,14 +280,20 @@ fn train_supervised(
     cfg: TrainConfig,
     data: &Dataset,
     path: &Path,
+    what: &str,
 ) -> anyhow::Result<u64> {
+    let bar = progress(cfg.epochs as u64, what);
+    bar.set_message("epochs");
     let mut trainer = Trainer::new(spec, cfg, &Device::Cpu)?;
     trainer.run(data, &mut CrossEntropy, &mut |e| {
         if let Event::Epoch(s) = e {
             tracing::debug!(epoch = s.epoch, loss = s.loss, "epoch");
+            bar.inc(1);
+            bar.set_message(format!("epochs · loss {:.4}", s.loss));
         }
         ControlFlow::Continue(())
     })?;
+    bar.finish_and_clear();
     let ck = trainer.checkpoint()?;
     ck.save(path)?;
     let model = ck.to_model(&Device::Cpu)?;
@@ -322,9 +355,13 @@ async fn distil(
         members: Vec::new(),
         membership: Default::default(),
     };
-    let outcome = crate::local::run(cfg, &members, a.workers, out.to_path_buf()).await?;
+    let bar = progress(1, "distilling the student");
+    bar.set_message("batches");
+    let outcome =
+        crate::local::run_with_progress(cfg, &members, a.workers, out.to_path_buf(), Some(bar))
+            .await?;
     for w in &outcome.workers {
-        tracing::info!(
+        tracing::debug!(
             worker = %w.worker_id,
             steps = w.steps,
             samples = w.samples,

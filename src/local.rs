@@ -36,10 +36,21 @@ pub struct LocalOutcome {
 /// Runs `cfg` (its `members` are replaced by the local servers, `min_workers` by `workers`)
 /// with `workers` student workers whose work dirs go under `work_root`.
 pub async fn run(
+    cfg: RunConfig,
+    members: &[LocalMember],
+    workers: usize,
+    work_root: PathBuf,
+) -> anyhow::Result<LocalOutcome> {
+    run_with_progress(cfg, members, workers, work_root, None).await
+}
+
+/// [`run`], showing the run's progress (batches trained of expected, the epoch) on `bar`.
+pub async fn run_with_progress(
     mut cfg: RunConfig,
     members: &[LocalMember],
     workers: usize,
     work_root: PathBuf,
+    bar: Option<indicatif::ProgressBar>,
 ) -> anyhow::Result<LocalOutcome> {
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
@@ -89,7 +100,17 @@ pub async fn run(
             tokio::spawn(student_worker::run(worker_cfg, shutdown.clone()))
         })
         .collect();
-    let report = coord.await.context("coordinator task")??;
+    let watching = CancellationToken::new();
+    if let Some(bar) = bar {
+        tokio::spawn(show_progress(
+            format!("http://{coord_addr}"),
+            bar,
+            watching.clone(),
+        ));
+    }
+    let report = coord.await.context("coordinator task");
+    watching.cancel();
+    let report = report??;
     let mut results = Vec::new();
     for h in handles {
         results.push(h.await.context("worker task")?);
@@ -106,4 +127,39 @@ pub async fn run(
         report: report.context("the coordinator stopped before the run completed")?,
         workers,
     })
+}
+
+/// Polls the coordinator's `RunStatus` a few times a second and shows it on `bar` until
+/// `stop`. (Display only: nothing waits on it, and a status it cannot get is skipped.)
+async fn show_progress(url: String, bar: indicatif::ProgressBar, stop: CancellationToken) {
+    use distill_proto::pb::RunStatusRequest;
+    use distill_proto::pb::coordinator_client::CoordinatorClient;
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if client.is_none() {
+            client = CoordinatorClient::connect(url.clone()).await.ok();
+        }
+        let Some(c) = client.as_mut() else { continue };
+        match c.run_status(RunStatusRequest {}).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                bar.set_length(s.batches_expected.max(1));
+                bar.set_position(s.batches_trained);
+                // The epoch the trained batches have reached (the coordinator's own epoch
+                // counter runs ahead by its prefetch).
+                let per_epoch = (s.batches_expected / u64::from(s.epochs.max(1))).max(1);
+                let epoch = (s.batches_trained / per_epoch + 1).min(u64::from(s.epochs.max(1)));
+                bar.set_message(format!(
+                    "epoch {epoch}/{} · {:.0} samples/s",
+                    s.epochs, s.samples_per_sec
+                ));
+            }
+            Err(_) => client = None,
+        }
+    }
+    bar.finish_and_clear();
 }

@@ -50,8 +50,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    distill_core::logging::init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    // The demo is for people trying the system: progress bars and a table, no log lines
+    // (`RUST_LOG=info` brings them back).
+    distill_core::logging::init_with_default(match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    });
+    let result = match cli.command {
         Command::Demo(a) => demo_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
