@@ -20,6 +20,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "distill", version, about)]
 struct Cli {
+    /// Log lines as `text` (default) or `json` (one object per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "DISTILL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: distill_core::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,10 +61,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo is for people trying the system: progress bars and a table, no log lines
     // (`RUST_LOG=info` brings them back).
-    distill_core::logging::init_with_default(match cli.command {
-        Command::Demo(_) => "warn",
-        _ => "info",
-    });
+    distill_core::logging::init_with(
+        cli.log_format,
+        match cli.command {
+            Command::Demo(_) => "warn",
+            _ => "info",
+        },
+    );
     let result = match cli.command {
         Command::Demo(a) => demo_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),

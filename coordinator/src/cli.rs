@@ -21,6 +21,9 @@ pub struct Args {
     /// TLS and the credentials of each role (see docs/security.md).
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// The Prometheus endpoint (`--metrics-listen`).
+    #[command(flatten)]
+    pub metrics: distill_transport::MetricsArgs,
 }
 
 /// Loads the config and the data, prints `listening on HOST:PORT`, runs until the run is
@@ -32,6 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let shutdown = distill_shutdown::on_signal();
+    args.metrics.serve(shutdown.clone()).await?;
     let run = prepare_with(cfg, security).await?;
     println!("listening on {}", listener.local_addr()?);
     match serve(run, listener, shutdown).await? {

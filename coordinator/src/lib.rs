@@ -20,6 +20,7 @@ pub mod registry;
 pub mod security;
 pub mod store;
 pub mod teachers;
+pub mod telemetry;
 
 pub use api::serve;
 pub use config::RunConfig;

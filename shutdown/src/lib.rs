@@ -10,32 +10,55 @@
 use tokio_util::sync::CancellationToken;
 /// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM; must be called inside a tokio
 /// runtime.
+///
+/// The handlers are registered before this returns, not in the spawned task: a process that
+/// prints `listening on` after calling this can be stopped by a signal sent the moment that
+/// line is read (otherwise the default action, termination without a clean shutdown, could win
+/// the race).
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
-    tokio::spawn(wait_for_signal(token.clone()));
+    tokio::spawn(wait_for_signal(Handlers::install(), token.clone()));
     token
 }
 
-async fn wait_for_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+struct Handlers {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
+    unix: std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Handlers {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let unix = signal(SignalKind::interrupt())
+                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
+            Handlers { unix }
+        }
+        #[cfg(not(unix))]
+        Handlers {}
+    }
+}
+
+async fn wait_for_signal(handlers: Handlers, token: CancellationToken) {
+    #[cfg(unix)]
+    match handlers.unix {
+        Ok((mut int, mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {},
+                _ = term.recv() => {},
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM handler; only Ctrl-C stops this process");
-                let _ = ctrl_c.await;
-            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGINT/SIGTERM handlers; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = handlers;
+        let _ = tokio::signal::ctrl_c().await;
+    }
     tracing::info!("shutdown signal received");
     token.cancel();
 }

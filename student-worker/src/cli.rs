@@ -37,6 +37,9 @@ pub struct Args {
     /// for mutual TLS.
     #[command(flatten)]
     pub tls: distill_transport::TlsArgs,
+    /// The Prometheus endpoint (`--metrics-listen`).
+    #[command(flatten)]
+    pub metrics: distill_transport::MetricsArgs,
     /// File holding the worker token presented to the coordinator (else
     /// DISTILL_WORKER_TOKEN).
     #[arg(long, env = "DISTILL_WORKER_TOKEN_FILE")]
@@ -99,6 +102,10 @@ async fn async_main(args: Args) -> ExitCode {
         security,
     };
     let shutdown = distill_shutdown::on_signal();
+    if let Err(e) = args.metrics.serve(shutdown.clone()).await {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cfg, shutdown).await {
         Ok(r) => {
             let pct = 100.0 * r.test_errors as f64 / r.test_total.max(1) as f64;

@@ -34,6 +34,7 @@ pub mod decode;
 pub mod error;
 pub mod objective;
 pub mod student;
+pub mod telemetry;
 pub mod trainer;
 
 use std::path::{Path, PathBuf};

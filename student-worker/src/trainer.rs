@@ -443,6 +443,11 @@ fn run(
                     _ => continue,
                 };
                 let (rows, epoch, lease_id) = (d.rows, d.epoch, d.lease_id);
+                // The coordinator's span of the same batch carries the same `lease` (and
+                // `epoch`), so one query follows a batch across both logs.
+                let span =
+                    tracing::info_span!("batch", epoch, lease = lease_id, worker = %worker_id);
+                let _in_batch = span.enter();
                 let started = Instant::now();
                 let out = student.train_uploaded(d)?;
                 let step_seconds = started.elapsed().as_secs_f64();
@@ -469,6 +474,7 @@ fn run(
                     );
                     (t.loss_sum, t.loss_n) = (0.0, 0);
                 }
+                crate::telemetry::trained(&worker_id, out.loss, rows, step_seconds, wait);
                 tracing::debug!(step, lease = lease_id, loss = out.loss, "trained");
                 let ack = pb::Ack {
                     lease_id,

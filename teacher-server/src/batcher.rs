@@ -146,6 +146,7 @@ fn compute_loop(
         stats
             .rows
             .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
+        crate::telemetry::batch(rows);
         run_batch(model, jobs, rows, cfg.simulate_latency);
     }
 }

@@ -53,6 +53,9 @@ pub struct Args {
     /// (the same files serve the registration with the coordinator).
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// The Prometheus endpoint (`--metrics-listen`).
+    #[command(flatten)]
+    pub metrics: distill_transport::MetricsArgs,
     /// File holding the infer token callers must present (else DISTILL_INFER_TOKEN; with
     /// neither, calls need no token).
     #[arg(long, env = "DISTILL_INFER_TOKEN_FILE")]
@@ -84,8 +87,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    println!("listening on {local}");
+    // Signals are handled from here on, so a supervisor may stop us as soon as it reads this.
     let shutdown = distill_shutdown::on_signal();
+    args.metrics.serve(shutdown.clone()).await?;
+    println!("listening on {local}");
     let registrar = match args.register {
         Some(coordinator) => {
             let advertise = args.advertise.unwrap_or_else(|| local.to_string());

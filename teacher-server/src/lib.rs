@@ -13,6 +13,7 @@ pub mod error;
 pub mod oip;
 pub mod register;
 pub mod service;
+pub mod telemetry;
 
 use std::time::Duration;
 

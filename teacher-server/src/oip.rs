@@ -37,6 +37,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::service::TeacherService;
+use crate::telemetry::Protocol;
 
 /// The one input's name.
 pub const INPUT: &str = "input";
@@ -145,12 +146,15 @@ impl OipService {
         }
         let reply = self
             .teacher
-            .infer_one(InferRequest {
-                request_id: 0,
-                inputs: Some(x.into()),
-                temperature,
-                output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
-            })
+            .infer_one(
+                InferRequest {
+                    request_id: 0,
+                    inputs: Some(x.into()),
+                    temperature,
+                    output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+                },
+                Protocol::Oip,
+            )
             .await?;
         let logits = reply
             .logits
@@ -293,9 +297,13 @@ impl GrpcInferenceService for OipService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        Ok(Response::new(
-            OipService::model_infer(self, req.into_inner()).await?,
-        ))
+        match OipService::model_infer(self, req.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(status) => {
+                self.teacher.count_refusal(Protocol::Oip, &status);
+                Err(status)
+            }
+        }
     }
 }
 

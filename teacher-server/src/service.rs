@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::{Batcher, Job};
 use crate::error::{Error, Result};
+use crate::telemetry::{self, Protocol};
 
 /// What the service knows about its model.
 #[derive(Debug, Clone)]
@@ -197,22 +198,35 @@ impl TeacherService {
 
     /// One in-flight permit, or `RESOURCE_EXHAUSTED` at once when all are taken.
     fn permit(&self) -> Result<OwnedSemaphorePermit> {
-        self.inflight.clone().try_acquire_owned().map_err(|_| {
+        let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
             Error::Overloaded(format!(
                 "too many requests in flight (limit {})",
                 self.max_inflight
             ))
-        })
+        })?;
+        telemetry::queue_depth(self.inflight());
+        Ok(permit)
     }
 
-    /// Runs one request end to end.
-    pub async fn infer_one(&self, req: InferRequest) -> Result<InferResponse> {
-        let _permit = self.permit()?;
-        self.infer_admitted(req).await
+    /// Runs one request end to end, counting it in the metrics as coming through `protocol`.
+    pub async fn infer_one(&self, req: InferRequest, protocol: Protocol) -> Result<InferResponse> {
+        let result = match self.permit() {
+            Ok(_permit) => self.infer_admitted(req, protocol).await,
+            Err(e) => Err(e),
+        };
+        telemetry::queue_depth(self.inflight());
+        result
     }
 
-    /// Runs a request that holds an in-flight permit.
-    async fn infer_admitted(&self, req: InferRequest) -> Result<InferResponse> {
+    /// Counts a refusal of a request that came through `protocol`.
+    pub fn count_refusal(&self, protocol: Protocol, status: &Status) {
+        telemetry::refused(&self.info.member, protocol, status);
+    }
+
+    /// Runs a request that holds an in-flight permit; an answer is counted in the metrics here,
+    /// a refusal by whoever turns it into a status.
+    async fn infer_admitted(&self, req: InferRequest, protocol: Protocol) -> Result<InferResponse> {
+        let started = std::time::Instant::now();
         let Validated {
             job,
             reply: rx,
@@ -223,6 +237,7 @@ impl TeacherService {
         self.batcher.submit(job)?;
         let logits = rx.await.map_err(|_| Error::ShuttingDown)??;
         let tensor = encode_logits(&logits, rows, self.info.classes, out_dtype)?;
+        telemetry::answered(&self.info.member, protocol, rows, started.elapsed());
         Ok(InferResponse {
             request_id,
             logits: Some(tensor.into()),
@@ -240,10 +255,11 @@ impl TeacherService {
         stalled: CancellationToken,
     ) {
         let id = req.request_id;
-        let result = self.infer_admitted(req).await;
-        self.hand_over(&tx, stream_reply(id, result), &stalled)
-            .await;
+        let result = self.infer_admitted(req, Protocol::Distill).await;
+        let reply = self.stream_reply(id, result);
+        self.hand_over(&tx, reply, &stalled).await;
         drop(permit);
+        telemetry::queue_depth(self.inflight());
     }
 
     /// Hands `reply` to the stream; false (and the stream marked stalled) when the client did
@@ -273,21 +289,24 @@ impl TeacherService {
     }
 }
 
-/// The stream message answering request `id`.
-fn stream_reply(id: u64, result: Result<InferResponse>) -> InferStreamResponse {
-    let result = match result {
-        Ok(r) => infer_stream_response::Result::Response(r),
-        Err(e) => {
-            let s = Status::from(e);
-            infer_stream_response::Result::Error(RequestError {
-                code: s.code() as i32,
-                message: s.message().to_string(),
-            })
+impl TeacherService {
+    /// The stream message answering request `id` (a refusal counted in the metrics).
+    fn stream_reply(&self, id: u64, result: Result<InferResponse>) -> InferStreamResponse {
+        let result = match result {
+            Ok(r) => infer_stream_response::Result::Response(r),
+            Err(e) => {
+                let s = Status::from(e);
+                self.count_refusal(Protocol::Distill, &s);
+                infer_stream_response::Result::Error(RequestError {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                })
+            }
+        };
+        InferStreamResponse {
+            request_id: id,
+            result: Some(result),
         }
-    };
-    InferStreamResponse {
-        request_id: id,
-        result: Some(result),
     }
 }
 
@@ -337,7 +356,14 @@ impl Teacher for TeacherService {
         &self,
         req: Request<InferRequest>,
     ) -> std::result::Result<Response<InferResponse>, Status> {
-        Ok(Response::new(self.infer_one(req.into_inner()).await?))
+        match self.infer_one(req.into_inner(), Protocol::Distill).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                let status = Status::from(e);
+                self.count_refusal(Protocol::Distill, &status);
+                Err(status)
+            }
+        }
     }
 
     type InferStreamStream = ReplyStream;
@@ -377,7 +403,7 @@ impl Teacher for TeacherService {
                         });
                     }
                     Err(e) => {
-                        let reply = stream_reply(req.request_id, Err(e));
+                        let reply = svc.stream_reply(req.request_id, Err(e));
                         if !svc.hand_over(&tx, reply, &stop).await {
                             break;
                         }

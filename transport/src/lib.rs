@@ -1,6 +1,7 @@
 //! How distill's roles reach each other on a real network: TLS and mutual TLS
 //! ([`tls`]), a bearer credential per role checked on every RPC ([`auth`]), and the limits
-//! every server runs under ([`limits`]); the secrets servers hand out and ask back ([`secret`]).
+//! every server runs under ([`limits`]); the secrets servers hand out and ask back ([`secret`]);
+//! the Prometheus endpoint each role serves for its operators ([`metrics`]).
 //!
 //! A server is built from a [`ServerSecurity`] (its certificate, the CA its clients must be
 //! signed by, the credentials it accepts) and a [`auth::Policy`] saying which role each of its
@@ -13,11 +14,13 @@
 
 pub mod auth;
 pub mod limits;
+pub mod metrics;
 pub mod secret;
 pub mod tls;
 
 pub use auth::{Access, AuthChannel, Bearer, Credentials, Policy, Role, Token};
 pub use limits::Limits;
+pub use metrics::MetricsArgs;
 pub use tls::{ClientSecurity, ServerSecurity, TlsArgs};
 
 use std::path::PathBuf;
@@ -47,6 +50,9 @@ pub enum Error {
         /// Why it cannot be used.
         msg: String,
     },
+    /// The metrics endpoint could not be set up.
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// This crate's result.

@@ -61,7 +61,7 @@ pub async fn serve(
     let background = TaskTracker::new();
     let svc = CoordinatorServer::new(CoordinatorService::new(
         ctx.clone(),
-        handle,
+        handle.clone(),
         streams.clone(),
         finished.clone(),
     ))
@@ -82,6 +82,11 @@ pub async fn serve(
         let (ctx, stop) = (ctx.clone(), stop_background.clone());
         background.spawn(async move { ctx.pool.run_prober(stop).await });
     }
+    background.spawn(crate::telemetry::run_publisher(
+        handle,
+        ctx.pool.clone(),
+        stop_background.clone(),
+    ));
     let stop_server = CancellationToken::new();
     let signal = {
         let stop = stop_server.clone();

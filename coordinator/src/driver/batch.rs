@@ -76,6 +76,10 @@ pub fn inputs_and_labels(
 /// Builds one training batch: inputs, labels and the ensemble's soft targets — from the
 /// soft-target cache when it holds every row of the batch, else from the teachers (and then
 /// written to the cache, unless degraded).
+///
+/// Its span, `batch`, carries the batch's `epoch`, `index` and `lease`; the worker that trains
+/// it logs under a `batch` span with the same `lease`.
+#[tracing::instrument(name = "batch", skip_all, fields(epoch = lease.batch.epoch, index = lease.batch.index, lease = lease.id))]
 pub async fn prepare(
     ctx: Arc<RunContext>,
     lease: Lease,
@@ -158,6 +162,7 @@ pub async fn prepare(
     }
     let (soft_targets, topk_targets) = target_fields(bytes, rows, classes, encoding)?;
     let degraded = contributors.is_some();
+    tracing::debug!(rows, from_cache, degraded, "batch prepared");
     Ok(PreparedBatch {
         batch: pb::TrainBatch {
             lease_id: lease.id,

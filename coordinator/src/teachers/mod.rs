@@ -722,6 +722,7 @@ impl TeacherPool {
                     s.total_latency_secs += secs;
                     s.max_latency_secs = s.max_latency_secs.max(secs);
                 });
+                crate::telemetry::member_answered(&m.name, secs);
                 self.membership
                     .update(|ms| ((), ms.record_success(id, latency)))?;
                 return Ok(Outcome::Answered(logits));
