@@ -325,3 +325,106 @@ fn a_run_logs_batch_spans_as_json_and_its_metrics_move() {
     assert!(one["span"]["index"].is_u64(), "{one}");
     assert!(one["fields"]["rows"].is_u64(), "{one}");
 }
+
+/// The total of `distill_teacher_requests_total` at a teacher's metrics endpoint (0 before
+/// its first request).
+fn teacher_requests(metrics: &str) -> f64 {
+    let text = scrape(metrics).expect("the teacher's metrics endpoint answers");
+    value(&text, "distill_teacher_requests_total").unwrap_or(0.0)
+}
+
+/// Writes `text` to `path` as a whole (what a reader sees is the old file or the new one).
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn replicas_behind_a_dns_name_join_and_leave_as_its_addresses_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = distill_core::data::Dataset::load("synthetic:0").unwrap();
+    common::train_teacher(&data, "mlp:784-64-10", 1, &d.join("t.safetensors"));
+    // One port on three loopback addresses, as a headless Service's pods share theirs.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut procs = Procs(Vec::new());
+    let mut metrics = Vec::new();
+    for host in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let log = d.join(format!("teacher-{host}.log"));
+        let mut cmd = common::distill();
+        cmd.env("DISTILL_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .arg("teacher-server")
+            .arg("--model")
+            .arg(d.join("t.safetensors"))
+            .args(["--listen", &format!("{host}:{port}"), "--member", "t"])
+            .args([
+                "--simulate-latency-ms",
+                "20",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ]);
+        common::start(&mut procs, cmd, &log);
+        metrics.push(metrics_addr(&log));
+    }
+    let hosts = d.join("hosts");
+    replace_file(&hosts, "127.0.0.2 teachers.test\n127.0.0.3 teachers.test\n");
+
+    let mut cfg = small_run("run");
+    cfg.epochs = 8;
+    cfg.members = vec![static_member(
+        "t",
+        &[&format!("dns://teachers.test:{port}")],
+    )];
+    cfg.membership.dns_hosts_file = Some(hosts.clone());
+    cfg.membership.dns_refresh_secs = 0.2;
+    let cfg = write_config(d, "run", &cfg);
+    let (coordinator, coord) = common::coordinator(d, &cfg, "127.0.0.1:0", "coordinator.log");
+    let worker = common::worker(d, &coord, "w1", &[]);
+
+    // The name's two addresses both serve; the third is not asked.
+    for m in &metrics[..2] {
+        wait_until(Duration::from_secs(120), "both replicas answer", || {
+            (teacher_requests(m) > 0.0).then_some(())
+        });
+    }
+    assert_eq!(teacher_requests(&metrics[2]), 0.0);
+
+    // The name moves from .2 to .4: .4 joins, .2 leaves and is asked nothing more.
+    replace_file(&hosts, "127.0.0.3 teachers.test\n127.0.0.4 teachers.test\n");
+    wait_until(Duration::from_secs(120), "the new replica answers", || {
+        (teacher_requests(&metrics[2]) > 0.0).then_some(())
+    });
+    let left_at = teacher_requests(&metrics[0]);
+    let joined_at = teacher_requests(&metrics[2]);
+    wait_until(
+        Duration::from_secs(120),
+        "the new replica keeps answering",
+        || (teacher_requests(&metrics[2]) >= joined_at + 20.0).then_some(()),
+    );
+    assert_eq!(
+        teacher_requests(&metrics[0]),
+        left_at,
+        "the replica that left the name was asked again"
+    );
+    assert!(
+        common::run_status(&coord).is_some_and(|s| !s.done),
+        "the run outlasted the changes (raise its epochs if this fails)"
+    );
+    common::finish(d, coordinator, vec![worker], Duration::from_secs(300));
+
+    let report = common::read_report(&d.join("run"));
+    let by = report["members"][0]["answered_by"].as_object().unwrap();
+    let mut who: Vec<&String> = by.keys().collect();
+    who.sort();
+    let want: Vec<String> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|h| format!("http://{h}:{port}"))
+        .collect();
+    assert_eq!(who, want.iter().collect::<Vec<_>>(), "{report}");
+}

@@ -136,6 +136,19 @@ pub struct MembershipSettings {
     /// admitted ones. When false, such a member refuses every registration.
     #[serde(default = "default_true")]
     pub trust_first_registration: bool,
+    /// How often each `dns://` endpoint is resolved again, in seconds: replicas appear and
+    /// disappear with the name's addresses (a Deployment scaled behind a headless Service).
+    #[serde(default = "default_dns_refresh")]
+    pub dns_refresh_secs: f64,
+    /// Resolve `dns://` names from this file, in `/etc/hosts` format (`ADDRESS NAME…` per
+    /// line, read again at every refresh), instead of the system resolver: for air-gapped
+    /// set-ups and tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_hosts_file: Option<PathBuf>,
+}
+
+fn default_dns_refresh() -> f64 {
+    10.0
 }
 
 fn default_canary_tolerance() -> f32 {
@@ -163,6 +176,8 @@ impl Default for MembershipSettings {
             canary: true,
             canary_tolerance: default_canary_tolerance(),
             trust_first_registration: true,
+            dns_refresh_secs: default_dns_refresh(),
+            dns_hosts_file: None,
         }
     }
 }
@@ -252,6 +267,16 @@ pub struct MemberConfig {
     /// `model_version`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+}
+
+impl MemberConfig {
+    /// The endpoints that are one replica each (all but the `dns://` ones, which stand for
+    /// the addresses their name resolves to: [`crate::discovery`]).
+    pub fn static_endpoints(&self) -> impl Iterator<Item = &String> {
+        self.endpoints
+            .iter()
+            .filter(|e| crate::discovery::DnsName::parse(e).is_none())
+    }
 }
 
 impl Default for MemberConfig {
@@ -552,6 +577,11 @@ impl RunConfig {
             {
                 c.dir = dir.join(&c.dir);
             }
+            if let Some(h) = cfg.membership.dns_hosts_file.as_mut()
+                && h.is_relative()
+            {
+                *h = dir.join(&*h);
+            }
         }
         Ok(cfg)
     }
@@ -659,12 +689,18 @@ impl RunConfig {
                 );
             }
             for e in &m.endpoints {
+                if let Some(dns) = crate::discovery::DnsName::parse(e) {
+                    if let Err(why) = dns {
+                        return bad(&format!("members[{i}].endpoints"), why);
+                    }
+                    continue;
+                }
                 if tonic::transport::Endpoint::from_shared(e.clone()).is_err()
                     || crate::domain::address::normalize_address(e).is_err()
                 {
                     return bad(
                         &format!("members[{i}].endpoints"),
-                        format!("`{e}` is not a URL like http://host:port"),
+                        format!("`{e}` is not a URL like http://host:port or dns://name:port"),
                     );
                 }
             }
@@ -744,6 +780,7 @@ impl RunConfig {
             ("membership.heartbeat_secs", ms.heartbeat_secs),
             ("membership.probe_initial_secs", ms.probe_initial_secs),
             ("membership.probe_max_secs", ms.probe_max_secs),
+            ("membership.dns_refresh_secs", ms.dns_refresh_secs),
         ] {
             if !v.is_finite() || v <= 0.0 || v > 1e6 {
                 return bad(key, format!("must be finite, > 0 and at most 1e6, got {v}"));

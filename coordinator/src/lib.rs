@@ -12,6 +12,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod domain;
 pub mod driver;
 pub mod error;

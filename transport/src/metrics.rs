@@ -1,6 +1,6 @@
 //! The Prometheus endpoint every role serves with `--metrics-listen ADDR`: `GET /metrics` in
 //! the Prometheus text format, rendered by `metrics-exporter-prometheus` from what the role
-//! records through the `metrics` facade (series names in docs/operations.md).
+//! records through the `metrics` facade (each role lists its series in its `telemetry` module).
 //!
 //! The listener is our own rather than the exporter's so that port 0 works (the bound address
 //! is logged, `metrics on http://ADDR/metrics`, for tests and supervisors to read) and so that it

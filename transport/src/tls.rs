@@ -268,16 +268,29 @@ impl ClientSecurity {
 
     /// An endpoint for `url` with TLS set up; the caller adds timeouts and windows.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint> {
+        self.endpoint_named(url, None)
+    }
+
+    /// [`ClientSecurity::endpoint`], the server's certificate checked against `server_name`
+    /// when given instead of the URL's host (a replica found through DNS is dialled by IP
+    /// address but certified under its name).
+    pub fn endpoint_named(&self, url: &str, server_name: Option<&str>) -> Result<Endpoint> {
         self.check_url(url)?;
         let ep = Endpoint::from_shared(url.to_string()).map_err(|e| Error::Address {
             url: url.to_string(),
             msg: e.to_string(),
         })?;
         match &self.tls {
-            Some(tls) => ep.tls_config(tls.clone()).map_err(|e| Error::Address {
-                url: url.to_string(),
-                msg: format!("TLS: {e}"),
-            }),
+            Some(tls) => {
+                let tls = match server_name {
+                    Some(name) => tls.clone().domain_name(name),
+                    None => tls.clone(),
+                };
+                ep.tls_config(tls).map_err(|e| Error::Address {
+                    url: url.to_string(),
+                    msg: format!("TLS: {e}"),
+                })
+            }
             None => Ok(ep),
         }
     }

@@ -82,6 +82,8 @@ pub async fn serve(
         let (ctx, stop) = (ctx.clone(), stop_background.clone());
         background.spawn(async move { ctx.pool.run_prober(stop).await });
     }
+    // Resolves the members' `dns://` endpoints into replicas, now and periodically.
+    background.spawn(crate::discovery::run(ctx.clone(), stop_background.clone()));
     background.spawn(crate::telemetry::run_publisher(
         handle,
         ctx.pool.clone(),

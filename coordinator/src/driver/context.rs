@@ -119,7 +119,7 @@ impl Run {
         })
         .map_err(|e| Error::Config(e.to_string()))?;
         for m in &cfg.members {
-            for e in &m.endpoints {
+            for e in m.static_endpoints() {
                 security
                     .teachers
                     .check_url(e)
@@ -128,9 +128,12 @@ impl Run {
         }
         let mut membership = Membership::new(
             cfg.membership.to_config(cfg.seed),
-            cfg.members
-                .iter()
-                .map(|m| (m.name.clone(), m.endpoints.clone())),
+            cfg.members.iter().map(|m| {
+                (
+                    m.name.clone(),
+                    m.static_endpoints().cloned().collect::<Vec<_>>(),
+                )
+            }),
         )
         .map_err(|e| Error::Config(format!("`members`: {e}")))?;
         for m in &cfg.members {

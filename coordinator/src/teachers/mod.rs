@@ -355,7 +355,7 @@ impl TeacherPool {
             .and_then(|m| m.oip.as_ref());
         let ep = self
             .security
-            .endpoint(&address)
+            .endpoint_named(&address, view.server_name.as_deref())
             .map_err(|err| Error::Internal(format!("replica {id}: {err}")))?
             .connect_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true)

@@ -73,6 +73,7 @@
 //!   another replica is in rotation to send the hedge to. [`Membership::is_straggler`] flags a
 //!   replica whose EWMA exceeds `straggler_factor` × the fastest in-rotation replica's.
 
+pub mod discovered;
 pub mod health;
 pub mod latency;
 pub mod replicas;
@@ -196,6 +197,9 @@ pub enum Source {
     Static,
     /// A `Register` call: lives while its lease is renewed.
     Registered,
+    /// An address a member's `dns://` endpoint resolved to: lives while the name resolves to
+    /// it ([`discovered`]).
+    Discovered,
 }
 
 /// Whether requests go to a replica.
@@ -223,6 +227,8 @@ pub enum RemovalReason {
     Refused,
     /// On trial, its answers to the canary rows disagreed with the trusted replica's.
     Disagreed,
+    /// Its address left the answer of its member's DNS name.
+    Undiscovered,
 }
 
 /// Something that happened to the membership, for logging and for the run's policy.
@@ -521,6 +527,9 @@ pub struct ReplicaView {
     pub max_in_flight: u32,
     /// What it serves, once known.
     pub identity: Option<ModelIdentity>,
+    /// A discovered replica's DNS name: the name its TLS certificate must carry (it is dialled
+    /// by IP address).
+    pub server_name: Option<String>,
     /// When its lease ends (registered replicas).
     pub lease_deadline: Option<Instant>,
 }
@@ -606,6 +615,8 @@ struct Replica {
     trusted: bool,
     /// Registered and not yet admitted (see [`Health::OnTrial`]).
     on_trial: bool,
+    /// A discovered replica's DNS name.
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -878,6 +889,7 @@ impl Replica {
             secret: String::new(),
             trusted: false,
             on_trial: false,
+            server_name: None,
         }
     }
 
@@ -915,6 +927,7 @@ impl Replica {
             in_flight: self.load.map(|l| l.in_flight),
             max_in_flight: self.load.map_or(0, |l| l.max_in_flight),
             identity: self.identity.clone(),
+            server_name: self.server_name.clone(),
             lease_deadline: self.lease_deadline,
         }
     }

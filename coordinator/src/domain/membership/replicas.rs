@@ -114,7 +114,7 @@ impl Membership {
         let existing = self.by_address(&address);
         if let Some(id) = existing {
             let r = &self.replicas[&id];
-            if r.source == Source::Static {
+            if r.source != Source::Registered {
                 return Err(MembershipError::AddressTaken {
                     address,
                     member: member.into(),
@@ -364,7 +364,7 @@ impl Membership {
             .join(", ")
     }
 
-    fn by_address(&self, address: &str) -> Option<ReplicaId> {
+    pub(super) fn by_address(&self, address: &str) -> Option<ReplicaId> {
         self.replicas
             .iter()
             .find(|(_, r)| r.address == address)
