@@ -142,6 +142,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             &data,
             &path,
             &format!("training teacher {}", member_name(i)),
+            None,
         )?;
         println!(
             "trained teacher {} ({arch}): {errors} test errors in {:.1} s",
@@ -160,7 +161,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         batch: a.batch,
         seed: a.seed,
         optim: student_optim.clone(),
-        eval_every_epoch: false,
+        // Scored every epoch for the report's curve beside the distilled student's.
+        eval_every_epoch: true,
         ..Default::default()
     };
     let baseline_errors = train_supervised(
@@ -169,6 +171,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         &data,
         &out.join("baseline-student.safetensors"),
         "training the baseline student",
+        Some(&out.join("baseline.jsonl")),
     )?;
     let baseline_secs = t0.elapsed().as_secs_f64();
     println!(
@@ -245,7 +248,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             1e3 * report.sync.mean_round_seconds
         );
     }
-    println!("report: {}", out.join("report.json").display());
+    println!(
+        "report: {} (open it in a browser; the figures are in report.json)",
+        out.join(coordinator::report_html::REPORT_HTML).display()
+    );
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -281,18 +287,29 @@ fn train_supervised(
     data: &Dataset,
     path: &Path,
     what: &str,
+    curve: Option<&Path>,
 ) -> anyhow::Result<u64> {
     let bar = progress(cfg.epochs as u64, what);
     bar.set_message("epochs");
     let mut trainer = Trainer::new(spec, cfg, &Device::Cpu)?;
+    let mut lines = String::new();
     trainer.run(data, &mut CrossEntropy, &mut |e| {
         if let Event::Epoch(s) = e {
             tracing::debug!(epoch = s.epoch, loss = s.loss, "epoch");
             bar.inc(1);
             bar.set_message(format!("epochs · loss {:.4}", s.loss));
+            let line = serde_json::json!({
+                "epoch": s.epoch,
+                "mean_loss": s.loss,
+                "test_errors": s.test_errors,
+            });
+            lines.push_str(&format!("{line}\n"));
         }
         ControlFlow::Continue(())
     })?;
+    if let Some(path) = curve {
+        distill_core::fsutil::atomic_write(path, lines.as_bytes())?;
+    }
     bar.finish_and_clear();
     let ck = trainer.checkpoint()?;
     ck.save(path)?;
@@ -321,6 +338,8 @@ async fn distil(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = RunConfig {
         data: a.data.clone(),
+        transfer: None,
+        eval: None,
         run_dir: out.to_path_buf(),
         epochs: a.epochs,
         batch_size: a.batch,
@@ -337,6 +356,7 @@ async fn distil(
         max_message_mb: 64,
         min_workers: a.workers.max(1),
         eval_timeout_secs: 600.0,
+        eval_every_epoch: true,
         hello_timeout_secs: 10.0,
         stall_timeout_secs: 120.0,
         cache: None,

@@ -11,6 +11,7 @@ mod eval_cmd;
 mod gpu_smoke_cmd;
 mod import_cmd;
 mod local;
+mod report_cmd;
 mod train_cmd;
 
 #[global_allocator]
@@ -53,6 +54,8 @@ enum Command {
     Credentials(credentials_cmd::CredentialsArgs),
     /// Measure throughput on loopback and print the figures (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Draw a run directory's report.html again, or compare several runs on one page.
+    Report(report_cmd::ReportArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
     GpuSmoke(gpu_smoke_cmd::GpuSmokeArgs),
 }
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::GpuSmoke(a) => gpu_smoke_cmd::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Credentials(a) => credentials_cmd::run(a),
+        Command::Report(a) => report_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,7 +52,10 @@ fn the_demo_distils_a_student_that_beats_the_baseline_and_keeps_its_run_director
         "student.safetensors",
         "config.toml",
         "metrics.jsonl",
+        "evals.jsonl",
+        "baseline.jsonl",
         "report.json",
+        "report.html",
     ] {
         assert!(out.join(f).is_file(), "{f} missing in {}", out.display());
     }
@@ -93,6 +96,73 @@ fn the_demo_distils_a_student_that_beats_the_baseline_and_keeps_its_run_director
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("bad row `{line}`"))
     };
+    // The page: every epoch of the distilled student (scored on the average that closed it)
+    // and of the baseline, drawn as lines; the table's figures; the report's path printed.
+    for f in ["evals.jsonl", "baseline.jsonl"] {
+        let text = std::fs::read_to_string(out.join(f)).unwrap();
+        assert_eq!(text.lines().count(), 20, "{f}:\n{text}");
+    }
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let figure = |caption: &str| -> &str {
+        html.split("<figure>")
+            .find(|f| f.contains(caption))
+            .unwrap_or_else(|| panic!("no `{caption}` figure in report.html"))
+    };
+    // A marker per point: 20 epochs of each.
+    assert_eq!(
+        figure("Test errors per epoch").matches("<circle").count(),
+        40
+    );
+    assert_eq!(
+        figure("Training loss per epoch").matches("<circle").count(),
+        40
+    );
+    assert_eq!(
+        figure("Training samples per second")
+            .matches("<circle")
+            .count(),
+        20
+    );
+    assert!(html.contains(&format!("<td>{distilled}</td>")), "{html}");
+    assert!(html.contains(&format!("<td>{baseline}</td>")));
+    assert!(
+        stdout.contains(&format!("report: {}", out.join("report.html").display())),
+        "{stdout}"
+    );
+    // `distill report` draws it again, and compares runs on one page.
+    std::fs::remove_file(out.join("report.html")).unwrap();
+    let again = distill().arg("report").arg(&out).output().unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        out.join("report.html").display().to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("report.html")).unwrap(),
+        html
+    );
+    let compare = dir.path().join("compare.html");
+    let both = distill()
+        .arg("report")
+        .args([&out, &out])
+        .arg("--out")
+        .arg(&compare)
+        .output()
+        .unwrap();
+    assert!(both.status.success(), "{both:?}");
+    let page = std::fs::read_to_string(&compare).unwrap();
+    assert!(page.contains("2 runs compared"));
+    let missing = distill()
+        .arg("report")
+        .arg(dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("nowhere") && err.contains("not a directory"),
+        "{err}"
+    );
     assert_eq!(row("distilled student"), distilled, "{stdout}");
     assert_eq!(row("baseline student"), baseline, "{stdout}");
     // Quiet by default: progress bars (drawn only on a terminal, so none here) and the table,

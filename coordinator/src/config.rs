@@ -70,6 +70,10 @@ pub struct RunConfig {
     /// elected.
     #[serde(default = "default_eval_timeout")]
     pub eval_timeout_secs: f64,
+    /// Score the student on the test split at the end of every epoch (`evals.jsonl`; with
+    /// `[sync]` rounds only, whose averages the coordinator holds; the report plots it).
+    #[serde(default = "default_true")]
+    pub eval_every_epoch: bool,
     /// Seconds a new batch stream may take to send its `Hello`.
     #[serde(default = "default_hello_timeout")]
     pub hello_timeout_secs: f64,
@@ -94,6 +98,13 @@ pub struct RunConfig {
     /// Leases of registered replicas, health checks and probes (`[membership]`).
     #[serde(default)]
     pub membership: MembershipSettings,
+    /// The transfer set the student is distilled on (`[transfer]`; default: `data`'s train
+    /// split). See [`crate::transfer`].
+    #[serde(default)]
+    pub transfer: Option<crate::transfer::Selection>,
+    /// The split the student is scored on (`[eval]`; default: `data`'s test split).
+    #[serde(default)]
+    pub eval: Option<crate::transfer::Selection>,
 }
 
 /// Elastic membership and replica health (`[membership]`): maps to
@@ -720,6 +731,21 @@ impl RunConfig {
             }
             self.validate_protocol(i, m)?;
         }
+        if self.transfer.as_ref().is_some_and(|t| !t.labels) && self.alpha != 1.0 {
+            return bad(
+                "transfer.labels",
+                format!(
+                    "an unlabelled transfer set has no hard labels to weigh: set alpha = 1 (got {})",
+                    self.alpha
+                ),
+            );
+        }
+        if self.eval.as_ref().is_some_and(|e| !e.labels) {
+            return bad(
+                "eval.labels",
+                "the evaluation split is scored against its labels: it cannot be unlabelled".into(),
+            );
+        }
         for (key, v) in [
             ("lease_timeout_secs", self.lease_timeout_secs),
             ("teacher_timeout_secs", self.teacher_timeout_secs),
@@ -966,6 +992,8 @@ weight = 2.0
             "optim",
             "members",
             "membership",
+            "transfer",
+            "eval",
         ];
         assert_eq!(
             documented
@@ -1144,5 +1172,46 @@ weight = 2.0
             }
         }
         assert!(n >= 2, "examples found: {n}");
+    }
+
+    #[test]
+    fn a_transfer_set_and_an_eval_split_parse_and_round_trip() {
+        let text = format!(
+            "{GOOD}\n[transfer]\nsource = \"synthetic:2\"\nsplit = \"test\"\nrows = [0, 500]\n\
+             [eval]\nsplit = \"train\"\n"
+        );
+        let c = RunConfig::from_toml(&text).unwrap();
+        let t = c.transfer.clone().unwrap();
+        assert_eq!(t.source.as_deref(), Some("synthetic:2"));
+        assert_eq!(t.split, Some(crate::transfer::SplitName::Test));
+        assert_eq!(t.rows, Some([0, 500]));
+        assert!(t.labels);
+        assert_eq!(
+            c.eval.as_ref().unwrap().split,
+            Some(crate::transfer::SplitName::Train)
+        );
+        // The resolved config the run writes reads back the same.
+        let written = toml::to_string(&c).unwrap();
+        assert_eq!(RunConfig::from_toml(&written).unwrap(), c);
+    }
+
+    #[test]
+    fn an_unlabelled_transfer_set_needs_alpha_1_and_the_eval_split_needs_labels() {
+        let unlabelled = format!("{GOOD}\n[transfer]\nlabels = false\n");
+        let e = RunConfig::from_toml(&unlabelled).unwrap_err().to_string();
+        assert!(
+            e.contains("transfer.labels") && e.contains("alpha = 1"),
+            "{e}"
+        );
+        let ok = unlabelled.replace("temperature = 4.0", "temperature = 4.0\nalpha = 1.0");
+        assert!(!RunConfig::from_toml(&ok).unwrap().transfer.unwrap().labels);
+        let e = RunConfig::from_toml(&format!("{GOOD}\n[eval]\nlabels = false\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eval.labels"), "{e}");
+        let e = RunConfig::from_toml(&format!("{GOOD}\n[transfer]\nsplit = \"valid\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("valid"), "{e}");
     }
 }

@@ -53,6 +53,10 @@ pub enum Error {
     /// The caller took too long (a first message, an evaluation).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A run directory's files could not be drawn into its report page (the message names the
+    /// file and line).
+    #[error("report: {0}")]
+    Report(String),
     /// A bug of ours (a task panicked, a lock was poisoned).
     #[error("internal: {0}")]
     Internal(String),
@@ -80,6 +84,7 @@ impl From<Error> for tonic::Status {
             | Error::Transport(_)
             | Error::Cache(_)
             | Error::Store(_)
+            | Error::Report(_)
             | Error::Internal(_) => tonic::Status::internal(msg),
         }
     }

@@ -18,10 +18,12 @@ pub mod driver;
 pub mod error;
 pub mod membership;
 pub mod registry;
+pub mod report_html;
 pub mod security;
 pub mod store;
 pub mod teachers;
 pub mod telemetry;
+pub mod transfer;
 
 pub use api::serve;
 pub use config::RunConfig;
@@ -40,10 +42,12 @@ pub async fn prepare(cfg: RunConfig) -> Result<Run> {
 /// Loads the run's data set (off the async threads), builds the run under `security`, asks
 /// the teachers what they serve and opens the soft-target cache under the run's key.
 pub async fn prepare_with(cfg: RunConfig, security: Security) -> Result<Run> {
-    let source = cfg.data.clone();
-    let data = tokio::task::spawn_blocking(move || distill_core::data::Dataset::load(&source))
-        .await
-        .map_err(|e| Error::Internal(format!("data loading task: {e}")))??;
+    let (source, transfer, eval) = (cfg.data.clone(), cfg.transfer.clone(), cfg.eval.clone());
+    let data = tokio::task::spawn_blocking(move || {
+        transfer::assemble(&source, transfer.as_ref(), eval.as_ref())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("data loading task: {e}")))??;
     tracing::info!(
         data = %data.source,
         train = data.train.len(),

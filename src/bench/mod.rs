@@ -393,6 +393,8 @@ fn random_teacher(arch: &str) -> anyhow::Result<Checkpoint> {
 fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
     RunConfig {
         data: a.data.clone(),
+        transfer: None,
+        eval: None,
         run_dir,
         epochs: a.epochs,
         batch_size: a.batch,
@@ -409,6 +411,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         max_message_mb: 64,
         min_workers: 1,
         eval_timeout_secs: 600.0,
+        eval_every_epoch: false,
         hello_timeout_secs: 10.0,
         stall_timeout_secs: 120.0,
         cache: None,

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use super::counters::WorkerShare;
 use crate::teachers::MemberStats;
 
 /// How the run used the soft-target cache.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheReport {
     /// The cache directory.
     pub dir: PathBuf,
@@ -25,7 +25,7 @@ pub struct CacheReport {
 }
 
 /// Synchronisation figures of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncReport {
     /// Local updates between rounds (0: no rounds).
     pub every: u64,
@@ -42,7 +42,7 @@ pub struct SyncReport {
 }
 
 /// Test errors of one teacher member.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TeacherErrors {
     /// Member name.
     pub member: String,
@@ -51,7 +51,7 @@ pub struct TeacherErrors {
 }
 
 /// The run's result, written to `report.json` in the run directory.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     /// Data source.
     pub data: String,

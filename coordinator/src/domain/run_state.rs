@@ -71,6 +71,8 @@ pub struct RunSettings {
     pub persist_every: Duration,
     /// How long the evaluator may take before another is elected.
     pub eval_timeout: Duration,
+    /// Whether each epoch's closing average is scored on the test split (with rounds).
+    pub eval_every_epoch: bool,
     /// Failed preparations of one batch that end the run.
     pub max_batch_failures: u32,
     /// Most credits a worker may hold.
@@ -149,6 +151,14 @@ pub enum Action {
     },
     /// Append an epoch's line to `metrics.jsonl`.
     EpochMetrics(EpochLine),
+    /// Score the average that ends `epoch` on the test split and append the result to
+    /// `evals.jsonl` (only with rounds and `eval_every_epoch`: without rounds the coordinator
+    /// holds no parameters before the end).
+    EvaluateEpoch {
+        epoch: u32,
+        version: u64,
+        params: Params,
+    },
     /// Write the student and the report, then report with [`RunState::finished`].
     Finish(Box<Finish>),
     /// The run cannot go on: end it with this error.
@@ -179,6 +189,10 @@ pub struct EpochLine {
     pub seconds: f64,
     /// Seconds workers waited for batches, so far.
     pub student_wait_seconds: f64,
+    /// Seconds workers spent training, so far.
+    pub student_step_seconds: f64,
+    /// Synchronisation rounds closed, so far.
+    pub rounds: u64,
     /// Batches of the epoch from the teachers.
     pub teacher_batches: u64,
     /// Batches of the epoch from the cache.
@@ -846,11 +860,24 @@ impl RunState {
                         .first_send
                         .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
                     student_wait_seconds: c.wait_secs,
+                    student_step_seconds: c.step_secs,
+                    rounds: self.rounds.version(),
                     teacher_batches: c.teacher_batches.get(*epoch as usize).copied().unwrap_or(0),
                     cached_batches: c.cached_batches.get(*epoch as usize).copied().unwrap_or(0),
                 };
                 tracing::debug!(epoch, mean_loss, samples = c.samples, "epoch complete");
                 self.actions.push(Action::EpochMetrics(line));
+                // With rounds the barrier passed in this very commit, so the latest average is
+                // the student at the end of the epoch.
+                if self.settings.eval_every_epoch
+                    && let Some((version, params)) = self.latest_average()
+                {
+                    self.actions.push(Action::EvaluateEpoch {
+                        epoch: *epoch,
+                        version,
+                        params,
+                    });
+                }
                 self.want_persist(now);
             }
         }
@@ -1159,6 +1186,7 @@ mod tests {
             rounds,
             persist_every: Duration::from_secs(10),
             eval_timeout: Duration::from_secs(60),
+            eval_every_epoch: true,
             max_batch_failures: 3,
             max_credits: 8,
             join_hold: Duration::from_secs(30),

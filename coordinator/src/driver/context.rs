@@ -190,6 +190,7 @@ impl Run {
             rounds: cfg.sync.every > 0,
             persist_every: secs(cfg.sync.state_every_secs, "sync.state_every_secs")?,
             eval_timeout: secs(cfg.eval_timeout_secs, "eval_timeout_secs")?,
+            eval_every_epoch: cfg.eval_every_epoch,
             max_batch_failures: MAX_BATCH_FAILURES,
             max_credits: MAX_CREDITS,
             join_hold: secs(cfg.hello_timeout_secs, "hello_timeout_secs")?,

@@ -199,6 +199,8 @@ pub struct Driver {
     outboxes: HashMap<StreamId, mpsc::Sender<Outgoing>>,
     prepared: HashMap<u64, pb::TrainBatch>,
     tasks: JoinSet<()>,
+    /// Scoring of epochs' averages (`evals.jsonl`), awaited before the report is written.
+    epoch_evals: JoinSet<()>,
     stop: CancellationToken,
     /// The latest average in wire chunks, by version (encoded once for every recipient).
     encoded: Option<(u64, Arc<Vec<Vec<pb::ParamChunk>>>)>,
@@ -227,6 +229,7 @@ impl Driver {
             outboxes: HashMap::new(),
             prepared: HashMap::new(),
             tasks: JoinSet::new(),
+            epoch_evals: JoinSet::new(),
             stop: shutdown.child_token(),
             encoded: None,
             initial: None,
@@ -546,6 +549,8 @@ impl Driver {
                     "seconds": line.seconds,
                     "samples_per_sec": if line.seconds > 0.0 { line.samples as f64 / line.seconds } else { 0.0 },
                     "student_wait_seconds": line.student_wait_seconds,
+                    "student_step_seconds": line.student_step_seconds,
+                    "rounds": line.rounds,
                     "teacher_batches": line.teacher_batches,
                     "cached_batches": line.cached_batches,
                 });
@@ -558,6 +563,48 @@ impl Driver {
                 if let Err(e) = append_line(&path, &json.to_string()) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot append metrics");
                 }
+            }
+            Action::EvaluateEpoch {
+                epoch,
+                version,
+                params,
+            } => {
+                let checkpoint = Checkpoint {
+                    spec: self.ctx.settings.spec.clone(),
+                    params: params.as_ref().clone(),
+                    extra: Default::default(),
+                };
+                let (data, path) = (
+                    self.ctx.data.clone(),
+                    self.ctx.cfg.run_dir.join("evals.jsonl"),
+                );
+                // Off the driver's loop: scoring takes a moment and the run goes on meanwhile.
+                // A failure costs the plot a point, never the run.
+                self.epoch_evals.spawn(async move {
+                    let score = move || -> Result<()> {
+                        let model = checkpoint.to_model(&candle_core::Device::Cpu)?;
+                        let r = distill_core::eval::evaluate(
+                            &model,
+                            &data.test,
+                            distill_core::eval::EVAL_BATCH,
+                        )?;
+                        let line = serde_json::json!({
+                            "epoch": epoch,
+                            "version": version,
+                            "test_errors": r.errors,
+                            "test_rows": data.test.len(),
+                        });
+                        append_line(&path, &line.to_string())
+                            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
+                    };
+                    match tokio::task::spawn_blocking(score).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(epoch, error = %e, "cannot score the epoch's student")
+                        }
+                        Err(e) => tracing::warn!(epoch, error = %e, "epoch scoring task failed"),
+                    }
+                });
             }
             Action::Finish(finish) => {
                 let Some(checkpoint) = self.checkpoint.take() else {
@@ -583,7 +630,10 @@ impl Driver {
                     self.tx.clone(),
                     self.ctx.data.clone(),
                 );
+                let mut epoch_evals = std::mem::take(&mut self.epoch_evals);
                 self.tasks.spawn(async move {
+                    // The page plots every epoch's score: let the last ones land first.
+                    while epoch_evals.join_next().await.is_some() {}
                     let write = move || -> Result<RunReport> {
                         let model = checkpoint.to_model(&candle_core::Device::Cpu)?;
                         let own = distill_core::eval::evaluate(
@@ -821,10 +871,15 @@ fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
     f.sync_data()
 }
 
-/// Writes `report.json` into `dir` atomically.
+/// Writes `report.json` into `dir` atomically, then the page drawn from the run directory
+/// (`report.html`). The page is a view of files that are already safe, so failing to draw it
+/// is a warning, not a failed run (`distill report DIR` draws it again).
 pub fn write_report(dir: &std::path::Path, report: &RunReport) -> Result<()> {
     let json = serde_json::to_vec_pretty(report)
         .map_err(|e| Error::Internal(format!("report to JSON: {e}")))?;
     distill_core::fsutil::atomic_write(&dir.join("report.json"), &json)?;
+    if let Err(e) = crate::report_html::write_for_run(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot write report.html");
+    }
     Ok(())
 }

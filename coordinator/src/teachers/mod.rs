@@ -135,7 +135,7 @@ enum Picked {
 }
 
 /// Latency and count statistics of one member.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MemberStats {
     /// Member name.
     pub member: String,
