@@ -105,6 +105,10 @@ pub struct OptimArgs {
     /// Clip gradients to this global L2 norm.
     #[arg(long, value_name = "NORM")]
     pub clip: Option<f64>,
+    /// Max-norm constraint: after each update, scale every hidden unit's incoming weight
+    /// vector longer than this back to this L2 norm (Srivastava et al. 2014).
+    #[arg(long, value_name = "NORM")]
+    pub max_norm: Option<f64>,
 }
 
 /// What `FILE.json` holds.
@@ -253,6 +257,7 @@ fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         schedule: Schedule::parse(&a.schedule)?,
         warmup_epochs: a.warmup,
         clip_grad_norm: a.clip,
+        max_norm: a.max_norm,
     };
     let cfg = TrainConfig {
         epochs: args.epochs,

@@ -298,6 +298,50 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
+/// The per-epoch curves drawn over time, from the differences of `metrics.jsonl`'s cumulative
+/// figures.
+#[derive(Debug, Default, PartialEq)]
+struct Rates {
+    /// (seconds, wait / (wait + step)) of epochs in which the student stepped.
+    wait: Vec<(f64, f64)>,
+    /// (seconds, samples/s) of epochs that took time.
+    speed: Vec<(f64, f64)>,
+    /// (epoch from 1, rounds in it).
+    rounds: Vec<(f64, f64)>,
+}
+
+fn per_epoch_rates(epochs: &[EpochRecord]) -> Rates {
+    let mut out = Rates::default();
+    let mut prev: Option<&EpochRecord> = None;
+    for e in epochs {
+        let (dt, ds, dw, dstep, dr) = match prev {
+            Some(p) => (
+                e.seconds - p.seconds,
+                e.samples.saturating_sub(p.samples) as f64,
+                e.student_wait_seconds - p.student_wait_seconds,
+                e.student_step_seconds - p.student_step_seconds,
+                e.rounds.saturating_sub(p.rounds) as f64,
+            ),
+            None => (
+                e.seconds,
+                e.samples as f64,
+                e.student_wait_seconds,
+                e.student_step_seconds,
+                e.rounds as f64,
+            ),
+        };
+        if dw + dstep > 0.0 && dstep > 0.0 {
+            out.wait.push((e.seconds, dw / (dw + dstep)));
+        }
+        if dt > 0.0 {
+            out.speed.push((e.seconds, ds / dt));
+        }
+        out.rounds.push((f64::from(e.epoch) + 1.0, dr));
+        prev = Some(e);
+    }
+    out
+}
+
 /// The overlaid curves, one `<figure>` each.
 fn curves(runs: &[RunFiles]) -> Vec<String> {
     let many = runs.len() > 1;
@@ -356,35 +400,11 @@ fn curves(runs: &[RunFiles]) -> Vec<String> {
                     .collect(),
             });
         }
-        // Per epoch, from the differences of the cumulative figures.
-        let (mut w, mut s, mut k) = (Vec::new(), Vec::new(), Vec::new());
-        let mut prev: Option<&EpochRecord> = None;
-        for e in &r.epochs {
-            let (dt, ds, dw, dstep, dr) = match prev {
-                Some(p) => (
-                    e.seconds - p.seconds,
-                    e.samples.saturating_sub(p.samples) as f64,
-                    e.student_wait_seconds - p.student_wait_seconds,
-                    e.student_step_seconds - p.student_step_seconds,
-                    e.rounds.saturating_sub(p.rounds) as f64,
-                ),
-                None => (
-                    e.seconds,
-                    e.samples as f64,
-                    e.student_wait_seconds,
-                    e.student_step_seconds,
-                    e.rounds as f64,
-                ),
-            };
-            if dw + dstep > 0.0 && dstep > 0.0 {
-                w.push((e.seconds, dw / (dw + dstep)));
-            }
-            if dt > 0.0 {
-                s.push((e.seconds, ds / dt));
-            }
-            k.push((f64::from(e.epoch) + 1.0, dr));
-            prev = Some(e);
-        }
+        let Rates {
+            wait: w,
+            speed: s,
+            rounds: k,
+        } = per_epoch_rates(&r.epochs);
         let series = |points| Series {
             label: r.name.clone(),
             run: i,
@@ -515,19 +535,12 @@ fn line_plot(caption: &str, x_desc: &str, y_desc: &str, series: &[Series], why: 
                     .map(|&p| Circle::new(p, 3, colour(s.run).filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present()?;
         Ok(())
-    })();
-    match drawn {
-        Ok(()) => figure(caption, &svg),
-        Err(e) => empty_figure(caption, &format!("cannot draw: {e}")),
-    }
+    })()
+    .map_err(|e| e.to_string());
+    finish(caption, &svg, drawn)
 }
 
 /// Bars per category, one group of `values.len()` bars (each a named measure) per category.
@@ -580,18 +593,33 @@ fn bar_plot(
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
         }
         if m > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .draw()?;
+            draw_legend(&mut chart)?;
         }
         root.present()?;
         Ok(())
-    })();
+    })()
+    .map_err(|e| e.to_string());
+    finish(caption, &svg, drawn)
+}
+
+type Axis = plotters::coord::types::RangedCoordf64;
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<Axis, Axis>>;
+type DrawResult = std::result::Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+/// The series' legend box, the same on every plot.
+fn draw_legend(chart: &mut Chart<'_>) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+}
+
+/// The figure of a drawing that worked, or the reason it did not.
+fn finish(caption: &str, svg: &str, drawn: std::result::Result<(), String>) -> String {
     match drawn {
-        Ok(()) => figure(caption, &svg),
+        Ok(()) => figure(caption, svg),
         Err(e) => empty_figure(caption, &format!("cannot draw: {e}")),
     }
 }
@@ -770,12 +798,44 @@ mod tests {
     #[test]
     fn per_epoch_figures_come_from_the_differences_of_the_cumulative_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write(dir.path(), "metrics.jsonl", &metrics(3));
+        // Cumulative figures whose per-epoch differences differ from their running ratios.
+        let lines = [
+            (1000, 1.0, 0.5, 0.5, 2),
+            (3000, 2.0, 0.5, 1.5, 2),
+            (6000, 4.0, 1.5, 2.5, 5),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(e, (n, t, w, st, k))| {
+            format!(
+                "{{\"epoch\":{e},\"mean_loss\":1.0,\"samples\":{n},\"seconds\":{t},\
+                     \"student_wait_seconds\":{w},\"student_step_seconds\":{st},\"rounds\":{k}}}\n"
+            )
+        })
+        .collect::<String>();
+        write(dir.path(), "metrics.jsonl", &lines);
         let run = RunFiles::read(dir.path()).expect("read");
-        let figs = curves(std::slice::from_ref(&run));
-        // Each epoch: 1000 rows in 1 s, wait 0.1 s of 1 s; 3 rounds.
-        let svg = &figs[3];
-        assert!(svg.contains("samples/s"));
+        let r = per_epoch_rates(&run.epochs);
+        let near = |got: &[(f64, f64)], want: &[(f64, f64)]| {
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| (a.0 - b.0).abs() < 1e-9 && (a.1 - b.1).abs() < 1e-9)
+        };
+        // Epoch 2: 2000 rows in 1 s, no wait; epoch 3: 3000 rows in 2 s, waiting 1 s of 2 s.
+        assert!(
+            near(&r.speed, &[(1.0, 1000.0), (2.0, 2000.0), (4.0, 1500.0)]),
+            "{r:?}"
+        );
+        assert!(
+            near(&r.wait, &[(1.0, 0.5), (2.0, 0.0), (4.0, 0.5)]),
+            "{r:?}"
+        );
+        assert!(
+            near(&r.rounds, &[(1.0, 2.0), (2.0, 0.0), (3.0, 3.0)]),
+            "{r:?}"
+        );
         let html = render(&[run]);
         assert!(html.contains("Synchronisation rounds per epoch"));
         assert!(html.contains("Student wait fraction over time"));

@@ -98,14 +98,15 @@ pub fn assemble(
             loaded.insert(s.clone(), Dataset::load(s)?);
         }
     }
+    // An absent selection is the whole split of `data`, labelled.
+    let whole = Selection {
+        source: None,
+        split: None,
+        rows: None,
+        labels: true,
+    };
     let pick = |sel: Option<&Selection>, default: SplitName, key: &str| -> Result<Split> {
-        let default_sel = Selection {
-            source: None,
-            split: None,
-            rows: None,
-            labels: true,
-        };
-        let sel = sel.unwrap_or(&default_sel);
+        let sel = sel.unwrap_or(&whole);
         let ds = match &sel.source {
             Some(s) if s != data => loaded
                 .get(s)

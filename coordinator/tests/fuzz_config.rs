@@ -103,6 +103,7 @@ fn keys() -> Vec<(&'static str, &'static str)> {
         ("optim", "schedule"),
         ("optim", "warmup_epochs"),
         ("optim", "clip_grad_norm"),
+        ("optim", "max_norm"),
         ("sync", "every"),
         ("sync", "dtype"),
         ("sync", "chunk_bytes"),

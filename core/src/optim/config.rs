@@ -151,6 +151,11 @@ pub struct OptimConfig {
     pub warmup_epochs: f64,
     /// Scale gradients so their global L2 norm is at most this (None: no clipping).
     pub clip_grad_norm: Option<f64>,
+    /// Max-norm constraint (Srivastava et al. 2014, the regulariser of Hinton et al.'s MNIST
+    /// teacher): after each update, every hidden unit's incoming weight vector (a row of each
+    /// `.weight` but the output layer's) longer than this is scaled back to this L2 norm.
+    /// None: off.
+    pub max_norm: Option<f64>,
 }
 
 impl Default for OptimConfig {
@@ -166,6 +171,7 @@ impl Default for OptimConfig {
             schedule: Schedule::Const,
             warmup_epochs: 0.0,
             clip_grad_norm: None,
+            max_norm: None,
         }
     }
 }
@@ -234,6 +240,11 @@ impl OptimConfig {
             && !(c.is_finite() && c > 0.0)
         {
             return bad(format!("clip_grad_norm must be > 0, got {c}"));
+        }
+        if let Some(c) = self.max_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return bad(format!("max_norm must be > 0, got {c}"));
         }
         self.schedule.validate()
     }

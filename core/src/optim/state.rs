@@ -40,6 +40,8 @@ pub(super) enum Buf {
 struct Param {
     name: String,
     var: Var,
+    /// Whether the max-norm constraint applies (a hidden layer's weight matrix).
+    hidden_weight: bool,
     /// SGD: `[momentum]` (or none when μ = 0). AdamW: `[exp_avg, exp_avg_sq]`.
     bufs: Vec<Buf>,
 }
@@ -51,6 +53,24 @@ pub struct Optimizer {
     step: u64,
     /// Reused gather buffer for strided gradients (CPU path).
     scratch: Vec<f32>,
+}
+
+fn is_weight(name: &str) -> bool {
+    name.ends_with(".weight")
+}
+
+/// Scales every row of `w` (`[units, ...fan_in]`: one unit's incoming weights) whose L2 norm
+/// exceeds `max` back onto the ball of radius `max`; shorter rows are left exactly as they are.
+fn project_rows(w: &Var, max: f64) -> Result<()> {
+    let t = w.as_tensor();
+    let units = t.dim(0)?;
+    let rows = t.reshape((units, ()))?;
+    let norms = rows.sqr()?.sum_keepdim(1)?.sqrt()?;
+    // max / max(norm, max): 1 for rows inside the ball, max / norm outside it.
+    let factor = norms.maximum(max)?.recip()?.affine(max, 0.0)?;
+    let projected = rows.broadcast_mul(&factor)?.reshape(t.shape())?;
+    w.set(&projected)?;
+    Ok(())
 }
 
 fn buf_names(kind: OptimKind, momentum: f64) -> &'static [&'static str] {
@@ -66,9 +86,13 @@ impl Optimizer {
     pub fn new(cfg: OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
         cfg.validate()?;
         let names = buf_names(cfg.kind, cfg.momentum);
+        // The weights come in layer order, so the last one feeds the outputs, which the
+        // max-norm constraint leaves free (as Srivastava et al. do).
+        let last_weight = params.iter().rposition(|(name, _)| is_weight(name));
         let params = params
             .into_iter()
-            .map(|(name, var)| {
+            .enumerate()
+            .map(|(i, (name, var))| {
                 if var.dtype() != DType::F32 {
                     return Err(Error::Config(format!(
                         "parameter `{name}` is {:?}; the optimizer updates f32 parameters",
@@ -79,7 +103,13 @@ impl Optimizer {
                     .iter()
                     .map(|_| zero_buf(&var))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(Param { name, var, bufs })
+                let hidden_weight = is_weight(&name) && var.rank() >= 2 && Some(i) != last_weight;
+                Ok(Param {
+                    name,
+                    var,
+                    hidden_weight,
+                    bufs,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -162,6 +192,11 @@ impl Optimizer {
                     };
                     p.var.as_tensor().inplace_op2(g, &op)?;
                 }
+            }
+        }
+        if let Some(max) = self.cfg.max_norm {
+            for p in self.params.iter().filter(|p| p.hidden_weight) {
+                project_rows(&p.var, max)?;
             }
         }
         Ok(stats)
@@ -381,6 +416,72 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
+
+    #[test]
+    fn max_norm_projects_long_hidden_rows_and_leaves_the_rest() {
+        // Two layers: l0.weight [2, 2] (hidden), l1.weight [1, 2] (output, never constrained).
+        // A zero-lr step changes nothing but the projection.
+        let w0 = Var::from_slice(&[3.0f32, 4.0, 0.3, 0.4], (2, 2), &Device::Cpu).unwrap();
+        let b0 = Var::from_slice(&[10.0f32, 0.0], 2, &Device::Cpu).unwrap();
+        let w1 = Var::from_slice(&[30.0f32, 40.0], (1, 2), &Device::Cpu).unwrap();
+        let params = vec![
+            ("l0.weight".to_string(), w0.clone()),
+            ("l0.bias".to_string(), b0.clone()),
+            ("l1.weight".to_string(), w1.clone()),
+        ];
+        let cfg = OptimConfig {
+            max_norm: Some(2.0),
+            ..OptimConfig::sgd(0.1, 0.0)
+        };
+        let mut opt = Optimizer::new(cfg, params).unwrap();
+        let loss = w0
+            .as_tensor()
+            .sum_all()
+            .unwrap()
+            .add(&w1.as_tensor().sum_all().unwrap())
+            .unwrap()
+            .add(&b0.as_tensor().sum_all().unwrap())
+            .unwrap();
+        opt.step(&loss.backward().unwrap(), 0.0).unwrap();
+        // Row [3, 4] (norm 5) goes to norm 2 along its direction; [0.3, 0.4] stays bit for bit.
+        assert!(
+            close(&values(&w0), &[1.2, 1.6, 0.3, 0.4], 1e-6),
+            "{:?}",
+            values(&w0)
+        );
+        assert_eq!(values(&w0)[2..], [0.3f32, 0.4]);
+        assert_eq!(values(&b0), [10.0f32, 0.0], "biases are not constrained");
+        assert_eq!(
+            values(&w1),
+            [30.0f32, 40.0],
+            "the output layer is not constrained"
+        );
+
+        // Without the setting the same step leaves everything alone.
+        let w = Var::from_slice(&[3.0f32, 4.0, 0.3, 0.4], (2, 2), &Device::Cpu).unwrap();
+        let out = Var::from_slice(&[1.0f32, 1.0], (1, 2), &Device::Cpu).unwrap();
+        let mut plain = Optimizer::new(
+            OptimConfig::sgd(0.1, 0.0),
+            vec![
+                ("a.weight".into(), w.clone()),
+                ("b.weight".into(), out.clone()),
+            ],
+        )
+        .unwrap();
+        let loss = w.as_tensor().sum_all().unwrap();
+        plain.step(&loss.backward().unwrap(), 0.0).unwrap();
+        assert_eq!(values(&w), [3.0f32, 4.0, 0.3, 0.4]);
+        assert!(
+            OptimConfig {
+                max_norm: Some(0.0),
+                ..OptimConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_norm")
+        );
     }
 
     #[test]
