@@ -45,12 +45,9 @@ TABLE_T=${TABLE_T:-1 2.5 4 8 20}
 TABLE_EPOCHS=${TABLE_EPOCHS:-10}
 SEED=${SEED:-0}
 
-for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-    if [[ ! -e "$DIR/$f" && ! -e "$DIR/$f.gz" ]]; then
-        echo "error: $DIR has no $f(.gz); pass the MNIST directory as the first argument" >&2
-        exit 1
-    fi
-done
+# shellcheck source=lib/roles.sh
+source "$ROOT/scripts/lib/roles.sh"
+require_mnist "$DIR"
 if [[ -n ${DISTILL_BIN:-} ]]; then
     BIN=$DISTILL_BIN
 else
@@ -62,27 +59,7 @@ export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:gli
 export RAYON_NUM_THREADS=$THREADS
 t_start=$SECONDS
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-# Starts a role in the background and sets ADDR from its `listening on` line (not in a command
-# substitution, so that its pid stays in this shell's `pids` for the cleanup).
-ADDR=
-start() { # LOG ARGS...
-    local log=$1
-    shift
-    local fifo
-    fifo=$(mktemp -u)
-    mkfifo "$fifo"
-    "$BIN" "$@" >"$fifo" 2>"$log" &
-    pids+=($!)
-    local line
-    read -r line <"$fifo"
-    (cat "$fifo" >/dev/null; rm -f "$fifo") >/dev/null 2>&1 &
-    [[ $line == "listening on "* ]] || { echo "error: $* did not start; see $log" >&2; exit 1; }
-    ADDR=${line#listening on }
-}
+trap stop_roles EXIT
 
 # Reads one field of a JSON file (python3 only: no jq needed).
 field() { # FILE EXPR

@@ -30,12 +30,9 @@ STUDENT_EPOCHS=${STUDENT_EPOCHS:-20}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
 SEED=${SEED:-0}
 
-for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-    if [[ ! -e "$DIR/$f" && ! -e "$DIR/$f.gz" ]]; then
-        echo "error: $DIR has no $f(.gz); pass the MNIST directory as the first argument" >&2
-        exit 1
-    fi
-done
+# shellcheck source=lib/roles.sh
+source "$ROOT/scripts/lib/roles.sh"
+require_mnist "$DIR"
 
 if [[ -n ${DISTILL_BIN:-} ]]; then
     BIN=$DISTILL_BIN

@@ -42,28 +42,9 @@ mkdir -p "$RUN"
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824}
 export RAYON_NUM_THREADS=$THREADS
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-# Starts a role in the background and sets ADDR from its `listening on` line. (Not run in a
-# command substitution, so that its pid stays in this shell's `pids` for the cleanup.)
-ADDR=
-start() { # LOG ARGS...
-    local log=$1
-    shift
-    local fifo
-    fifo=$(mktemp -u)
-    mkfifo "$fifo"
-    "$BIN" "$@" >"$fifo" 2>"$log" &
-    pids+=($!)
-    local line
-    read -r line <"$fifo"
-    # Keep draining the role's stdout.
-    (cat "$fifo" >/dev/null; rm -f "$fifo") >/dev/null 2>&1 &
-    [[ $line == "listening on "* ]] || { echo "error: $* did not start; see $log" >&2; exit 1; }
-    ADDR=${line#listening on }
-}
+# shellcheck source=lib/roles.sh
+source "$ROOT/scripts/lib/roles.sh"
+trap stop_roles EXIT
 
 t0=$SECONDS
 start "$RUN/teacher.log" teacher-server --model "$TEACHER" --listen 127.0.0.1:0 --member teacher

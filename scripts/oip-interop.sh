@@ -85,7 +85,8 @@ for name, ok, detail in json.load(open(sys.argv[1]))["checks"]:
     print(("PASS" if ok else "FAIL") + "\t" + name + "\t" + detail.replace("\n", " "))' "$1")
 }
 
-pids=()
+# shellcheck source=lib/roles.sh
+source "$ROOT/scripts/lib/roles.sh"
 cleanup() {
     local p i
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -96,26 +97,6 @@ cleanup() {
     done
 }
 trap cleanup EXIT
-
-# Starts a role in the background and sets ADDR from its `listening on` line; fails when the
-# role printed no such line. (Not run in a command substitution, so that its pid stays in this
-# shell's `pids` for the cleanup.)
-ADDR=
-start() { # LOG ARGS...
-    local log=$1
-    shift
-    local fifo
-    fifo=$(mktemp -u)
-    mkfifo "$fifo"
-    "$BIN" "$@" >"$fifo" 2>"$log" &
-    pids+=($!)
-    local line
-    read -r line <"$fifo" || true
-    # Keep draining the role's stdout.
-    (cat "$fifo" >/dev/null; rm -f "$fifo") >/dev/null 2>&1 &
-    [[ $line == "listening on "* ]] || { echo "error: $* did not start; see $log" >&2; tail -3 "$log" >&2; return 1; }
-    ADDR=${line#listening on }
-}
 
 # --- the two teachers -----------------------------------------------------------------------
 echo "== training the native teacher (mlp:784-256-10, 1 epoch) and the sklearn teacher"
