@@ -48,12 +48,7 @@ SEED=${SEED:-0}
 # shellcheck source=lib/roles.sh
 source "$ROOT/scripts/lib/roles.sh"
 require_mnist "$DIR"
-if [[ -n ${DISTILL_BIN:-} ]]; then
-    BIN=$DISTILL_BIN
-else
-    (cd "$ROOT" && cargo build --release -p distill)
-    BIN=$ROOT/target/release/distill
-fi
+release_bin
 mkdir -p "$RUNS"
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824}
 export RAYON_NUM_THREADS=$THREADS

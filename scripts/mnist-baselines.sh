@@ -34,12 +34,7 @@ SEED=${SEED:-0}
 source "$ROOT/scripts/lib/roles.sh"
 require_mnist "$DIR"
 
-if [[ -n ${DISTILL_BIN:-} ]]; then
-    BIN=$DISTILL_BIN
-else
-    (cd "$ROOT" && cargo build --release -p distill)
-    BIN=$ROOT/target/release/distill
-fi
+release_bin
 mkdir -p "$RUNS"
 # The binary uses mimalloc; these tunables only matter for anything still on glibc malloc
 # (see shared/notes/rust-stack.md §7).

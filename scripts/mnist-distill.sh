@@ -32,18 +32,13 @@ SEED=${SEED:-0}
 THREADS=${THREADS:-$(nproc)}
 
 [[ -e $TEACHER ]] || { echo "error: no teacher at $TEACHER; run scripts/mnist-baselines.sh first or set TEACHER" >&2; exit 1; }
-if [[ -n ${DISTILL_BIN:-} ]]; then
-    BIN=$DISTILL_BIN
-else
-    (cd "$ROOT" && cargo build --release -p distill)
-    BIN=$ROOT/target/release/distill
-fi
+# shellcheck source=lib/roles.sh
+source "$ROOT/scripts/lib/roles.sh"
+release_bin
 mkdir -p "$RUN"
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824}
 export RAYON_NUM_THREADS=$THREADS
 
-# shellcheck source=lib/roles.sh
-source "$ROOT/scripts/lib/roles.sh"
 trap stop_roles EXIT
 
 t0=$SECONDS

@@ -35,3 +35,13 @@ require_mnist() { # DIR
         fi
     done
 }
+
+# Sets BIN: $DISTILL_BIN when given, else target/release/distill built from ROOT.
+release_bin() {
+    if [[ -n ${DISTILL_BIN:-} ]]; then
+        BIN=$DISTILL_BIN
+    else
+        (cd "$ROOT" && cargo build --release -p distill)
+        BIN=$ROOT/target/release/distill
+    fi
+}
