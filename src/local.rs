@@ -79,6 +79,23 @@ pub async fn run_with_progress(
             ..Default::default()
         });
     }
+    let outcome = serve_with_workers(cfg, workers, work_root, bar, shutdown.clone()).await;
+    shutdown.cancel();
+    for s in servers {
+        s.await.context("teacher task")??;
+    }
+    outcome
+}
+
+/// Runs `cfg` as it is (its members already serving, or none: an offline run from a cache)
+/// with `workers` in-process student workers; cancels `shutdown` for them once the run ends.
+pub async fn serve_with_workers(
+    mut cfg: RunConfig,
+    workers: usize,
+    work_root: PathBuf,
+    bar: Option<indicatif::ProgressBar>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<LocalOutcome> {
     cfg.min_workers = workers.max(1);
     // The worker's credit window matches the coordinator's prefetch.
     let prefetch = cfg.prefetch.clamp(1, 1024);
@@ -116,9 +133,6 @@ pub async fn run_with_progress(
         results.push(h.await.context("worker task")?);
     }
     shutdown.cancel();
-    for s in servers {
-        s.await.context("teacher task")??;
-    }
     let workers = results
         .into_iter()
         .collect::<Result<Vec<_>, _>>()

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cache_cmd;
 mod credentials_cmd;
 mod demo_cmd;
 mod eval_cmd;
@@ -12,6 +13,7 @@ mod gpu_smoke_cmd;
 mod import_cmd;
 mod local;
 mod report_cmd;
+mod sweep_cmd;
 mod train_cmd;
 
 #[global_allocator]
@@ -54,6 +56,10 @@ enum Command {
     Credentials(credentials_cmd::CredentialsArgs),
     /// Measure throughput on loopback and print the figures (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Fill a run's soft-target cache with one teacher pass (`fill`), or list a cache (`list`).
+    Cache(cache_cmd::CacheArgs),
+    /// Train a grid of students (T × alpha, …) from one filled cache, asking no teacher.
+    Sweep(sweep_cmd::SweepArgs),
     /// Draw a run directory's report.html again, or compare several runs on one page.
     Report(report_cmd::ReportArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
@@ -83,6 +89,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Credentials(a) => credentials_cmd::run(a),
         Command::Report(a) => report_cmd::run(a),
+        Command::Cache(a) => cache_cmd::run(a),
+        Command::Sweep(a) => sweep_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -385,6 +385,7 @@ async fn a_cached_run_asks_no_teacher_after_epoch_one_and_trains_the_same_studen
             let cache = coordinator::cache::CacheConfig {
                 dir: dir.path().join("cache"),
                 mode: coordinator::cache::CacheMode::ReadWrite,
+                record: None,
             };
             let base = |name: &str| {
                 let mut c = config(&dir.path().join(name), endpoints.clone());
@@ -422,13 +423,30 @@ async fn a_cached_run_asks_no_teacher_after_epoch_one_and_trains_the_same_studen
             assert!(offline.members.is_empty());
             assert_eq!(offline_student, plain_student);
 
-            // Another temperature is another key: an offline run finds nothing and says so.
+            // Another temperature is served from the same member record, rescaled: still no
+            // teacher, and another student (the soft targets changed with T).
             let mut cfg = base("other-t");
             cfg.members.clear();
             cfg.temperature = 5.0;
             cfg.cache = Some(coordinator::cache::CacheConfig {
                 mode: coordinator::cache::CacheMode::Offline,
-                ..cache
+                ..cache.clone()
+            });
+            let (other_t, other_t_student) =
+                run_to_end(cfg, &dir.path().join("w4"), &shutdown).await;
+            assert_eq!(other_t.teacher_batches_per_epoch, [0, 0, 0]);
+            assert_eq!(other_t.batches_trained, 3 * 24);
+            assert_ne!(other_t_student, plain_student);
+
+            // An empty cache has nothing to serve: an offline run says so before it starts.
+            let mut cfg = base("empty");
+            cfg.members.clear();
+            let empty = dir.path().join("empty-cache");
+            drop(coordinator::cache::SoftTargetCache::open(&empty).unwrap());
+            cfg.cache = Some(coordinator::cache::CacheConfig {
+                dir: empty,
+                mode: coordinator::cache::CacheMode::Offline,
+                record: None,
             });
             let e = coordinator::prepare(cfg).await.err().unwrap().to_string();
             assert!(e.contains("holds no complete soft targets"), "{e}");

@@ -404,9 +404,8 @@ fn replicas_behind_a_dns_name_join_and_leave_as_its_addresses_change() {
     // completion): sample .2 only once it holds nothing in flight and .4 has answered more.
     let joined_at = teacher_requests(&metrics[2]);
     wait_until(Duration::from_secs(120), "the old replica drains", || {
-        let drained = scrape(&metrics[0])
-            .and_then(|t| value(&t, "distill_teacher_queue_depth"))
-            == Some(0.0);
+        let drained =
+            scrape(&metrics[0]).and_then(|t| value(&t, "distill_teacher_queue_depth")) == Some(0.0);
         (drained && teacher_requests(&metrics[2]) >= joined_at + 5.0).then_some(())
     });
     let left_at = teacher_requests(&metrics[0]);

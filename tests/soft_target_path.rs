@@ -168,9 +168,9 @@ fn batch_inputs(b: &pb::TrainBatch) -> (usize, Vec<f32>) {
     (rows, distill_core::data::pixels_to_f32(&t.data))
 }
 
-/// What a teacher replica of `model` answers for the batch's rows: its logits divided by T, in
-/// f32 (the teacher server's `z / t`).
-fn tempered_logits(model: &Model, b: &pb::TrainBatch) -> Vec<f32> {
+/// What a teacher replica of `model` answers for the batch's rows at temperature `t`: its
+/// logits divided by `t`, in f32 (the teacher server's `z / t`).
+fn tempered_logits_at(model: &Model, b: &pb::TrainBatch, t: f32) -> Vec<f32> {
     let (rows, x) = batch_inputs(b);
     let width = x.len() / rows;
     let xt = Tensor::from_vec(x, (rows, width), &Device::Cpu).unwrap();
@@ -181,7 +181,7 @@ fn tempered_logits(model: &Model, b: &pb::TrainBatch) -> Vec<f32> {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    z.iter().map(|v| v / T).collect()
+    z.iter().map(|v| v / t).collect()
 }
 
 /// Softmax of one row, in f64, with the maximum subtracted first.
@@ -230,7 +230,15 @@ fn combine(members: &[(&[f32], f64)], mode: Mode) -> Vec<f64> {
 
 /// The ensemble's expected probabilities for batch `b`: `members` as (model, raw weight).
 fn expected(b: &pb::TrainBatch, members: &[(&Model, f64)], mode: Mode) -> Vec<f64> {
-    let logits: Vec<Vec<f32>> = members.iter().map(|(m, _)| tempered_logits(m, b)).collect();
+    expected_at(b, members, mode, T)
+}
+
+/// [`expected`] at temperature `t`.
+fn expected_at(b: &pb::TrainBatch, members: &[(&Model, f64)], mode: Mode, t: f32) -> Vec<f64> {
+    let logits: Vec<Vec<f32>> = members
+        .iter()
+        .map(|(m, _)| tempered_logits_at(m, b, t))
+        .collect();
     let with_weights: Vec<(&[f32], f64)> = logits
         .iter()
         .zip(members)
@@ -261,7 +269,6 @@ fn dense<'a>(b: &'a pb::TrainBatch, dtype: pb::DType, encoding: &str) -> &'a [u8
         "batch {}: top-k field too",
         b.index
     );
-    assert_eq!(b.temperature, T);
     let t = b.soft_targets.as_ref().expect("dense soft targets");
     assert_eq!(t.dtype, dtype as i32, "batch {}: dtype", b.index);
     let rows = batch_inputs(b).0;
@@ -273,6 +280,12 @@ fn dense<'a>(b: &'a pb::TrainBatch, dtype: pb::DType, encoding: &str) -> &'a [u8
 
 /// The batch's f32 soft targets.
 fn dense_f32(b: &pb::TrainBatch) -> Vec<f32> {
+    assert_eq!(b.temperature, T);
+    dense_f32_any_t(b)
+}
+
+/// The batch's f32 soft targets, at whatever temperature the batch says.
+fn dense_f32_any_t(b: &pb::TrainBatch) -> Vec<f32> {
     dense(b, pb::DType::DtypeF32, "f32")
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -681,13 +694,12 @@ fn cached_rows(dir: &Path) -> Vec<u64> {
     cache.keys().unwrap().iter().map(|k| k.rows).collect()
 }
 
-/// (e) Under `degrade`, batches combined without a member that is down are never written to the
-/// cache: member `b` answers `Describe` at start (so the run's cache key is the full
-/// ensemble's) and then goes down; every batch of two epochs is `a`'s alone, none cached. A
-/// second run with the same cache and `b` back misses every batch, asks the teachers and gets
-/// the full ensemble; a third then hits.
+/// (e) Under `degrade`, each member that answered is recorded and one that did not is not:
+/// member `b` answers `Describe` at start and then goes down; every batch of the epoch is `a`'s
+/// alone and not flagged cached, and only `a`'s record fills. A second run with `b` back asks
+/// `b` alone (a's rows come from its record) and gets the full ensemble; a third then hits.
 #[tokio::test]
-async fn degraded_batches_are_never_cached() {
+async fn a_degraded_batch_records_the_members_that_answered() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let (cka, ckb) = two_teachers();
@@ -699,16 +711,15 @@ async fn degraded_batches_are_never_cached() {
 
     // Run 1: b is up for the start-up check, then down for every batch.
     let tb = Teacher::start("b", &ckb).await;
-    let mut cfg = config(
+    let cfg = config(
         &dir.path().join("run1"),
         &[("a", &ta.url, 3.0), ("b", &tb.url, 1.0)],
         "teacher_policy = \"degrade\"",
         Some(&cache),
     );
-    cfg.epochs = 2;
     let run = within("prepare", coordinator::prepare(cfg)).await.unwrap();
     tb.stop().await;
-    let batches = collect_run(run, 2 * PER_EPOCH).await;
+    let batches = collect_run(run, PER_EPOCH).await;
     assert_batches(&batches, &["a"], false);
     for b in &batches {
         let got = dense_f32(b);
@@ -716,12 +727,12 @@ async fn degraded_batches_are_never_cached() {
         assert_f32_close(&got, &want, &format!("degraded batch {}", b.index));
     }
     assert_eq!(
-        cached_rows(&cache).iter().sum::<u64>(),
-        0,
-        "degraded rows were cached"
+        cached_rows(&cache),
+        [(PER_EPOCH * BATCH) as u64],
+        "a's record alone"
     );
 
-    // Run 2: b is back (a new replica of the same checkpoint): every batch is a miss.
+    // Run 2: b is back (a new replica of the same checkpoint): b is asked, a is not.
     let tb = Teacher::start("b", &ckb).await;
     let cfg = config(
         &dir.path().join("run2"),
@@ -729,13 +740,19 @@ async fn degraded_batches_are_never_cached() {
         "teacher_policy = \"degrade\"",
         Some(&cache),
     );
-    let before = tb.rows();
+    let (a_before, b_before) = (ta.rows(), tb.rows());
     let batches = collect(cfg, PER_EPOCH).await;
     assert_batches(&batches, &["a", "b"], false);
     assert!(
-        tb.rows() - before >= (PER_EPOCH * BATCH) as u64,
+        tb.rows() - b_before >= (PER_EPOCH * BATCH) as u64,
         "member b was asked for {} rows",
-        tb.rows() - before
+        tb.rows() - b_before
+    );
+    // At most the coordinator's 2,000-row test-split check reached a.
+    assert!(
+        ta.rows() - a_before <= 2000,
+        "member a was asked for {} rows",
+        ta.rows() - a_before
     );
     let mut full = Vec::new();
     for b in &batches {
@@ -748,9 +765,9 @@ async fn degraded_batches_are_never_cached() {
         );
         full.push(b.soft_targets.clone());
     }
-    assert_eq!(cached_rows(&cache), [(PER_EPOCH * BATCH) as u64]);
+    assert_eq!(cached_rows(&cache), [(PER_EPOCH * BATCH) as u64; 2]);
 
-    // Run 3: the same key now hits, with run 2's bytes.
+    // Run 3: both records now hit, with run 2's bytes.
     let cfg = config(
         &dir.path().join("run3"),
         &[("a", &ta.url, 3.0), ("b", &tb.url, 1.0)],
@@ -764,6 +781,202 @@ async fn degraded_batches_are_never_cached() {
     }
     ta.stop().await;
     tb.stop().await;
+}
+
+/// An offline config over `cache`: the members named with their weights and no endpoint, at
+/// temperature `t`, with `top` extra lines.
+fn offline(run_dir: &Path, cache: &Path, members: &[(&str, f32)], t: f32, top: &str) -> RunConfig {
+    let mut toml = format!(
+        "data = \"synthetic:5\"\nrun_dir = '{}'\nepochs = 1\nbatch_size = {BATCH}\nseed = 1\n\
+         temperature = {t:?}\nprefetch = 4\n{top}\n[sync]\nevery = 0\n[student]\narch = \"{ARCH}\"\n\
+         [cache]\ndir = '{}'\nmode = \"offline\"\n",
+        run_dir.display(),
+        cache.display()
+    );
+    for (name, weight) in members {
+        toml += &format!("[[members]]\nname = \"{name}\"\nendpoints = []\nweight = {weight:?}\n");
+    }
+    RunConfig::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+}
+
+/// The acceptance of the member records: `distill cache fill`'s pass at T = 2 (weights 3:1,
+/// `mean-prob`) serves runs at other temperatures, another combination, other weights and a
+/// subset of the members, each batch equal to the targets computed here from the teachers'
+/// own checkpoints at that T (to f32 rounding), while the teachers, still serving, compute
+/// nothing more.
+#[tokio::test]
+async fn a_filled_cache_serves_any_temperature_combination_and_weights_without_the_teachers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (cka, ckb) = two_teachers();
+    let (ma, mb) = (
+        cka.to_model(&Device::Cpu).unwrap(),
+        ckb.to_model(&Device::Cpu).unwrap(),
+    );
+    let (ta, tb) = (
+        Teacher::start("a", &cka).await,
+        Teacher::start("b", &ckb).await,
+    );
+    let cfg = config(
+        &dir.path().join("run"),
+        &[("a", &ta.url, 3.0), ("b", &tb.url, 1.0)],
+        "",
+        Some(&cache),
+    );
+    let report = within(
+        "fill",
+        coordinator::fill::fill(
+            cfg.clone(),
+            coordinator::Security::plaintext(),
+            CancellationToken::new(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.batches, report.asked_batches),
+        (PER_EPOCH as u64, PER_EPOCH as u64)
+    );
+    assert!(coordinator::fill::is_complete(&report), "{report:?}");
+    // A second fill asks nothing.
+    let again = within(
+        "fill again",
+        coordinator::fill::fill(
+            cfg,
+            coordinator::Security::plaintext(),
+            CancellationToken::new(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.asked_batches, 0);
+    let (ra, rb) = (ta.rows(), tb.rows());
+
+    let cases: [(&str, &[(&str, f32)], f32, &str, Mode); 4] = [
+        ("t5", &[("a", 3.0), ("b", 1.0)], 5.0, "", Mode::MeanProb),
+        ("t0.5", &[("a", 3.0), ("b", 1.0)], 0.5, "", Mode::MeanProb),
+        (
+            "logit-weights",
+            &[("a", 1.0), ("b", 2.0)],
+            20.0,
+            "combine = \"mean-logit\"",
+            Mode::MeanLogit,
+        ),
+        ("b-alone", &[("b", 1.0)], 4.0, "", Mode::MeanProb),
+    ];
+    for (name, members, t, top, mode) in cases {
+        let cfg = offline(&dir.path().join(name), &cache, members, t, top);
+        let batches = collect(cfg, PER_EPOCH).await;
+        let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
+        assert_batches(&batches, &names, true);
+        for b in &batches {
+            assert_eq!(b.temperature, t);
+            let models: Vec<(&Model, f64)> = members
+                .iter()
+                .map(|(n, w)| (if *n == "a" { &ma } else { &mb }, f64::from(*w)))
+                .collect();
+            let want = expected_at(b, &models, mode, t);
+            let got = dense_f32_any_t(b);
+            let d = max_diff(&got, &want);
+            assert!(
+                d <= 1e-5,
+                "{name}: batch {}: {d} from the teachers' targets",
+                b.index
+            );
+            // Not vacuous: the targets at the fill's T are elsewhere.
+            if t != T {
+                let other = expected_at(b, &models, mode, T);
+                assert!(max_diff(&got, &other) > 1e-3, "{name}: batch {}", b.index);
+            }
+        }
+    }
+    assert_eq!((ta.rows(), tb.rows()), (ra, rb), "a teacher was asked");
+    ta.stop().await;
+    tb.stop().await;
+}
+
+/// Top-k member records (`[cache] record = "top-k:3"`): at the fill's T the three kept classes
+/// carry their exact probabilities; at another T every row is within the documented bound of
+/// the exact targets (total variation at most the larger of the exact and the served mass
+/// outside the kept classes).
+#[tokio::test]
+async fn top_k_records_serve_other_temperatures_within_the_stated_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (cka, _) = two_teachers();
+    let ma = cka.to_model(&Device::Cpu).unwrap();
+    let ta = Teacher::start("a", &cka).await;
+    let mut cfg = config(
+        &dir.path().join("run"),
+        &[("a", &ta.url, 1.0)],
+        "",
+        Some(&cache),
+    );
+    if let Some(c) = cfg.cache.as_mut() {
+        c.record = Some("top-k:3".parse().unwrap());
+    }
+    let report = within(
+        "fill",
+        coordinator::fill::fill(
+            cfg,
+            coordinator::Security::plaintext(),
+            CancellationToken::new(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(coordinator::fill::is_complete(&report), "{report:?}");
+    let rows_before = ta.rows();
+    let mut worst = 0f64;
+    for t in [T, 1.0, 8.0] {
+        let mut cfg = offline(
+            &dir.path().join(format!("t{t}")),
+            &cache,
+            &[("a", 1.0)],
+            t,
+            "",
+        );
+        if let Some(c) = cfg.cache.as_mut() {
+            c.record = Some("top-k:3".parse().unwrap());
+        }
+        let batches = collect(cfg, PER_EPOCH).await;
+        for b in &batches {
+            let want = expected_at(b, &[(&ma, 1.0)], Mode::MeanProb, t);
+            let got = dense_f32_any_t(b);
+            for (r, (g, w)) in got.chunks(CLASSES).zip(want.chunks(CLASSES)).enumerate() {
+                let mut order: Vec<usize> = (0..CLASSES).collect();
+                order.sort_by(|&i, &j| w[j].total_cmp(&w[i]));
+                let rest = |d: &dyn Fn(usize) -> f64| order[3..].iter().map(|&i| d(i)).sum::<f64>();
+                let bound = rest(&|i| w[i]).max(rest(&|i| f64::from(g[i])));
+                let tv: f64 = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, e)| (f64::from(*a) - e).abs())
+                    .sum::<f64>()
+                    / 2.0;
+                assert!(
+                    tv <= bound + 1e-5,
+                    "T={t} batch {} row {r}: TV {tv} > {bound}",
+                    b.index
+                );
+                worst = worst.max(tv);
+                if t == T {
+                    for &i in &order[..3] {
+                        assert!((f64::from(g[i]) - w[i]).abs() < 1e-5, "T_c: kept class {i}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        worst > 0.0,
+        "top-3 of 10 classes lost nothing: the test is vacuous"
+    );
+    assert_eq!(ta.rows(), rows_before, "the teacher was asked");
+    ta.stop().await;
 }
 
 /// (f) A member whose weights digest changed misses the cache: run 1 fills the cache from

@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod domain;
 pub mod driver;
 pub mod error;
+pub mod fill;
 pub mod membership;
 pub mod registry;
 pub mod report_html;

@@ -237,6 +237,47 @@ text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:.9em;color:#555}\
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}.note{color:#777}";
 
+/// A sweep's page (`distill sweep`): a bar per configuration of its `measure` (the baseline
+/// among them), then the table (`headers`, `rows`: one per configuration, cells as text).
+pub fn sweep_page(
+    title: &str,
+    measure: &str,
+    bars: &[(String, f64)],
+    headers: &[&str],
+    rows: &[Vec<String>],
+) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>{}</title><style>{STYLE}</style></head><body>\n<h1>{}</h1>\n",
+        esc(title),
+        esc(title)
+    );
+    let categories: Vec<String> = bars.iter().map(|(c, _)| c.clone()).collect();
+    let values: Vec<f64> = bars.iter().map(|(_, v)| *v).collect();
+    h.push_str(&bar_plot(
+        measure,
+        measure,
+        &categories,
+        &[(measure, values)],
+    ));
+    h.push_str("<table><tr>");
+    for c in headers {
+        let _ = write!(h, "<th>{}</th>", esc(c));
+    }
+    h.push_str("</tr>\n");
+    for r in rows {
+        h.push_str("<tr>");
+        for c in r {
+            let _ = write!(h, "<td>{}</td>", esc(c));
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</table>\n</body></html>\n");
+    h
+}
+
 /// The whole page.
 pub fn render(runs: &[RunFiles]) -> String {
     let mut h = String::new();

@@ -112,6 +112,7 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime, out: &Path) -> anyhow::R
         cfg.cache = Some(coordinator::cache::CacheConfig {
             dir: cache_dir.clone(),
             mode: coordinator::cache::CacheMode::ReadWrite,
+            record: None,
         });
         rt.block_on(super::steady::fill(cfg, &teacher, dir))?;
     }
@@ -143,6 +144,7 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime, out: &Path) -> anyhow::R
             cfg.cache = Some(coordinator::cache::CacheConfig {
                 dir: cache_dir.clone(),
                 mode: coordinator::cache::CacheMode::Offline,
+                record: None,
             });
             let w = rt.block_on(window(cfg, n, a.capacity_credits, per_epoch, a, &clients))?;
             tracing::info!(

@@ -161,6 +161,7 @@ pub fn run(
             let cache = coordinator::cache::CacheConfig {
                 dir: cache_dir.clone(),
                 mode: coordinator::cache::CacheMode::ReadOnly,
+                record: None,
             };
             let cfg = window_config(a, dir.clone(), student.rows, Some(cache));
             Some(rt.block_on(pipeline_window(cfg, &endpoint, &dir, a.window_secs))?)
@@ -393,6 +394,7 @@ async fn fill_cache(
     cfg.cache = Some(coordinator::cache::CacheConfig {
         dir: cache_dir.to_path_buf(),
         mode: coordinator::cache::CacheMode::ReadWrite,
+        record: None,
     });
     fill(cfg, teacher, dir).await
 }

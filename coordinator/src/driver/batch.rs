@@ -8,11 +8,12 @@ use distill_proto::pb::{self, CoordinatorMessage, coordinator_message};
 use distill_proto::{DType, HostTensor};
 use tokio_util::sync::CancellationToken;
 
-use super::context::RunContext;
+use super::context::{CachedTargets, MemberSlot, RunCache, RunContext};
 use crate::config::{SoftTargetEncoding, TeacherPolicy};
 use crate::domain::ledger::Lease;
 use crate::domain::report::TeacherErrors;
 use crate::error::{Error, Result};
+use crate::store::member_records::MemberRecord;
 
 /// A prepared training batch.
 pub struct PreparedBatch {
@@ -88,79 +89,36 @@ pub async fn prepare(
     let (inputs, labels) = inputs_and_labels(&ctx, &ctx.data.train, &lease.samples)?;
     let t = ctx.cfg.temperature as f32;
     let rows = lease.samples.len();
-    let classes = ctx.data.classes;
     let encoding = ctx.cfg.soft_targets;
-    let cached = match &ctx.cache {
-        Some(c) => {
-            let (c, samples) = (c.clone(), lease.samples.clone());
-            tokio::task::spawn_blocking(move || c.cache.get_batch(&c.key, &samples))
-                .await
-                .map_err(|e| Error::Internal(format!("cache task: {e}")))?
-                .map_err(Error::from)?
-        }
-        None => None,
+    let targets = match &ctx.cache {
+        None => from_teachers(&ctx, &inputs, rows, &stop).await?,
+        Some(c) => match &c.targets {
+            CachedTargets::Combined(key) => {
+                let (cache, key, samples) = (c.cache.clone(), key.clone(), lease.samples.clone());
+                let hit = blocking("cache", move || Ok(cache.get_batch(&key, &samples)?)).await?;
+                let Some(bytes) = hit else {
+                    return Err(offline_miss(&lease));
+                };
+                Targets {
+                    bytes,
+                    from_cache: true,
+                    contributors: None,
+                }
+            }
+            CachedTargets::Members(slots) => {
+                from_records(&ctx, c, slots, &inputs, &lease, &stop).await?
+            }
+        },
     };
-    let mut contributors: Option<Vec<String>> = None;
-    let (bytes, from_cache) = match cached {
-        Some(bytes) => (bytes, true),
-        None => {
-            if ctx.is_offline() {
-                return Err(PrepareError {
-                    error: Error::Config(format!(
-                        "offline run: the cache has no soft targets for {}",
-                        lease.batch
-                    )),
-                    fatal: true,
-                });
-            }
-            let answer = ctx
-                .pool
-                .ensemble_logits(&inputs, t, ctx.cfg.teacher_policy, &stop)
-                .await?;
-            let weights: Vec<f32> = answer
-                .answered
-                .iter()
-                .map(|&i| ctx.pool.members[i].weight)
-                .collect();
-            if answer.answered.len() < ctx.pool.members.len() {
-                contributors = Some(
-                    answer
-                        .answered
-                        .iter()
-                        .map(|&i| ctx.pool.members[i].name.clone())
-                        .collect(),
-                );
-            }
-            let mode = ctx.cfg.combine;
-            let logits = answer.logits;
-            // From the teachers' logits straight to the wire bytes, without candle tensors.
-            let bytes = tokio::task::spawn_blocking(move || {
-                distill_core::soft_targets::from_logits(
-                    &logits, rows, classes, &weights, mode, encoding,
-                )
-                .map_err(Error::from)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("soft-target task: {e}")))??;
-            // Degraded targets are not the ensemble's: they never go into the cache.
-            if let Some(c) = ctx
-                .cache
-                .clone()
-                .filter(|c| !c.cache.is_read_only() && contributors.is_none())
-            {
-                let (samples, b) = (lease.samples.clone(), bytes.clone());
-                tokio::task::spawn_blocking(move || c.cache.put_batch(&c.key, &samples, &b))
-                    .await
-                    .map_err(|e| Error::Internal(format!("cache task: {e}")))?
-                    .map_err(Error::from)?;
-            }
-            (bytes, false)
-        }
-    };
+    let Targets {
+        bytes,
+        from_cache,
+        contributors,
+    } = targets;
     if let Some(c) = &contributors {
         tracing::warn!(batch = %lease.batch, members = ?c, "degraded batch: soft targets from the members that answered");
     }
-    let (soft_targets, topk_targets) = target_fields(bytes, rows, classes, encoding)?;
+    let (soft_targets, topk_targets) = target_fields(bytes, rows, ctx.data.classes, encoding)?;
     let degraded = contributors.is_some();
     tracing::debug!(rows, from_cache, degraded, "batch prepared");
     Ok(PreparedBatch {
@@ -180,6 +138,217 @@ pub async fn prepare(
         from_cache,
         degraded,
     })
+}
+
+/// A batch's encoded soft targets and where they came from.
+struct Targets {
+    bytes: Vec<u8>,
+    /// Every member's rows came from the cache.
+    from_cache: bool,
+    /// The members that answered, when not all did (`degrade`).
+    contributors: Option<Vec<String>>,
+}
+
+/// Runs `f` off the async threads.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("{what} task: {e}")))?
+}
+
+fn offline_miss(lease: &Lease) -> PrepareError {
+    PrepareError {
+        error: Error::Config(format!(
+            "offline run: the cache has no soft targets for {}",
+            lease.batch
+        )),
+        fatal: true,
+    }
+}
+
+/// Names of the members that answered, when some did not.
+fn contributors_of(ctx: &RunContext, answered: &[usize]) -> Option<Vec<String>> {
+    (answered.len() < ctx.pool.members.len()).then(|| {
+        answered
+            .iter()
+            .map(|&i| ctx.pool.members[i].name.clone())
+            .collect()
+    })
+}
+
+/// A run without a cache: the teachers asked at the run's T, their logits combined straight
+/// into the wire bytes.
+async fn from_teachers(
+    ctx: &Arc<RunContext>,
+    inputs: &HostTensor,
+    rows: usize,
+    stop: &CancellationToken,
+) -> Result<Targets> {
+    let t = ctx.cfg.temperature as f32;
+    let answer = ctx
+        .pool
+        .ensemble_logits(inputs, t, ctx.cfg.teacher_policy, stop)
+        .await?;
+    let weights: Vec<f32> = answer
+        .answered
+        .iter()
+        .map(|&i| ctx.pool.members[i].weight)
+        .collect();
+    let contributors = contributors_of(ctx, &answer.answered);
+    let (classes, mode, encoding) = (ctx.data.classes, ctx.cfg.combine, ctx.cfg.soft_targets);
+    let logits = answer.logits;
+    let bytes = blocking("soft-target", move || {
+        Ok(distill_core::soft_targets::from_logits(
+            &logits, rows, classes, &weights, mode, encoding,
+        )?)
+    })
+    .await?;
+    Ok(Targets {
+        bytes,
+        from_cache: false,
+        contributors,
+    })
+}
+
+/// A run with member records: each member's rows from its record, the members whose record
+/// lacks a row of the batch asked (at their record's capture temperature) and their answers
+/// recorded; then every record decoded at the run's T and combined. A member that did not
+/// answer (`degrade`) leaves the others' records written.
+async fn from_records(
+    ctx: &Arc<RunContext>,
+    c: &RunCache,
+    slots: &[MemberSlot],
+    inputs: &HostTensor,
+    lease: &Lease,
+    stop: &CancellationToken,
+) -> std::result::Result<Targets, PrepareError> {
+    let rows = lease.samples.len();
+    let Recorded {
+        records,
+        from_cache,
+        contributors,
+    } = match ensure_records(ctx, c, slots, inputs, &lease.samples, stop).await? {
+        Some(r) => r,
+        None => return Err(offline_miss(lease)),
+    };
+    let t = ctx.cfg.temperature as f32;
+    let (classes, mode, encoding) = (ctx.data.classes, ctx.cfg.combine, ctx.cfg.soft_targets);
+    let present: Vec<(MemberRecord, f32, Vec<u8>)> = slots
+        .iter()
+        .zip(records)
+        .filter_map(|(s, r)| Some((s.record.clone(), s.weight, r?)))
+        .collect();
+    let bytes =
+        blocking("soft-target", move || {
+            let mut logits = Vec::with_capacity(present.len());
+            let mut weights = Vec::with_capacity(present.len());
+            for (record, weight, bytes) in &present {
+                logits.push(record.decode(bytes, rows, t).map_err(|e| {
+                    Error::Internal(format!("member `{}` record: {e}", record.member))
+                })?);
+                weights.push(*weight);
+            }
+            Ok(distill_core::soft_targets::from_logits(
+                &logits, rows, classes, &weights, mode, encoding,
+            )?)
+        })
+        .await?;
+    Ok(Targets {
+        bytes,
+        from_cache,
+        contributors,
+    })
+}
+
+/// The record rows of one batch, every member's (None where a member did not answer).
+pub struct Recorded {
+    /// Each slot's record rows of the batch, in slot order.
+    pub records: Vec<Option<Vec<u8>>>,
+    /// Every row came from the cache: no teacher was asked.
+    pub from_cache: bool,
+    /// The members that answered, when not all did (`degrade`).
+    pub contributors: Option<Vec<String>>,
+}
+
+/// Every member's record rows of `samples`: read from the cache, and for the members whose
+/// record lacks any of them, asked of the teachers (each at its record's capture temperature)
+/// and written (unless the cache is read-only). None in an offline run that misses a row.
+pub async fn ensure_records(
+    ctx: &Arc<RunContext>,
+    c: &RunCache,
+    slots: &[MemberSlot],
+    inputs: &HostTensor,
+    samples: &[usize],
+    stop: &CancellationToken,
+) -> Result<Option<Recorded>> {
+    let rows = samples.len();
+    let (cache, keys, samples) = (
+        c.cache.clone(),
+        slots.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+        samples.to_vec(),
+    );
+    let lookup = samples.clone();
+    let mut records: Vec<Option<Vec<u8>>> = blocking("cache", move || {
+        keys.iter()
+            .map(|k| Ok(cache.get_batch(k, &lookup)?))
+            .collect()
+    })
+    .await?;
+    let from_cache = records.iter().all(Option::is_some);
+    let mut contributors = None;
+    if !from_cache {
+        if c.offline {
+            return Ok(None);
+        }
+        let known = records
+            .iter()
+            .zip(slots)
+            .map(|(r, s)| match r {
+                Some(bytes) => s
+                    .record
+                    .decode(bytes, rows, s.record.capture_temperature)
+                    .map(Some)
+                    .map_err(|e| Error::Internal(format!("member `{}` record: {e}", s.name))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let asked: Vec<usize> = (0..slots.len()).filter(|&i| records[i].is_none()).collect();
+        let temps: Vec<f32> = slots.iter().map(|s| s.record.capture_temperature).collect();
+        let answer = ctx
+            .pool
+            .complete_logits(inputs, &temps, known, ctx.cfg.teacher_policy, stop)
+            .await?;
+        contributors = contributors_of(ctx, &answer.answered);
+        let mut fresh = Vec::new();
+        for (&i, logits) in answer.answered.iter().zip(&answer.logits) {
+            if asked.contains(&i) {
+                let bytes = slots[i]
+                    .record
+                    .encode(logits, rows)
+                    .map_err(|e| Error::Internal(format!("member `{}`: {e}", slots[i].name)))?;
+                fresh.push((slots[i].key.clone(), bytes.clone()));
+                records[i] = Some(bytes);
+            }
+        }
+        if !c.cache.is_read_only() && !fresh.is_empty() {
+            let (cache, samples) = (c.cache.clone(), samples.clone());
+            blocking("cache", move || {
+                for (key, bytes) in &fresh {
+                    cache.put_batch(key, &samples, bytes)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    Ok(Some(Recorded {
+        records,
+        from_cache,
+        contributors,
+    }))
 }
 
 /// The evaluation batches of the test split, in order.

@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::membership::MembershipHandle;
 use crate::security::Security;
 use crate::store::RunDirLock;
-use crate::store::cache::{CacheKey, CacheMode, MemberIdentity, SoftTargetCache};
+use crate::store::cache::{CacheKey, CacheKeyInfo, CacheMode, SoftTargetCache};
+use crate::store::member_records::{self, MemberRecord, RecordFormat};
 use crate::store::run_store::{RunStore, STATE_FILE};
 use crate::teachers::TeacherPool;
 
@@ -29,15 +30,53 @@ pub const MAX_BATCH_FAILURES: u32 = 3;
 /// Checkpoint metadata key of the stored average: the round the parameters come from.
 pub const KEY_SYNC_VERSION: &str = "distill.sync.version";
 
-/// The run's soft-target cache and its key.
+/// The run's soft-target cache and where in it the run's soft targets come from.
 #[derive(Clone)]
 pub struct RunCache {
     /// The cache.
     pub cache: SoftTargetCache,
-    /// This run's key in it.
-    pub key: CacheKey,
+    /// The keys this run reads (and writes).
+    pub targets: CachedTargets,
     /// No teachers: every batch must come from the cache.
     pub offline: bool,
+}
+
+impl RunCache {
+    /// The keys' digests, comma-separated (for the report).
+    pub fn digests(&self) -> String {
+        match &self.targets {
+            CachedTargets::Combined(k) => k.digest(),
+            CachedTargets::Members(slots) => slots
+                .iter()
+                .map(|s| s.key.digest())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// Which keys of the cache a run uses.
+#[derive(Clone, Debug)]
+pub enum CachedTargets {
+    /// Combined soft targets under one key: what caches held before member records. Only an
+    /// offline run reads them (nothing writes them any more).
+    Combined(CacheKey),
+    /// One record per member, in the order of the run's members (of the pool, when the run has
+    /// teachers).
+    Members(Vec<MemberSlot>),
+}
+
+/// One member's record in a run.
+#[derive(Clone, Debug)]
+pub struct MemberSlot {
+    /// Member name.
+    pub name: String,
+    /// Its weight in the combination.
+    pub weight: f32,
+    /// Its record.
+    pub record: MemberRecord,
+    /// The record's key (computed once).
+    pub key: CacheKey,
 }
 
 /// What every task of a run shares, read-only.
@@ -72,7 +111,14 @@ impl RunContext {
     /// offline run).
     pub fn member_names(&self) -> Vec<String> {
         match &self.cache {
-            Some(c) if c.offline => c.key.members.iter().map(|m| m.name.clone()).collect(),
+            Some(RunCache {
+                offline: true,
+                targets,
+                ..
+            }) => match targets {
+                CachedTargets::Combined(k) => k.members.iter().map(|m| m.name.clone()).collect(),
+                CachedTargets::Members(slots) => slots.iter().map(|s| s.name.clone()).collect(),
+            },
             _ => self.pool.members.iter().map(|m| m.name.clone()).collect(),
         }
     }
@@ -231,89 +277,84 @@ impl Run {
         })
     }
 
-    /// Opens the soft-target cache of the config, if any, under this run's key: the members'
-    /// names, weights and weight digests (`digests`, from their replicas' Describe), T, the
-    /// combination, the encoding and the data. In an offline run (no teachers) the key comes
-    /// from the cache: the one complete key for this data, T, combination and encoding.
+    /// Opens the soft-target cache of the config, if any, and picks the run's records in it
+    /// (see [`member_records`]): for each member (named with its weights digest, `digests`,
+    /// from its replicas' Describe), the record at the run's T if there is one, else the one
+    /// with the most rows at any T, else a new one at the run's T. An offline run (no teachers)
+    /// takes complete records: those of the members it names, or of every member the cache
+    /// holds; failing that, a complete combined-target key of an older cache for this data, T,
+    /// combination and encoding.
     pub fn open_cache(&mut self, digests: &[Option<String>]) -> Result<()> {
         let ctx = &self.ctx;
         let Some(cc) = &ctx.cfg.cache else {
             return Ok(());
         };
         let cache = SoftTargetCache::open_config(cc)?;
-        let encoding = ctx.cfg.soft_targets.to_string();
+        let classes = ctx.data.classes;
+        let format = cc.record.unwrap_or_else(|| RecordFormat::auto(classes));
+        format
+            .check(classes)
+            .map_err(|e| Error::Config(format!("`cache.record`: {e}")))?;
         let offline = cc.mode == CacheMode::Offline;
-        let data = &ctx.data;
-        let key = if offline {
-            let t = ctx.cfg.temperature as f32;
-            let fits: Vec<_> = cache
-                .keys()?
-                .into_iter()
-                .filter(|k| {
-                    k.key.data == data.source
-                        && k.key.train_size == data.train.len()
-                        && k.key.temperature == t
-                        && k.key.combine == ctx.cfg.combine
-                        && k.key.encoding == encoding
-                })
-                .collect();
-            let complete: Vec<_> = fits.iter().filter(|k| k.is_complete()).collect();
-            match complete.as_slice() {
-                [one] => one.key.clone(),
-                [] => {
-                    return Err(Error::Config(format!(
-                        "`cache`: {} holds no complete soft targets for data {}, T = {t}, {} and \
-                         encoding {encoding} (partial: {})",
-                        cache.path().display(),
-                        data.source,
-                        ctx.cfg.combine,
-                        fits.iter()
-                            .map(|k| format!("{} ({} rows)", k.description, k.rows))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    )));
-                }
-                many => {
-                    return Err(Error::Config(format!(
-                        "`cache`: {} holds several ensembles for this run; keep one: {}",
-                        cache.path().display(),
-                        many.iter()
-                            .map(|k| k.description.clone())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    )));
-                }
-            }
+        let keys = cache.keys()?;
+        let targets = if offline {
+            offline_targets(ctx, &cache, &keys)?
         } else {
-            let mut members = Vec::new();
+            let t = ctx.cfg.temperature as f32;
+            let data = &ctx.data;
+            let mut slots = Vec::new();
             for (m, d) in ctx.pool.members.iter().zip(digests) {
                 let Some(d) = d else {
                     tracing::warn!(member = %m.name, "no replica told its weights digest; the soft-target cache is off for this run");
                     return Ok(());
                 };
-                members.push(MemberIdentity {
+                let found = member_records::records_for(&keys, &data.source, data.train.len())
+                    .filter(|(r, _)| r.member == m.name && &r.identity == d && r.format == format)
+                    .max_by(|(a, ka), (b, kb)| {
+                        let at_t = |r: &MemberRecord| r.capture_temperature == t;
+                        (at_t(a), ka.rows).cmp(&(at_t(b), kb.rows))
+                    })
+                    .map(|(r, _)| r);
+                let record = found.unwrap_or_else(|| MemberRecord {
+                    data: data.source.clone(),
+                    train_size: data.train.len(),
+                    member: m.name.clone(),
+                    identity: d.clone(),
+                    capture_temperature: t,
+                    format,
+                    classes,
+                });
+                slots.push(MemberSlot {
                     name: m.name.clone(),
-                    weights_digest: d.clone(),
                     weight: m.weight,
+                    key: record.key(),
+                    record,
                 });
             }
-            CacheKey {
-                data: data.source.clone(),
-                train_size: data.train.len(),
-                members,
-                temperature: ctx.cfg.temperature as f32,
-                combine: ctx.cfg.combine,
-                encoding,
-                row_bytes: ctx.cfg.soft_targets.row_bytes(data.classes)?,
+            CachedTargets::Members(slots)
+        };
+        let description = match &targets {
+            CachedTargets::Combined(k) => {
+                k.validate()?;
+                k.description()
+            }
+            CachedTargets::Members(slots) => {
+                for s in slots {
+                    s.key.validate()?;
+                }
+                slots
+                    .iter()
+                    .map(|s| s.key.description())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             }
         };
-        key.validate()?;
-        tracing::info!(cache = %cache.path().display(), key = %key.description(), offline, "soft-target cache open");
+        tracing::info!(cache = %cache.path().display(), keys = %description, offline, "soft-target cache open");
         let ctx = Arc::get_mut(&mut self.ctx)
             .ok_or_else(|| Error::Internal("the run context is shared before serving".into()))?;
         ctx.cache = Some(RunCache {
             cache,
-            key,
+            targets,
             offline,
         });
         Ok(())
@@ -323,6 +364,104 @@ impl Run {
     pub fn batches_per_epoch(&self) -> u64 {
         self.state.batches_per_epoch()
     }
+}
+
+/// Where an offline run's soft targets come from (see [`Run::open_cache`]).
+fn offline_targets(
+    ctx: &RunContext,
+    cache: &SoftTargetCache,
+    keys: &[CacheKeyInfo],
+) -> Result<CachedTargets> {
+    let data = &ctx.data;
+    let complete: Vec<(MemberRecord, &CacheKeyInfo)> =
+        member_records::records_for(keys, &data.source, data.train.len())
+            .filter(|(_, k)| k.is_complete())
+            .collect();
+    let slot = |name: &str, weight: f32| -> Result<MemberSlot> {
+        let of: Vec<_> = complete.iter().filter(|(r, _)| r.member == name).collect();
+        match of.as_slice() {
+            [(r, _)] => Ok(MemberSlot {
+                name: name.to_string(),
+                weight,
+                key: r.key(),
+                record: r.clone(),
+            }),
+            [] => Err(Error::Config(format!(
+                "`cache`: {} holds no complete record of member `{name}` for data {} (fill it \
+                 with `distill cache fill`)",
+                cache.path().display(),
+                data.source
+            ))),
+            many => Err(Error::Config(format!(
+                "`cache`: {} holds several complete records of member `{name}`; keep one: {}",
+                cache.path().display(),
+                many.iter()
+                    .map(|(_, k)| k.description.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    };
+    if !ctx.cfg.members.is_empty() {
+        let slots = ctx
+            .cfg
+            .members
+            .iter()
+            .map(|m| slot(&m.name, m.weight))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(CachedTargets::Members(slots));
+    }
+    // No members named: an older cache's combined targets for exactly this run, else every
+    // member the cache holds a complete record of, with weight 1.
+    let t = ctx.cfg.temperature as f32;
+    let encoding = ctx.cfg.soft_targets.to_string();
+    let combined: Vec<_> = keys
+        .iter()
+        .filter(|k| {
+            MemberRecord::from_key(&k.key).is_none()
+                && k.key.data == data.source
+                && k.key.train_size == data.train.len()
+                && k.key.temperature == t
+                && k.key.combine == ctx.cfg.combine
+                && k.key.encoding == encoding
+        })
+        .collect();
+    let whole: Vec<_> = combined.iter().filter(|k| k.is_complete()).collect();
+    match whole.as_slice() {
+        [one] => return Ok(CachedTargets::Combined(one.key.clone())),
+        [] => {}
+        many => {
+            return Err(Error::Config(format!(
+                "`cache`: {} holds several ensembles for this run; keep one: {}",
+                cache.path().display(),
+                many.iter()
+                    .map(|k| k.description.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+    }
+    let mut names: Vec<&str> = complete.iter().map(|(r, _)| r.member.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return Err(Error::Config(format!(
+            "`cache`: {} holds no complete soft targets or member records for data {} \
+             (partial: {})",
+            cache.path().display(),
+            data.source,
+            keys.iter()
+                .filter(|k| k.key.data == data.source)
+                .map(|k| format!("{} ({} rows)", k.description, k.rows))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    let slots = names
+        .into_iter()
+        .map(|n| slot(n, 1.0))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CachedTargets::Members(slots))
 }
 
 /// Rows a registration on trial answers, with a trusted replica answering the same.

@@ -828,7 +828,7 @@ impl Driver {
                         .as_ref()
                         .map(|c| c.mode.as_str().to_string())
                         .unwrap_or_default(),
-                    key: c.key.digest(),
+                    key: c.digests(),
                     hit_rows: st.hit_rows,
                     missed_rows: st.missed_rows,
                     rows_written: st.rows_written,

@@ -1,33 +1,36 @@
-//! The soft-target cache: a write-through, on-disk store of the ensemble's COMBINED soft targets,
-//! one row per training sample, so that epoch 2 onwards (and later runs, and runs with no teachers
-//! at all) need not ask the teachers again.
+//! The soft-target cache: a write-through, on-disk store of soft-target rows, one row per
+//! training sample, so that epoch 2 onwards (and later runs, and runs with no teachers at all)
+//! need not ask the teachers again.
 //!
 //! # What is stored, and under which key
 //!
-//! A row is the bytes the coordinator streams for one sample: the combined soft targets in the
-//! run's encoding (`f32`, `f16`, a top-k spec, …; the cache treats the encoding as an opaque
-//! string plus a fixed number of bytes per row). Rows are stored under a [`CacheKey`], which names
-//! everything the row depends on:
+//! A row is an opaque, fixed number of bytes per sample under a [`CacheKey`], which names
+//! everything the row depends on. Runs write **member records** (one key per teacher: what that
+//! member said, its tempered logits at the capture temperature, in the format of
+//! [`super::member_records`]); the soft targets are combined from the records on every batch,
+//! so one record serves any T, `combine`, member weights or subset of members. Caches written
+//! before member records hold *combined* keys (the ensemble's soft targets in the run's
+//! encoding); those are still read by offline runs and never written any more. A key names:
 //!
 //! - the data source identity (the data spec string, e.g. `synthetic:7`, and its train size) —
 //!   the sample index is an index into that training split;
 //! - every member, in ensemble order: its name, the SHA-256 digest of its weights
 //!   (`DescribeResponse.weights_digest`) and its weight in the ensemble (raw, as configured:
 //!   weights `1, 1` and `2, 2` combine to the same targets but are different keys — a miss, never a
-//!   wrong hit; order matters for the same reason, floating-point sums depend on it);
+//!   wrong hit; order matters for the same reason, floating-point sums depend on it). A member
+//!   record has one member, with weight 1;
 //! - the temperature T as sent to the teachers (an `f32`);
-//! - the combine mode (`mean-prob`, `mean-logit`);
-//! - the encoding and its bytes per row.
+//! - the combine mode (`mean-prob`, `mean-logit`; `mean-logit` for a record);
+//! - the encoding and its bytes per row (`member-logits:<format>/<classes>` for a record).
 //!
 //! [`CacheKey::digest`] is a SHA-256 over a versioned, length-prefixed encoding of all of these,
 //! so changing any of them selects a different set of rows. The key itself is stored next to its
 //! rows (as JSON, with [`CacheKey::description`] for people), so [`SoftTargetCache::keys`] can
 //! list what a cache holds: a run started with no teachers (offline distillation,
-//! [`CacheMode::Offline`]) picks a complete key from that list.
+//! [`CacheMode::Offline`]) picks complete records (or a complete legacy key) from that list.
 //!
-//! The key must describe the members that actually produced the rows: a batch combined from a
-//! subset of the members (a `degrade`-style policy; today the coordinator only `wait`s for a
-//! member that is down) must not be written under the full ensemble's key.
+//! A record must hold only what its member said: a `degrade`d batch records the members that
+//! answered, under their own keys, and nothing for the members that did not.
 //!
 //! # When the cache may be used
 //!
@@ -90,6 +93,8 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::member_records::RecordFormat;
+
 /// Name of the database file inside a cache directory.
 pub const CACHE_FILE_NAME: &str = "soft-targets.redb";
 
@@ -120,6 +125,10 @@ pub struct CacheConfig {
     /// How the run uses the cache.
     #[serde(default)]
     pub mode: CacheMode,
+    /// How each member's answers are recorded (`"dense"`, `"top-k:K"`); by default
+    /// [`RecordFormat::auto`] for the data's class count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordFormat>,
 }
 
 impl CacheConfig {
@@ -1068,6 +1077,7 @@ mod tests {
         let ro2 = SoftTargetCache::open_config(&CacheConfig {
             dir: dir.path().to_path_buf(),
             mode: CacheMode::Offline,
+            record: None,
         })
         .unwrap();
         assert!(ro.is_read_only() && ro2.is_read_only());

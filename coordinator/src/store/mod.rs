@@ -1,7 +1,9 @@
 //! What the coordinator keeps on disk: the run directory's lock, the run state
-//! ([`run_store`]) and the soft-target cache ([`cache`]).
+//! ([`run_store`]) and the soft-target cache ([`cache`]) with its per-member teacher records
+//! ([`member_records`]).
 
 pub mod cache;
+pub mod member_records;
 pub mod run_store;
 
 use std::fs::{File, TryLockError};

@@ -45,7 +45,30 @@ impl TeacherPool {
         stop: &CancellationToken,
     ) -> Result<Answer> {
         let n = self.members.len();
-        let mut got: Vec<Option<Vec<f32>>> = vec![None; n];
+        self.complete_logits(inputs, &vec![temperature; n], vec![None; n], policy, stop)
+            .await
+    }
+
+    /// Like [`Self::ensemble_logits`], asking member `i` at `temperatures[i]` and only the
+    /// members whose `known[i]` is None (the others' answers are taken as given: rows the
+    /// soft-target cache already holds).
+    pub async fn complete_logits(
+        &self,
+        inputs: &HostTensor,
+        temperatures: &[f32],
+        known: Vec<Option<Vec<f32>>>,
+        policy: TeacherPolicy,
+        stop: &CancellationToken,
+    ) -> Result<Answer> {
+        let n = self.members.len();
+        if known.len() != n || temperatures.len() != n {
+            return Err(Error::Internal(format!(
+                "{} known answers and {} temperatures for {n} members",
+                known.len(),
+                temperatures.len()
+            )));
+        }
+        let mut got = known;
         let mut wait = FIRST_WAIT;
         let changed = self.membership_changed();
         loop {
@@ -55,7 +78,9 @@ impl TeacherPool {
             tokio::pin!(membership_changed);
             membership_changed.as_mut().enable();
             let missing: Vec<usize> = (0..n).filter(|&i| got[i].is_none()).collect();
-            let calls = missing.iter().map(|&i| self.infer(i, inputs, temperature));
+            let calls = missing
+                .iter()
+                .map(|&i| self.infer(i, inputs, temperatures[i]));
             let results = tokio::select! {
                 _ = stop.cancelled() => return Err(Error::ShuttingDown),
                 r = futures::future::join_all(calls) => r,
