@@ -854,7 +854,9 @@ async fn a_filled_cache_serves_any_temperature_combination_and_weights_without_t
     assert_eq!(again.asked_batches, 0);
     let (ra, rb) = (ta.rows(), tb.rows());
 
-    let cases: [(&str, &[(&str, f32)], f32, &str, Mode); 4] = [
+    // (label, members and weights, T, soft-target encoding, combination)
+    type Case<'a> = (&'a str, &'a [(&'a str, f32)], f32, &'a str, Mode);
+    let cases: [Case; 4] = [
         ("t5", &[("a", 3.0), ("b", 1.0)], 5.0, "", Mode::MeanProb),
         ("t0.5", &[("a", 3.0), ("b", 1.0)], 0.5, "", Mode::MeanProb),
         (

@@ -132,10 +132,7 @@ fn a_filled_cache_sweeps_a_grid_with_the_teachers_gone_and_resumes() {
     assert_eq!(best["test_errors"].as_u64().unwrap(), fewest);
     distill_core::checkpoint::Checkpoint::read(&d.join("sweep/best/student.safetensors")).unwrap();
     let best_cfg = coordinator::RunConfig::from_file(&d.join("sweep/best/config.toml")).unwrap();
-    assert_eq!(
-        f64::from(best_cfg.temperature),
-        best["temperature"].as_f64().unwrap()
-    );
+    assert_eq!(best_cfg.temperature, best["temperature"].as_f64().unwrap());
 
     // Run again: every configuration is read back, none trained.
     let again = sweep();
