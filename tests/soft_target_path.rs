@@ -184,6 +184,21 @@ fn tempered_logits_at(model: &Model, b: &pb::TrainBatch, t: f32) -> Vec<f32> {
     z.iter().map(|v| v / t).collect()
 }
 
+/// `distill cache fill` of `cfg` in process, plaintext, within the test deadline.
+async fn fill(cfg: coordinator::RunConfig, what: &str) -> coordinator::fill::FillReport {
+    within(
+        what,
+        coordinator::fill::fill(
+            cfg,
+            coordinator::Security::plaintext(),
+            CancellationToken::new(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .unwrap()
+}
+
 /// Softmax of one row, in f64, with the maximum subtracted first.
 fn softmax(row: &[f64]) -> Vec<f64> {
     let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -823,34 +838,14 @@ async fn a_filled_cache_serves_any_temperature_combination_and_weights_without_t
         "",
         Some(&cache),
     );
-    let report = within(
-        "fill",
-        coordinator::fill::fill(
-            cfg.clone(),
-            coordinator::Security::plaintext(),
-            CancellationToken::new(),
-            |_, _| {},
-        ),
-    )
-    .await
-    .unwrap();
+    let report = fill(cfg.clone(), "fill").await;
     assert_eq!(
         (report.batches, report.asked_batches),
         (PER_EPOCH as u64, PER_EPOCH as u64)
     );
     assert!(coordinator::fill::is_complete(&report), "{report:?}");
     // A second fill asks nothing.
-    let again = within(
-        "fill again",
-        coordinator::fill::fill(
-            cfg,
-            coordinator::Security::plaintext(),
-            CancellationToken::new(),
-            |_, _| {},
-        ),
-    )
-    .await
-    .unwrap();
+    let again = fill(cfg, "fill again").await;
     assert_eq!(again.asked_batches, 0);
     let (ra, rb) = (ta.rows(), tb.rows());
 
@@ -919,17 +914,7 @@ async fn top_k_records_serve_other_temperatures_within_the_stated_bound() {
     if let Some(c) = cfg.cache.as_mut() {
         c.record = Some("top-k:3".parse().unwrap());
     }
-    let report = within(
-        "fill",
-        coordinator::fill::fill(
-            cfg,
-            coordinator::Security::plaintext(),
-            CancellationToken::new(),
-            |_, _| {},
-        ),
-    )
-    .await
-    .unwrap();
+    let report = fill(cfg, "fill").await;
     assert!(coordinator::fill::is_complete(&report), "{report:?}");
     let rows_before = ta.rows();
     let mut worst = 0f64;
