@@ -179,7 +179,11 @@ impl MemberRecord {
     pub fn from_key(key: &CacheKey) -> Option<Self> {
         let rest = key.encoding.strip_prefix(ENCODING_PREFIX)?;
         let (format, classes) = rest.rsplit_once('/')?;
-        let (format, classes) = (format.parse().ok()?, classes.parse().ok()?);
+        let (format, classes): (RecordFormat, usize) =
+            (format.parse().ok()?, classes.parse().ok()?);
+        // A key read from a file is outside input: one whose top-k keeps more classes than it
+        // has is no record (decoding it would underflow the remainder's class count).
+        format.check(classes).ok()?;
         let [m] = key.members.as_slice() else {
             return None;
         };
@@ -376,6 +380,11 @@ mod tests {
         assert!("top-k:0".parse::<RecordFormat>().is_err());
         assert!("sparse".parse::<RecordFormat>().is_err());
         assert!(RecordFormat::TopK(11).check(10).is_err());
+        // A stored key that keeps more classes than it has is not taken for a record.
+        let mut wide = record(RecordFormat::TopK(3), 10, 2.0).key();
+        wide.encoding = format!("{ENCODING_PREFIX}top-k:11/10");
+        wide.row_bytes = RecordFormat::TopK(11).row_bytes(10);
+        assert_eq!(MemberRecord::from_key(&wide), None);
     }
 
     #[test]
