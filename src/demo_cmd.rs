@@ -85,6 +85,9 @@ pub struct DemoArgs {
     /// averaging); 1 (plain averaging) otherwise, since long rounds diverge when summed.
     #[arg(long)]
     pub outer_lr: Option<f64>,
+    /// Nesterov momentum of the outer optimizer (`[sync] outer_momentum`; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub outer_momentum: f64,
 }
 
 impl DemoArgs {
@@ -117,74 +120,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let data = Dataset::load(&a.data)?;
     tracing::info!(data = %data.source, train = data.train.len(), test = data.test.len(), "data loaded");
 
-    // 1. Teachers.
-    let mut teacher_files = Vec::new();
-    for (i, arch) in a.teachers.iter().enumerate() {
-        let spec = ModelSpec {
-            arch: Arch::parse(arch)?,
-            dropout: a.teacher_dropout,
-            input_dropout: 0.0,
-        };
-        let cfg = TrainConfig {
-            epochs: a.teacher_epochs,
-            batch: a.batch,
-            seed: a.seed + 100 + i as u64,
-            jitter: a.teacher_jitter,
-            optim: OptimConfig::adamw(1e-3, 1e-4),
-            eval_every_epoch: false,
-            ..Default::default()
-        };
-        let path = out.join(format!("teacher-{}.safetensors", member_name(i)));
-        let t0 = Instant::now();
-        let errors = train_supervised(
-            spec,
-            cfg,
-            &data,
-            &path,
-            &format!("training teacher {}", member_name(i)),
-            None,
-        )?;
-        println!(
-            "trained teacher {} ({arch}): {errors} test errors in {:.1} s",
-            member_name(i),
-            t0.elapsed().as_secs_f64()
-        );
-        teacher_files.push(path);
-    }
-
-    // 2. Baseline student on hard labels.
-    let student_spec = ModelSpec::new(Arch::parse(&a.student)?);
-    let student_optim = OptimConfig::adamw(a.lr, 0.0);
-    let t0 = Instant::now();
-    let baseline_cfg = TrainConfig {
-        epochs: a.epochs as usize,
-        batch: a.batch,
-        seed: a.seed,
-        optim: student_optim.clone(),
-        // Scored every epoch for the report's curve beside the distilled student's.
-        eval_every_epoch: true,
-        ..Default::default()
-    };
-    let baseline_errors = train_supervised(
-        student_spec,
-        baseline_cfg,
-        &data,
-        &out.join("baseline-student.safetensors"),
-        "training the baseline student",
-        Some(&out.join("baseline.jsonl")),
-    )?;
-    let baseline_secs = t0.elapsed().as_secs_f64();
-    println!(
-        "trained baseline student ({}): {baseline_errors} test errors in {baseline_secs:.1} s",
-        a.student
-    );
+    let teacher_files = train_teachers(&a, &data, &out)?;
+    let (baseline_errors, student_optim) = train_baseline(&a, &data, &out)?;
 
     // 3. Serve the teachers, coordinate, distil.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(distil(&a, &out, &teacher_files, student_optim))?;
-    let mut report = report;
+    let mut report = rt.block_on(distil(&a, &out, &teacher_files, student_optim))?;
     report.baseline_student_test_errors = Some(baseline_errors);
     coordinator::driver::write_report(&out, &report)?;
 
@@ -226,7 +169,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "distillation: {} / {} batches, {:.0} samples/s, student waited {:.1}% of its time; baseline trained in {baseline_secs:.1} s",
+        "distillation: {} / {} batches, {:.0} samples/s, student waited {:.1}% of its time",
         report.batches_trained,
         report.batches_expected,
         report.samples_per_sec,
@@ -254,6 +197,85 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Trains the teachers of `a` on hard labels into `out`; their checkpoint files.
+pub(crate) fn train_teachers(
+    a: &DemoArgs,
+    data: &Dataset,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut teacher_files = Vec::new();
+    for (i, arch) in a.teachers.iter().enumerate() {
+        let spec = ModelSpec {
+            arch: Arch::parse(arch)?,
+            dropout: a.teacher_dropout,
+            input_dropout: 0.0,
+        };
+        let cfg = TrainConfig {
+            epochs: a.teacher_epochs,
+            batch: a.batch,
+            seed: a.seed + 100 + i as u64,
+            jitter: a.teacher_jitter,
+            optim: OptimConfig::adamw(1e-3, 1e-4),
+            eval_every_epoch: false,
+            ..Default::default()
+        };
+        let path = out.join(format!("teacher-{}.safetensors", member_name(i)));
+        let t0 = Instant::now();
+        let errors = train_supervised(
+            spec,
+            cfg,
+            data,
+            &path,
+            &format!("training teacher {}", member_name(i)),
+            None,
+        )?;
+        println!(
+            "trained teacher {} ({arch}): {errors} test errors in {:.1} s",
+            member_name(i),
+            t0.elapsed().as_secs_f64()
+        );
+        teacher_files.push(path);
+    }
+
+    Ok(teacher_files)
+}
+
+/// Trains the baseline student of `a` on hard labels alone into `out`; its test errors and the
+/// students' optimizer.
+pub(crate) fn train_baseline(
+    a: &DemoArgs,
+    data: &Dataset,
+    out: &Path,
+) -> anyhow::Result<(u64, OptimConfig)> {
+    let student_spec = ModelSpec::new(Arch::parse(&a.student)?);
+    let student_optim = OptimConfig::adamw(a.lr, 0.0);
+    let t0 = Instant::now();
+    let baseline_cfg = TrainConfig {
+        epochs: a.epochs as usize,
+        batch: a.batch,
+        seed: a.seed,
+        optim: student_optim.clone(),
+        // Scored every epoch for the report's curve beside the distilled student's.
+        eval_every_epoch: true,
+        ..Default::default()
+    };
+    let baseline_errors = train_supervised(
+        student_spec,
+        baseline_cfg,
+        data,
+        &out.join("baseline-student.safetensors"),
+        "training the baseline student",
+        Some(&out.join("baseline.jsonl")),
+    )?;
+    let baseline_secs = t0.elapsed().as_secs_f64();
+    println!(
+        "trained baseline student ({}): {baseline_errors} test errors in {baseline_secs:.1} s",
+        a.student
+    );
+
+    Ok((baseline_errors, student_optim))
 }
 
 /// A progress bar on stderr when it is a terminal (hidden otherwise, so piped output stays the
@@ -318,7 +340,7 @@ fn train_supervised(
     Ok(report.errors as u64)
 }
 
-async fn distil(
+pub(crate) async fn distil(
     a: &DemoArgs,
     out: &Path,
     teacher_files: &[PathBuf],
@@ -363,6 +385,7 @@ async fn distil(
         sync: coordinator::config::SyncConfig {
             every: a.sync_every,
             outer_lr: a.outer_lr(),
+            outer_momentum: a.outer_momentum,
             ..Default::default()
         },
         student: StudentConfig {

@@ -432,6 +432,29 @@ pub struct SyncConfig {
     /// most of what averaging loses at equal epochs; with long rounds it diverges.
     #[serde(default = "default_outer_lr")]
     pub outer_lr: f64,
+    /// Momentum of the outer optimizer, in [0, 1). 0 (default): none, the step above. Above 0:
+    /// the round's averaged change is a pseudo-gradient for Nesterov momentum SGD, as in
+    /// DiLoCo (Douillard et al. 2023: `outer_lr = 0.7`, `outer_momentum = 0.9`): the momentum
+    /// is kept by the coordinator, written with every commit point and restored on resume.
+    #[serde(default)]
+    pub outer_momentum: f64,
+    /// How batches reach the workers of a run with rounds: `fixed` (default) or `free`.
+    #[serde(default)]
+    pub schedule: SyncSchedule,
+}
+
+/// How a run with synchronisation rounds hands batches to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncSchedule {
+    /// Reproducible: each round takes `every` batches from each of its workers, assigned in
+    /// turn from the run's seeded order when the round starts, so the student depends on the
+    /// seed and the number of workers, never on timing.
+    #[default]
+    Fixed,
+    /// Whoever has room takes the next batch; rounds hold whatever each worker trained. Faster
+    /// when workers differ in speed, but the student depends on scheduling.
+    Free,
 }
 
 fn default_outer_lr() -> f64 {
@@ -447,6 +470,8 @@ impl Default for SyncConfig {
             round_timeout_secs: default_round_timeout(),
             state_every_secs: default_state_every(),
             outer_lr: default_outer_lr(),
+            outer_momentum: 0.0,
+            schedule: SyncSchedule::default(),
         }
     }
 }
@@ -852,6 +877,13 @@ impl RunConfig {
                 format!("must be in (0, 64], got {}", self.sync.outer_lr),
             );
         }
+        if !self.sync.outer_momentum.is_finite() || !(0.0..1.0).contains(&self.sync.outer_momentum)
+        {
+            return bad(
+                "sync.outer_momentum",
+                format!("must be in [0, 1), got {}", self.sync.outer_momentum),
+            );
+        }
         if !self.sync.state_every_secs.is_finite()
             || self.sync.state_every_secs < 0.0
             || self.sync.state_every_secs > MAX_SECS
@@ -1101,6 +1133,14 @@ weight = 2.0
             ),
             (format!("{GOOD}\n[sync]\nouter_lr = 0.0\n"), "sync.outer_lr"),
             (format!("{GOOD}\n[sync]\nouter_lr = nan\n"), "sync.outer_lr"),
+            (
+                format!("{GOOD}\n[sync]\nouter_momentum = 1.0\n"),
+                "sync.outer_momentum",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nschedule = \"sometimes\"\n"),
+                "unknown variant `sometimes`, expected `fixed` or `free`",
+            ),
             (
                 format!("{GOOD}\n[sync]\nevry = 10\n"),
                 "unknown field `evry`",

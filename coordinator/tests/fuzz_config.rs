@@ -110,6 +110,8 @@ fn keys() -> Vec<(&'static str, &'static str)> {
         ("sync", "round_timeout_secs"),
         ("sync", "state_every_secs"),
         ("sync", "outer_lr"),
+        ("sync", "outer_momentum"),
+        ("sync", "schedule"),
         ("membership", "lease_ttl_secs"),
         ("membership", "heartbeat_secs"),
         ("membership", "failure_threshold"),

@@ -30,12 +30,15 @@
 //! - `capacity` ([`capacity`]): batches/s and MB/s one coordinator sustains, serving soft
 //!   targets from its cache, to 1, 4, 16 and 64 simulated workers that ack on arrival, with
 //!   the process's CPU use per window: where one coordinator saturates.
+//! - `workers-quality` ([`quality`], only when named): the student's test errors with 1, 2 and 4
+//!   workers in each averaging mode over several seeds.
 //! - `load` ([`load`]): many concurrent clients against a teacher-server process and a
 //!   coordinator process's Registry: answers and refusals per second with their latency
 //!   quantiles, and the servers' resident memory before, at peak and after.
 
 mod capacity;
 mod load;
+mod quality;
 mod stats;
 mod steady;
 
@@ -56,7 +59,7 @@ use crate::local::LocalMember;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers,
-    /// capacity, load. Default: all.
+    /// capacity, load, workers-quality. Default: all but workers-quality.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -114,14 +117,32 @@ pub struct BenchArgs {
     /// The teacher's `--max-inflight` in `load`.
     #[arg(long, default_value_t = 16)]
     pub load_inflight: usize,
+    /// Seeds per figure of `workers-quality`.
+    #[arg(long, default_value_t = 3)]
+    pub quality_seeds: u64,
+    /// Worker counts of `workers-quality`.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub quality_workers: Vec<usize>,
+    /// Epochs of each `workers-quality` run (the demo's default).
+    #[arg(long, default_value_t = 20)]
+    pub quality_epochs: u32,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 9] = [
-    "e2e", "teacher", "slow", "bytes", "cache", "cpu", "workers", "capacity", "load",
+const SECTIONS: [&str; 10] = [
+    "e2e",
+    "teacher",
+    "slow",
+    "bytes",
+    "cache",
+    "cpu",
+    "workers",
+    "capacity",
+    "load",
+    "workers-quality",
 ];
 
 /// Runs `distill bench`.
@@ -176,6 +197,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if wants("capacity") {
         capacity::run(&a, &rt, &out)?;
+    }
+    // Minutes, not seconds: only when named.
+    if a.only.iter().any(|o| o == "workers-quality") {
+        rt.block_on(quality::run(
+            a.quality_seeds,
+            &a.quality_workers,
+            a.quality_epochs,
+            &out,
+        ))?;
     }
     if wants("load") {
         load::run(&a, &rt, &out)?;

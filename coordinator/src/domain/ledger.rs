@@ -557,6 +557,16 @@ impl Ledger {
         }))
     }
 
+    /// Moves the deadline of an outstanding lease to `now + lease_timeout` (a lease planned
+    /// ahead of a round starts its clock when its batch is prepared); the new deadline, or
+    /// `None` when the lease is not outstanding.
+    pub fn renew(&mut self, lease_id: u64, now: Instant) -> Option<Instant> {
+        let deadline = now.checked_add(self.state.config.lease_timeout)?;
+        let d = self.deadlines.get_mut(&lease_id)?;
+        *d = deadline;
+        Some(deadline)
+    }
+
     /// Marks the batch of lease `lease_id` trained by `worker`, which must be the incarnation
     /// holding the lease. Never panics; every case is an [`AckOutcome`]. `now` is taken for
     /// symmetry with the other calls (late acks are decided by lease state, which

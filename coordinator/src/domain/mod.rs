@@ -12,4 +12,5 @@ pub mod membership;
 pub mod report;
 pub mod rounds;
 pub mod run_state;
+pub mod schedule;
 pub mod workers;

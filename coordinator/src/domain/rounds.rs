@@ -123,6 +123,10 @@ pub struct SyncRounds {
     timeout: Duration,
     /// Step on the averaged change of a round with several contributors (1: plain average).
     outer_lr: f64,
+    /// Nesterov momentum of the outer optimizer (0: none).
+    outer_momentum: f64,
+    /// The outer optimizer's momentum buffer, in model order (None: none yet).
+    momentum: Option<Params>,
     version: u64,
     params: Option<Params>,
     /// Incarnations whose final contribution is in a closed round.
@@ -142,6 +146,8 @@ impl SyncRounds {
         Self {
             timeout: round_timeout,
             outer_lr: 1.0,
+            outer_momentum: 0.0,
+            momentum: None,
             version,
             params,
             finished: BTreeSet::new(),
@@ -158,6 +164,30 @@ impl SyncRounds {
     pub fn with_outer_lr(mut self, outer_lr: f64) -> Self {
         self.outer_lr = outer_lr;
         self
+    }
+
+    /// An outer optimizer with Nesterov momentum `momentum` (0: none): each round's averaged
+    /// change from the previous parameters is a pseudo-gradient `g = previous − average`, and
+    /// `m ← momentum·m + g`, `new = previous − outer_lr·(g + momentum·m)` (DiLoCo's outer
+    /// Nesterov SGD, in PyTorch's form). With momentum every round that trained rows takes the
+    /// step, a lone contributor's too (the momentum is the run's, not the workers'); a round
+    /// that trained nothing (the final ones) leaves the parameters and the momentum as they are.
+    /// The first round, with no previous parameters here, is a plain average.
+    pub fn with_outer_momentum(mut self, momentum: f64) -> Self {
+        self.outer_momentum = momentum;
+        self
+    }
+
+    /// The outer optimizer's momentum buffer (None without momentum or before its first step).
+    pub fn momentum(&self) -> Option<Params> {
+        self.momentum.clone()
+    }
+
+    /// Restores a resumed run's momentum buffer.
+    pub fn restore_momentum(&mut self, momentum: Option<Params>) {
+        if momentum.is_some() {
+            self.momentum = momentum;
+        }
     }
 
     /// The latest average and its version (None before the first round).
@@ -286,20 +316,41 @@ impl SyncRounds {
         }
         let contribs: Vec<&Contribution> = round.contribs.values().collect();
         let single = contribs.len() == 1;
-        let params = if single {
+        let samples: u64 = contribs
+            .iter()
+            .fold(0u64, |a, c| a.saturating_add(c.samples));
+        let average = if single {
             contribs[0].params.clone()
         } else {
             let sets: Vec<_> = contribs
                 .iter()
                 .map(|c| (c.samples, c.params.as_slice()))
                 .collect();
-            match &self.params {
-                Some(prev) if self.outer_lr != 1.0 => {
-                    Arc::new(outer_step(prev, &sets, self.outer_lr))
-                }
-                _ => Arc::new(average(&sets)),
-            }
+            Arc::new(average(&sets))
         };
+        let params = match &self.params {
+            Some(prev) if self.outer_momentum > 0.0 && samples == 0 => prev.clone(),
+            Some(prev) if self.outer_momentum > 0.0 => {
+                let (next, m) = nesterov_step(
+                    prev,
+                    &average,
+                    self.momentum.as_deref().map(Vec::as_slice),
+                    self.outer_lr,
+                    self.outer_momentum,
+                );
+                self.momentum = Some(Arc::new(m));
+                Arc::new(next)
+            }
+            Some(prev) if !single && self.outer_lr != 1.0 => {
+                Arc::new(scaled_step(prev, &average, self.outer_lr))
+            }
+            _ => average,
+        };
+        // A contributor may keep its own parameters when they are the result.
+        let replies = contribs
+            .iter()
+            .map(|c| (c.worker.clone(), Arc::ptr_eq(&c.params, &params)))
+            .collect();
         self.version += 1;
         self.params = Some(params.clone());
         let up_bytes = contribs.iter().map(|c| c.wire_bytes).sum();
@@ -319,16 +370,13 @@ impl SyncRounds {
         Some(Closed {
             version: self.version,
             params,
-            replies: contribs
-                .iter()
-                .map(|c| (c.worker.clone(), single))
-                .collect(),
+            replies,
             commits: contribs
                 .iter()
                 .map(|c| (c.worker.id.clone(), c.last_ack_seq))
                 .collect(),
             missing,
-            samples: contribs.iter().map(|c| c.samples).sum(),
+            samples,
             seconds,
             up_bytes,
             reason,
@@ -339,8 +387,13 @@ impl SyncRounds {
 /// `prev + lr × (weighted average of sets − prev)`, accumulated in f64 (shapes as in
 /// [`average`]; `prev` has the same shapes, checked when the contributions were accepted).
 pub fn outer_step(prev: &[Param], sets: &[(u64, &[Param])], lr: f64) -> Vec<Param> {
-    average(sets)
-        .into_iter()
+    scaled_step(prev, &average(sets), lr)
+}
+
+/// `prev + lr × (average − prev)`, accumulated in f64.
+fn scaled_step(prev: &[Param], average: &[Param], lr: f64) -> Vec<Param> {
+    average
+        .iter()
         .zip(prev)
         .map(|((name, shape, avg), (_, _, p))| {
             let v = avg
@@ -348,9 +401,40 @@ pub fn outer_step(prev: &[Param], sets: &[(u64, &[Param])], lr: f64) -> Vec<Para
                 .zip(p)
                 .map(|(&a, &p)| (f64::from(p) + lr * (f64::from(a) - f64::from(p))) as f32)
                 .collect();
-            (name, shape, v)
+            (name.clone(), shape.clone(), v)
         })
         .collect()
+}
+
+/// One step of Nesterov momentum SGD on the pseudo-gradient `g = prev − average`:
+/// `m ← μ·m + g` (`m` starts at 0), `new = prev − lr·(g + μ·m)`; returns the new parameters and
+/// the new momentum, accumulated in f64 (shapes as in [`average`]).
+pub fn nesterov_step(
+    prev: &[Param],
+    average: &[Param],
+    momentum: Option<&[Param]>,
+    lr: f64,
+    mu: f64,
+) -> (Vec<Param>, Vec<Param>) {
+    let mut next = Vec::with_capacity(prev.len());
+    let mut moms = Vec::with_capacity(prev.len());
+    for (i, ((name, shape, p), (_, _, a))) in prev.iter().zip(average).enumerate() {
+        let m_old = momentum
+            .and_then(|m| m.get(i))
+            .map(|(_, _, v)| v.as_slice());
+        let mut v = Vec::with_capacity(p.len());
+        let mut m = Vec::with_capacity(p.len());
+        for (j, (&p, &a)) in p.iter().zip(a).enumerate() {
+            let g = f64::from(p) - f64::from(a);
+            let m_prev = m_old.and_then(|m| m.get(j)).map_or(0.0, |&x| f64::from(x));
+            let m_new = mu * m_prev + g;
+            v.push((f64::from(p) - lr * (g + mu * m_new)) as f32);
+            m.push(m_new as f32);
+        }
+        next.push((name.clone(), shape.clone(), v));
+        moms.push((name.clone(), shape.clone(), m));
+    }
+    (next, moms)
 }
 
 fn check_same_shapes(a: &[Param], b: &[Param]) -> Result<(), String> {
@@ -488,6 +572,54 @@ mod tests {
             flat(&Arc::new(outer_step(&prev, &[(1, &a)], 0.5))),
             [0.5, 1.0, 2.0]
         );
+    }
+
+    #[test]
+    fn nesterov_momentum_steps_on_the_pseudo_gradient_and_keeps_its_buffer() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let mut s = SyncRounds::new(Duration::from_secs(10), None)
+            .with_outer_lr(0.5)
+            .with_outer_momentum(0.5);
+        let mut live: BTreeSet<Worker> = [w1.clone(), w2.clone()].into_iter().collect();
+        let round = |s: &mut SyncRounds, live: &BTreeSet<Worker>, a: &[f32], b: &[f32], rows| {
+            let _ = s.contribute(contrib(&w1, rows, a, 1), live, t0).unwrap();
+            s.contribute(contrib(&w2, rows, b, 1), live, t0)
+                .unwrap()
+                .unwrap()
+        };
+        // No previous parameters: a plain average, no momentum yet.
+        let c = round(&mut s, &live, &[1.0, 2.0, -4.0], &[3.0, 6.0, 4.0], 1);
+        assert_eq!(flat(&c.params), [2.0, 4.0, 0.0]);
+        assert!(s.momentum().is_none());
+        // Average [1, 3, 1]: g = [1, 1, -1], m = g, new = prev − 0.5 (g + 0.5 m).
+        let c = round(&mut s, &live, &[0.0, 2.0, 0.0], &[2.0, 4.0, 2.0], 1);
+        assert_eq!(flat(&c.params), [1.25, 3.25, 0.75]);
+        assert_eq!(flat(&s.momentum().unwrap()), [1.0, 1.0, -1.0]);
+        assert!(c.replies.iter().all(|(_, unchanged)| !unchanged));
+        // No change: the momentum alone moves on, m = [0.5, 0.5, -0.5].
+        let c = round(&mut s, &live, &[1.25, 3.25, 0.75], &[1.25, 3.25, 0.75], 1);
+        assert_eq!(flat(&c.params), [1.125, 3.125, 0.875]);
+        assert_eq!(flat(&s.momentum().unwrap()), [0.5, 0.5, -0.5]);
+        // A round that trained nothing (the final one) moves neither.
+        let c = round(&mut s, &live, &[9.0, 9.0, 9.0], &[9.0, 9.0, 9.0], 0);
+        assert_eq!(flat(&c.params), [1.125, 3.125, 0.875]);
+        assert_eq!(flat(&s.momentum().unwrap()), [0.5, 0.5, -0.5]);
+        // A lone contributor takes the step too, and is sent the result.
+        live.remove(&w2);
+        s.leave(&w2, &live, t0);
+        let c = s
+            .contribute(contrib(&w1, 1, &[1.125, 3.125, 0.875], 2), &live, t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&c.params), [1.0625, 3.0625, 0.9375]);
+        assert_eq!(c.replies, vec![(w1.clone(), false)]);
+        // Restored from a commit point, the buffer is what was written.
+        let mut r = SyncRounds::new(Duration::from_secs(10), s.latest())
+            .with_outer_lr(0.5)
+            .with_outer_momentum(0.5);
+        r.restore_momentum(s.momentum());
+        assert_eq!(flat(&r.momentum().unwrap()), [0.25, 0.25, -0.25]);
     }
 
     #[test]

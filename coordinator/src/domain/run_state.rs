@@ -52,6 +52,7 @@ use super::ledger::{
     ReleaseReason, Worker,
 };
 use super::rounds::{Closed, Contribution, Params, SyncRounds};
+use super::schedule::RoundPlan;
 use super::workers::{Preparing, StreamId, WorkerError, WorkerTable};
 
 /// What the run state needs to know of the run's config.
@@ -67,6 +68,9 @@ pub struct RunSettings {
     pub min_workers: usize,
     /// Whether the run has synchronisation rounds.
     pub rounds: bool,
+    /// With rounds on the fixed schedule ([`super::schedule`]): the updates each member makes
+    /// per round. None: the free schedule (whoever has room takes the next batch).
+    pub fixed_every: Option<u64>,
     /// Shortest time between two commit points.
     pub persist_every: Duration,
     /// How long the evaluator may take before another is elected.
@@ -143,11 +147,12 @@ pub enum Action {
         stream: StreamId,
         error: StreamError,
     },
-    /// Write a commit point (with the average, when the run has one) and report with
-    /// [`RunState::persisted`].
+    /// Write a commit point (with the average, when the run has one, and the outer
+    /// optimizer's momentum, when it has one) and report with [`RunState::persisted`].
     Persist {
         snapshot: Box<Snapshot>,
         average: Option<(u64, Params)>,
+        momentum: Option<Params>,
     },
     /// Append an epoch's line to `metrics.jsonl`.
     EpochMetrics(EpochLine),
@@ -282,6 +287,8 @@ pub struct RunState {
     unpersisted_average: bool,
     first_send: Option<Instant>,
     last_ack: Option<Instant>,
+    /// The fixed schedule's current round (None between rounds and on the free schedule).
+    plan: Option<RoundPlan>,
     actions: Vec<Action>,
 }
 
@@ -340,6 +347,7 @@ impl RunState {
             unpersisted_average: false,
             first_send: None,
             last_ack: None,
+            plan: None,
             actions: Vec::new(),
         })
     }
@@ -540,7 +548,7 @@ impl RunState {
         tracing::debug!(%worker, samples = c.samples, base = base_version, is_final, "contribution");
         let closed = self
             .rounds
-            .contribute(c, &self.workers.live(), now)
+            .contribute(c, &self.round_members(), now)
             .map_err(|e| RunError::Invalid(e.to_string()))?;
         self.workers.take_rows(&worker.id);
         if let Some(c) = closed {
@@ -585,6 +593,10 @@ impl RunState {
                 s.preparing.remove(pos);
                 s.credits = s.credits.saturating_add(1);
                 let worker = s.worker.clone();
+                if let Some(plan) = &mut self.plan {
+                    // The batch goes back in line for the next round.
+                    plan.lost_one(&worker);
+                }
                 if let Some(e) = self.ledger.release(lease_id, ReleaseReason::NotPrepared) {
                     log_events(&[e]);
                 }
@@ -683,7 +695,7 @@ impl RunState {
     pub fn tick(&mut self, now: Instant) {
         let events = self.ledger.tick(now);
         self.on_ledger_events(&events, now);
-        if let Some(c) = self.rounds.tick(&self.workers.live(), now) {
+        if let Some(c) = self.rounds.tick(&self.round_members(), now) {
             self.on_round_closed(c, now);
         }
         if let Phase::Evaluating {
@@ -777,6 +789,55 @@ impl RunState {
         self.counters.down_bytes = self.counters.down_bytes.saturating_add(bytes);
     }
 
+    /// Who takes part in the open round: the plan's members still live on the fixed schedule,
+    /// every live worker otherwise.
+    fn round_members(&self) -> BTreeSet<Worker> {
+        let live = self.workers.live();
+        match &self.plan {
+            Some(plan) => live.into_iter().filter(|w| plan.contains(w)).collect(),
+            None => live,
+        }
+    }
+
+    /// On the fixed schedule with no round planned, plans the next one for the workers with an
+    /// open stream: a member that missed an average (it joined mid-round) is sent the latest
+    /// first, then the round's batches are leased in turn ([`RoundPlan`]).
+    fn plan_round(&mut self, now: Instant) {
+        let Some(every) = self.settings.fixed_every else {
+            return;
+        };
+        if self.plan.is_some() || self.ledger.is_done() {
+            return;
+        }
+        let members = self.workers.live();
+        if members.is_empty() {
+            return;
+        }
+        let ledger = &mut self.ledger;
+        let plan = match RoundPlan::plan(&members, every, |w| ledger.lease(w, now)) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return,
+            Err(e) => {
+                self.fail(format!("cannot lease a batch: {e}"));
+                return;
+            }
+        };
+        if let Some((version, params)) = self.rounds.latest() {
+            for w in &members {
+                if let Some(stream) = self.workers.stream_of(w)
+                    && self
+                        .workers
+                        .stream(stream)
+                        .is_some_and(|s| s.sent_version != version)
+                {
+                    self.send_params(stream, version, ParamsToSend::Average(params.clone()), 0);
+                }
+            }
+        }
+        tracing::debug!(round = self.rounds.version() + 1, quotas = ?plan.quotas(), "round planned");
+        self.plan = Some(plan);
+    }
+
     fn batch_rows(&self, batch: BatchId) -> u64 {
         let (n, bs) = (self.settings.train_rows, self.settings.batch_size);
         let start = (batch.index as usize).saturating_mul(bs);
@@ -828,7 +889,14 @@ impl RunState {
             return;
         }
         let committed = self.averaged_through(worker);
-        if let Some(c) = self.rounds.leave(worker, &self.workers.live(), now) {
+        if let Some(plan) = &mut self.plan {
+            // Its planned leases are the ledger's again (revoked with its stream).
+            plan.remove(worker);
+            if plan.is_empty() {
+                self.plan = None;
+            }
+        }
+        if let Some(c) = self.rounds.leave(worker, &self.round_members(), now) {
             self.on_round_closed(c, now);
         }
         let rb = self.ledger.rollback(&worker.id, committed);
@@ -907,6 +975,23 @@ impl RunState {
             "synchronisation round closed"
         );
         let mut events = Vec::new();
+        if self.plan.take().is_some() {
+            // On the fixed schedule a member that did not report in time is taken for dead:
+            // carrying its late rows into another round would make the student depend on timing.
+            for w in &closed.missing {
+                if let Some(stream) = self.workers.stream_of(w) {
+                    tracing::warn!(worker = %w, version = closed.version, "a member of the round did not report in time; its stream is closed");
+                    self.actions.push(Action::Close {
+                        stream,
+                        error: StreamError::Deadline(format!(
+                            "worker {w} did not contribute to round {} in time",
+                            closed.version
+                        )),
+                    });
+                    self.drop_stream(stream, now);
+                }
+            }
+        }
         for (w, unchanged) in &closed.replies {
             if let Some(stream) = self.workers.stream_of(w) {
                 let params = if *unchanged {
@@ -974,15 +1059,16 @@ impl RunState {
         self.persist_due = None;
         self.persist_in_flight = true;
         self.last_persist = Some(now);
-        let average = if self.settings.rounds && self.unpersisted_average {
+        let (average, momentum) = if self.settings.rounds && self.unpersisted_average {
             self.unpersisted_average = false;
-            self.rounds.latest()
+            (self.rounds.latest(), self.rounds.momentum())
         } else {
-            None
+            (None, None)
         };
         self.actions.push(Action::Persist {
             snapshot: Box::new(self.snapshot()),
             average,
+            momentum,
         });
     }
 
@@ -1027,6 +1113,10 @@ impl RunState {
         }
         let streams = self.workers.stream_ids();
         if self.leasing && self.phase == Phase::Training {
+            self.plan_round(now);
+            if matches!(self.phase, Phase::Failed) {
+                return;
+            }
             // One lease per stream per pass, so that streams share the epoch's end.
             let mut open: BTreeSet<StreamId> = streams.iter().copied().collect();
             while !open.is_empty() {
@@ -1038,7 +1128,10 @@ impl RunState {
             }
         }
         let epoch = self.ledger.progress().epoch;
-        let awaiting = self.settings.rounds && self.ledger.awaiting_commit();
+        // On the fixed schedule the plan asks for the rounds that end an epoch.
+        let awaiting = self.settings.rounds
+            && self.settings.fixed_every.is_none()
+            && self.ledger.awaiting_commit();
         let trained = self.ledger.is_done();
         // Only asked once everything is trained: the live set is not built for every batch.
         let rounds_final =
@@ -1048,6 +1141,16 @@ impl RunState {
                 continue;
             };
             if !s.preparing.is_empty() {
+                continue;
+            }
+            let idle = s.in_flight.is_empty();
+            if let Some(plan) = &mut self.plan
+                && plan.ask_if_due(&s.worker, idle)
+            {
+                self.actions.push(Action::SyncNow {
+                    stream,
+                    is_final: false,
+                });
                 continue;
             }
             if awaiting && s.asked_commit != Some(epoch) {
@@ -1114,7 +1217,18 @@ impl RunState {
             return false;
         }
         let worker = s.worker.clone();
-        match self.ledger.lease(&worker, now) {
+        let next = match &mut self.plan {
+            Some(plan) => Ok(plan.next_lease(&worker).map(|mut l| {
+                // Its clock starts now, not when the round was planned.
+                if let Some(d) = self.ledger.renew(l.id, now) {
+                    l.deadline = d;
+                }
+                l
+            })),
+            None if self.settings.fixed_every.is_some() => Ok(None),
+            None => self.ledger.lease(&worker, now),
+        };
+        match next {
             Ok(Some(lease)) => {
                 if let Some(s) = self.workers.stream_mut(stream) {
                     s.credits -= 1;
@@ -1184,6 +1298,7 @@ mod tests {
             prefetch: 2,
             min_workers: 1,
             rounds,
+            fixed_every: None,
             persist_every: Duration::from_secs(10),
             eval_timeout: Duration::from_secs(60),
             eval_every_epoch: true,
@@ -1643,6 +1758,182 @@ mod tests {
             "{other:?}"
         );
         let _ = w;
+    }
+
+    /// Per stream, the (batch index, lease id) pairs sent, in order.
+    type SentBatches = BTreeMap<StreamId, Vec<(u32, u64)>>;
+
+    /// Serves like [`serve`] but acks nothing; returns per stream the batch indices sent, in
+    /// order, with their lease ids, and the other actions.
+    fn sent(st: &mut RunState, now: Instant) -> (SentBatches, Vec<Action>) {
+        let mut batches: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut out = SentBatches::new();
+        let mut other = Vec::new();
+        loop {
+            let actions = st.take_actions();
+            if actions.is_empty() {
+                return (out, other);
+            }
+            for a in actions {
+                match a {
+                    Action::Prepare { lease, .. } => {
+                        batches.insert(lease.id, lease.batch.index);
+                        st.prepared(lease.id, Ok((false, false)), now);
+                    }
+                    Action::SendBatch { stream, lease_id } => {
+                        out.entry(stream)
+                            .or_default()
+                            .push((batches[&lease_id], lease_id));
+                    }
+                    a @ Action::Persist { .. } => {
+                        other.push(a);
+                        st.persisted(Ok(()), now);
+                    }
+                    a => other.push(a),
+                }
+            }
+        }
+    }
+
+    fn asked(other: &[Action], stream: StreamId) -> bool {
+        other
+            .iter()
+            .any(|a| matches!(a, Action::SyncNow { stream: s, is_final: false } if *s == stream))
+    }
+
+    #[test]
+    fn the_fixed_schedule_deals_each_round_in_turn_whatever_the_timing() {
+        let t0 = Instant::now();
+        let mut st = new_state(
+            RunSettings {
+                fixed_every: Some(2),
+                min_workers: 2,
+                prefetch: 4,
+                ..settings(true)
+            },
+            1,
+        );
+        let (_, a) = open(&mut st, "a", 8, t0);
+        let (sent0, _) = sent(&mut st, t0);
+        assert!(sent0.is_empty(), "nothing before min_workers streams");
+        let (_, b) = open(&mut st, "b", 8, t0);
+        let (round1, _) = sent(&mut st, t0);
+        let idx = |v: &[(u32, u64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(idx(&round1[&a]), [0, 2]);
+        assert_eq!(idx(&round1[&b]), [1, 3]);
+        // b is fast: it acks both and would take more, but the round's batches are dealt.
+        for &(_, l) in &round1[&b] {
+            st.ack(b, l, AckTimes::default(), t0);
+        }
+        let (more, other) = sent(&mut st, t0);
+        assert!(more.is_empty(), "{more:?}");
+        assert!(!asked(&other, b), "a full quota contributes on its own");
+        st.contribute(b, 0, params(3.0), false, 8, t0).unwrap();
+        // A worker joining mid-round waits for the next one.
+        let (_, c) = open(&mut st, "c", 8, t0);
+        let (more, _) = sent(&mut st, t0);
+        assert!(more.is_empty(), "{more:?}");
+        for &(_, l) in &round1[&a] {
+            st.ack(a, l, AckTimes::default(), t0);
+        }
+        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        // Round 1 closed with a and b; round 2 has three members, c first sent the average.
+        let (round2, other) = sent(&mut st, t0);
+        assert!(other.iter().any(|x| matches!(
+            x,
+            Action::SendParams { stream, version: 1, params: ParamsToSend::Average(_), .. } if *stream == c
+        )), "{other:?}");
+        assert_eq!(idx(&round2[&a]), [4, 7]);
+        assert_eq!(idx(&round2[&b]), [5, 8]);
+        assert_eq!(idx(&round2[&c]), [6, 9]);
+        for (s, v) in &round2 {
+            for &(_, l) in v {
+                st.ack(*s, l, AckTimes::default(), t0);
+            }
+            st.contribute(*s, 1, params(2.0), false, 8, t0).unwrap();
+        }
+        // The epoch is done (10 batches); only the final round is left.
+        let (_, other) = sent(&mut st, t0);
+        assert!(st.ledger.is_done(), "{other:?}");
+        for s in [a, b, c] {
+            assert!(other.iter().any(|x| matches!(
+                x,
+                Action::SyncNow { stream, is_final: true } if *stream == s
+            )));
+        }
+    }
+
+    #[test]
+    fn a_short_round_at_an_epochs_end_asks_each_member_once_its_batches_are_acked() {
+        let t0 = Instant::now();
+        let mut st = new_state(
+            RunSettings {
+                fixed_every: Some(4),
+                min_workers: 2,
+                prefetch: 4,
+                ..settings(true)
+            },
+            2,
+        );
+        let (_, a) = open(&mut st, "a", 8, t0);
+        let (_, b) = open(&mut st, "b", 8, t0);
+        let mut dealt = Vec::new();
+        // Rounds of 8 batches: 8, then the epoch's last 2 (one each).
+        for round in 0..2 {
+            let (r, other) = sent(&mut st, t0);
+            assert!(!asked(&other, a) && !asked(&other, b));
+            let n = if round == 0 { 4 } else { 1 };
+            assert_eq!((r[&a].len(), r[&b].len()), (n, n), "round {round}");
+            for (s, v) in &r {
+                dealt.extend(v.iter().map(|x| x.0));
+                for &(_, l) in v {
+                    st.ack(*s, l, AckTimes::default(), t0);
+                }
+            }
+            let (_, other) = sent(&mut st, t0);
+            if round == 0 {
+                assert!(!asked(&other, a) && !asked(&other, b));
+            } else {
+                assert!(asked(&other, a) && asked(&other, b), "{other:?}");
+            }
+            for s in [a, b] {
+                st.contribute(s, round, params(1.0), false, 8, t0).unwrap();
+            }
+        }
+        dealt.sort_unstable();
+        assert_eq!(dealt, (0..10).collect::<Vec<_>>());
+        assert_eq!(st.ledger.progress().epoch, 1);
+    }
+
+    #[test]
+    fn a_member_that_dies_mid_round_hands_its_batches_to_the_next_round() {
+        let t0 = Instant::now();
+        let mut st = new_state(
+            RunSettings {
+                fixed_every: Some(2),
+                min_workers: 2,
+                prefetch: 1,
+                ..settings(true)
+            },
+            1,
+        );
+        let (_, a) = open(&mut st, "a", 1, t0);
+        let (_, b) = open(&mut st, "b", 1, t0);
+        let (r, _) = sent(&mut st, t0);
+        assert_eq!((r[&a][0].0, r[&b][0].0), (0, 1));
+        st.ack(a, r[&a][0].1, AckTimes::default(), t0);
+        let (r2, _) = sent(&mut st, t0);
+        assert_eq!(r2[&a][0].0, 2);
+        st.ack(a, r2[&a][0].1, AckTimes::default(), t0);
+        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        // b dies before training: the round closes with a alone; b's batches 1 and 3 lead
+        // the next round, which a has to itself.
+        st.stream_closed(b, t0);
+        let (r3, _) = sent(&mut st, t0);
+        assert_eq!(r3[&a][0].0, 1, "{r3:?}");
+        st.ack(a, r3[&a][0].1, AckTimes::default(), t0);
+        let (r4, _) = sent(&mut st, t0);
+        assert_eq!(r4[&a][0].0, 3);
     }
 
     #[test]

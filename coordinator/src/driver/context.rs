@@ -7,7 +7,7 @@ use std::time::Duration;
 use distill_core::data::Dataset;
 use distill_core::settings::StudentSettings;
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, SyncSchedule};
 use crate::domain::ledger::{Ledger, LedgerConfig};
 use crate::domain::membership::Membership;
 use crate::domain::rounds::SyncRounds;
@@ -203,8 +203,20 @@ impl Run {
             toml::to_string(&cfg).map_err(|e| Error::Internal(format!("config to TOML: {e}")))?;
         distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
         let store = Arc::new(RunStore::open(&cfg.run_dir)?);
+        let mut momentum = None;
         let restored = match store.load()? {
-            Some((saved, average)) => {
+            Some(stored) => {
+                let (saved, average) = (stored.snapshot, stored.average);
+                if let Some(bytes) = stored.momentum {
+                    let ck =
+                        distill_core::checkpoint::Checkpoint::from_bytes(&bytes).map_err(|e| {
+                            Error::Store(format!(
+                                "{}: the stored outer momentum: {e}",
+                                store.path().display()
+                            ))
+                        })?;
+                    momentum = Some(Arc::new(ck.params));
+                }
                 let average = match (saved.sync_version, average) {
                     (v, Some(bytes)) if v > 0 => {
                         let ck = distill_core::checkpoint::Checkpoint::from_bytes(&bytes).map_err(
@@ -227,13 +239,18 @@ impl Run {
             secs(cfg.sync.round_timeout_secs, "sync.round_timeout_secs")?,
             None,
         )
-        .with_outer_lr(cfg.sync.outer_lr);
+        .with_outer_lr(cfg.sync.outer_lr)
+        .with_outer_momentum(cfg.sync.outer_momentum);
+        let mut rounds = rounds;
+        rounds.restore_momentum(momentum);
         let run_settings = RunSettings {
             train_rows: data.train.len(),
             batch_size: cfg.batch_size,
             prefetch: cfg.prefetch,
             min_workers: cfg.min_workers,
             rounds: cfg.sync.every > 0,
+            fixed_every: (cfg.sync.every > 0 && cfg.sync.schedule == SyncSchedule::Fixed)
+                .then_some(cfg.sync.every),
             persist_every: secs(cfg.sync.state_every_secs, "sync.state_every_secs")?,
             eval_timeout: secs(cfg.eval_timeout_secs, "eval_timeout_secs")?,
             eval_every_epoch: cfg.eval_every_epoch,

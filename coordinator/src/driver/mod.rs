@@ -512,7 +512,11 @@ impl Driver {
                     let _ = tx.try_send(Outgoing::Close(error));
                 }
             }
-            Action::Persist { snapshot, average } => {
+            Action::Persist {
+                snapshot,
+                average,
+                momentum,
+            } => {
                 let (store, tx, spec) = (
                     self.store.clone(),
                     self.tx.clone(),
@@ -520,20 +524,20 @@ impl Driver {
                 );
                 self.tasks.spawn(async move {
                     let write = move || -> Result<()> {
-                        let bytes = match average {
-                            Some((version, params)) => {
-                                let mut ck = Checkpoint {
-                                    spec,
-                                    params: params.as_ref().clone(),
-                                    extra: Default::default(),
-                                };
-                                ck.extra
-                                    .insert(KEY_SYNC_VERSION.into(), version.to_string());
-                                Some(ck.to_bytes()?)
-                            }
-                            None => None,
+                        let encode = |params: Params, version: u64| -> Result<Vec<u8>> {
+                            let mut ck = Checkpoint {
+                                spec: spec.clone(),
+                                params: params.as_ref().clone(),
+                                extra: Default::default(),
+                            };
+                            ck.extra
+                                .insert(KEY_SYNC_VERSION.into(), version.to_string());
+                            Ok(ck.to_bytes()?)
                         };
-                        store.save(&snapshot, bytes.as_deref())
+                        let version = average.as_ref().map_or(0, |(v, _)| *v);
+                        let bytes = average.map(|(v, p)| encode(p, v)).transpose()?;
+                        let momentum = momentum.map(|m| encode(m, version)).transpose()?;
+                        store.save(&snapshot, bytes.as_deref(), momentum.as_deref())
                     };
                     let result = tokio::task::spawn_blocking(write)
                         .await

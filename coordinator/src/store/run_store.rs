@@ -7,7 +7,8 @@
 //!   worker the highest ack sequence number inside the stored average),
 //! - the worker table's incarnations, so that the old processes stay fenced off,
 //! - the synchronisation state: the version of the latest average and the average itself
-//!   (safetensors bytes),
+//!   (safetensors bytes), and the outer optimizer's momentum when it has one (safetensors
+//!   bytes, written with the average it belongs to),
 //! - the run's counters and how many times the run was resumed.
 //!
 //! When a commit point is written, and what a restore does with it, is decided by
@@ -28,6 +29,17 @@ pub const STATE_FILE: &str = "state.redb";
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("run");
 const KEY: &str = "state";
 const KEY_AVERAGE: &str = "average";
+const KEY_MOMENTUM: &str = "outer_momentum";
+
+/// What a commit point holds.
+pub struct Stored {
+    /// The run state.
+    pub snapshot: Snapshot,
+    /// The average's safetensors bytes, if one was written.
+    pub average: Option<Vec<u8>>,
+    /// The outer optimizer's momentum as safetensors bytes, if one was written.
+    pub momentum: Option<Vec<u8>>,
+}
 
 /// The run's store.
 pub struct RunStore {
@@ -49,8 +61,8 @@ impl RunStore {
         &self.path
     }
 
-    /// The last commit point and the average's safetensors bytes, if any was written.
-    pub fn load(&self) -> Result<Option<(Snapshot, Option<Vec<u8>>)>> {
+    /// The last commit point, if any was written.
+    pub fn load(&self) -> Result<Option<Stored>> {
         let bad = |e: String| Error::Store(format!("{}: {e}", self.path.display()));
         let txn = self.db.begin_read().map_err(|e| bad(e.to_string()))?;
         let table = match txn.open_table(TABLE) {
@@ -63,15 +75,27 @@ impl RunStore {
         };
         let saved: Snapshot = serde_json::from_slice(state.value())
             .map_err(|e| bad(format!("the stored run state is unreadable: {e}")))?;
-        let average = table
-            .get(KEY_AVERAGE)
-            .map_err(|e| bad(e.to_string()))?
-            .map(|v| v.value().to_vec());
-        Ok(Some((saved, average)))
+        let bytes = |key: &str| -> Result<Option<Vec<u8>>> {
+            Ok(table
+                .get(key)
+                .map_err(|e| bad(e.to_string()))?
+                .map(|v| v.value().to_vec()))
+        };
+        Ok(Some(Stored {
+            snapshot: saved,
+            average: bytes(KEY_AVERAGE)?,
+            momentum: bytes(KEY_MOMENTUM)?,
+        }))
     }
 
-    /// Writes a commit point (and the average, when given) in one transaction.
-    pub fn save(&self, saved: &Snapshot, average: Option<&[u8]>) -> Result<()> {
+    /// Writes a commit point (and the average and the momentum, when given) in one
+    /// transaction.
+    pub fn save(
+        &self,
+        saved: &Snapshot,
+        average: Option<&[u8]>,
+        momentum: Option<&[u8]>,
+    ) -> Result<()> {
         let bad = |e: String| Error::Store(format!("{}: {e}", self.path.display()));
         let json = serde_json::to_vec(saved).map_err(|e| bad(e.to_string()))?;
         let txn = self.db.begin_write().map_err(|e| bad(e.to_string()))?;
@@ -80,10 +104,10 @@ impl RunStore {
             table
                 .insert(KEY, json.as_slice())
                 .map_err(|e| bad(e.to_string()))?;
-            if let Some(a) = average {
-                table
-                    .insert(KEY_AVERAGE, a)
-                    .map_err(|e| bad(e.to_string()))?;
+            for (key, value) in [(KEY_AVERAGE, average), (KEY_MOMENTUM, momentum)] {
+                if let Some(v) = value {
+                    table.insert(key, v).map_err(|e| bad(e.to_string()))?;
+                }
             }
         }
         txn.commit().map_err(|e| bad(e.to_string()))?;
