@@ -5,6 +5,10 @@
 //! - `two_workers_share_the_batches_and_match_one_worker`: both workers ack a share of the
 //!   batches, synchronisation rounds ran, and the final student is as good as a one-worker run
 //!   of the same config (tolerance below).
+//! - `two_runs_of_two_workers_give_the_same_student_bit_for_bit`: on the fixed round schedule
+//!   the student is a function of the config and the workers, not of the timing: two runs
+//!   with the same seed write byte-identical students, while a third with another seed does
+//!   not (so the comparison can fail).
 //! - `killing_one_worker_mid_run_still_completes_with_the_other`: SIGKILL one of two workers
 //!   while the run is between 20% and 70% trained; the other finishes, every batch is trained,
 //!   the killed worker's unaveraged batches are trained again.
@@ -28,10 +32,21 @@ const EXTRA_ERRORS: u64 = 30;
 
 /// Starts a coordinator for `workers` workers; returns its process, address and run dir.
 fn coordinator(s: &Setup, name: &str, workers: usize, epochs: u32) -> (Proc, String, PathBuf) {
+    seeded_coordinator(s, name, workers, epochs, 3)
+}
+
+/// [`coordinator`] with the run's seed.
+fn seeded_coordinator(
+    s: &Setup,
+    name: &str,
+    workers: usize,
+    epochs: u32,
+    seed: u64,
+) -> (Proc, String, PathBuf) {
     let d = s.dir.path();
     let mut cfg = small_run(name);
     cfg.epochs = epochs;
-    cfg.seed = 3;
+    cfg.seed = seed;
     cfg.lease_timeout_secs = 30.0;
     cfg.min_workers = workers;
     cfg.sync.every = 10;
@@ -99,6 +114,48 @@ fn two_workers_share_the_batches_and_match_one_worker() {
         "2 workers: {e2} test errors; 1 worker: {e1}"
     );
     eprintln!("test errors: 1 worker {e1}, 2 workers {e2}; {rounds} rounds");
+}
+
+#[test]
+fn two_runs_of_two_workers_give_the_same_student_bit_for_bit() {
+    let s = setup();
+    let d = s.dir.path().to_path_buf();
+    let mut students = Vec::new();
+    for (name, seed) in [("first", 3), ("again", 3), ("other", 4)] {
+        let (c, addr, run) = seeded_coordinator(&s, name, 2, 2, seed);
+        // Different worker processes each time, the second one started first in one run: the
+        // schedule depends on who the members are, not on who came first.
+        let wd = d.join(format!("{name}-workers"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let ws = if name == "again" {
+            let w1 = worker(&wd, &addr, "w1", &[]);
+            vec![w1, worker(&wd, &addr, "w0", &[])]
+        } else {
+            let w0 = worker(&wd, &addr, "w0", &[]);
+            vec![w0, worker(&wd, &addr, "w1", &[])]
+        };
+        finish(&d, c, ws);
+        let r = read_report(&run);
+        assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
+        assert!(u(&r["sync"], "rounds") > 10, "{r}");
+        students.push(tensors(&std::fs::read(run.join("student.safetensors")).unwrap()));
+    }
+    assert!(
+        students[0] == students[1],
+        "two runs with the same seed and workers wrote different students"
+    );
+    assert!(
+        students[0] != students[2],
+        "another seed wrote the same student: the comparison cannot fail"
+    );
+}
+
+/// A safetensors file's header (as JSON: its metadata map is written in any order) and its
+/// tensor bytes.
+fn tensors(file: &[u8]) -> (serde_json::Value, Vec<u8>) {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&file[8..8 + n]).unwrap();
+    (header, file[8 + n..].to_vec())
 }
 
 #[test]

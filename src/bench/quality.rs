@@ -100,6 +100,10 @@ pub async fn run(seeds: u64, workers: &[usize], epochs: u32, out: &Path) -> anyh
     );
     for mode in &MODES {
         for &n in workers {
+            if n == 1 && mode.momentum == 0.0 && mode.outer_lr.is_none_or(|lr| lr != 1.0) {
+                // A lone worker's rounds without momentum are plain averages: as `plain`.
+                continue;
+            }
             let mut errors = Vec::new();
             let (mut rounds, mut kib, mut secs) = (0u64, 0.0f64, 0.0f64);
             for seed in 0..seeds {
