@@ -138,7 +138,9 @@ fn two_runs_of_two_workers_give_the_same_student_bit_for_bit() {
         let r = read_report(&run);
         assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
         assert!(u(&r["sync"], "rounds") > 10, "{r}");
-        students.push(tensors(&std::fs::read(run.join("student.safetensors")).unwrap()));
+        students.push(tensors(
+            &std::fs::read(run.join("student.safetensors")).unwrap(),
+        ));
     }
     assert!(
         students[0] == students[1],
