@@ -15,6 +15,7 @@
 # 3. Runs `cargo build --release --features cuda` (the root `distill` binary, every role in it)
 #    with CUDA_COMPUTE_CAP (default 90 = H100/H200; e.g. 80 for A100) and
 #    CARGO_TARGET_DIR=target-cuda, and prints how long everything took.
+#    Then `cargo check -p student-worker --features nccl` (the NCCL path, type-checked only).
 # 4. Runs the binary here against a fake driver that reports "no device": the CPU self-test of
 #    `distill gpu-smoke` must pass and `--device cuda:0` must be a clear error (SKIP_RUN=1 skips).
 #
@@ -114,6 +115,10 @@ if ! readelf -d "$BIN" | grep -q 'libcuda.so.1'; then
     echo "error: $BIN does not link libcuda.so.1: was the cuda feature on?" >&2
     exit 1
 fi
+# The NCCL averaging path (student-worker's `nccl` feature, docs/workers.md) is type-checked,
+# not linked: libnccl is not among the stubs, and nothing runs it without several GPUs.
+echo "== cargo check --release -p student-worker --features nccl"
+cargo check --release --locked -p student-worker --features nccl
 # --- 4. the binary on this machine, with a fake driver -----------------------------------------
 # A fake libcuda.so.1 whose every entry point returns CUDA_ERROR_NO_DEVICE (100), plus the link
 # stubs under their sonames and the real libcudart: the binary then starts without a GPU, so

@@ -29,6 +29,8 @@
 //! - An `EvalResult` whose checkpoint would exceed the message-size limit is sent without the
 //!   bytes (logged); the file stays in the work dir.
 
+#[cfg(feature = "nccl")]
+pub mod allreduce;
 pub mod cli;
 pub mod decode;
 pub mod error;

@@ -39,6 +39,10 @@ pub struct Counters {
     pub degraded_batches: u64,
     /// Batches whose preparation failed and that went back in line, by reason.
     pub failed_preparations: BTreeMap<String, u64>,
+    /// Rounds of the fixed schedule whose members differ from the previous round's (a worker
+    /// joined or left).
+    #[serde(default)]
+    pub schedule_changes: u64,
     /// Sum of the acked losses of the current epoch (non-finite losses are not summed).
     pub epoch_loss: f64,
     /// Acks summed in `epoch_loss`.

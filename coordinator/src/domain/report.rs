@@ -39,6 +39,12 @@ pub struct SyncReport {
     pub mean_bytes_per_round: f64,
     /// Seconds workers were blocked in rounds, all workers together.
     pub worker_sync_seconds: f64,
+    /// `fixed` or `free` (`[sync] schedule`).
+    #[serde(default)]
+    pub schedule: String,
+    /// Rounds of the fixed schedule whose members differed from the previous round's.
+    #[serde(default)]
+    pub schedule_changes: u64,
 }
 
 /// Test errors of one teacher member.

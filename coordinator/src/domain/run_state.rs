@@ -289,6 +289,8 @@ pub struct RunState {
     last_ack: Option<Instant>,
     /// The fixed schedule's current round (None between rounds and on the free schedule).
     plan: Option<RoundPlan>,
+    /// The members of the last round planned (the schedule changes when they do).
+    last_members: Option<BTreeSet<Worker>>,
     actions: Vec<Action>,
 }
 
@@ -348,6 +350,7 @@ impl RunState {
             first_send: None,
             last_ack: None,
             plan: None,
+            last_members: None,
             actions: Vec::new(),
         })
     }
@@ -834,7 +837,19 @@ impl RunState {
                 }
             }
         }
-        tracing::debug!(round = self.rounds.version() + 1, quotas = ?plan.quotas(), "round planned");
+        let round = self.rounds.version() + 1;
+        if let Some(was) = self.last_members.as_ref().filter(|was| **was != members) {
+            let ids = |s: &BTreeSet<Worker>| s.iter().map(|w| w.id.clone()).collect::<Vec<_>>();
+            tracing::info!(
+                round,
+                members = ?ids(&members),
+                was = ?ids(was),
+                "the round schedule changed: a worker joined or left"
+            );
+            self.counters.schedule_changes += 1;
+        }
+        tracing::debug!(round, quotas = ?plan.quotas(), "round planned");
+        self.last_members = Some(members);
         self.plan = Some(plan);
     }
 
@@ -1934,6 +1949,8 @@ mod tests {
         st.ack(a, r3[&a][0].1, AckTimes::default(), t0);
         let (r4, _) = sent(&mut st, t0);
         assert_eq!(r4[&a][0].0, 3);
+        // The second round was planned without b: one change of the schedule.
+        assert_eq!(st.counters.schedule_changes, 1);
     }
 
     #[test]

@@ -814,6 +814,8 @@ impl Driver {
                 mean_round_seconds: per_round(*round_secs),
                 mean_bytes_per_round: per_round((up_bytes + s.down_bytes) as f64),
                 worker_sync_seconds: s.sync_secs,
+                schedule: format!("{:?}", ctx.cfg.sync.schedule).to_lowercase(),
+                schedule_changes: s.schedule_changes,
             },
             teacher_batches_per_epoch: s.teacher_batches.clone(),
             cached_batches_per_epoch: s.cached_batches.clone(),
