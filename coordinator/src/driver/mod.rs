@@ -125,12 +125,12 @@ pub enum Command {
     /// A batch preparation ended.
     Prepared {
         lease_id: u64,
-        result: std::result::Result<batch::PreparedBatch, batch::PrepareError>,
+        result: Box<std::result::Result<batch::PreparedBatch, batch::PrepareError>>,
     },
     /// A commit point was written (or not).
     Persisted { result: Result<()> },
     /// The student and the report were written (or not).
-    Finished { result: Result<RunReport> },
+    Finished { result: Result<Box<RunReport>> },
     /// The teachers' own test errors.
     TeacherErrors {
         errors: Vec<TeacherErrors>,
@@ -383,7 +383,7 @@ impl Driver {
                 });
             }
             Command::Prepared { lease_id, result } => {
-                let outcome = match result {
+                let outcome = match *result {
                     Ok(b) => {
                         let ready = (b.from_cache, b.degraded);
                         self.prepared.insert(lease_id, b.batch);
@@ -405,7 +405,7 @@ impl Driver {
                         "run complete"
                     );
                     self.state.finished(Ok(()));
-                    self.report = Some(report);
+                    self.report = Some(*report);
                 }
                 Err(e) => self.state.finished(Err(e.to_string())),
             },
@@ -444,7 +444,12 @@ impl Driver {
                 self.tasks.spawn(async move {
                     let lease_id = lease.id;
                     let result = batch::prepare(ctx, lease, stop).await;
-                    let _ = tx.send(Command::Prepared { lease_id, result }).await;
+                    let _ = tx
+                        .send(Command::Prepared {
+                            lease_id,
+                            result: Box::new(result),
+                        })
+                        .await;
                 });
             }
             Action::SendBatch { stream, lease_id } => match self.prepared.remove(&lease_id) {
@@ -662,7 +667,11 @@ impl Driver {
                     let result = tokio::task::spawn_blocking(write)
                         .await
                         .unwrap_or_else(|e| Err(Error::Internal(format!("report task: {e}"))));
-                    let _ = tx.send(Command::Finished { result }).await;
+                    let _ = tx
+                        .send(Command::Finished {
+                            result: result.map(Box::new),
+                        })
+                        .await;
                 });
             }
             Action::Fail(e) => self.failure = Some(e),
