@@ -235,6 +235,7 @@ fn sync_up(params: &[distill_proto::params::Param], chunk_bytes: usize) -> Vec<W
                 chunks,
                 last: i + 1 == n,
                 r#final: false,
+                gradients: false,
             })),
         })
         .collect()
@@ -663,6 +664,7 @@ impl HandWorker {
                         chunks,
                         last: i + 1 == n,
                         r#final: false,
+                        gradients: false,
                     })),
                 })
                 .await

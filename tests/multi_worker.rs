@@ -9,6 +9,10 @@
 //!   the student is a function of the config and the workers, not of the timing: two runs
 //!   with the same seed write byte-identical students, while a third with another seed does
 //!   not (so the comparison can fail).
+//! - `synchronous_gradient_averaging_equals_one_worker_with_twice_the_batch`: two workers
+//!   averaging gradients after every batch (`average = "gradients"`) write the student one
+//!   worker writes with batches twice as large, to f32 rounding; averaging parameters after
+//!   every batch instead (AdamW's moments stay local) does not, so the comparison can fail.
 //! - `killing_one_worker_mid_run_still_completes_with_the_other`: SIGKILL one of two workers
 //!   while the run is between 20% and 70% trained; the other finishes, every batch is trained,
 //!   the killed worker's unaveraged batches are trained again.
@@ -150,6 +154,95 @@ fn two_runs_of_two_workers_give_the_same_student_bit_for_bit() {
         students[0] != students[2],
         "another seed wrote the same student: the comparison cannot fail"
     );
+}
+
+#[test]
+fn synchronous_gradient_averaging_equals_one_worker_with_twice_the_batch() {
+    use coordinator::config::SyncAverage;
+    let s = setup();
+    let d = s.dir.path().to_path_buf();
+    let run = |name: &str, workers: usize, batch: usize, every: u64, average: SyncAverage| {
+        let mut cfg = small_run(name);
+        cfg.epochs = 1;
+        cfg.seed = 5;
+        cfg.batch_size = batch;
+        cfg.lease_timeout_secs = 30.0;
+        cfg.min_workers = workers;
+        cfg.eval_every_epoch = false;
+        cfg.sync.every = every;
+        cfg.sync.average = average;
+        cfg.sync.round_timeout_secs = 20.0;
+        cfg.members = vec![static_member("t", &[&s.teacher])];
+        let path = write_config(&d, name, &cfg);
+        let (c, addr) =
+            common::coordinator(&d, &path, "127.0.0.1:0", &format!("{name}-coordinator.log"));
+        let wd = d.join(format!("{name}-workers"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let ws = (0..workers)
+            .map(|i| worker(&wd, &addr, &format!("w{i}"), &[]))
+            .collect();
+        finish(&d, c, ws);
+        let r = read_report(&d.join(name));
+        assert_eq!(u(&r, "batches_trained"), u(&r, "batches_expected"), "{r}");
+        let file = std::fs::read(d.join(name).join("student.safetensors")).unwrap();
+        (r, student_values(&file))
+    };
+    let (_, big) = run("big", 1, 128, 0, SyncAverage::Parameters);
+    let (r, sync) = run("sync", 2, 64, 1, SyncAverage::Gradients);
+    // A round per pair of batches (188 batches of 64, the last one of 32 rows), then the
+    // final contributions' rounds.
+    let rounds = u(&r["sync"], "rounds");
+    assert!((94..=96).contains(&rounds), "{r}");
+    let shares = r["workers"].as_array().unwrap();
+    assert!(shares.iter().all(|w| u(w, "batches") == 94), "{r}");
+    let (_, local) = run("local", 2, 64, 1, SyncAverage::Parameters);
+    let gap = max_abs_diff(&big, &sync);
+    let other = max_abs_diff(&big, &local);
+    eprintln!(
+        "largest difference from one worker with twice the batch: gradients {gap:e}, parameters {other:e}"
+    );
+    assert!(gap < 1e-5, "gradient averaging is {gap} from one worker");
+    assert!(
+        other > 100.0 * gap.max(1e-7),
+        "parameter averaging is as close ({other}): the comparison cannot fail"
+    );
+}
+
+/// The tensors of a safetensors student file as f32 values, in name order.
+fn student_values(file: &[u8]) -> Vec<(String, Vec<f32>)> {
+    let (header, data) = tensors(file);
+    let mut out: Vec<(String, Vec<f32>)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32", "{k}: {v}");
+            let off = v["data_offsets"].as_array().unwrap();
+            let (a, b) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
+            let vals = data[a..b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), vals)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!((na, va.len()), (nb, vb.len()));
+            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0.0, f32::max)
 }
 
 /// A safetensors file's header (as JSON: its metadata map is written in any order) and its

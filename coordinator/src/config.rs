@@ -441,6 +441,24 @@ pub struct SyncConfig {
     /// How batches reach the workers of a run with rounds: `fixed` (default) or `free`.
     #[serde(default)]
     pub schedule: SyncSchedule,
+    /// What a round averages: `parameters` (default: local SGD, every `every` updates) or
+    /// `gradients` (synchronous data parallelism: needs `every = 1`, the fixed schedule and no
+    /// outer optimizer; the coordinator steps the student's own optimizer on the rows-weighted
+    /// average of each round's gradients, so N workers give the student one worker would
+    /// train with N times the batch).
+    #[serde(default)]
+    pub average: SyncAverage,
+}
+
+/// What a synchronisation round averages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncAverage {
+    /// The workers' parameters after their local updates (then the outer step).
+    #[default]
+    Parameters,
+    /// Each batch's gradients, for one optimizer step the coordinator takes.
+    Gradients,
 }
 
 /// How a run with synchronisation rounds hands batches to its workers.
@@ -472,6 +490,7 @@ impl Default for SyncConfig {
             outer_lr: default_outer_lr(),
             outer_momentum: 0.0,
             schedule: SyncSchedule::default(),
+            average: SyncAverage::default(),
         }
     }
 }
@@ -884,6 +903,23 @@ impl RunConfig {
                 format!("must be in [0, 1), got {}", self.sync.outer_momentum),
             );
         }
+        if self.sync.average == SyncAverage::Gradients {
+            let why = if self.sync.every != 1 {
+                Some(format!("needs sync.every = 1, got {}", self.sync.every))
+            } else if self.sync.schedule != SyncSchedule::Fixed {
+                Some("needs sync.schedule = \"fixed\"".to_string())
+            } else if self.sync.outer_lr != 1.0 || self.sync.outer_momentum != 0.0 {
+                Some(
+                    "takes no outer optimizer: leave sync.outer_lr = 1 and sync.outer_momentum = 0"
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return bad("sync.average", format!("\"gradients\" {why}"));
+            }
+        }
         if !self.sync.state_every_secs.is_finite()
             || self.sync.state_every_secs < 0.0
             || self.sync.state_every_secs > MAX_SECS
@@ -1136,6 +1172,14 @@ weight = 2.0
             (
                 format!("{GOOD}\n[sync]\nouter_momentum = 1.0\n"),
                 "sync.outer_momentum",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nevery = 5\naverage = \"gradients\"\n"),
+                "sync.average",
+            ),
+            (
+                format!("{GOOD}\n[sync]\nevery = 1\naverage = \"gradients\"\nouter_lr = 2.0\n"),
+                "sync.average",
             ),
             (
                 format!("{GOOD}\n[sync]\nschedule = \"sometimes\"\n"),

@@ -44,6 +44,25 @@ pub(crate) fn train_step(
     rng: &mut ChaCha8Rng,
     objective: &mut dyn Objective,
 ) -> Result<Option<StepOutput>> {
+    let Some((out, store)) = gradients(model, batch, opt.step_count() + 1, rng, objective)? else {
+        return Ok(None);
+    };
+    let stats = opt.step(&store, lr)?;
+    Ok(Some(StepOutput {
+        grad_norm: stats.grad_norm,
+        ..out
+    }))
+}
+
+/// The fast path's forward and backward pass of update number `update`, without the update
+/// (`None` when the path does not apply): the gradients keyed by the model's variables.
+pub(crate) fn gradients(
+    model: &TrainableModel,
+    batch: &Batch<'_>,
+    update: u64,
+    rng: &mut ChaCha8Rng,
+    objective: &mut dyn Objective,
+) -> Result<Option<(StepOutput, GradStore)>> {
     let Some(layers) = model.model.fast_mlp_layers() else {
         return Ok(None);
     };
@@ -61,7 +80,7 @@ pub(crate) fn train_step(
     // The loss on a leaf copy of the logits: its gradient is all the backward pass needs.
     let leaf = Var::from_tensor(&logits)?;
     let loss = objective.loss(batch, leaf.as_tensor())?;
-    let value = check_loss(&loss, objective, opt)?;
+    let value = check_loss(&loss, objective, update)?;
     let dlogits = match loss.backward()?.get(leaf.as_tensor()) {
         Some(g) => g.detach(),
         None => logits.zeros_like()?,
@@ -72,13 +91,15 @@ pub(crate) fn train_step(
         store.insert(w, dw);
         store.insert(b, db);
     }
-    let stats = opt.step(&store, lr)?;
-    Ok(Some(StepOutput {
-        loss: value,
-        correct: count_correct(&logits, &batch.y)?,
-        samples: batch.x.dim(0)?,
-        grad_norm: stats.grad_norm,
-    }))
+    Ok(Some((
+        StepOutput {
+            loss: value,
+            correct: count_correct(&logits, &batch.y)?,
+            samples: batch.x.dim(0)?,
+            grad_norm: None,
+        },
+        store,
+    )))
 }
 
 /// What the forward pass keeps for the backward pass.

@@ -4,6 +4,7 @@
 //! [`crate::train::train_step`] picks between the two, so neither of those modules needs the
 //! other's internals.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -79,28 +80,48 @@ pub fn train_step_autograd(
     rng: &mut ChaCha8Rng,
     objective: &mut dyn Objective,
 ) -> Result<StepOutput> {
-    let logits = model.model.forward_train(&batch.x, rng)?;
-    let loss = objective.loss(batch, &logits)?;
-    let value = check_loss(&loss, objective, opt)?;
-    let grads = loss.backward()?;
+    let (out, grads) = gradients_autograd(model, batch, opt.step_count() + 1, rng, objective)?;
     let stats = opt.step(&grads, lr)?;
     Ok(StepOutput {
-        loss: value,
-        correct: count_correct(&logits.detach(), &batch.y)?,
-        samples: batch.x.dim(0)?,
         grad_norm: stats.grad_norm,
+        ..out
     })
 }
 
+/// The forward and backward pass of update number `update` through candle's autograd, without
+/// the update: the loss's gradients (keyed by the model's variables) and the step's figures
+/// (`grad_norm` is the optimizer's to say, so `None`).
+pub fn gradients_autograd(
+    model: &TrainableModel,
+    batch: &Batch<'_>,
+    update: u64,
+    rng: &mut ChaCha8Rng,
+    objective: &mut dyn Objective,
+) -> Result<(StepOutput, GradStore)> {
+    let logits = model.model.forward_train(&batch.x, rng)?;
+    let loss = objective.loss(batch, &logits)?;
+    let value = check_loss(&loss, objective, update)?;
+    let grads = loss.backward()?;
+    Ok((
+        StepOutput {
+            loss: value,
+            correct: count_correct(&logits.detach(), &batch.y)?,
+            samples: batch.x.dim(0)?,
+            grad_norm: None,
+        },
+        grads,
+    ))
+}
+
 /// The loss's value, or the "diverged" error when it is not finite (before any update).
-pub(crate) fn check_loss(loss: &Tensor, objective: &dyn Objective, opt: &Optimizer) -> Result<f32> {
+pub(crate) fn check_loss(loss: &Tensor, objective: &dyn Objective, update: u64) -> Result<f32> {
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !value.is_finite() {
         return Err(Error::Config(format!(
             "training diverged: {} loss is {value} at update {}; lower the learning rate or set \
              a gradient clip",
             objective.name(),
-            opt.step_count() + 1
+            update
         )));
     }
     Ok(value)

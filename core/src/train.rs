@@ -53,7 +53,8 @@ const KEY_CONFIG: &str = "distill.train.config";
 const KEY_STATE: &str = "distill.train.state";
 
 pub use crate::step::{
-    Batch, CrossEntropy, Objective, StepOutput, count_correct, step_rng, train_step_autograd,
+    Batch, CrossEntropy, Objective, StepOutput, count_correct, gradients_autograd, step_rng,
+    train_step_autograd,
 };
 
 /// One optimisation step: training forward pass (dropout masks from `rng`), the objective's
@@ -79,6 +80,25 @@ pub fn train_step(
         return Ok(out);
     }
     train_step_autograd(model, opt, batch, lr, rng, objective)
+}
+
+/// The forward and backward pass of update number `update` without the update (the path as in
+/// [`train_step`]): the gradients keyed by the model's variables, for an optimizer elsewhere
+/// (a gradient-averaging run's workers send them to the coordinator, which steps).
+///
+/// # Shapes
+/// `batch.x`: `[B, ...input_shape]`, `batch.y`: `[B]`.
+pub fn step_gradients(
+    model: &TrainableModel,
+    batch: &Batch<'_>,
+    update: u64,
+    rng: &mut ChaCha8Rng,
+    objective: &mut dyn Objective,
+) -> Result<(StepOutput, candle_core::backprop::GradStore)> {
+    if let Some(out) = crate::fast_mlp::gradients(model, batch, update, rng, objective)? {
+        return Ok(out);
+    }
+    gradients_autograd(model, batch, update, rng, objective)
 }
 
 /// Settings of a training run (resolved values are written next to every model trained).

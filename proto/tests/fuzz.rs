@@ -813,6 +813,7 @@ fn valid_message_bytes() -> impl Strategy<Value = Vec<u8>> {
                 chunks,
                 last: true,
                 r#final: false,
+                gradients: false,
             })),
         }
         .encode_to_vec()),

@@ -494,6 +494,12 @@ fn sync_settings(s: Option<pb::SyncSettings>) -> Result<SyncSettings> {
         .ok_or_else(|| {
             Error::Settings(format!("sync.dtype {} is not F32, F16 or BF16", s.dtype))
         })?;
+    if s.gradients && s.every != 1 {
+        return Err(Error::Settings(format!(
+            "sync.gradients needs every = 1, got {}",
+            s.every
+        )));
+    }
     if s.every > 0 && s.chunk_bytes < 1024 {
         return Err(Error::Settings(format!(
             "sync.chunk_bytes {} is below 1024",
@@ -504,6 +510,7 @@ fn sync_settings(s: Option<pb::SyncSettings>) -> Result<SyncSettings> {
         every: s.every,
         dtype,
         chunk_bytes: usize::try_from(s.chunk_bytes).unwrap_or(usize::MAX),
+        gradients: s.gradients,
     })
 }
 
@@ -525,6 +532,7 @@ async fn send_contribution(
                 chunks,
                 last: i + 1 == n,
                 r#final: c.is_final,
+                gradients: c.gradients,
             })),
         };
         out.send(msg)

@@ -30,7 +30,7 @@ use distill_core::fsutil::atomic_write;
 use distill_core::model::TrainableModel;
 use distill_core::optim::{OptimState, Optimizer};
 use distill_core::settings::StudentSettings;
-use distill_core::train::{Batch, StepOutput, count_correct, step_rng, train_step};
+use distill_core::train::{Batch, StepOutput, count_correct, step_gradients, step_rng, train_step};
 
 use crate::decode::{EvalData, Targets, TrainData};
 use crate::objective::KdObjective;
@@ -182,6 +182,47 @@ impl Student {
             &mut self.objective,
         )?;
         Ok(out)
+    }
+
+    /// The forward and backward pass of a batch without an update (a gradient-averaging run:
+    /// the coordinator steps): the step's figures and the gradients in model order, as host
+    /// values. `update` numbers the batch among those this worker trained (its dropout masks).
+    pub fn gradients_uploaded(
+        &mut self,
+        u: Uploaded,
+        update: u64,
+    ) -> Result<(StepOutput, Vec<distill_proto::params::Param>)> {
+        let Uploaded { x, y, soft, .. } = u;
+        match soft {
+            UploadedTargets::Dense(p) => self.objective.set_targets(p),
+            UploadedTargets::TopK(t) => self.objective.set_sparse_targets(t),
+        }
+        let batch = Batch { idx: &[], x, y };
+        let (out, grads) = step_gradients(
+            &self.model,
+            &batch,
+            update + 1,
+            &mut step_rng(self.settings.seed, update),
+            &mut self.objective,
+        )?;
+        let params = self
+            .model
+            .named_vars()?
+            .into_iter()
+            .map(|(name, var)| {
+                let shape = var.dims().to_vec();
+                let v = match grads.get(var.as_tensor()) {
+                    Some(g) => g
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                    // A parameter the loss does not reach has a zero gradient.
+                    None => vec![0.0; shape.iter().product()],
+                };
+                Ok((name, shape, v))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, params))
     }
 
     /// The parameters in model order, as host values (for a synchronisation round).

@@ -71,10 +71,12 @@ pub struct SyncOut {
     pub base_version: u64,
     /// Rows trained since.
     pub samples: u64,
-    /// Its parameters in model order.
+    /// Its parameters in model order (with `gradients`: its batch's gradients).
     pub params: Vec<Param>,
     /// In answer to `SyncNow`.
     pub is_final: bool,
+    /// `params` are gradients.
+    pub gradients: bool,
 }
 
 /// What the training thread sends out, in order, each with the number of the batch stream it
@@ -98,6 +100,9 @@ pub struct SyncSettings {
     pub dtype: distill_proto::DType,
     /// Largest payload of parameter values per message.
     pub chunk_bytes: usize,
+    /// Synchronous data parallelism: after each batch send its gradients, take no step, and
+    /// continue from the parameters that come back.
+    pub gradients: bool,
 }
 
 impl Default for SyncSettings {
@@ -106,6 +111,7 @@ impl Default for SyncSettings {
             every: 0,
             dtype: distill_proto::DType::F32,
             chunk_bytes: 4 << 20,
+            gradients: false,
         }
     }
 }
@@ -249,18 +255,32 @@ fn contribute(
     out: &mpsc::Sender<Up>,
     on_stream: u64,
 ) -> Result<()> {
+    let params = student.params()?;
+    send_up(sy, params, false, is_final, out, on_stream);
+    Ok(())
+}
+
+/// Sends `params` (or gradients) for a round and starts waiting for the round's parameters.
+fn send_up(
+    sy: &mut SyncState,
+    params: Vec<Param>,
+    gradients: bool,
+    is_final: bool,
+    out: &mpsc::Sender<Up>,
+    on_stream: u64,
+) {
     let c = SyncOut {
         base_version: sy.base_version,
         samples: sy.samples,
-        params: student.params()?,
+        params,
         is_final,
+        gradients,
     };
     sy.waiting_since = Some(Instant::now());
     if out.blocking_send(Up::Sync(Box::new(c), on_stream)).is_err() {
         // The async side is gone; the loop ends on the closed command channel.
         tracing::debug!("parameters not sent: the stream is gone");
     }
-    Ok(())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -298,6 +318,9 @@ struct SyncState {
     unreported: f64,
     /// Commands that arrived while waiting, in order.
     backlog: std::collections::VecDeque<Command>,
+    /// Batches trained by this thread (a gradient-averaging worker's update count: it seeds
+    /// the step's dropout masks, and the acks report it).
+    updates: u64,
 }
 
 fn run(
@@ -449,9 +472,20 @@ fn run(
                     tracing::info_span!("batch", epoch, lease = lease_id, worker = %worker_id);
                 let _in_batch = span.enter();
                 let started = Instant::now();
-                let out = student.train_uploaded(d)?;
+                let (out, grads) = if sync.gradients {
+                    // The update is the coordinator's: the batch's gradients go up instead.
+                    let (out, grads) = student.gradients_uploaded(d, sy.updates)?;
+                    (out, Some(grads))
+                } else {
+                    (student.train_uploaded(d)?, None)
+                };
                 let step_seconds = started.elapsed().as_secs_f64();
-                let step = student.step();
+                sy.updates += 1;
+                let step = if sync.gradients {
+                    sy.updates
+                } else {
+                    student.step()
+                };
                 t.batches += 1;
                 t.samples += rows as u64;
                 t.wait_seconds += wait;
@@ -459,7 +493,11 @@ fn run(
                 t.loss_sum += f64::from(out.loss);
                 t.loss_n += 1;
                 let epoch_end = batches_per_epoch > 0 && step % batches_per_epoch == 0;
-                if (checkpoint_every > 0 && step % checkpoint_every == 0) || epoch_end {
+                // A gradient-averaging worker's model is the coordinator's (it holds the
+                // optimizer and writes the commit points): there is nothing of its own to keep.
+                if !sync.gradients
+                    && ((checkpoint_every > 0 && step % checkpoint_every == 0) || epoch_end)
+                {
                     writer.submit(student.serialize(&worker_id)?)?;
                 }
                 if epoch_end {
@@ -489,7 +527,9 @@ fn run(
                 }
                 sy.steps += 1;
                 sy.samples += rows as u64;
-                if sync.every > 0 && sy.steps >= sync.every {
+                if let Some(grads) = grads {
+                    send_up(&mut sy, grads, true, false, &acks, on_stream);
+                } else if sync.every > 0 && sy.steps >= sync.every {
                     contribute(&student, &mut sy, false, &acks, on_stream)?;
                 }
             }

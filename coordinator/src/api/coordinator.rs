@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::feeder;
 use crate::domain::counters::AckTimes;
 use crate::domain::ledger::Worker;
+use crate::domain::run_state::SyncUpload;
 use crate::domain::workers::StreamId;
 use crate::driver::context::RunContext;
 use crate::driver::{Command, Handle, OUTBOX, StatusView};
@@ -92,6 +93,7 @@ impl Coordinator for CoordinatorService {
                 every: ctx.cfg.sync.every,
                 dtype: pb::DType::from(ctx.cfg.sync.dtype.wire()) as i32,
                 chunk_bytes: ctx.cfg.sync.chunk_bytes as u64,
+                gradients: ctx.cfg.sync.average == crate::config::SyncAverage::Gradients,
             }),
             session_secret: joined.secret,
         }))
@@ -256,13 +258,7 @@ async fn read_stream(
             worker_message::Kind::Sync(up) => match receive_sync(&shapes, &worker, &mut upload, up)
             {
                 Ok(None) => continue,
-                Ok(Some(u)) => Command::Contribute {
-                    stream,
-                    base_version: u.base_version,
-                    params: Arc::new(u.params),
-                    is_final: u.is_final,
-                    wire_bytes: u.wire_bytes,
-                },
+                Ok(Some(upload)) => Command::Contribute { stream, upload },
                 Err(e) => {
                     tracing::warn!(%worker, error = %e, "bad synchronisation message");
                     Command::CloseStream { stream, error: e }
@@ -286,16 +282,9 @@ async fn read_stream(
 struct Upload {
     base_version: u64,
     is_final: bool,
+    gradients: bool,
     wire_bytes: u64,
     assembler: ParamAssembler,
-}
-
-/// A whole contribution.
-struct Contribution {
-    base_version: u64,
-    is_final: bool,
-    wire_bytes: u64,
-    params: Vec<distill_proto::params::Param>,
 }
 
 /// Adds one `SyncUp` message to the upload in progress; returns the contribution when it is
@@ -306,23 +295,26 @@ fn receive_sync(
     worker: &Worker,
     upload: &mut Option<Upload>,
     up: pb::SyncUp,
-) -> Result<Option<Contribution>, Error> {
+) -> Result<Option<SyncUpload>, Error> {
     let pb::SyncUp {
         base_version,
         samples: _,
         chunks,
         last,
         r#final,
+        gradients,
     } = up;
     let u = upload.get_or_insert_with(|| Upload {
         base_version,
         is_final: r#final,
+        gradients,
         wire_bytes: 0,
         assembler: ParamAssembler::new(shapes.to_vec()),
     });
-    if (u.base_version, u.is_final) != (base_version, r#final) {
+    if (u.base_version, u.is_final, u.gradients) != (base_version, r#final, gradients) {
         return Err(Error::InvalidArgument(
-            "SyncUp messages of one contribution disagree on base_version or final".into(),
+            "SyncUp messages of one contribution disagree on base_version, final or gradients"
+                .into(),
         ));
     }
     for c in chunks {
@@ -342,11 +334,12 @@ fn receive_sync(
         .assembler
         .finish()
         .map_err(|e| Error::InvalidArgument(format!("SyncUp from {worker}: {e}")))?;
-    Ok(Some(Contribution {
+    Ok(Some(SyncUpload {
         base_version: u.base_version,
+        params: Arc::new(params),
         is_final: u.is_final,
+        gradients: u.gradients,
         wire_bytes: u.wire_bytes,
-        params,
     }))
 }
 

@@ -7,6 +7,7 @@ pub mod address;
 pub mod choice;
 pub mod claim;
 pub mod counters;
+pub mod gradient_step;
 pub mod ledger;
 pub mod membership;
 pub mod report;

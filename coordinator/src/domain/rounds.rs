@@ -32,6 +32,13 @@
 //!   Acks after it live only in the worker's own parameters and are lost with it: the run rolls
 //!   them back. A dead worker's contribution in the open round will be averaged, so its acks
 //!   through [`SyncRounds::pending_seq`] are not rolled back.
+//! - **Gradient rounds** (`[sync] average = "gradients"`, [`SyncRounds::with_gradient_step`]):
+//!   a contribution that trained rows carries that batch's gradients, computed at the latest
+//!   parameters (a gradient on an older version is refused); one that trained none (in answer
+//!   to `SyncNow`) carries parameters and weighs nothing. The round's result is one step of the
+//!   run's [`GradientStep`] on the rows-weighted average of the gradients (a round without
+//!   gradients leaves the parameters as they are), so it is parameters, as in every other mode.
+//!   The run's seeded initial parameters are version 0.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use distill_proto::params::Param;
 
+use super::gradient_step::GradientStep;
 use super::ledger::Worker;
 
 /// A parameter set shared between the round state and the senders.
@@ -61,6 +69,8 @@ pub struct Contribution {
     pub last_ack_seq: u64,
     /// Bytes of parameter values it carried on the wire.
     pub wire_bytes: u64,
+    /// `params` are the gradients of the batch it trained (a gradient-averaging run).
+    pub gradients: bool,
 }
 
 /// Why a round closed.
@@ -95,6 +105,9 @@ pub struct Closed {
     pub up_bytes: u64,
     /// Why it closed.
     pub reason: CloseReason,
+    /// The round's result could not be computed (a gradient round's optimizer step failed):
+    /// the run cannot go on.
+    pub error: Option<String>,
 }
 
 /// A mistake by a caller (a worker's message that does not fit the round state).
@@ -109,6 +122,10 @@ pub enum SyncError {
     /// Parameter sets of different shapes.
     #[error("the contribution of {0} does not match the parameters of the others: {1}")]
     Mismatch(Worker, String),
+    /// Gradients where parameters were expected, or the other way round, or gradients taken
+    /// at parameters that are no longer the latest.
+    #[error("the contribution of {0} {1}")]
+    Kind(Worker, String),
 }
 
 #[derive(Debug)]
@@ -134,6 +151,8 @@ pub struct SyncRounds {
     open: Option<OpenRound>,
     seconds_total: f64,
     up_bytes_total: u64,
+    /// Gradient rounds: the optimizer that steps on each round's averaged gradients.
+    gradient_step: Option<GradientStep>,
 }
 
 impl SyncRounds {
@@ -154,6 +173,36 @@ impl SyncRounds {
             open: None,
             seconds_total: 0.0,
             up_bytes_total: 0,
+            gradient_step: None,
+        }
+    }
+
+    /// Gradient rounds (synchronous data parallelism): each round's result is one step of
+    /// `step` on the averaged gradients. `initial` are the run's seeded initial parameters, the
+    /// latest ones until a round closes (a resumed average, restored after, replaces them).
+    pub fn with_gradient_step(mut self, step: GradientStep, initial: Params) -> Self {
+        if self.params.is_none() {
+            self.params = Some(initial);
+        }
+        self.gradient_step = Some(step);
+        self
+    }
+
+    /// Whether rounds average gradients.
+    pub fn averages_gradients(&self) -> bool {
+        self.gradient_step.is_some()
+    }
+
+    /// The gradient rounds' optimizer state as bytes (None in other modes).
+    pub fn optimizer_state(&self) -> Option<Result<Vec<u8>, String>> {
+        self.gradient_step.as_ref().map(GradientStep::state_bytes)
+    }
+
+    /// Restores the gradient rounds' optimizer state from a commit point.
+    pub fn restore_optimizer(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match &mut self.gradient_step {
+            Some(g) => g.restore(bytes),
+            None => Ok(()),
         }
     }
 
@@ -267,6 +316,24 @@ impl SyncRounds {
         if round.contribs.contains_key(&c.worker) {
             return Err(SyncError::Duplicate(c.worker, self.version + 1));
         }
+        let kind_error = match (self.gradient_step.is_some(), c.gradients) {
+            (false, true) => Some("carries gradients, but this run averages parameters".into()),
+            (true, false) if c.samples > 0 => Some(format!(
+                "carries parameters after training {} rows; this run averages gradients",
+                c.samples
+            )),
+            (true, true) if c.base_version != self.version => Some(format!(
+                "carries gradients taken at version {}, but the latest is {}",
+                c.base_version, self.version
+            )),
+            _ => None,
+        };
+        if let Some(msg) = kind_error {
+            if round.contribs.is_empty() {
+                self.open = None;
+            }
+            return Err(SyncError::Kind(c.worker, msg));
+        }
         if let Some(first) = round.contribs.values().next() {
             check_same_shapes(&first.params, &c.params)
                 .map_err(|msg| SyncError::Mismatch(c.worker.clone(), msg))?;
@@ -319,7 +386,28 @@ impl SyncRounds {
         let samples: u64 = contribs
             .iter()
             .fold(0u64, |a, c| a.saturating_add(c.samples));
-        let average = if single {
+        let mut error = None;
+        let average = if let Some(gs) = &mut self.gradient_step {
+            let sets: Vec<_> = contribs
+                .iter()
+                .filter(|c| c.gradients && c.samples > 0)
+                .map(|c| (c.samples, c.params.as_slice()))
+                .collect();
+            match &self.params {
+                Some(prev) if !sets.is_empty() => match gs.step(prev, &average(&sets)) {
+                    Ok(next) => Arc::new(next),
+                    Err(e) => {
+                        error = Some(e);
+                        prev.clone()
+                    }
+                },
+                Some(prev) => prev.clone(),
+                None => {
+                    error = Some("a gradient round without parameters to step from".into());
+                    contribs[0].params.clone()
+                }
+            }
+        } else if single {
             contribs[0].params.clone()
         } else {
             let sets: Vec<_> = contribs
@@ -329,6 +417,7 @@ impl SyncRounds {
             Arc::new(average(&sets))
         };
         let params = match &self.params {
+            _ if self.gradient_step.is_some() => average,
             Some(prev) if self.outer_momentum > 0.0 && samples == 0 => prev.clone(),
             Some(prev) if self.outer_momentum > 0.0 => {
                 let (next, m) = nesterov_step(
@@ -380,6 +469,7 @@ impl SyncRounds {
             seconds,
             up_bytes,
             reason,
+            error,
         })
     }
 }
@@ -505,11 +595,110 @@ mod tests {
             is_final: false,
             last_ack_seq: seq,
             wire_bytes: 4 * vals.len() as u64,
+            gradients: false,
         }
     }
 
     fn flat(ps: &Params) -> Vec<f32> {
         ps.iter().flat_map(|(_, _, v)| v.clone()).collect()
+    }
+
+    /// Gradient rounds for a logistic regression `mlp:1-2` (weight [2, 1], bias [2]) with plain
+    /// SGD at lr 0.5; its parameters at version 0 are the seeded ones.
+    fn gradient_rounds() -> (SyncRounds, Params) {
+        let settings = distill_core::settings::StudentSettings {
+            spec: distill_core::spec::ModelSpec {
+                arch: distill_core::spec::Arch::parse("mlp:1-2").unwrap(),
+                dropout: 0.0,
+                input_dropout: 0.0,
+            },
+            optim: distill_core::optim::OptimConfig::sgd(0.5, 0.0),
+            temperature: 2.0,
+            alpha: 0.5,
+            epochs: 1,
+            batch_size: 4,
+            seed: 1,
+            checkpoint_every: 0,
+            precision: Default::default(),
+        };
+        let (step, init) = GradientStep::new(&settings, 4, 2).unwrap();
+        let init = Arc::new(init);
+        let s =
+            SyncRounds::new(Duration::from_secs(10), None).with_gradient_step(step, init.clone());
+        (s, init)
+    }
+
+    fn grad(w: &Worker, samples: u64, g: [f32; 4], base_version: u64) -> Contribution {
+        Contribution {
+            params: Arc::new(vec![
+                ("fc0.weight".into(), vec![2, 1], g[..2].to_vec()),
+                ("fc0.bias".into(), vec![2], g[2..].to_vec()),
+            ]),
+            base_version,
+            gradients: true,
+            ..contrib(w, samples, &[0.0], 1)
+        }
+    }
+
+    #[test]
+    fn a_gradient_round_steps_the_optimizer_on_the_rows_weighted_average() {
+        let t0 = Instant::now();
+        let (w1, w2) = (Worker::new("a", 1), Worker::new("b", 1));
+        let live: BTreeSet<Worker> = [w1.clone(), w2.clone()].into();
+        let (mut s, init) = gradient_rounds();
+        assert!(s.averages_gradients());
+        assert_eq!(
+            init.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(),
+            ["fc0.weight", "fc0.bias"]
+        );
+        assert_eq!(
+            s.latest().unwrap().0,
+            0,
+            "the seeded parameters are version 0"
+        );
+        // Parameters after training rows, or a gradient taken at another version, are refused.
+        let mut stale = grad(&w1, 1, [1.0, 1.0, 1.0, 1.0], 1);
+        assert!(matches!(
+            s.contribute(stale.clone(), &live, t0),
+            Err(SyncError::Kind(..))
+        ));
+        stale.gradients = false;
+        stale.base_version = 0;
+        stale.params = init.clone();
+        assert!(matches!(
+            s.contribute(stale, &live, t0),
+            Err(SyncError::Kind(..))
+        ));
+        // Weighted 1:3: the average gradient is (0.25·g1 + 0.75·g2); SGD moves by −0.5 × it.
+        assert!(
+            s.contribute(grad(&w1, 1, [4.0, -8.0, 2.0, 0.0], 0), &live, t0)
+                .unwrap()
+                .is_none()
+        );
+        let c = s
+            .contribute(grad(&w2, 3, [0.0, 8.0, -2.0, 4.0], 0), &live, t0)
+            .unwrap()
+            .unwrap();
+        assert!(c.error.is_none());
+        let want: Vec<f32> = flat(&init)
+            .iter()
+            .zip([1.0f32, 4.0, -1.0, 3.0])
+            .map(|(p, g)| p - 0.5 * g)
+            .collect();
+        assert_eq!(flat(&c.params), want);
+        assert_eq!(c.version, 1);
+        assert!(c.replies.iter().all(|(_, unchanged)| !unchanged));
+        // Final contributions (parameters, no rows) leave the parameters as they are.
+        let done = |w: &Worker| Contribution {
+            params: c.params.clone(),
+            base_version: 1,
+            is_final: true,
+            ..contrib(w, 0, &[0.0], 1)
+        };
+        let _ = s.contribute(done(&w1), &live, t0).unwrap();
+        let f = s.contribute(done(&w2), &live, t0).unwrap().unwrap();
+        assert_eq!(flat(&f.params), want);
+        assert!(s.optimizer_state().unwrap().is_ok());
     }
 
     #[test]

@@ -106,6 +106,21 @@ pub struct Snapshot {
     pub resumes: u64,
 }
 
+/// A worker's whole contribution to a round, as it came off the wire.
+#[derive(Debug, Clone)]
+pub struct SyncUpload {
+    /// The averaged version the worker last took.
+    pub base_version: u64,
+    /// Its parameters (or, with `gradients`, its batch's gradients), in model order.
+    pub params: Params,
+    /// In answer to a final `SyncNow`.
+    pub is_final: bool,
+    /// `params` are gradients (a gradient-averaging run).
+    pub gradients: bool,
+    /// Bytes of values it carried on the wire.
+    pub wire_bytes: u64,
+}
+
 /// Parameters to send to a stream.
 #[derive(Debug, Clone)]
 pub enum ParamsToSend {
@@ -153,6 +168,8 @@ pub enum Action {
         snapshot: Box<Snapshot>,
         average: Option<(u64, Params)>,
         momentum: Option<Params>,
+        /// A gradient-averaging run's optimizer state ([`super::gradient_step`]).
+        optimizer: Option<Vec<u8>>,
     },
     /// Append an epoch's line to `metrics.jsonl`.
     EpochMetrics(EpochLine),
@@ -523,12 +540,16 @@ impl RunState {
     pub fn contribute(
         &mut self,
         stream: StreamId,
-        base_version: u64,
-        params: Params,
-        is_final: bool,
-        wire_bytes: u64,
+        upload: SyncUpload,
         now: Instant,
     ) -> Result<(), RunError> {
+        let SyncUpload {
+            base_version,
+            params,
+            is_final,
+            gradients,
+            wire_bytes,
+        } = upload;
         if !self.settings.rounds {
             return Err(RunError::Invalid(
                 "this run has no synchronisation rounds (sync.every = 0)".into(),
@@ -547,6 +568,7 @@ impl RunState {
             is_final,
             last_ack_seq: self.ledger.last_ack_seq(&worker.id).unwrap_or(0),
             wire_bytes,
+            gradients,
         };
         tracing::debug!(%worker, samples = c.samples, base = base_version, is_final, "contribution");
         let closed = self
@@ -967,15 +989,23 @@ impl RunState {
     }
 
     fn on_round_closed(&mut self, closed: Closed, now: Instant) {
+        if let Some(e) = &closed.error {
+            self.fail(format!("round {} could not be closed: {e}", closed.version));
+            return;
+        }
         if let Some((name, _, _)) = closed
             .params
             .iter()
             .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
         {
             self.fail(format!(
-                "the average of round {} is not finite (`{name}`): the outer step diverged; \
-                 lower `[sync] outer_lr`",
-                closed.version
+                "the average of round {} is not finite (`{name}`): {}",
+                closed.version,
+                if self.rounds.averages_gradients() {
+                    "training diverged; lower the learning rate or set a gradient clip"
+                } else {
+                    "the outer step diverged; lower `[sync] outer_lr`"
+                }
             ));
             return;
         }
@@ -1071,19 +1101,27 @@ impl RunState {
         if matches!(self.phase, Phase::Failed) {
             return;
         }
+        let (average, momentum, optimizer) = if self.settings.rounds && self.unpersisted_average {
+            let optimizer = match self.rounds.optimizer_state().transpose() {
+                Ok(o) => o,
+                Err(e) => {
+                    self.fail(format!("cannot write the run state: {e}"));
+                    return;
+                }
+            };
+            self.unpersisted_average = false;
+            (self.rounds.latest(), self.rounds.momentum(), optimizer)
+        } else {
+            (None, None, None)
+        };
         self.persist_due = None;
         self.persist_in_flight = true;
         self.last_persist = Some(now);
-        let (average, momentum) = if self.settings.rounds && self.unpersisted_average {
-            self.unpersisted_average = false;
-            (self.rounds.latest(), self.rounds.momentum())
-        } else {
-            (None, None)
-        };
         self.actions.push(Action::Persist {
             snapshot: Box::new(self.snapshot()),
             average,
             momentum,
+            optimizer,
         });
     }
 
@@ -1343,6 +1381,16 @@ mod tests {
     fn new_state(s: RunSettings, epochs: u32) -> RunState {
         let l = ledger(&s, epochs);
         RunState::new(s, l, rounds(), None).unwrap()
+    }
+
+    fn up(base_version: u64, params: Params, is_final: bool) -> SyncUpload {
+        SyncUpload {
+            base_version,
+            params,
+            is_final,
+            gradients: false,
+            wire_bytes: 8,
+        }
     }
 
     fn params(x: f32) -> Params {
@@ -1645,8 +1693,8 @@ mod tests {
         // `a` trains one batch (10 rows), `b` none.
         st.ack(a, sent[&a], AckTimes::default(), t0);
         st.take_actions();
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
-        st.contribute(b, 0, params(5.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
+        st.contribute(b, up(0, params(5.0), false), t0).unwrap();
         let got: Vec<_> = st
             .take_actions()
             .into_iter()
@@ -1673,11 +1721,13 @@ mod tests {
         let (_, b) = open(&mut st, "b", 1, t0);
         serve(&mut st, t0, false);
         // Round 1 averages to 0; round 2's outer step is 0 + 64 × (f32::MAX − 0): infinite.
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
-        st.contribute(b, 0, params(-1.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
+        st.contribute(b, up(0, params(-1.0), false), t0).unwrap();
         st.take_actions();
-        st.contribute(a, 1, params(f32::MAX), false, 8, t0).unwrap();
-        st.contribute(b, 1, params(f32::MAX), false, 8, t0).unwrap();
+        st.contribute(a, up(1, params(f32::MAX), false), t0)
+            .unwrap();
+        st.contribute(b, up(1, params(f32::MAX), false), t0)
+            .unwrap();
         let actions = st.take_actions();
         assert!(
             !actions.iter().any(|a| matches!(
@@ -1717,7 +1767,7 @@ mod tests {
             }
         )));
         assert_eq!(st.ledger.progress().epoch, 0);
-        st.contribute(s, 0, params(1.0), false, 8, t0).unwrap();
+        st.contribute(s, up(0, params(1.0), false), t0).unwrap();
         let (other, acked) = serve(&mut st, t0, true);
         assert_eq!(
             acked.len(),
@@ -1745,7 +1795,7 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::SyncNow { is_final: true, .. }))
         );
-        st.contribute(s, 1, params(2.0), false, 8, t0).unwrap();
+        st.contribute(s, up(1, params(2.0), false), t0).unwrap();
         let (other, _) = serve(&mut st, t0, true);
         assert!(
             other
@@ -1753,7 +1803,7 @@ mod tests {
                 .any(|a| matches!(a, Action::SyncNow { is_final: true, .. })),
             "{other:?}"
         );
-        st.contribute(s, 2, params(2.0), true, 8, t0).unwrap();
+        st.contribute(s, up(2, params(2.0), true), t0).unwrap();
         let (other, _) = serve(&mut st, t0, true);
         assert!(
             other.iter().any(|a| matches!(
@@ -1843,7 +1893,7 @@ mod tests {
         let (more, other) = sent(&mut st, t0);
         assert!(more.is_empty(), "{more:?}");
         assert!(!asked(&other, b), "a full quota contributes on its own");
-        st.contribute(b, 0, params(3.0), false, 8, t0).unwrap();
+        st.contribute(b, up(0, params(3.0), false), t0).unwrap();
         // A worker joining mid-round waits for the next one.
         let (_, c) = open(&mut st, "c", 8, t0);
         let (more, _) = sent(&mut st, t0);
@@ -1851,7 +1901,7 @@ mod tests {
         for &(_, l) in &round1[&a] {
             st.ack(a, l, AckTimes::default(), t0);
         }
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
         // Round 1 closed with a and b; round 2 has three members, c first sent the average.
         let (round2, other) = sent(&mut st, t0);
         assert!(other.iter().any(|x| matches!(
@@ -1865,7 +1915,7 @@ mod tests {
             for &(_, l) in v {
                 st.ack(*s, l, AckTimes::default(), t0);
             }
-            st.contribute(*s, 1, params(2.0), false, 8, t0).unwrap();
+            st.contribute(*s, up(1, params(2.0), false), t0).unwrap();
         }
         // The epoch is done (10 batches); only the final round is left.
         let (_, other) = sent(&mut st, t0);
@@ -1912,7 +1962,7 @@ mod tests {
                 assert!(asked(&other, a) && asked(&other, b), "{other:?}");
             }
             for s in [a, b] {
-                st.contribute(s, round, params(1.0), false, 8, t0).unwrap();
+                st.contribute(s, up(round, params(1.0), false), t0).unwrap();
             }
         }
         dealt.sort_unstable();
@@ -1940,7 +1990,7 @@ mod tests {
         let (r2, _) = sent(&mut st, t0);
         assert_eq!(r2[&a][0].0, 2);
         st.ack(a, r2[&a][0].1, AckTimes::default(), t0);
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
         // b dies before training: the round closes with a alone; b's batches 1 and 3 lead
         // the next round, which a has to itself.
         st.stream_closed(b, t0);
@@ -1969,7 +2019,7 @@ mod tests {
         serve(&mut st, t0, true);
         let trained = st.ledger.progress().total_acked;
         assert!(trained >= 2);
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
         st.take_actions();
         let b_rows = st.workers.rows("b");
         assert!(b_rows > 0);
@@ -2111,7 +2161,7 @@ mod tests {
             st.ack(a, l, AckTimes::default(), t0);
         }
         let next = sent(&mut st);
-        st.contribute(a, 0, params(1.0), false, 8, t0).unwrap();
+        st.contribute(a, up(0, params(1.0), false), t0).unwrap();
         for l in next {
             st.ack(a, l, AckTimes::default(), t0);
         }

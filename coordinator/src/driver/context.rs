@@ -7,7 +7,8 @@ use std::time::Duration;
 use distill_core::data::Dataset;
 use distill_core::settings::StudentSettings;
 
-use crate::config::{RunConfig, SyncSchedule};
+use crate::config::{RunConfig, SyncAverage, SyncSchedule};
+use crate::domain::gradient_step::GradientStep;
 use crate::domain::ledger::{Ledger, LedgerConfig};
 use crate::domain::membership::Membership;
 use crate::domain::rounds::SyncRounds;
@@ -204,8 +205,10 @@ impl Run {
         distill_core::fsutil::atomic_write(&cfg.run_dir.join("config.toml"), resolved.as_bytes())?;
         let store = Arc::new(RunStore::open(&cfg.run_dir)?);
         let mut momentum = None;
+        let mut optimizer = None;
         let restored = match store.load()? {
             Some(stored) => {
+                optimizer = stored.optimizer;
                 let (saved, average) = (stored.snapshot, stored.average);
                 if let Some(bytes) = stored.momentum {
                     let ck =
@@ -243,6 +246,20 @@ impl Run {
         .with_outer_momentum(cfg.sync.outer_momentum);
         let mut rounds = rounds;
         rounds.restore_momentum(momentum);
+        if cfg.sync.average == SyncAverage::Gradients {
+            let batches_per_epoch = data.train.len().div_ceil(cfg.batch_size.max(1)) as u64;
+            let (step, initial) = GradientStep::new(&settings, batches_per_epoch, cfg.min_workers)
+                .map_err(Error::Config)?;
+            rounds = rounds.with_gradient_step(step, Arc::new(initial));
+            if let Some(bytes) = &optimizer {
+                rounds.restore_optimizer(bytes).map_err(|e| {
+                    Error::Store(format!(
+                        "{}: the stored optimizer state: {e}",
+                        store.path().display()
+                    ))
+                })?;
+            }
+        }
         let run_settings = RunSettings {
             train_rows: data.train.len(),
             batch_size: cfg.batch_size,

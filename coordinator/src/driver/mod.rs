@@ -25,7 +25,9 @@ use crate::domain::claim::Claim;
 use crate::domain::counters::AckTimes;
 use crate::domain::report::{CacheReport, RunReport, SyncReport, TeacherErrors};
 use crate::domain::rounds::Params;
-use crate::domain::run_state::{Action, Facts, Finish, ParamsToSend, RunState, StreamError};
+use crate::domain::run_state::{
+    Action, Facts, Finish, ParamsToSend, RunState, StreamError, SyncUpload,
+};
 use crate::domain::workers::StreamId;
 use crate::error::{Error, Result};
 use crate::store::run_store::RunStore;
@@ -108,10 +110,7 @@ pub enum Command {
     /// A whole contribution to a round.
     Contribute {
         stream: StreamId,
-        base_version: u64,
-        params: Params,
-        is_final: bool,
-        wire_bytes: u64,
+        upload: SyncUpload,
     },
     /// The evaluator's result, with its decoded checkpoint.
     Eval {
@@ -336,17 +335,8 @@ impl Driver {
                 lease_id,
                 times,
             } => self.state.ack(stream, lease_id, times, now),
-            Command::Contribute {
-                stream,
-                base_version,
-                params,
-                is_final,
-                wire_bytes,
-            } => {
-                if let Err(e) =
-                    self.state
-                        .contribute(stream, base_version, params, is_final, wire_bytes, now)
-                {
+            Command::Contribute { stream, upload } => {
+                if let Err(e) = self.state.contribute(stream, upload, now) {
                     tracing::warn!(stream, error = %e, "bad synchronisation message");
                     self.close(stream, run_error(e), now);
                 }
@@ -521,6 +511,7 @@ impl Driver {
                 snapshot,
                 average,
                 momentum,
+                optimizer,
             } => {
                 let (store, tx, spec) = (
                     self.store.clone(),
@@ -542,7 +533,12 @@ impl Driver {
                         let version = average.as_ref().map_or(0, |(v, _)| *v);
                         let bytes = average.map(|(v, p)| encode(p, v)).transpose()?;
                         let momentum = momentum.map(|m| encode(m, version)).transpose()?;
-                        store.save(&snapshot, bytes.as_deref(), momentum.as_deref())
+                        store.save(
+                            &snapshot,
+                            bytes.as_deref(),
+                            momentum.as_deref(),
+                            optimizer.as_deref(),
+                        )
                     };
                     let result = tokio::task::spawn_blocking(write)
                         .await

@@ -8,7 +8,8 @@
 //! - the worker table's incarnations, so that the old processes stay fenced off,
 //! - the synchronisation state: the version of the latest average and the average itself
 //!   (safetensors bytes), and the outer optimizer's momentum when it has one (safetensors
-//!   bytes, written with the average it belongs to),
+//!   bytes, written with the average it belongs to), or, in a gradient-averaging run, the
+//!   student optimizer's state ([`crate::domain::gradient_step`]; its own format),
 //! - the run's counters and how many times the run was resumed.
 //!
 //! When a commit point is written, and what a restore does with it, is decided by
@@ -30,6 +31,7 @@ const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("run");
 const KEY: &str = "state";
 const KEY_AVERAGE: &str = "average";
 const KEY_MOMENTUM: &str = "outer_momentum";
+const KEY_OPTIMIZER: &str = "optimizer";
 
 /// What a commit point holds.
 pub struct Stored {
@@ -39,6 +41,8 @@ pub struct Stored {
     pub average: Option<Vec<u8>>,
     /// The outer optimizer's momentum as safetensors bytes, if one was written.
     pub momentum: Option<Vec<u8>>,
+    /// A gradient-averaging run's optimizer state, if one was written.
+    pub optimizer: Option<Vec<u8>>,
 }
 
 /// The run's store.
@@ -85,16 +89,18 @@ impl RunStore {
             snapshot: saved,
             average: bytes(KEY_AVERAGE)?,
             momentum: bytes(KEY_MOMENTUM)?,
+            optimizer: bytes(KEY_OPTIMIZER)?,
         }))
     }
 
-    /// Writes a commit point (and the average and the momentum, when given) in one
-    /// transaction.
+    /// Writes a commit point (and the average, the momentum and the optimizer state, when
+    /// given) in one transaction.
     pub fn save(
         &self,
         saved: &Snapshot,
         average: Option<&[u8]>,
         momentum: Option<&[u8]>,
+        optimizer: Option<&[u8]>,
     ) -> Result<()> {
         let bad = |e: String| Error::Store(format!("{}: {e}", self.path.display()));
         let json = serde_json::to_vec(saved).map_err(|e| bad(e.to_string()))?;
@@ -104,7 +110,11 @@ impl RunStore {
             table
                 .insert(KEY, json.as_slice())
                 .map_err(|e| bad(e.to_string()))?;
-            for (key, value) in [(KEY_AVERAGE, average), (KEY_MOMENTUM, momentum)] {
+            for (key, value) in [
+                (KEY_AVERAGE, average),
+                (KEY_MOMENTUM, momentum),
+                (KEY_OPTIMIZER, optimizer),
+            ] {
                 if let Some(v) = value {
                     table.insert(key, v).map_err(|e| bad(e.to_string()))?;
                 }
