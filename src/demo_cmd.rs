@@ -88,11 +88,19 @@ pub struct DemoArgs {
     /// Nesterov momentum of the outer optimizer (`[sync] outer_momentum`; 0: none).
     #[arg(long, default_value_t = 0.0)]
     pub outer_momentum: f64,
+    /// Synchronous data parallelism (`[sync] average = "gradients"`, every update): the
+    /// workers' gradients are averaged and the coordinator takes each step, as one worker with
+    /// `--workers` times the batch would.
+    #[arg(long, conflicts_with_all = ["sync_every", "outer_lr", "outer_momentum"])]
+    pub gradients: bool,
 }
 
 impl DemoArgs {
     /// `--outer-lr`, or its default.
     fn outer_lr(&self) -> f64 {
+        if self.gradients {
+            return 1.0;
+        }
         self.outer_lr
             .unwrap_or(if self.workers > 1 && self.sync_every <= 10 {
                 self.workers as f64
@@ -383,9 +391,14 @@ pub(crate) async fn distil(
         stall_timeout_secs: 120.0,
         cache: None,
         sync: coordinator::config::SyncConfig {
-            every: a.sync_every,
+            every: if a.gradients { 1 } else { a.sync_every },
             outer_lr: a.outer_lr(),
             outer_momentum: a.outer_momentum,
+            average: if a.gradients {
+                coordinator::config::SyncAverage::Gradients
+            } else {
+                coordinator::config::SyncAverage::Parameters
+            },
             ..Default::default()
         },
         student: StudentConfig {

@@ -14,6 +14,9 @@
 //!   uninterrupted run's with the same seed (tolerance below).
 //! - `killing_the_coordinator_of_a_run_with_outer_momentum_resumes_it_with_its_momentum`: the
 //!   same with Nesterov outer momentum, whose buffer must be in the commit point at the kill.
+//! - `killing_the_coordinator_of_a_gradient_averaging_run_resumes_it_with_its_optimizer`: the
+//!   same in synchronous data parallelism, where the coordinator holds the student's optimizer:
+//!   its state (step count and AdamW moments) must be in the commit point at the kill.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -79,6 +82,33 @@ fn killing_the_coordinator_of_a_run_with_outer_momentum_resumes_it_with_its_mome
                 .momentum
                 .expect("the outer momentum in the commit point");
             assert!(momentum.len() > 4 * 25_450, "{} bytes", momentum.len());
+        },
+    );
+}
+
+/// The same in synchronous data parallelism (`average = "gradients"`): the coordinator steps
+/// the student's optimizer, so its AdamW moments are in `state.redb` when it dies and the
+/// restarted one continues from them.
+#[test]
+fn killing_the_coordinator_of_a_gradient_averaging_run_resumes_it_with_its_optimizer() {
+    kill_the_coordinator_and_resume(
+        "gradients-",
+        |c| {
+            c.sync.every = 1;
+            c.sync.average = coordinator::config::SyncAverage::Gradients;
+        },
+        |run| {
+            let store = coordinator::store::run_store::RunStore::open(run).unwrap();
+            let stored = store
+                .load()
+                .unwrap()
+                .expect("a commit point before the kill");
+            let state = stored
+                .optimizer
+                .expect("the optimizer state in the commit point");
+            let state = distill_core::optim::OptimState::from_bytes(&state).unwrap();
+            assert!(state.step >= 2, "{} updates", state.step);
+            assert_eq!(state.step, stored.snapshot.sync_version);
         },
     );
 }

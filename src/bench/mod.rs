@@ -126,6 +126,9 @@ pub struct BenchArgs {
     /// Epochs of each `workers-quality` run (the demo's default).
     #[arg(long, default_value_t = 20)]
     pub quality_epochs: u32,
+    /// Modes of `workers-quality` (plain, step, diloco, diloco-50, sync). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub quality_modes: Vec<String>,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -204,6 +207,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             a.quality_seeds,
             &a.quality_workers,
             a.quality_epochs,
+            &a.quality_modes,
             &out,
         ))?;
     }

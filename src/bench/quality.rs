@@ -10,7 +10,10 @@
 //! - `step`: every 5, `outer_lr = N` (the workers' changes summed);
 //! - `diloco`: every 5, `outer_lr = 0.7`, `outer_momentum = 0.9` (Nesterov on the
 //!   pseudo-gradient, DiLoCo's outer optimizer);
-//! - `diloco-50`: the same every 50 updates (DiLoCo's long rounds).
+//! - `diloco-50`: the same every 50 updates (DiLoCo's long rounds);
+//! - `sync`: synchronous data parallelism (`average = "gradients"`, every update): each
+//!   worker's batch is the demo's, so N workers take one step on N batches, as one worker with
+//!   N times the batch would (N times fewer updates at equal epochs).
 //!
 //! Every run is on the fixed schedule, so each figure is one run's, not a sample of timings.
 
@@ -35,37 +38,67 @@ struct Mode {
     /// None: the number of workers.
     outer_lr: Option<f64>,
     momentum: f64,
+    /// Gradient averaging (then `every` is 1 and there is no outer optimizer).
+    gradients: bool,
 }
 
-const MODES: [Mode; 4] = [
+const MODES: [Mode; 5] = [
     Mode {
         name: "plain",
         every: 5,
         outer_lr: Some(1.0),
         momentum: 0.0,
+        gradients: false,
     },
     Mode {
         name: "step",
         every: 5,
         outer_lr: None,
         momentum: 0.0,
+        gradients: false,
     },
     Mode {
         name: "diloco",
         every: 5,
         outer_lr: Some(0.7),
         momentum: 0.9,
+        gradients: false,
     },
     Mode {
         name: "diloco-50",
         every: 50,
         outer_lr: Some(0.7),
         momentum: 0.9,
+        gradients: false,
+    },
+    Mode {
+        name: "sync",
+        every: 1,
+        outer_lr: Some(1.0),
+        momentum: 0.0,
+        gradients: true,
     },
 ];
 
-/// Runs the section with `seeds` seeds and the given worker counts.
-pub async fn run(seeds: u64, workers: &[usize], epochs: u32, out: &Path) -> anyhow::Result<()> {
+/// Runs the section with `seeds` seeds, the given worker counts and the named modes (empty:
+/// all).
+pub async fn run(
+    seeds: u64,
+    workers: &[usize],
+    epochs: u32,
+    modes: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
+    if let Some(bad) = modes
+        .iter()
+        .find(|m| !MODES.iter().any(|mode| mode.name == m.as_str()))
+    {
+        let names: Vec<_> = MODES.iter().map(|m| m.name).collect();
+        anyhow::bail!(
+            "--quality-modes: no mode `{bad}` (modes: {})",
+            names.join(", ")
+        );
+    }
     let mut base = Defaults::try_parse_from(["demo"])?.demo;
     base.epochs = epochs;
     println!();
@@ -98,10 +131,17 @@ pub async fn run(seeds: u64, workers: &[usize], epochs: u32, out: &Path) -> anyh
         "{:<10} {:>7} {:>7} {:>14} {:>20} {:>7} {:>13} {:>9}",
         "mode", "workers", "every", "outer", "test errors median", "range", "rounds", "KiB/round"
     );
-    for mode in &MODES {
+    for mode in MODES
+        .iter()
+        .filter(|m| modes.is_empty() || modes.iter().any(|n| n == m.name))
+    {
         for &n in workers {
-            if n == 1 && mode.momentum == 0.0 && mode.outer_lr.is_none_or(|lr| lr != 1.0) {
-                // A lone worker's rounds without momentum are plain averages: as `plain`.
+            if n == 1
+                && mode.momentum == 0.0
+                && (mode.gradients || mode.outer_lr.is_none_or(|lr| lr != 1.0))
+            {
+                // A lone worker's rounds without momentum are plain averages (its gradient rounds
+                // are its own steps): as `plain`.
                 continue;
             }
             let mut errors = Vec::new();
@@ -114,6 +154,7 @@ pub async fn run(seeds: u64, workers: &[usize], epochs: u32, out: &Path) -> anyh
                 a.sync_every = mode.every;
                 a.outer_lr = Some(mode.outer_lr.unwrap_or(n as f64));
                 a.outer_momentum = mode.momentum;
+                a.gradients = mode.gradients;
                 let dir = out.join(format!("quality-{}-{n}-{seed}", mode.name));
                 std::fs::create_dir_all(&dir)?;
                 let (files, optim) = &teachers[seed as usize];
@@ -132,6 +173,7 @@ pub async fn run(seeds: u64, workers: &[usize], epochs: u32, out: &Path) -> anyh
                 );
             }
             let outer = match (mode.outer_lr, mode.momentum) {
+                _ if mode.gradients => "gradients".to_string(),
                 (_, m) if m > 0.0 => format!("{}/nesterov {m}", mode.outer_lr.unwrap_or(1.0)),
                 (None, _) => format!("lr {n}"),
                 (Some(lr), _) => format!("lr {lr}"),
