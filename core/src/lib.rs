@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fast_mlp;
 pub mod fsutil;
 pub mod kd;
+pub mod llama;
 pub mod logging;
 pub mod model;
 pub mod optim;
