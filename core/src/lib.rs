@@ -23,6 +23,7 @@ pub mod spec;
 pub mod speed;
 pub mod step;
 pub mod tensor;
+pub mod token_kd;
 pub mod topk;
 pub mod train;
 
