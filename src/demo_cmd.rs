@@ -189,12 +189,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             .iter()
             .map(|w| format!("{} {} rows", w.worker_id, w.samples))
             .collect();
+        let how = if a.gradients {
+            "gradients averaged after every update".to_string()
+        } else {
+            format!(
+                "every {} updates, outer step {}",
+                report.sync.every,
+                a.outer_lr()
+            )
+        };
         println!(
-            "workers: {}; {} synchronisation rounds (every {} updates, outer step {}), {:.0} KiB and {:.1} ms per round",
+            "workers: {}; {} synchronisation rounds ({how}), {:.0} KiB and {:.1} ms per round",
             shares.join(", "),
             report.sync.rounds,
-            report.sync.every,
-            a.outer_lr(),
             report.sync.mean_bytes_per_round / 1024.0,
             1e3 * report.sync.mean_round_seconds
         );

@@ -97,20 +97,20 @@ impl LlamaConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be at least 1"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("the head width {} is odd", self.head_dim()));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
@@ -413,7 +413,7 @@ impl Llama {
         mut cache: Option<&mut Vec<(Option<Tensor>, Option<Tensor>)>>,
     ) -> Result<Tensor> {
         let (_, l) = tokens.dims2()?;
-        let end = start.checked_add(l).unwrap_or(usize::MAX);
+        let end = start.saturating_add(l);
         if end > self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
                 "positions up to {end} in a model of {} (max_position_embeddings)",
