@@ -73,11 +73,7 @@ fn killing_the_coordinator_of_a_run_with_outer_momentum_resumes_it_with_its_mome
             c.sync.outer_momentum = 0.5;
         },
         |run| {
-            let store = coordinator::store::run_store::RunStore::open(run).unwrap();
-            let stored = store
-                .load()
-                .unwrap()
-                .expect("a commit point before the kill");
+            let stored = commit_point(run);
             let momentum = stored
                 .momentum
                 .expect("the outer momentum in the commit point");
@@ -98,11 +94,7 @@ fn killing_the_coordinator_of_a_gradient_averaging_run_resumes_it_with_its_optim
             c.sync.average = coordinator::config::SyncAverage::Gradients;
         },
         |run| {
-            let store = coordinator::store::run_store::RunStore::open(run).unwrap();
-            let stored = store
-                .load()
-                .unwrap()
-                .expect("a commit point before the kill");
+            let stored = commit_point(run);
             let state = stored
                 .optimizer
                 .expect("the optimizer state in the commit point");
@@ -111,6 +103,15 @@ fn killing_the_coordinator_of_a_gradient_averaging_run_resumes_it_with_its_optim
             assert_eq!(state.step, stored.snapshot.sync_version);
         },
     );
+}
+
+/// The last commit point in `run`'s `state.redb`.
+fn commit_point(run: &Path) -> coordinator::store::run_store::Stored {
+    coordinator::store::run_store::RunStore::open(run)
+        .unwrap()
+        .load()
+        .unwrap()
+        .expect("a commit point before the kill")
 }
 
 /// Runs `{prefix}calm` to the end, then `{prefix}chaos` (the same config, `tweak` applied to

@@ -491,19 +491,7 @@ mod tests {
 
     type Stack = fn(&Tensor, &[(Tensor, Tensor)], usize) -> Result<Tensor>;
 
-    fn max_diff(p: &Tensor, q: &Tensor) -> f32 {
-        assert_eq!(p.dims(), q.dims());
-        p.sub(q)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_diff;
 
     /// The conv alone (no pooling or ReLU) through [`ConvNhwc`] with `chunk` samples per
     /// chunk, NCHW in and out.

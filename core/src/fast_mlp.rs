@@ -362,19 +362,7 @@ mod tests {
     use crate::spec::{Arch, ModelSpec};
     use crate::step::{CrossEntropy, step_rng, train_step_autograd};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        a.sub(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_diff;
 
     fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
         let mut r = ChaCha8Rng::seed_from_u64(seed);

@@ -23,6 +23,8 @@ pub mod spec;
 pub mod speed;
 pub mod step;
 pub mod tensor;
+#[cfg(test)]
+mod testutil;
 pub mod token_kd;
 pub mod topk;
 pub mod train;

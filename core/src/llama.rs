@@ -463,18 +463,7 @@ mod tests {
         Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_diff;
 
     #[test]
     fn the_all_positions_forward_equals_decoding_one_token_at_a_time() {
