@@ -100,7 +100,14 @@ fn killing_the_coordinator_of_a_gradient_averaging_run_resumes_it_with_its_optim
                 .expect("the optimizer state in the commit point");
             let state = distill_core::optim::OptimState::from_bytes(&state).unwrap();
             assert!(state.step >= 2, "{} updates", state.step);
-            assert_eq!(state.step, stored.snapshot.sync_version);
+            // A round in which no worker uploaded gradients (one the coordinator asked for at
+            // an epoch's end, say) closes a version without a step.
+            assert!(
+                state.step <= stored.snapshot.sync_version,
+                "{} optimizer steps, version {}",
+                state.step,
+                stored.snapshot.sync_version
+            );
         },
     );
 }
