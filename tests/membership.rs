@@ -134,6 +134,7 @@ fn info() -> ModelInfo {
         digest: "0123456789abcdef".repeat(4),
         arch: "mlp:784-10".into(),
         max_batch: 256,
+        ..Default::default()
     }
 }
 

@@ -116,6 +116,7 @@ async fn native(url: &str, x: HostTensor, t: f32) -> Vec<f32> {
             inputs: Some(x.into()),
             temperature: t,
             output_dtype: pb::DType::DtypeF32 as i32,
+            ..Default::default()
         }),
     )
     .await

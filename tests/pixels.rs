@@ -25,6 +25,7 @@ fn teacher_and_student_see_bit_identical_pixels() {
             inputs: Some(u8_tensor()),
             temperature: 1.0,
             output_dtype: 0,
+            ..Default::default()
         })
         .unwrap()
         .job

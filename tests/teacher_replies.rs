@@ -126,6 +126,7 @@ impl Teacher for Hostile {
             request_id: 0,
             logits: Some(t.into()),
             model_id: self.identity.model_id.clone(),
+            ..Default::default()
         }))
     }
 
@@ -206,6 +207,7 @@ async fn direct(endpoint: &str) -> Vec<f32> {
             inputs: Some(inputs().into()),
             temperature: 2.0,
             output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

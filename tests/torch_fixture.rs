@@ -70,6 +70,7 @@ async fn assert_serves_the_fixture_logits(ck: &Checkpoint, io: &str, tol: f32) {
             inputs: Some(HostTensor::from_f32(xshape.clone(), &x).unwrap().into()),
             temperature: t,
             output_dtype: 0,
+            ..Default::default()
         };
         let got = HostTensor::try_from(
             client

@@ -11,8 +11,10 @@ pub mod error;
 pub mod eval;
 pub mod fast_mlp;
 pub mod fsutil;
+pub mod gguf;
 pub mod kd;
 pub mod llama;
+pub mod lm;
 pub mod logging;
 pub mod model;
 pub mod optim;
@@ -26,6 +28,7 @@ pub mod tensor;
 #[cfg(test)]
 mod testutil;
 pub mod token_kd;
+pub mod tokenizer;
 pub mod topk;
 pub mod train;
 

@@ -387,6 +387,11 @@ impl Llama {
         &self.cfg
     }
 
+    /// The device its tensors are on.
+    pub fn device(&self) -> &Device {
+        self.embed.embeddings().device()
+    }
+
     /// Logits at every position of `tokens` `[B, L]` (u32) → `[B, L, vocab]`, each from the
     /// positions up to it.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {

@@ -832,6 +832,7 @@ fn valid_message_bytes() -> impl Strategy<Value = Vec<u8>> {
             inputs: Some(t),
             temperature: 2.0,
             output_dtype: d,
+            ..Default::default()
         }
         .encode_to_vec()),
     ]

@@ -205,6 +205,7 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime, out: &Path) -> anyhow::R
                 inputs: Some(rows.clone().into()),
                 temperature: 2.0,
                 output_dtype: 0,
+                ..Default::default()
             };
             async move {
                 match client.infer(req).await {

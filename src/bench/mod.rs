@@ -32,11 +32,14 @@
 //!   the process's CPU use per window: where one coordinator saturates.
 //! - `workers-quality` ([`quality`], only when named): the student's test errors with 1, 2 and 4
 //!   workers in each averaging mode over several seeds.
+//! - `lm-teacher` ([`lm`], only when named): a sequence teacher's tokens/s through the
+//!   teacher server against its in-process forward (`--lm-model`, `--lm-len`).
 //! - `load` ([`load`]): many concurrent clients against a teacher-server process and a
 //!   coordinator process's Registry: answers and refusals per second with their latency
 //!   quantiles, and the servers' resident memory before, at peak and after.
 
 mod capacity;
+mod lm;
 mod load;
 mod quality;
 mod stats;
@@ -59,7 +62,8 @@ use crate::local::LocalMember;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers,
-    /// capacity, load, workers-quality. Default: all but workers-quality.
+    /// capacity, load, workers-quality, lm-teacher. Default: all but workers-quality and
+    /// lm-teacher.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -129,13 +133,20 @@ pub struct BenchArgs {
     /// Modes of `workers-quality` (plain, step, diloco, diloco-50, sync). Default: all.
     #[arg(long, value_delimiter = ',')]
     pub quality_modes: Vec<String>,
+    /// `lm-teacher`: the language model to serve (a GGUF file or a Hugging Face directory;
+    /// default: random weights of SmolLM2-135M's shape).
+    #[arg(long)]
+    pub lm_model: Option<PathBuf>,
+    /// `lm-teacher`: tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub lm_len: usize,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "e2e",
     "teacher",
     "slow",
@@ -146,6 +157,7 @@ const SECTIONS: [&str; 10] = [
     "capacity",
     "load",
     "workers-quality",
+    "lm-teacher",
 ];
 
 /// Runs `distill bench`.
@@ -213,6 +225,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if wants("load") {
         load::run(&a, &rt, &out)?;
+    }
+    if a.only.iter().any(|o| o == "lm-teacher") {
+        rt.block_on(lm::run(a.lm_model.as_deref(), a.lm_len, a.window_secs))?;
     }
     Ok(())
 }

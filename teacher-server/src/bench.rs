@@ -71,6 +71,7 @@ pub async fn served(
         inputs: Some(input.clone().into()),
         temperature: 4.0,
         output_dtype: 0,
+        ..Default::default()
     };
     // Warm up, then keep `depth` requests in flight until the time is up.
     let mut next_id = 0u64;

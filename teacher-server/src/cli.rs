@@ -13,7 +13,8 @@ use distill_transport::{ClientSecurity, Credentials, Role, ServerSecurity, TlsAr
 #[derive(clap::Parser, Debug)]
 #[command(name = "teacher-server", version, about)]
 pub struct Args {
-    /// Checkpoint to serve (a distill safetensors file).
+    /// Model to serve: a distill checkpoint (safetensors), or a language model: a llama-family
+    /// `.gguf` file or a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long, env = "DISTILL_MODEL")]
     pub model: PathBuf,
     /// Address to listen on; port 0 picks a free port (printed on stdout).
@@ -31,6 +32,9 @@ pub struct Args {
     /// Most requests in flight; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub max_inflight: usize,
+    /// Language models: most padded tokens (sequences × length) per request and forward pass.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
     /// Largest gRPC message, in MiB, in either direction.
     #[arg(long, default_value_t = 64)]
     pub max_message_mb: usize,
@@ -69,7 +73,6 @@ pub struct Args {
 /// Loads the model, prints `listening on HOST:PORT`, serves until SIGINT/SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let device = distill_core::device::parse_device(&args.device)?;
-    let ck = load_checkpoint(&args.model)?;
     let opts = ServeOptions {
         member: args.member,
         max_batch: args.max_batch,
@@ -77,12 +80,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_inflight: args.max_inflight,
         max_message_bytes: args.max_message_mb << 20,
         simulate_latency: Duration::from_millis(args.simulate_latency_ms),
+        max_tokens: args.max_tokens,
     };
     let infer = Token::resolve(Role::Infer, args.infer_token_file.as_deref())?;
     let security = ServerSecurity::new(&args.tls, Credentials::none().with(Role::Infer, infer)?)?;
     let register_token = Token::resolve(Role::Register, args.register_token_file.as_deref())?;
     let client_security = ClientSecurity::new(&args.tls, register_token.as_ref())?;
-    let service = build_service(&ck, &device, &opts)?;
+    let service = if crate::is_language_model(&args.model) {
+        let lm = distill_core::lm::LanguageModel::load(&args.model, &device)?;
+        crate::build_sequence_service(lm, &opts)?
+    } else {
+        build_service(&load_checkpoint(&args.model)?, &device, &opts)?
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

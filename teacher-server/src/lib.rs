@@ -12,6 +12,7 @@ pub mod cli;
 pub mod error;
 pub mod oip;
 pub mod register;
+pub mod sequence;
 pub mod service;
 pub mod telemetry;
 
@@ -27,7 +28,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{Error, Result};
-pub use service::{ModelInfo, TeacherService};
+pub use service::{Engine, ModelInfo, SequenceInfo, TeacherService};
 
 use batcher::{BatchConfig, Batcher};
 
@@ -49,6 +50,8 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     /// Extra latency per forward pass, a benchmarking aid (0 normally).
     pub simulate_latency: Duration,
+    /// Sequence models: most padded tokens (sequences × L) per request and per forward pass.
+    pub max_tokens: usize,
 }
 
 impl Default for ServeOptions {
@@ -60,6 +63,7 @@ impl Default for ServeOptions {
             max_inflight: 64,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             simulate_latency: Duration::ZERO,
+            max_tokens: 4096,
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn build_service(
         digest,
         arch: ck.spec.arch.to_string(),
         max_batch: opts.max_batch,
+        sequence: None,
     };
     let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_inflight));
     let batcher = Batcher::start(
@@ -100,10 +105,60 @@ pub fn build_service(
     .map_err(|e| Error::Compute(format!("starting the compute thread: {e}")))?;
     Ok(TeacherService::new(
         info,
-        batcher,
+        Engine::Rows(batcher),
         inflight,
         opts.max_inflight,
     ))
+}
+
+/// Builds the service for a language model (a GGUF file or a Hugging Face directory, see
+/// [`distill_core::lm`]): every position of every sequence answered in the top-k encoding.
+pub fn build_sequence_service(
+    lm: distill_core::lm::LanguageModel,
+    opts: &ServeOptions,
+) -> Result<TeacherService> {
+    if opts.max_tokens == 0 || opts.max_inflight == 0 {
+        return Err(Error::InvalidArgument(
+            "max-tokens and max-inflight must be at least 1".into(),
+        ));
+    }
+    let cfg = lm.model.config().clone();
+    let max_len = cfg.max_position_embeddings.min(opts.max_tokens);
+    let info = ModelInfo {
+        model_id: lm.model_id(),
+        member: opts.member.clone(),
+        input_shape: vec![max_len],
+        classes: cfg.vocab_size,
+        digest: lm.digest.clone(),
+        arch: lm.arch(),
+        max_batch: opts.max_tokens / max_len.max(1),
+        sequence: Some(SequenceInfo {
+            tokenizer_digest: lm.tokenizer_digest.clone(),
+            max_tokens: opts.max_tokens,
+            max_len,
+        }),
+    };
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_inflight));
+    let batcher = sequence::SeqBatcher::start(
+        lm,
+        opts.max_tokens,
+        opts.max_delay,
+        opts.max_inflight,
+        inflight.clone(),
+    )
+    .map_err(|e| Error::Compute(format!("starting the compute thread: {e}")))?;
+    Ok(TeacherService::new(
+        info,
+        Engine::Tokens(batcher),
+        inflight,
+        opts.max_inflight,
+    ))
+}
+
+/// Whether `path` names a language model (a `.gguf` file or a directory with `config.json`)
+/// rather than a distill checkpoint.
+pub fn is_language_model(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file()
 }
 
 /// Loads a checkpoint file for serving.

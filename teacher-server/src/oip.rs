@@ -152,6 +152,7 @@ impl OipService {
                     inputs: Some(x.into()),
                     temperature,
                     output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+                    ..Default::default()
                 },
                 Protocol::Oip,
             )

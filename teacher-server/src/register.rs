@@ -299,6 +299,7 @@ mod tests {
                 digest: "0".repeat(64),
                 arch: "mlp:4-2".into(),
                 max_batch: 8,
+                ..Default::default()
             },
             16,
         )

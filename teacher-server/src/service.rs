@@ -17,10 +17,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::{Batcher, Job};
 use crate::error::{Error, Result};
+use crate::sequence::{SeqBatcher, SeqJob};
 use crate::telemetry::{self, Protocol};
+use distill_core::topk::TopKFormat;
 
 /// What the service knows about its model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ModelInfo {
     /// `arch@digest16`.
     pub model_id: String,
@@ -36,6 +38,28 @@ pub struct ModelInfo {
     pub arch: String,
     /// Most rows per request.
     pub max_batch: usize,
+    /// A sequence model's limits and tokenizer (None for a classifier).
+    pub sequence: Option<SequenceInfo>,
+}
+
+/// What a sequence model (a language model) adds to [`ModelInfo`].
+#[derive(Debug, Clone, Default)]
+pub struct SequenceInfo {
+    /// The tokenizer's digest.
+    pub tokenizer_digest: String,
+    /// Most padded tokens (rows × L) per request and per forward pass.
+    pub max_tokens: usize,
+    /// Longest sequence.
+    pub max_len: usize,
+}
+
+/// What computes the answers: a classifier's row batcher or a sequence model's.
+#[derive(Clone)]
+pub enum Engine {
+    /// Rows of features → tempered logits.
+    Rows(Batcher),
+    /// Token sequences → top-k rows per position.
+    Tokens(crate::sequence::SeqBatcher),
 }
 
 /// A request that passed validation, ready for the batcher.
@@ -50,11 +74,21 @@ pub struct Validated {
     pub request_id: u64,
 }
 
-/// The Teacher service over a running [`Batcher`].
+/// A sequence model's request that passed validation.
+pub struct ValidatedSequences {
+    /// The token rows and where their answer goes.
+    pub job: SeqJob,
+    /// Receives the encoded top-k rows.
+    pub reply: oneshot::Receiver<Result<Vec<u8>>>,
+    /// The client's request id, echoed back.
+    pub request_id: u64,
+}
+
+/// The Teacher service over a running engine.
 #[derive(Clone)]
 pub struct TeacherService {
     info: Arc<ModelInfo>,
-    batcher: Batcher,
+    engine: Engine,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
     reply_deadline: Duration,
@@ -67,17 +101,17 @@ pub struct TeacherService {
 pub const DEFAULT_REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
 impl TeacherService {
-    /// A service answering from `batcher`, with at most `max_inflight` requests in flight.
-    /// `inflight` must hold `max_inflight` permits and be shared with the batcher.
+    /// A service answering from `engine`, with at most `max_inflight` requests in flight.
+    /// `inflight` must hold `max_inflight` permits and be shared with the engine.
     pub fn new(
         info: ModelInfo,
-        batcher: Batcher,
+        engine: Engine,
         inflight: Arc<Semaphore>,
         max_inflight: usize,
     ) -> Self {
         Self {
             info: Arc::new(info),
-            batcher,
+            engine,
             inflight,
             max_inflight,
             reply_deadline: DEFAULT_REPLY_DEADLINE,
@@ -100,7 +134,10 @@ impl TeacherService {
 
     /// The compute thread's counters (forward passes and rows).
     pub fn stats(&self) -> &crate::batcher::BatchStats {
-        &self.batcher.stats
+        match &self.engine {
+            Engine::Rows(b) => &b.stats,
+            Engine::Tokens(b) => &b.stats,
+        }
     }
 
     /// `InferStream`s closed so far because their client did not take a reply within the
@@ -123,6 +160,8 @@ impl TeacherService {
             inputs,
             temperature,
             output_dtype,
+            top_k,
+            lengths: _,
         } = req;
         let bad = |m: String| Error::InvalidArgument(m);
         let t = temperature;
@@ -140,6 +179,11 @@ impl TeacherService {
                 }
             },
         };
+        if top_k != 0 {
+            return Err(bad(format!(
+                "top_k {top_k} asked of a classifier, which answers dense logits (top_k 0)"
+            )));
+        }
         let inputs = inputs.ok_or_else(|| bad("missing `inputs` tensor".into()))?;
         let x = HostTensor::try_from(inputs).map_err(|e| bad(format!("inputs: {e}")))?;
         let shape = x.shape();
@@ -226,6 +270,10 @@ impl TeacherService {
     /// Runs a request that holds an in-flight permit; an answer is counted in the metrics here,
     /// a refusal by whoever turns it into a status.
     async fn infer_admitted(&self, req: InferRequest, protocol: Protocol) -> Result<InferResponse> {
+        let batcher = match &self.engine {
+            Engine::Rows(b) => b,
+            Engine::Tokens(b) => return self.infer_sequences(b, req, protocol).await,
+        };
         let started = std::time::Instant::now();
         let Validated {
             job,
@@ -234,7 +282,7 @@ impl TeacherService {
             request_id,
         } = self.validate(req)?;
         let rows = job.rows;
-        self.batcher.submit(job)?;
+        batcher.submit(job)?;
         let logits = rx.await.map_err(|_| Error::ShuttingDown)??;
         let tensor = encode_logits(&logits, rows, self.info.classes, out_dtype)?;
         telemetry::answered(&self.info.member, protocol, rows, started.elapsed());
@@ -242,6 +290,7 @@ impl TeacherService {
             request_id,
             logits: Some(tensor.into()),
             model_id: self.info.model_id.clone(),
+            topk: None,
         })
     }
 
@@ -290,6 +339,136 @@ impl TeacherService {
 }
 
 impl TeacherService {
+    /// Checks a sequence model's request: token ids `[N, L]` (I64, each below the vocabulary)
+    /// with their real lengths, a temperature and k.
+    pub fn validate_sequences(&self, req: InferRequest) -> Result<ValidatedSequences> {
+        let bad = |m: String| Error::InvalidArgument(m);
+        let seq = self
+            .info
+            .sequence
+            .as_ref()
+            .ok_or_else(|| bad("this teacher is not a sequence model".into()))?;
+        let InferRequest {
+            request_id,
+            inputs,
+            temperature: t,
+            output_dtype: _,
+            top_k,
+            lengths,
+        } = req;
+        if !t.is_finite() || t <= 0.0 {
+            return Err(bad(format!("temperature must be finite and > 0, got {t}")));
+        }
+        let vocab = self.info.classes;
+        let k = usize::try_from(top_k).unwrap_or(usize::MAX);
+        if k == 0 || k > vocab {
+            return Err(bad(format!(
+                "top_k {top_k}: a sequence model answers in the top-k encoding, 1 <= top_k <= {vocab}"
+            )));
+        }
+        let format = TopKFormat::new(vocab, k).map_err(|e| bad(e.to_string()))?;
+        let inputs = inputs.ok_or_else(|| bad("missing `inputs` tensor".into()))?;
+        let x = HostTensor::try_from(inputs).map_err(|e| bad(format!("inputs: {e}")))?;
+        let (n, len) = match (x.dtype(), x.shape()) {
+            (DType::I64, [n, l]) => (*n, *l),
+            (d, s) => {
+                return Err(bad(format!(
+                    "inputs of a sequence model are token ids [N, L] of dtype I64, got {d:?} {s:?}"
+                )));
+            }
+        };
+        if n == 0 || len == 0 || len > seq.max_len {
+            return Err(bad(format!(
+                "{n} sequences of {len} tokens; sequences are 1 to {} tokens long, at least one",
+                seq.max_len
+            )));
+        }
+        if n.saturating_mul(len) > seq.max_tokens {
+            return Err(bad(format!(
+                "{n} × {len} = {} tokens; this server takes at most {} per request",
+                n.saturating_mul(len),
+                seq.max_tokens
+            )));
+        }
+        let lengths: Vec<usize> = if lengths.is_empty() {
+            vec![len; n]
+        } else if lengths.len() != n {
+            return Err(bad(format!("{} lengths for {n} sequences", lengths.len())));
+        } else {
+            lengths.iter().map(|&l| l as usize).collect()
+        };
+        if let Some(i) = lengths.iter().position(|&l| l == 0 || l > len) {
+            return Err(bad(format!(
+                "sequence {i} has length {}; lengths are 1 to {len}",
+                lengths[i]
+            )));
+        }
+        let mut tokens = Vec::with_capacity(n * len);
+        for (i, c) in x.data().chunks_exact(8).enumerate() {
+            let (row, pos) = (i / len, i % len);
+            if pos >= lengths[row] {
+                // Padding is never looked at: any value is accepted and none reaches the model.
+                tokens.push(0);
+                continue;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            let v = i64::from_le_bytes(b);
+            match u32::try_from(v) {
+                Ok(id) if (id as usize) < vocab => tokens.push(id),
+                _ => {
+                    return Err(bad(format!(
+                        "token {v} at sequence {row}, position {pos} is not an id of the vocabulary (0 to {})",
+                        vocab - 1
+                    )));
+                }
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok(ValidatedSequences {
+            job: SeqJob {
+                tokens,
+                len,
+                lengths,
+                temperature: t,
+                format,
+                reply,
+            },
+            reply: rx,
+            request_id,
+        })
+    }
+
+    async fn infer_sequences(
+        &self,
+        batcher: &SeqBatcher,
+        req: InferRequest,
+        protocol: Protocol,
+    ) -> Result<InferResponse> {
+        let started = std::time::Instant::now();
+        let ValidatedSequences {
+            job,
+            reply: rx,
+            request_id,
+        } = self.validate_sequences(req)?;
+        let format = job.format;
+        let positions: usize = job.lengths.iter().sum();
+        batcher.submit(job)?;
+        let data = rx.await.map_err(|_| Error::ShuttingDown)??;
+        telemetry::answered(&self.info.member, protocol, positions, started.elapsed());
+        Ok(InferResponse {
+            request_id,
+            logits: None,
+            model_id: self.info.model_id.clone(),
+            topk: Some(pb::TopKTargets {
+                k: format.k as u32,
+                classes: format.classes as u32,
+                value_dtype: pb::DType::DtypeF16 as i32,
+                data,
+            }),
+        })
+    }
+
     /// The stream message answering request `id` (a refusal counted in the metrics).
     fn stream_reply(&self, id: u64, result: Result<InferResponse>) -> InferStreamResponse {
         let result = match result {
@@ -345,10 +524,23 @@ impl Teacher for TeacherService {
             weights_digest: i.digest.clone(),
             max_batch: i.max_batch as u32,
             arch: i.arch.clone(),
-            input_dtypes: [DType::F32, DType::F16, DType::BF16, DType::U8]
-                .into_iter()
-                .map(|d| pb::DType::from(d) as i32)
-                .collect(),
+            input_dtypes: match &i.sequence {
+                Some(_) => vec![pb::DType::from(DType::I64) as i32],
+                None => [DType::F32, DType::F16, DType::BF16, DType::U8]
+                    .into_iter()
+                    .map(|d| pb::DType::from(d) as i32)
+                    .collect(),
+            },
+            tokenizer_digest: i
+                .sequence
+                .as_ref()
+                .map(|s| s.tokenizer_digest.clone())
+                .unwrap_or_default(),
+            max_tokens: i.sequence.as_ref().map_or(0, |s| s.max_tokens as u64),
+            max_sequence_length: i
+                .sequence
+                .as_ref()
+                .map_or(0, |s| u32::try_from(s.max_len).unwrap_or(u32::MAX)),
         }))
     }
 

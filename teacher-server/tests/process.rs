@@ -71,6 +71,7 @@ async fn serve_then_signal(signal_name: &str) {
             ),
             temperature: 2.0,
             output_dtype: 0,
+            ..Default::default()
         };
         let r = tokio::time::timeout(DEADLINE, client.infer(req))
             .await

@@ -77,6 +77,7 @@ fn request(id: u64, x: &[f32], rows: usize, t: f32) -> InferRequest {
         ),
         temperature: t,
         output_dtype: 0,
+        ..Default::default()
     }
 }
 
@@ -175,6 +176,7 @@ async fn infer_returns_the_models_logits_over_t_and_describe_tells_the_model() {
         ),
         temperature: 1.0,
         output_dtype: 0,
+        ..Default::default()
     };
     let got = logits_of(&s.client.infer(req).deadline().await.unwrap().into_inner());
     let xf: Vec<f32> = px.iter().map(|&p| p as f32 / 255.0).collect();

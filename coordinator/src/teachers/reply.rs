@@ -52,6 +52,7 @@ pub fn checked_logits(
         request_id: _,
         logits,
         model_id: _,
+        topk: _,
     } = reply;
     let t = HostTensor::try_from(logits.ok_or(BadReply::Missing)?)
         .map_err(|e| BadReply::Tensor(e.to_string()))?;
@@ -106,6 +107,7 @@ mod tests {
             request_id: 7,
             logits: Some(t.into()),
             model_id: "m".into(),
+            ..Default::default()
         }
     }
 
@@ -188,6 +190,7 @@ mod tests {
             request_id: 0,
             logits: None,
             model_id: String::new(),
+            ..Default::default()
         };
         assert_eq!(checked_logits(none, 2, 3), Err(BadReply::Missing));
         let short = distill_proto::pb::Tensor {
@@ -200,6 +203,7 @@ mod tests {
                 request_id: 0,
                 logits: Some(short),
                 model_id: String::new(),
+                ..Default::default()
             },
             2,
             3,

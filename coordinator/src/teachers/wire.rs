@@ -140,6 +140,7 @@ impl Client {
                     inputs: Some(inputs.clone().into()),
                     temperature,
                     output_dtype: distill_proto::pb::DType::from(DType::F32) as i32,
+                    ..Default::default()
                 };
                 let resp = c.clone().infer(req).await.map_err(Failure::Status)?;
                 reply::checked_logits(resp.into_inner(), rows, classes)

@@ -21,9 +21,11 @@
 //! [`shuffled_indices`] gives each epoch's order from `(seed, epoch)` with ChaCha8 and an explicit
 //! Fisher–Yates shuffle, so the order is the same on every platform and every `rand` version.
 
+pub mod grammar;
 pub mod idx;
 pub mod safetensors_file;
 pub mod synthetic;
+pub mod text;
 
 use std::fmt;
 use std::path::PathBuf;
