@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod kd;
 pub mod llama;
 pub mod lm;
+pub mod lm_train;
 pub mod logging;
 pub mod model;
 pub mod optim;
