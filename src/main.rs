@@ -11,6 +11,7 @@ mod demo_cmd;
 mod eval_cmd;
 mod gpu_smoke_cmd;
 mod import_cmd;
+mod lm_eval_cmd;
 mod local;
 mod report_cmd;
 mod sweep_cmd;
@@ -64,6 +65,8 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Check a CUDA build against the CPU: logits, loss curves, samples/s (docs/cuda.md).
     GpuSmoke(gpu_smoke_cmd::GpuSmokeArgs),
+    /// A language model's perplexity and tokens/s on a text file (GGUF or Hugging Face).
+    LmEval(lm_eval_cmd::LmEvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Report(a) => report_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
         Command::Sweep(a) => sweep_cmd::run(a),
+        Command::LmEval(a) => lm_eval_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

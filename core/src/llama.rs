@@ -138,7 +138,10 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (ms + self.eps)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
@@ -172,11 +175,14 @@ impl Rotary {
 
     /// Rotates `x` `[B, H, L, D]` at positions `start..start + L` (Hugging Face's
     /// `rotate_half` layout: the first and second halves of a head form the pairs).
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, start: usize, fused: bool) -> Result<Tensor> {
         let (_, _, l, d) = x.dims4()?;
         let half = d / 2;
         let cos = self.cos.narrow(0, start, l)?;
         let sin = self.sin.narrow(0, start, l)?;
+        if fused {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
         let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
         let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -228,6 +234,7 @@ impl Attention {
         start: usize,
         rotary: &Rotary,
         cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        fused: bool,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -235,8 +242,8 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotary.apply(&split(self.q.forward(x)?, self.heads)?, start)?;
-        let mut k = rotary.apply(&split(self.k.forward(x)?, self.kv_heads)?, start)?;
+        let q = rotary.apply(&split(self.q.forward(x)?, self.heads)?, start, fused)?;
+        let mut k = rotary.apply(&split(self.k.forward(x)?, self.kv_heads)?, start, fused)?;
         let mut v = split(self.v.forward(x)?, self.kv_heads)?;
         if let Some((ck, cv)) = cache {
             if let (Some(pk), Some(pv)) = (ck.as_ref(), cv.as_ref()) {
@@ -251,7 +258,12 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B, H, L, total]
         let scores = scores.broadcast_add(&causal_mask(l, start, total, x.device())?)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?; // [B, H, L, D]
+        let probs = if fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            softmax_last(&scores)?
+        };
+        let attn = probs.matmul(&v)?; // [B, H, L, D]
         let out = attn
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
@@ -305,8 +317,13 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         let g = self.gate.forward(x)?;
+        if fused {
+            return Ok(self
+                .down
+                .forward(&(candle_nn::ops::silu(&g)? * self.up.forward(x)?)?)?);
+        }
         // SiLU as g · σ(g) from basic ops, so it differentiates on every device.
         let silu = (&g * (g.neg()?.exp()? + 1.0)?.recip()?)?;
         Ok(self.down.forward(&(silu * self.up.forward(x)?)?)?)
@@ -338,6 +355,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rotary: Rotary,
+    fused: bool,
 }
 
 impl Llama {
@@ -379,7 +397,15 @@ impl Llama {
             norm,
             lm_head,
             rotary: Rotary::new(cfg, vb.device())?,
+            fused: false,
         })
+    }
+
+    /// The same model running candle's fused norm, rotation, softmax and SiLU kernels: faster,
+    /// for inference only (they have no backward). A teacher serves with them.
+    pub fn for_inference(mut self) -> Self {
+        self.fused = true;
+        self
     }
 
     /// The config.
@@ -428,14 +454,19 @@ impl Llama {
         let mut h = self.embed.forward(tokens)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.get_mut(i));
-            let a = b
-                .attn
-                .forward(&b.attn_norm.forward(&h)?, start, &self.rotary, layer_cache)?;
+            let f = self.fused;
+            let a = b.attn.forward(
+                &b.attn_norm.forward(&h, f)?,
+                start,
+                &self.rotary,
+                layer_cache,
+                f,
+            )?;
             h = (h + a)?;
-            let m = b.mlp.forward(&b.mlp_norm.forward(&h)?)?;
+            let m = b.mlp.forward(&b.mlp_norm.forward(&h, f)?, f)?;
             h = (h + m)?;
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&h)?)?)
+        Ok(self.lm_head.forward(&self.norm.forward(&h, self.fused)?)?)
     }
 }
 
@@ -519,7 +550,7 @@ mod tests {
             eps: 1e-5,
         };
         let fused = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
-        assert!(max_diff(&norm.forward(&x).unwrap(), &fused) < 1e-5);
+        assert!(max_diff(&norm.forward(&x, false).unwrap(), &fused) < 1e-5);
         let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
         assert!(max_diff(&softmax_last(&x).unwrap(), &fused) < 1e-6);
         let cfg = LlamaConfig {
@@ -533,7 +564,7 @@ mod tests {
             rot.sin.narrow(0, 2, 5).unwrap(),
         );
         let fused = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &cos, &sin).unwrap();
-        assert!(max_diff(&rot.apply(&x, 2).unwrap(), &fused) < 1e-5);
+        assert!(max_diff(&rot.apply(&x, 2, false).unwrap(), &fused) < 1e-5);
     }
 
     #[test]
@@ -569,6 +600,15 @@ mod tests {
         }
         let last = loss(&m).to_scalar::<f32>().unwrap();
         assert!(last < first * 0.5, "loss {first} → {last}");
+    }
+
+    #[test]
+    fn the_inference_forward_with_fused_kernels_equals_the_trainable_one() {
+        let cfg = tiny();
+        let (_vm, m) = model(&cfg);
+        let a = m.forward(&tokens(2, 9)).unwrap();
+        let b = m.clone().for_inference().forward(&tokens(2, 9)).unwrap();
+        assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
     }
 
     #[test]

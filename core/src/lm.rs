@@ -84,7 +84,9 @@ impl LanguageModel {
             Some(t) => crate::tokenizer::digest(t)?,
             None => String::new(),
         };
-        let model = Llama::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        // A loaded model answers; it is not trained: the fused kernels serve faster.
+        let model = Llama::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?
+            .for_inference();
         Ok(Self {
             model,
             tokenizer,
