@@ -34,6 +34,18 @@ use candle_nn::VarBuilder;
 use crate::llama::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
+/// A decoder layer's tensors other than Q and K: (Hugging Face name, GGUF name), each with
+/// `.weight` after it, under `model.layers.{i}.` and `blk.{i}.`.
+const LAYER_TENSORS: [(&str, &str); 7] = [
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+];
+
 /// A GGUF file's header, metadata and tensor table (the tensors stay on disk until loaded).
 pub struct GgufFile {
     path: std::path::PathBuf,
@@ -180,15 +192,7 @@ impl GgufFile {
                 unpermute_rows(&q, cfg.num_attention_heads)?,
             );
             out.insert(hf("self_attn.k_proj"), unpermute_rows(&k, cfg.kv_heads())?);
-            for (h, gg) in [
-                ("self_attn.v_proj", "attn_v"),
-                ("self_attn.o_proj", "attn_output"),
-                ("mlp.gate_proj", "ffn_gate"),
-                ("mlp.up_proj", "ffn_up"),
-                ("mlp.down_proj", "ffn_down"),
-                ("input_layernorm", "attn_norm"),
-                ("post_attention_layernorm", "ffn_norm"),
-            ] {
+            for (h, gg) in LAYER_TENSORS {
                 out.insert(hf(h), load(&g(gg))?);
             }
         }
@@ -275,15 +279,7 @@ pub fn write_llama(
             g("attn_k"),
             permute_rows(get(&hf("self_attn.k_proj"))?, cfg.kv_heads())?,
         ));
-        for (h, gg) in [
-            ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"),
-            ("mlp.gate_proj", "ffn_gate"),
-            ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"),
-            ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "ffn_norm"),
-        ] {
+        for (h, gg) in LAYER_TENSORS {
             named.push((g(gg), get(&hf(h))?.clone()));
         }
     }

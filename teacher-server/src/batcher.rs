@@ -94,10 +94,15 @@ impl Batcher {
 
     /// Queues a job; fails at once (never blocks) if the queue is full.
     pub fn submit(&self, job: Job) -> Result<()> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => Error::Overloaded("teacher compute queue is full".into()),
-            TrySendError::Disconnected(_) => Error::ShuttingDown,
-        })
+        self.tx.try_send(job).map_err(queue_error)
+    }
+}
+
+/// What a refused `try_send` to a compute thread's queue means for the request.
+pub fn queue_error<T>(e: TrySendError<T>) -> Error {
+    match e {
+        TrySendError::Full(_) => Error::Overloaded("teacher compute queue is full".into()),
+        TrySendError::Disconnected(_) => Error::ShuttingDown,
     }
 }
 

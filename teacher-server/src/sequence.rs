@@ -10,7 +10,7 @@
 //! differ in the last bits with the batch it was computed in (f32 weights: ~1e-6).
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use distill_core::lm::LanguageModel;
@@ -66,10 +66,7 @@ impl SeqBatcher {
 
     /// Queues a job; fails at once (never blocks) if the queue is full.
     pub fn submit(&self, job: SeqJob) -> Result<()> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => Error::Overloaded("teacher compute queue is full".into()),
-            TrySendError::Disconnected(_) => Error::ShuttingDown,
-        })
+        self.tx.try_send(job).map_err(crate::batcher::queue_error)
     }
 }
 
