@@ -84,6 +84,13 @@ fn status_samples(st: &distill_proto::pb::RunStatusResponse, id: &str) -> u64 {
         .map_or(0, |w| w.samples)
 }
 
+/// The last `n` lines of the file at `path` (empty when it cannot be read).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[test]
 fn a_hung_worker_s_leases_expire_and_the_other_worker_trains_them() {
     let s = setup();
@@ -98,7 +105,19 @@ fn a_hung_worker_s_leases_expire_and_the_other_worker_trains_them() {
         c.sync.every = 0;
         c.sync.round_timeout_secs = 1.0;
     });
-    let (c, addr) = coordinator(&s, &cfg, "127.0.0.1:0", "hung-coordinator.log");
+    // Its preparations and teacher calls logged, so that a run that stops short says where
+    // (the tail of this log is in the failure message).
+    let mut cmd = common::distill();
+    cmd.env(
+        "RUST_LOG",
+        "warn,coordinator::driver=debug,coordinator::teachers=debug,coordinator::domain::run_state=debug",
+    )
+    .arg("coordinator")
+    .arg("--config")
+    .arg(&cfg)
+    .args(["--listen", "127.0.0.1:0"]);
+    let coordinator_log = d.join("hung-coordinator.debug");
+    let (c, addr) = common::spawn_server(cmd, &coordinator_log);
     let mut frozen = worker(&d, &addr, "frozen", &[]);
     let other = worker(&d, &addr, "other", &[]);
     let pid = frozen.id();
@@ -128,8 +147,9 @@ fn a_hung_worker_s_leases_expire_and_the_other_worker_trains_them() {
             assert!(
                 std::time::Instant::now() < end,
                 "every batch trained while one worker is frozen: not within 60 s; last \
-                 RunStatus {last:?}\n{}",
-                logs(&d)
+                 RunStatus {last:?}\n{}\n--- the coordinator's last 150 lines\n{}",
+                logs(&d),
+                tail(&coordinator_log, 150)
             );
             let st = st?;
             last = Some(st.clone());

@@ -200,6 +200,9 @@ pub struct Driver {
     tasks: JoinSet<()>,
     /// Scoring of epochs' averages (`evals.jsonl`), awaited before the report is written.
     epoch_evals: JoinSet<()>,
+    /// Done when the last `metrics.jsonl` line is written: each append waits for the one
+    /// before it, so the lines stay in epoch order off the driver's thread.
+    metrics_written: Option<tokio::sync::oneshot::Receiver<()>>,
     stop: CancellationToken,
     /// The latest average in wire chunks, by version (encoded once for every recipient).
     encoded: Option<(u64, Arc<Vec<Vec<pb::ParamChunk>>>)>,
@@ -229,6 +232,7 @@ impl Driver {
             prepared: HashMap::new(),
             tasks: JoinSet::new(),
             epoch_evals: JoinSet::new(),
+            metrics_written: None,
             stop: shutdown.child_token(),
             encoded: None,
             initial: None,
@@ -287,6 +291,7 @@ impl Driver {
         self.stop.cancel();
         drop(self.rx);
         while self.tasks.join_next().await.is_some() {}
+        while self.epoch_evals.join_next().await.is_some() {}
         outcome
     }
 
@@ -564,10 +569,29 @@ impl Driver {
                     mean_loss = line.mean_loss,
                     "epoch complete"
                 );
+                // The append syncs the file: never on the driver's thread, where a slow disk
+                // would hold every task queued behind it.
                 let path = self.ctx.cfg.run_dir.join("metrics.jsonl");
-                if let Err(e) = append_line(&path, &json.to_string()) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot append metrics");
-                }
+                let before = self.metrics_written.take();
+                let (done, written) = tokio::sync::oneshot::channel();
+                self.metrics_written = Some(written);
+                self.epoch_evals.spawn(async move {
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
+                    let line = json.to_string();
+                    let shown = path.display().to_string();
+                    match tokio::task::spawn_blocking(move || append_line(&path, &line)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(path = %shown, error = %e, "cannot append metrics")
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %shown, error = %e, "cannot append metrics")
+                        }
+                    }
+                    let _ = done.send(());
+                });
             }
             Action::EvaluateEpoch {
                 epoch,
