@@ -93,6 +93,10 @@ pub struct DemoArgs {
     /// `--workers` times the batch would.
     #[arg(long, conflicts_with_all = ["sync_every", "outer_lr", "outer_momentum"])]
     pub gradients: bool,
+    /// Token-level distillation of a small language model instead (a toy language, a teacher
+    /// llama served over gRPC, top-k rows per position; see docs/lm.md). Takes `--seed`.
+    #[arg(long, conflicts_with_all = ["workers", "gradients", "data", "teachers", "student"])]
+    pub lm: bool,
 }
 
 impl DemoArgs {
@@ -120,11 +124,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            PathBuf::from("runs").join(format!("demo-{stamp}"))
+            let kind = if a.lm { "demo-lm" } else { "demo" };
+            PathBuf::from("runs").join(format!("{kind}-{stamp}"))
         }
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     println!("run directory: {}", out.display());
+    if a.lm {
+        return crate::demo_lm::run(a.seed, &out);
+    }
     let data = Dataset::load(&a.data)?;
     tracing::info!(data = %data.source, train = data.train.len(), test = data.test.len(), "data loaded");
 

@@ -8,6 +8,7 @@ mod bench;
 mod cache_cmd;
 mod credentials_cmd;
 mod demo_cmd;
+mod demo_lm;
 mod eval_cmd;
 mod gpu_smoke_cmd;
 mod import_cmd;

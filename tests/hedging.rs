@@ -148,6 +148,7 @@ async fn the_load_replicas_report_steers_requests() {
                     input_shape: vec![784],
                     classes: 10,
                     max_batch: 1024,
+                    sequence: None,
                 };
                 let claim = Claim {
                     presented: String::new(),

@@ -472,6 +472,7 @@ async fn the_ensemble_degrades_or_waits_for_a_member_that_is_down() {
                 input_shape: b_identity.input_shape,
                 classes: b_identity.num_classes,
                 max_batch: b_identity.max_batch,
+                sequence: None,
             };
             pool.membership()
                 .update(|m| {
@@ -593,6 +594,7 @@ fn register(
         input_shape: identity.input_shape.clone(),
         classes: identity.num_classes,
         max_batch: identity.max_batch,
+        sequence: None,
     };
     let claim = coordinator::domain::membership::Claim::new("", "c".repeat(64));
     pool.membership()

@@ -104,6 +104,7 @@ mod tests {
             input_shape: vec![784],
             classes: 10,
             max_batch: 0,
+            sequence: None,
         };
         let id = handle
             .update(|m| {

@@ -88,6 +88,7 @@ impl From<MembershipError> for Status {
             }
             MembershipError::DigestMismatch { .. }
             | MembershipError::ShapeMismatch { .. }
+            | MembershipError::SequenceMismatch { .. }
             | MembershipError::AddressTaken { .. }
             | MembershipError::AddressHeld { .. }
             | MembershipError::NoTrustedReplica { .. } => Status::failed_precondition(msg),
@@ -234,6 +235,8 @@ fn validate_register(
             input_shape,
             classes: num_classes,
             max_batch,
+            // Register states no tokenizer: a registered replica is a classifier.
+            sequence: None,
         },
         lease_secret,
     ))

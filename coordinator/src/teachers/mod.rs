@@ -58,6 +58,7 @@ use crate::domain::choice::{self, Candidate};
 use crate::domain::membership::ReplicaId;
 use crate::error::{Error, Result};
 use crate::membership::MembershipHandle;
+pub use wire::TokenRequest;
 use wire::{Client, Described, Failure};
 
 pub use ensemble::Answer;
@@ -98,8 +99,8 @@ impl Drop for InFlight<'_> {
 
 /// How one request to one replica ended.
 enum Outcome {
-    /// Tempered logits, checked.
-    Answered(Vec<f32>),
+    /// A checked reply.
+    Answered(Reply),
     /// The replica refused the request itself; not recorded yet (whether that is the
     /// replica's fault depends on whether another replica accepts it).
     Refused(String),
@@ -107,11 +108,24 @@ enum Outcome {
     Failed(String),
 }
 
-/// One request's rows and temperature, shared by its attempts (and a hedge's two copies).
+/// One request, shared by its attempts (and a hedge's two copies).
 #[derive(Clone, Copy)]
-struct Request<'a> {
-    inputs: &'a HostTensor,
-    temperature: f32,
+enum Request<'a> {
+    /// Rows, answered with tempered logits.
+    Rows {
+        inputs: &'a HostTensor,
+        temperature: f32,
+    },
+    /// Token sequences, answered with top-k rows per position.
+    Tokens(&'a TokenRequest),
+}
+
+/// A checked reply of either kind of [`Request`].
+enum Reply {
+    /// `rows × classes` tempered logits.
+    Logits(Vec<f32>),
+    /// One top-k row per real position.
+    TopK(distill_proto::pb::TopKTargets),
 }
 
 /// The replica chosen for an attempt.
@@ -202,8 +216,11 @@ pub struct TeacherPool {
     clients: Mutex<HashMap<ReplicaId, Arc<Replica>>>,
     /// Values per input row: the data's row length (the prober's test row).
     row_len: usize,
-    /// Logits per row of every reply: the data's classes.
+    /// Logits per row of every reply: the data's classes (a sequence run's vocabulary).
     classes: usize,
+    /// The members are sequence models, asked with [`TeacherPool::infer_tokens`] (stated by
+    /// [`crate::domain::membership::Membership::expect_sequences`]).
+    sequences: bool,
     timeout: Duration,
     max_message_bytes: usize,
     retries: AtomicU64,
@@ -215,8 +232,9 @@ pub struct TeacherPool {
 
 impl TeacherPool {
     /// A pool over `membership`, which must know every member of `members` and state the
-    /// data's shape ([`crate::domain::membership::Membership::expect_model`]): replies are
-    /// checked against its class count. Clients connect lazily, on a replica's first request
+    /// data's shape ([`crate::domain::membership::Membership::expect_model`], or
+    /// `expect_sequences` for sequence members): replies are checked against its class count
+    /// (the vocabulary). Clients connect lazily, on a replica's first request
     /// (a replica that is down at start does not stop the run).
     pub fn new(
         members: &[MemberConfig],
@@ -224,11 +242,15 @@ impl TeacherPool {
         timeout: Duration,
         max_message_bytes: usize,
     ) -> Result<Self> {
-        let (known, shape) = {
+        let (known, shape, sequences) = {
             let m = membership.lock()?;
-            (m.members(), m.expected_model())
+            let seq = m
+                .expected_sequences()
+                .map(|d| (u64::from(d.seq_len), d.vocab));
+            (m.members(), m.expected_model(), seq)
         };
-        let Some((row_len, classes)) = shape else {
+        // Sequence members: a "row" is one sequence of the run's length, a class a token.
+        let Some((row_len, classes)) = shape.or(sequences) else {
             return Err(Error::Internal(
                 "the membership does not state the data's shape (Membership::expect_model)".into(),
             ));
@@ -263,6 +285,7 @@ impl TeacherPool {
             canary: synthetic_canary(row_len)?,
             row_len,
             classes: classes as usize,
+            sequences: sequences.is_some(),
             timeout,
             max_message_bytes,
             retries: AtomicU64::new(0),
@@ -417,7 +440,11 @@ impl TeacherPool {
                                 m.name, r.address, ident.input_shape
                             )));
                         };
-                        if inputs != row_len as u64 || ident.classes as usize != classes {
+                        // A sequence model is checked by the membership (vocabulary,
+                        // tokenizer, longest sequence) when its identity is recorded.
+                        if !self.sequences
+                            && (inputs != row_len as u64 || ident.classes as usize != classes)
+                        {
                             return Err(Error::Config(format!(
                                 "member `{}` replica {} serves {} ({} inputs, {} classes) but the data has rows of {row_len} values and {classes} classes",
                                 m.name, r.address, ident.model_id, inputs, ident.classes
@@ -514,14 +541,37 @@ impl TeacherPool {
         inputs: &HostTensor,
         temperature: f32,
     ) -> Result<Vec<f32>> {
+        let req = Request::Rows {
+            inputs,
+            temperature,
+        };
+        match self.ask(member, req).await? {
+            Reply::Logits(z) => Ok(z),
+            Reply::TopK(_) => Err(Error::Internal("top-k rows answered rows".into())),
+        }
+    }
+
+    /// The top-k rows (one per real position, sequence by sequence) of sequence member
+    /// `member` for `req`, with the same choice of replica, retries, refusals and hedging as
+    /// [`Self::infer`]; every row checked ([`reply::checked_topk`]) against the vocabulary
+    /// the membership expects.
+    pub async fn infer_tokens(
+        &self,
+        member: usize,
+        req: &TokenRequest,
+    ) -> Result<distill_proto::pb::TopKTargets> {
+        match self.ask(member, Request::Tokens(req)).await? {
+            Reply::TopK(t) => Ok(t),
+            Reply::Logits(_) => Err(Error::Internal("logits answered token sequences".into())),
+        }
+    }
+
+    /// [`Self::infer`] or [`Self::infer_tokens`]: the request's attempts on `member`'s replicas.
+    async fn ask(&self, member: usize, req: Request<'_>) -> Result<Reply> {
         let m = self
             .members
             .get(member)
             .ok_or_else(|| Error::Internal(format!("no teacher member {member}")))?;
-        let req = Request {
-            inputs,
-            temperature,
-        };
         let mut refused: Vec<(ReplicaId, String)> = Vec::new();
         let mut excluded: Vec<ReplicaId> = Vec::new();
         let mut last_failed: Option<ReplicaId> = None;
@@ -555,9 +605,9 @@ impl TeacherPool {
             let mut failed_now = false;
             for (id, outcome) in outcomes {
                 match outcome {
-                    Outcome::Answered(logits) => {
+                    Outcome::Answered(reply) => {
                         self.charge_refusals(m, &refused)?;
-                        return Ok(logits);
+                        return Ok(reply);
                     }
                     Outcome::Refused(msg) => {
                         excluded.push(id);
@@ -699,16 +749,29 @@ impl TeacherPool {
         let (id, r) = (p.id, &*p.replica);
         let _in_flight = InFlight::start(r);
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            self.timeout,
-            r.client.infer(req.inputs, req.temperature, self.classes),
-        )
-        .await;
+        let answer = async {
+            match req {
+                Request::Rows {
+                    inputs,
+                    temperature,
+                } => r
+                    .client
+                    .infer(inputs, temperature, self.classes)
+                    .await
+                    .map(Reply::Logits),
+                Request::Tokens(t) => r
+                    .client
+                    .infer_tokens(t, self.classes)
+                    .await
+                    .map(Reply::TopK),
+            }
+        };
+        let result = tokio::time::timeout(self.timeout, answer).await;
         // Whether the failure says something about the replica's health (a busy replica is
         // retried elsewhere but stays in rotation).
         let mut unhealthy = true;
         let err = match result {
-            Ok(Ok(logits)) => {
+            Ok(Ok(reply)) => {
                 let latency = started.elapsed();
                 let secs = latency.as_secs_f64();
                 m.stats(|s| {
@@ -725,7 +788,7 @@ impl TeacherPool {
                 crate::telemetry::member_answered(&m.name, secs);
                 self.membership
                     .update(|ms| ((), ms.record_success(id, latency)))?;
-                return Ok(Outcome::Answered(logits));
+                return Ok(Outcome::Answered(reply));
             }
             Ok(Err(Failure::BadReply(bad))) => format!("{}: bad reply: {bad}", r.address),
             Ok(Err(Failure::Unsendable(msg))) => {

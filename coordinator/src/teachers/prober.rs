@@ -17,7 +17,7 @@ use std::time::Instant;
 use distill_proto::{DType, HostTensor};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{Described, Failure};
+use super::wire::{Described, Failure, TokenRequest};
 use super::{TeacherPool, reply};
 use crate::domain::membership::{ModelIdentity, Probe, ProbeKind, ReplicaId};
 
@@ -102,6 +102,15 @@ impl TeacherPool {
 
     /// A trial of `p`'s replica against `reference` (see the module docs).
     async fn trial(&self, p: &Probe, reference: ReplicaId) -> Probed {
+        if self.sequences {
+            // Registrations state no tokenizer, so the membership never admits one to a
+            // sequence member; a trial has no canary sequences to compare either.
+            return Probed::Failed(
+                "sequence members take static replicas only: there is no canary trial of \
+                 token sequences"
+                    .into(),
+            );
+        }
         let ident = match self.describe(p.replica).await {
             Ok(d) => d,
             Err(e) => return Probed::Failed(e),
@@ -172,6 +181,24 @@ impl TeacherPool {
     /// A replica out of rotation: its description, if it also answers a zero row well.
     async fn health_probe(&self, p: &Probe) -> Result<ModelIdentity, String> {
         let ident = self.describe(p.replica).await?;
+        if self.sequences {
+            // One sequence of one token (id 0 exists in every vocabulary), its top 1.
+            let req = TokenRequest::new(&[0], 1, 1, Vec::new(), 1.0, 1)
+                .map_err(|e| format!("test sequence: {e}"))?;
+            let c = self.client(p.replica).map_err(|e| e.to_string())?;
+            return match tokio::time::timeout(
+                self.timeout,
+                c.client.infer_tokens(&req, self.classes),
+            )
+            .await
+            {
+                Err(_) => Err(format!("Infer: no answer within {:?}", self.timeout)),
+                Ok(Ok(_)) => Ok(ident),
+                Ok(Err(Failure::BadReply(bad))) => Err(format!("Infer: bad reply: {bad}")),
+                Ok(Err(Failure::Unsendable(msg))) => Err(msg),
+                Ok(Err(Failure::Status(s))) => Err(format!("Infer: {}: {}", s.code(), s.message())),
+            };
+        }
         // Zero pixels: 0.0 as floats too, and sendable to any input datatype.
         let row = HostTensor::new(vec![1, self.row_len], DType::U8, vec![0u8; self.row_len])
             .map_err(|e| format!("test row: {e}"))?;

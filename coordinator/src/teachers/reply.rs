@@ -2,7 +2,8 @@
 //! combination, the cache, a worker): a replica is a third party, and one NaN in a batch's
 //! targets would fail every worker that trains on it.
 
-use distill_proto::pb::InferResponse;
+use distill_core::topk::{self, TopKFormat, ValueDtype};
+use distill_proto::pb::{InferResponse, TopKTargets};
 use distill_proto::{DType, HostTensor};
 
 /// Why a reply's logits were not accepted.
@@ -30,6 +31,12 @@ pub enum BadReply {
         /// Classes of the data.
         classes: usize,
     },
+    /// A reply to token sequences without top-k rows.
+    #[error("the reply has no top-k rows")]
+    MissingTopK,
+    /// Top-k rows that are not what was asked or not valid.
+    #[error("top-k rows: {0}")]
+    TopK(String),
     /// A NaN or infinite value.
     #[error("logits hold {value} at row {row}, class {class}")]
     NonFinite {
@@ -75,6 +82,43 @@ pub fn checked_logits(
         });
     }
     Ok(v)
+}
+
+/// `reply`'s top-k rows, checked: `rows` rows (one per real position) over `vocab` classes,
+/// with the `k` asked for, f16 or bf16 values, and every row valid ([`topk::decode`]: indices in
+/// range and distinct, values finite, a rest mass that is one). Returned as they came.
+pub fn checked_topk(
+    reply: InferResponse,
+    rows: usize,
+    vocab: usize,
+    k: u32,
+) -> Result<TopKTargets, BadReply> {
+    let t = reply.topk.ok_or(BadReply::MissingTopK)?;
+    let bad = |m: String| Err(BadReply::TopK(m));
+    if t.classes as usize != vocab || t.k != k {
+        return bad(format!(
+            "k = {} over {} classes, asked k = {k} over the vocabulary of {vocab}",
+            t.k, t.classes
+        ));
+    }
+    let value = match DType::try_from(t.value_dtype) {
+        Ok(DType::F16) => ValueDtype::F16,
+        Ok(DType::BF16) => ValueDtype::Bf16,
+        _ => {
+            return bad(format!(
+                "value dtype {} (must be F16 or BF16)",
+                t.value_dtype
+            ));
+        }
+    };
+    let format = match TopKFormat::with_value_dtype(vocab, k as usize, value) {
+        Ok(f) => f,
+        Err(e) => return bad(e.to_string()),
+    };
+    if let Err(e) = topk::decode(&t.data, rows, &format) {
+        return bad(e.to_string());
+    }
+    Ok(t)
 }
 
 /// Where two replicas' logits for the same rows (`rows × classes`, row-major, finite) differ

@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 
 use distill_proto::oip::{decode_output_f32, encode_input, parse_datatype};
 use distill_proto::pb::teacher_client::TeacherClient;
-use distill_proto::pb::{DescribeRequest, DescribeResponse, InferRequest};
+use distill_proto::pb::{self, DescribeRequest, DescribeResponse, InferRequest};
 use distill_proto::pb_oip::grpc_inference_service_client::GrpcInferenceServiceClient;
 use distill_proto::pb_oip::model_infer_request::InferRequestedOutputTensor;
 use distill_proto::pb_oip::model_metadata_response::TensorMetadata;
@@ -41,7 +41,7 @@ use distill_transport::AuthChannel;
 
 use super::reply;
 use crate::config::{OipMember, OutputHolds};
-use crate::domain::membership::ModelIdentity;
+use crate::domain::membership::{ModelIdentity, SequenceIdentity};
 
 /// Slack on the bounds of probabilities and log-probabilities (servers compute in f32).
 const ROUNDING: f32 = 1e-4;
@@ -90,6 +90,13 @@ pub(crate) fn identity(d: &DescribeResponse) -> ModelIdentity {
         input_shape: d.input_shape.clone(),
         classes: d.num_classes,
         max_batch: d.max_batch,
+        // A sequence model states its token budget (and its tokenizer, if it has one); a
+        // classifier leaves these empty.
+        sequence: (d.max_tokens > 0 || !d.tokenizer_digest.is_empty()).then(|| SequenceIdentity {
+            tokenizer_digest: d.tokenizer_digest.clone(),
+            max_tokens: d.max_tokens,
+            max_sequence_length: d.max_sequence_length,
+        }),
     }
 }
 
@@ -147,6 +154,87 @@ impl Client {
                     .map_err(|e| Failure::BadReply(e.to_string()))
             }
             Client::Oip(c) => c.infer(inputs, temperature, rows, classes).await,
+        }
+    }
+}
+
+impl Client {
+    /// The top-k rows of every real position of `req`'s sequences (checked against
+    /// `vocab`). Only our own teacher protocol serves sequences.
+    pub(crate) async fn infer_tokens(
+        &self,
+        req: &TokenRequest,
+        vocab: usize,
+    ) -> Result<pb::TopKTargets, Failure> {
+        match self {
+            Client::Native(c) => {
+                let msg = InferRequest {
+                    request_id: 0,
+                    inputs: Some(req.tokens.clone().into()),
+                    temperature: req.temperature,
+                    top_k: req.top_k,
+                    lengths: req.lengths.clone(),
+                    ..Default::default()
+                };
+                let resp = c.clone().infer(msg).await.map_err(Failure::Status)?;
+                reply::checked_topk(resp.into_inner(), req.positions(), vocab, req.top_k)
+                    .map_err(|e| Failure::BadReply(e.to_string()))
+            }
+            Client::Oip(_) => Err(Failure::Unsendable(
+                "Open Inference Protocol members serve rows, not token sequences".into(),
+            )),
+        }
+    }
+}
+
+/// One request of token sequences: `tokens` is `[N, L]` I64 ids, `lengths` the real length
+/// of each (empty: all L), each position answered with its top `top_k` at `temperature`.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub tokens: HostTensor,
+    pub lengths: Vec<u32>,
+    pub temperature: f32,
+    pub top_k: u32,
+}
+
+impl TokenRequest {
+    /// `n` sequences of `l` token ids each (row-major), the real lengths `lengths`.
+    pub fn new(
+        ids: &[u32],
+        n: usize,
+        l: usize,
+        lengths: Vec<u32>,
+        temperature: f32,
+        top_k: u32,
+    ) -> crate::error::Result<Self> {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&v| i64::from(v).to_le_bytes())
+            .collect();
+        let tokens = HostTensor::new(vec![n, l], DType::I64, bytes)
+            .map_err(|e| crate::error::Error::Internal(format!("token tensor: {e}")))?;
+        Ok(Self {
+            tokens,
+            lengths,
+            temperature,
+            top_k,
+        })
+    }
+
+    /// Positions answered: the sum of the lengths (every sequence's L when none are given).
+    pub fn positions(&self) -> usize {
+        let shape = self.tokens.shape();
+        let (n, l) = (
+            shape.first().copied().unwrap_or(0),
+            shape.get(1).copied().unwrap_or(0),
+        );
+        if self.lengths.is_empty() {
+            n.saturating_mul(l)
+        } else {
+            self.lengths
+                .iter()
+                .map(|&x| (x as usize).min(l))
+                .fold(0usize, usize::saturating_add)
         }
     }
 }
@@ -209,6 +297,7 @@ impl OipClient {
                     input_shape: row_shape.iter().map(|&d| d as u64).collect(),
                     classes: u32::try_from(classes).unwrap_or(u32::MAX),
                     max_batch: 0,
+                    sequence: None,
                 })
             }
             Err(msg) => Described::Mismatch(msg),

@@ -167,7 +167,7 @@ impl Default for MembershipConfig {
 }
 
 /// A teacher model's identity as a replica states it (Register, or Describe).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ModelIdentity {
     /// `arch@digest16`.
     pub model_id: String,
@@ -179,6 +179,31 @@ pub struct ModelIdentity {
     pub classes: u32,
     /// Most rows per request (0: not stated).
     pub max_batch: u32,
+    /// What a sequence model (a language model) states besides; None for a classifier.
+    pub sequence: Option<SequenceIdentity>,
+}
+
+/// What a sequence model's replica states beyond its vocabulary (`classes`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SequenceIdentity {
+    /// SHA-256 of its tokenizer (`distill_core::tokenizer::digest`).
+    pub tokenizer_digest: String,
+    /// Most tokens one request may carry.
+    pub max_tokens: u64,
+    /// Longest sequence one request may carry.
+    pub max_sequence_length: u32,
+}
+
+/// The token data of a run whose members are sequence models: every replica must have this
+/// vocabulary and tokenizer, and take sequences of `seq_len` tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceData {
+    /// Vocabulary size (the width of every distribution).
+    pub vocab: u32,
+    /// SHA-256 of the tokenizer the data were tokenized with.
+    pub tokenizer_digest: String,
+    /// Tokens per sequence the run sends.
+    pub seq_len: u32,
 }
 
 impl ModelIdentity {
@@ -439,6 +464,14 @@ pub enum MembershipError {
         expected_inputs: u64,
         expected_classes: u32,
     },
+    /// A sequence model where rows are trained, a classifier where sequences are, or a
+    /// sequence model of another tokenizer, vocabulary or length.
+    #[error("member `{member}`: replica {address} {problem}")]
+    SequenceMismatch {
+        member: String,
+        address: String,
+        problem: String,
+    },
     /// The address is a static replica of another member.
     #[error(
         "address {address} is a static replica of member `{owner}` in the run config, not of `{member}`"
@@ -646,6 +679,8 @@ pub struct Membership {
     backoff: ProbeBackoff,
     /// Input values per row and classes of the data, if stated.
     data_shape: Option<(u64, u32)>,
+    /// The token data, when the members are sequence models.
+    sequences: Option<SequenceData>,
     /// Addresses refused until the instant: their replica disagreed on the canary rows.
     banned: BTreeMap<String, Instant>,
 }
@@ -665,6 +700,7 @@ impl Membership {
             replicas: BTreeMap::new(),
             next_id: 1,
             data_shape: None,
+            sequences: None,
             banned: BTreeMap::new(),
         };
         let mut owner: BTreeMap<String, String> = BTreeMap::new();
@@ -737,6 +773,11 @@ impl Membership {
     /// The data's values per row and classes, as [`Membership::expect_model`] stated them.
     pub fn expected_model(&self) -> Option<(u64, u32)> {
         self.data_shape
+    }
+
+    /// The token data, as [`Membership::expect_sequences`] stated them.
+    pub fn expected_sequences(&self) -> Option<&SequenceData> {
+        self.sequences.as_ref()
     }
 
     /// The earliest instant at which [`Membership::tick`] or [`Membership::due_probes`] has

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use super::{
     Claim, Event, Load, Membership, MembershipError, ModelIdentity, Outcome, Registration,
-    RemovalReason, Replica, ReplicaId, Source, normalize_address, secrets_match,
+    RemovalReason, Replica, ReplicaId, SequenceData, SequenceIdentity, Source, normalize_address,
+    secrets_match,
 };
 
 /// How a new registration enters.
@@ -26,6 +27,14 @@ impl Membership {
     /// (the data's shape).
     pub fn expect_model(&mut self, row_len: u64, classes: u32) {
         self.data_shape = Some((row_len, classes));
+        self.sequences = None;
+    }
+
+    /// Requires every replica to be a sequence model of `data`'s vocabulary and tokenizer that
+    /// takes sequences of `data.seq_len` tokens (instead of [`Membership::expect_model`]).
+    pub fn expect_sequences(&mut self, data: SequenceData) {
+        self.data_shape = None;
+        self.sequences = Some(data);
     }
 
     /// Pins a member's weights digest (e.g. what the start-up check or the soft-target cache
@@ -385,7 +394,31 @@ impl Membership {
             });
         };
         let state = self.members.get(member);
-        let expected = self.data_shape.or(state.and_then(|s| s.shape));
+        let problem = match (&self.sequences, &identity.sequence) {
+            (None, None) => None,
+            (Some(want), Some(got)) => sequence_problem(want, identity.classes, got),
+            (Some(want), None) => Some(format!(
+                "serves a classifier ({} classes), but the run trains on token sequences \
+                 (vocabulary {})",
+                identity.classes, want.vocab
+            )),
+            (None, Some(_)) => Some(format!(
+                "serves a sequence model (vocabulary {}), but the run trains on rows",
+                identity.classes
+            )),
+        };
+        if let Some(problem) = problem {
+            return Err(MembershipError::SequenceMismatch {
+                member: member.into(),
+                address: address.into(),
+                problem,
+            });
+        }
+        // A sequence model's input shape is its longest sequence, not the data's: checked above.
+        let expected = match self.sequences {
+            Some(_) => None,
+            None => self.data_shape.or(state.and_then(|s| s.shape)),
+        };
         if let Some((expected_inputs, expected_classes)) = expected
             && (inputs != expected_inputs || identity.classes != expected_classes)
         {
@@ -433,6 +466,43 @@ impl Membership {
             });
         }
     }
+}
+
+/// Why a sequence model stating `got` (with vocabulary `vocab`) cannot serve `want`, if so.
+fn sequence_problem(want: &SequenceData, vocab: u32, got: &SequenceIdentity) -> Option<String> {
+    if vocab != want.vocab {
+        return Some(format!(
+            "serves a vocabulary of {vocab} tokens, but the data's tokenizer has {}",
+            want.vocab
+        ));
+    }
+    if got.tokenizer_digest != want.tokenizer_digest && got.tokenizer_digest.is_empty() {
+        return Some(format!(
+            "states no tokenizer, but the data were tokenized with {}; serve the model with \
+             its tokenizer (tokenizer.json next to its weights, or a GGUF file that embeds one)",
+            short(&want.tokenizer_digest)
+        ));
+    }
+    if got.tokenizer_digest != want.tokenizer_digest {
+        return Some(format!(
+            "was trained with tokenizer {} but the data were tokenized with {}; teachers and \
+             student must share one tokenizer",
+            short(&got.tokenizer_digest),
+            short(&want.tokenizer_digest)
+        ));
+    }
+    if got.max_sequence_length < want.seq_len || got.max_tokens < u64::from(want.seq_len) {
+        return Some(format!(
+            "takes sequences of at most {} tokens ({} per request), but the run sends {}",
+            got.max_sequence_length, got.max_tokens, want.seq_len
+        ));
+    }
+    None
+}
+
+/// The first 16 characters of a digest, for messages.
+fn short(digest: &str) -> &str {
+    digest.get(..16).unwrap_or(digest)
 }
 
 #[cfg(test)]
@@ -1162,5 +1232,59 @@ mod tests {
             .unwrap()
             .replica;
         assert!(m.replica(third).unwrap().trusted);
+    }
+
+    /// A sequence model of vocabulary `vocab`, tokenizer `tok` and longest sequence `len`.
+    fn lm(vocab: u32, tok: &str, len: u32) -> ModelIdentity {
+        ModelIdentity {
+            classes: vocab,
+            input_shape: vec![u64::from(len)],
+            sequence: Some(SequenceIdentity {
+                tokenizer_digest: tok.into(),
+                max_tokens: 4096,
+                max_sequence_length: len,
+            }),
+            ..identity(DIGEST_A)
+        }
+    }
+
+    #[test]
+    fn sequence_members_must_share_the_data_s_tokenizer_vocabulary_and_length() {
+        let tok = "ab".repeat(32);
+        let mut m = membership();
+        m.expect_sequences(SequenceData {
+            vocab: 218,
+            tokenizer_digest: tok.clone(),
+            seq_len: 64,
+        });
+        let refused = |m: &mut Membership, ident: ModelIdentity, says: &str| match m
+            .record_identity(1, ident)
+        {
+            Err(e @ MembershipError::SequenceMismatch { .. }) => {
+                assert!(e.to_string().contains(says), "{e}")
+            }
+            other => panic!("{other:?}"),
+        };
+        refused(
+            &mut m,
+            identity(DIGEST_A),
+            "serves a classifier (10 classes)",
+        );
+        refused(&mut m, lm(219, &tok, 64), "vocabulary of 219 tokens");
+        refused(&mut m, lm(218, &"cd".repeat(32), 64), "share one tokenizer");
+        refused(&mut m, lm(218, &tok, 32), "at most 32 tokens");
+        refused(&mut m, lm(218, "", 64), "states no tokenizer");
+        // Its input shape is its own longest sequence, not the data's: a longer one fits.
+        m.record_identity(1, lm(218, &tok, 128)).unwrap();
+        assert_eq!(m.digest("a"), Some(DIGEST_A));
+        // A run on rows refuses a sequence model.
+        let mut rows = membership();
+        rows.expect_model(784, 10);
+        match rows.record_identity(1, lm(10, &tok, 784)) {
+            Err(e @ MembershipError::SequenceMismatch { .. }) => {
+                assert!(e.to_string().contains("trains on rows"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -41,6 +41,7 @@ pub fn identity(digest: &str) -> ModelIdentity {
         input_shape: vec![784],
         classes: 10,
         max_batch: 1024,
+        sequence: None,
     }
 }
 
