@@ -61,21 +61,6 @@ const STUDENT_WINDOWS: usize = 640;
 /// Validation windows scored.
 const VALIDATION: usize = 64;
 
-fn llama(layers: usize, hidden: usize, vocab: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: hidden * 2,
-        num_hidden_layers: layers,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-    }
-}
-
 /// The flat `L + 1`-token windows `idx` of `p`.
 fn windows(p: &text::Packed, idx: &[usize]) -> anyhow::Result<Vec<u32>> {
     let mut out = Vec::with_capacity(idx.len() * (p.seq_len() + 1));
@@ -127,7 +112,7 @@ pub fn run(seed: u64, out: &Path) -> anyhow::Result<()> {
     };
 
     // 1. The teacher.
-    let tcfg = llama(2, 64, vocab);
+    let tcfg = LlamaConfig::small(2, 64, vocab);
     let mut teacher = LmStudent::new(
         &tcfg,
         init_tensors(&tcfg, seed + 1, &dev)?,
@@ -177,7 +162,7 @@ pub fn run(seed: u64, out: &Path) -> anyhow::Result<()> {
         anyhow::Ok(pool)
     });
     let pool = served?;
-    let scfg = llama(1, 32, vocab);
+    let scfg = LlamaConfig::small(1, 32, vocab);
     let init = init_tensors(&scfg, seed + 2, &dev)?;
     let mut base = LmStudent::new(&scfg, init.clone(), adam.clone(), &dev)?;
     let mut kd = LmStudent::new(&scfg, init, adam, &dev)?;

@@ -33,18 +33,7 @@ fn words() -> Vec<&'static str> {
 }
 
 fn cfg(vocab: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 32,
-        tie_word_embeddings: true,
-    }
+    LlamaConfig::small(2, 32, vocab)
 }
 
 /// A model over the grammar's words, in `order` (another order: another tokenizer of the same

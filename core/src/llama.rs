@@ -64,6 +64,23 @@ fn default_positions() -> usize {
 }
 
 impl LlamaConfig {
+    /// A small llama for the toy language and tests: `layers` of width `hidden` (4 heads, 2 of
+    /// them for keys and values, an MLP twice as wide), tied embeddings, 64 positions.
+    pub fn small(layers: usize, hidden: usize, vocab: usize) -> Self {
+        Self {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: hidden * 2,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        }
+    }
+
     /// Reads the fields of a `config.json`; names the file and the problem when it cannot.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
         let c: Self = serde_json::from_str(text)

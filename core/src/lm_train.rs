@@ -274,18 +274,7 @@ mod tests {
     use crate::topk::TopKFormat;
 
     fn cfg(layers: usize, hidden: usize, vocab: usize) -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: hidden * 2,
-            num_hidden_layers: layers,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-        }
+        LlamaConfig::small(layers, hidden, vocab)
     }
 
     /// The toy grammar tokenized and packed into windows of 16 + 1.
