@@ -303,7 +303,7 @@ pub(crate) fn train_baseline(
 
 /// A progress bar on stderr when it is a terminal (hidden otherwise, so piped output stays the
 /// table alone).
-fn progress(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
@@ -385,6 +385,7 @@ pub(crate) async fn distil(
         data: a.data.clone(),
         transfer: None,
         eval: None,
+        lm: None,
         run_dir: out.to_path_buf(),
         epochs: a.epochs,
         batch_size: a.batch,

@@ -44,6 +44,7 @@ fn teacher_and_student_see_bit_identical_pixels() {
             input_shape: vec![256],
             classes: 2,
             temperature: 1.0,
+            positions: None,
         },
     )
     .unwrap()

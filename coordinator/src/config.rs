@@ -105,6 +105,65 @@ pub struct RunConfig {
     /// The split the student is scored on (`[eval]`; default: `data`'s test split).
     #[serde(default)]
     pub eval: Option<crate::transfer::Selection>,
+    /// How a token source (`text:PATH`, `grammar[:SEED]`) becomes windows (`[lm]`; defaults
+    /// when the data is a token source and the section is absent).
+    #[serde(default)]
+    pub lm: Option<LmConfig>,
+}
+
+/// A language-model run's data (`[lm]`): see [`distill_core::data::tokens`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmConfig {
+    /// Input tokens per window (a row holds one more: the last target).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// The tokenizer of a `text:` source: a `tokenizer.json` or a `.gguf` file (relative to
+    /// the config file). The grammar has its own.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Share of the windows kept for validation (the last ones), in [0, 1).
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Sentences of a `grammar` source.
+    #[serde(default = "default_sentences")]
+    pub sentences: usize,
+}
+
+/// Longest `lm.seq_len` accepted (a window's logits are `seq_len × vocabulary` floats).
+pub const MAX_SEQ_LEN: usize = 1 << 16;
+
+fn default_seq_len() -> usize {
+    distill_core::data::tokens::TokenOptions::default().seq_len
+}
+fn default_validation_fraction() -> f64 {
+    distill_core::data::tokens::TokenOptions::default().validation_fraction
+}
+fn default_sentences() -> usize {
+    distill_core::data::tokens::TokenOptions::default().sentences
+}
+
+impl Default for LmConfig {
+    fn default() -> Self {
+        Self {
+            seq_len: default_seq_len(),
+            tokenizer: None,
+            validation_fraction: default_validation_fraction(),
+            sentences: default_sentences(),
+        }
+    }
+}
+
+impl LmConfig {
+    /// The loader's options.
+    pub fn token_options(&self) -> distill_core::data::tokens::TokenOptions {
+        distill_core::data::tokens::TokenOptions {
+            seq_len: self.seq_len,
+            tokenizer: self.tokenizer.clone(),
+            validation_fraction: self.validation_fraction,
+            sentences: self.sentences,
+        }
+    }
 }
 
 /// Elastic membership and replica health (`[membership]`): maps to
@@ -637,6 +696,11 @@ impl RunConfig {
             {
                 *h = dir.join(&*h);
             }
+            if let Some(t) = cfg.lm.as_mut().and_then(|l| l.tokenizer.as_mut())
+                && t.is_relative()
+            {
+                *t = dir.join(&*t);
+            }
         }
         Ok(cfg)
     }
@@ -722,9 +786,11 @@ impl RunConfig {
         fn bad<T>(key: &str, msg: String) -> Result<T> {
             Err(Error::Config(format!("`{key}`: {msg}")))
         }
-        self.data
+        let source = self
+            .data
             .parse::<distill_core::data::DataSource>()
             .or_else(|e| bad("data", e.to_string()))?;
+        self.validate_lm(&source)?;
         let offline = self
             .cache
             .as_ref()
@@ -952,6 +1018,108 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Whether the run distils a language model (its data is a token source).
+    pub fn is_lm(&self) -> bool {
+        matches!(
+            self.data.parse::<distill_core::data::DataSource>(),
+            Ok(distill_core::data::DataSource::Text(_)
+                | distill_core::data::DataSource::Grammar { .. })
+        )
+    }
+
+    /// The `[lm]` section of a run on a token source: the one given or the defaults.
+    pub fn lm_options(&self) -> Option<LmConfig> {
+        self.is_lm().then(|| self.lm.clone().unwrap_or_default())
+    }
+
+    /// A language-model run's constraints: a token source with a llama student, top-k soft
+    /// targets, and (for now) one member, no cache and no transfer or evaluation selection.
+    fn validate_lm(&self, source: &distill_core::data::DataSource) -> Result<()> {
+        fn bad<T>(key: &str, msg: String) -> Result<T> {
+            Err(Error::Config(format!("`{key}`: {msg}")))
+        }
+        let tokens = self.is_lm();
+        if !tokens {
+            if self.lm.is_some() {
+                return bad(
+                    "lm",
+                    format!("{source} is not a token source (text:PATH or grammar[:SEED])"),
+                );
+            }
+            return Ok(());
+        }
+        let lm = self.lm.clone().unwrap_or_default();
+        if lm.seq_len == 0 || lm.seq_len > MAX_SEQ_LEN {
+            return bad(
+                "lm.seq_len",
+                format!("must be 1 to {MAX_SEQ_LEN}, got {}", lm.seq_len),
+            );
+        }
+        if !(0.0..1.0).contains(&lm.validation_fraction) {
+            return bad(
+                "lm.validation_fraction",
+                format!("must be in [0, 1), got {}", lm.validation_fraction),
+            );
+        }
+        if !matches!(self.soft_targets, SoftTargetEncoding::TopK(_)) {
+            return bad(
+                "soft_targets",
+                format!(
+                    "a language model's teachers answer top-k rows: use \"topk:K\", not \"{}\"",
+                    self.soft_targets
+                ),
+            );
+        }
+        if self.members.len() > 1 {
+            return bad(
+                "members",
+                "a language-model run takes one member for now (combining several members' \
+                 top-k rows per position is not built)"
+                    .into(),
+            );
+        }
+        for (key, set) in [
+            ("transfer", self.transfer.is_some()),
+            ("eval", self.eval.is_some()),
+        ] {
+            if set {
+                return bad(
+                    key,
+                    "not available for a language-model run yet (its windows are the \
+                     corpus's: the last `lm.validation_fraction` of them are scored)"
+                        .into(),
+                );
+            }
+        }
+        if let Some(c) = &self.cache
+            && c.mode == crate::store::cache::CacheMode::Offline
+        {
+            return bad(
+                "cache.mode",
+                "a language-model run reads and writes its windows' rows (read-write or \
+                 read-only); offline is not available for it yet"
+                    .into(),
+            );
+        }
+        match Arch::parse(&self.student.arch) {
+            Ok(Arch::Llama(c)) if lm.seq_len > c.max_position_embeddings => bad(
+                "lm.seq_len",
+                format!(
+                    "{} is longer than the student's {} positions",
+                    lm.seq_len, c.max_position_embeddings
+                ),
+            ),
+            Ok(Arch::Llama(_)) => Ok(()),
+            _ => bad(
+                "student.arch",
+                format!(
+                    "{} is a token source: the student must be a llama (llama:LAYERS-HIDDEN-VOCAB)",
+                    self.data
+                ),
+            ),
+        }
+    }
+
     /// What the workers train with.
     pub fn student_settings(&self) -> Result<StudentSettings> {
         let arch = Arch::parse(&self.student.arch)
@@ -1062,6 +1230,7 @@ weight = 2.0
             "membership",
             "transfer",
             "eval",
+            "lm",
         ];
         assert_eq!(
             documented

@@ -80,9 +80,11 @@ pub async fn fill(
     let (cache, slots) = match &ctx.cache {
         Some(c) => match &c.targets {
             CachedTargets::Members(slots) => (c.clone(), slots.clone()),
-            CachedTargets::Combined(_) => {
-                return Err(Error::Internal(
-                    "a read-write run reads combined targets".into(),
+            CachedTargets::Combined(_) | CachedTargets::Windows(_) => {
+                return Err(Error::Config(
+                    "`distill cache fill` fills member records of example data, not a \
+                     language model's windows (a run fills those as it goes)"
+                        .into(),
                 ));
             }
         },

@@ -44,8 +44,15 @@ pub async fn prepare(cfg: RunConfig) -> Result<Run> {
 /// the teachers what they serve and opens the soft-target cache under the run's key.
 pub async fn prepare_with(cfg: RunConfig, security: Security) -> Result<Run> {
     let (source, transfer, eval) = (cfg.data.clone(), cfg.transfer.clone(), cfg.eval.clone());
-    let data = tokio::task::spawn_blocking(move || {
-        transfer::assemble(&source, transfer.as_ref(), eval.as_ref())
+    let lm = cfg.lm_options();
+    let data = tokio::task::spawn_blocking(move || match lm {
+        Some(lm) => {
+            let source: distill_core::data::DataSource = source
+                .parse()
+                .map_err(|e| Error::Config(format!("`data`: {e}")))?;
+            Ok(source.load_with(&lm.token_options())?)
+        }
+        None => transfer::assemble(&source, transfer.as_ref(), eval.as_ref()),
     })
     .await
     .map_err(|e| Error::Internal(format!("data loading task: {e}")))??;
@@ -58,10 +65,12 @@ pub async fn prepare_with(cfg: RunConfig, security: Security) -> Result<Run> {
     );
     let mut run = Run::new(cfg, data, security)?;
     let ctx = run.ctx.clone();
-    let digests = ctx
-        .pool
-        .check_models(ctx.data.row_len(), ctx.data.classes)
-        .await?;
+    // A sequence member is described for the windows' inputs, L tokens.
+    let row_len = match &ctx.data.tokens {
+        Some(t) => t.seq_len,
+        None => ctx.data.row_len(),
+    };
+    let digests = ctx.pool.check_models(row_len, ctx.data.classes).await?;
     // `check_models` pinned them as it recorded the replicas; pinned again here so that the
     // cache key and the membership can never disagree.
     ctx.pool.pin_digests(&digests)?;

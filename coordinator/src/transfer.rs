@@ -143,6 +143,7 @@ pub fn assemble(
         let x = match &split.x {
             Features::U8(_) => Features::U8(split.rows_u8(&idx).unwrap_or_default()),
             Features::F32(_) => Features::F32(split.rows_f32(&idx)),
+            Features::Tokens(_) => Features::Tokens(split.rows_tokens(&idx).unwrap_or_default()),
         };
         let y = if sel.labels {
             let y = split.labels(&idx);
@@ -189,6 +190,7 @@ pub fn assemble(
         classes: base.classes,
         train,
         test,
+        tokens: base.tokens,
     })
 }
 

@@ -144,8 +144,101 @@ fn forward_batches(
     Ok(())
 }
 
-/// Scores `model` on every row of `split` (see [`predict`]).
+/// A language model's figures over token windows ([`evaluate_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TokenEval {
+    /// Positions scored (windows × L).
+    pub positions: u64,
+    /// Positions whose most probable next token is not the window's.
+    pub errors: u64,
+    /// Sum of the next-token negative log-likelihoods (nats).
+    pub nll: f64,
+}
+
+impl TokenEval {
+    /// `exp(mean NLL)`.
+    pub fn perplexity(&self) -> f64 {
+        (self.nll / self.positions.max(1) as f64).exp()
+    }
+}
+
+/// Most logits one forward pass of [`evaluate_tokens`] computes (64 MiB of f32): the windows
+/// of a pass are as many as fit, at least one.
+const MAX_EVAL_LOGITS: usize = 1 << 24;
+
+/// Scores a language model on the token windows of `split` ([`Features::Tokens`]): top-1
+/// errors and the NLL of every position's next token.
+pub fn evaluate_tokens(model: &Model, split: &Split) -> Result<TokenEval> {
+    let crate::data::Features::Tokens(_) = &split.x else {
+        return Err(Error::Input(
+            "a language model is scored on token windows".into(),
+        ));
+    };
+    let w = split.row_len();
+    if w < 2 {
+        return Err(Error::Input(format!(
+            "windows of {w} tokens: need at least 2"
+        )));
+    }
+    let v = model.spec().arch.classes();
+    let per_pass = (MAX_EVAL_LOGITS / (w - 1).saturating_mul(v).max(1)).max(1);
+    let idx: Vec<usize> = (0..split.len()).collect();
+    let mut out = TokenEval::default();
+    for chunk in idx.chunks(per_pass) {
+        let rows = split
+            .rows_tokens(chunk)
+            .ok_or_else(|| Error::Input("the split's rows are not tokens".into()))?;
+        if let Some(t) = rows.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::Input(format!(
+                "token id {t} is not below the model's vocabulary of {v}"
+            )));
+        }
+        let x = candle_core::Tensor::from_vec(rows.clone(), (chunk.len(), w), model.device())?;
+        let logits = model.forward(&x)?; // [B·L, V]
+        let next: Vec<u32> = rows
+            .chunks_exact(w)
+            .flat_map(|r| r[1..].iter().copied())
+            .collect();
+        let n = next.len();
+        let next_t = candle_core::Tensor::from_vec(next.clone(), n, model.device())?;
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = lsm
+            .gather(&next_t.unsqueeze(1)?, 1)?
+            .sum_all()?
+            .neg()?
+            .to_scalar::<f32>()?;
+        let top: Vec<u32> = logits
+            .argmax(D::Minus1)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        out.positions += n as u64;
+        out.errors += top.iter().zip(&next).filter(|(a, b)| a != b).count() as u64;
+        out.nll += f64::from(nll);
+    }
+    Ok(out)
+}
+
+/// Scores `model` on every row of `split` (see [`predict`]). A language model on token
+/// windows is scored per position ([`evaluate_tokens`]): `n` counts positions and the per-class
+/// figures and the confusion matrix (vocabulary × vocabulary) are left empty.
 pub fn evaluate(model: &Model, split: &Split, batch: usize) -> Result<EvalReport> {
+    if let crate::data::Features::Tokens(_) = &split.x {
+        let t = evaluate_tokens(model, split)?;
+        let (n, errors) = (t.positions as usize, t.errors as usize);
+        return Ok(EvalReport {
+            n,
+            errors,
+            accuracy: if n == 0 {
+                0.0
+            } else {
+                (n - errors) as f64 / n as f64
+            },
+            classes: model.spec().arch.classes(),
+            per_class_total: Vec::new(),
+            per_class_errors: Vec::new(),
+            confusion: Vec::new(),
+        });
+    }
     let classes = model.spec().arch.classes();
     if let Some((i, y)) = split
         .y

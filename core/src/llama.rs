@@ -65,7 +65,7 @@ fn default_positions() -> usize {
 
 impl LlamaConfig {
     /// A small llama for the toy language and tests: `layers` of width `hidden` (4 heads, 2 of
-    /// them for keys and values, an MLP twice as wide), tied embeddings, 64 positions.
+    /// them for keys and values, an MLP twice as wide), tied embeddings, 2048 positions.
     pub fn small(layers: usize, hidden: usize, vocab: usize) -> Self {
         Self {
             vocab_size: vocab,
@@ -76,7 +76,7 @@ impl LlamaConfig {
             num_key_value_heads: Some(2),
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
-            max_position_embeddings: 64,
+            max_position_embeddings: 2048,
             tie_word_embeddings: true,
         }
     }
@@ -88,6 +88,40 @@ impl LlamaConfig {
         c.validate()
             .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         Ok(c)
+    }
+
+    /// Every parameter's Hugging Face name and shape, in name order (what [`Llama::new`] reads).
+    /// Saturating: an unvalidated config must not panic here; its shapes then fit no tensor.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, h, i) = (self.vocab_size, self.hidden_size, self.intermediate_size);
+        let d = self.head_dim();
+        let (q, kv) = (
+            self.num_attention_heads.saturating_mul(d),
+            self.kv_heads().saturating_mul(d),
+        );
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![v, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+            out.extend([
+                (p("input_layernorm"), vec![h]),
+                (p("post_attention_layernorm"), vec![h]),
+                (p("self_attn.q_proj"), vec![q, h]),
+                (p("self_attn.k_proj"), vec![kv, h]),
+                (p("self_attn.v_proj"), vec![kv, h]),
+                (p("self_attn.o_proj"), vec![h, q]),
+                (p("mlp.gate_proj"), vec![i, h]),
+                (p("mlp.up_proj"), vec![i, h]),
+                (p("mlp.down_proj"), vec![h, i]),
+            ]);
+        }
+        out.sort();
+        out
     }
 
     /// Key and value heads.

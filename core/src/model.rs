@@ -22,6 +22,8 @@ enum Layers {
         hidden: Linear,
         out: Linear,
     },
+    /// A language model scoring every position of a window (see [`crate::spec`]).
+    Llama(Box<crate::llama::Llama>),
 }
 
 /// The arithmetic of a model's forward and backward passes.
@@ -90,6 +92,15 @@ impl Model {
     /// Builds the model, taking every parameter from `vb` by its documented name.
     pub fn new(spec: ModelSpec, vb: VarBuilder) -> Result<Self> {
         spec.validate()?;
+        if let Arch::Llama(cfg) = &spec.arch {
+            let llama = crate::llama::Llama::new(cfg, vb.clone())?;
+            return Ok(Self {
+                spec,
+                layers: Layers::Llama(Box::new(llama)),
+                device: vb.device().clone(),
+                precision: Precision::F32,
+            });
+        }
         let shapes = spec.arch.param_shapes();
         let get = |i: usize| vb.get(shapes[i].1.as_slice(), &shapes[i].0);
         let lin = |i: usize| -> candle_core::Result<Linear> {
@@ -101,6 +112,9 @@ impl Model {
                     .map(|l| lin(2 * l))
                     .collect::<candle_core::Result<_>>()?,
             ),
+            Arch::Llama(_) => {
+                return Err(Error::Spec("a llama is built above".into()));
+            }
             Arch::Conv {
                 channels, kernel, ..
             } => {
@@ -189,6 +203,9 @@ impl Model {
     }
 
     fn run(&self, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        if let Layers::Llama(m) = &self.layers {
+            return forward_windows(m, x, self.precision);
+        }
         match self.precision {
             Precision::F32 => self.run_f32(x, rng),
             p @ Precision::Bf16 => self.run_cast(x, rng, p.dtype()),
@@ -233,6 +250,7 @@ impl Model {
                 let h = drop(hidden.forward(&h)?.relu()?, p_hidden)?;
                 Ok(out.forward(&h)?)
             }
+            Layers::Llama(m) => forward_windows(m, x, Precision::F32),
         }
     }
 
@@ -306,9 +324,34 @@ impl Model {
                 let h = drop(cast_linear(hidden)?.forward(&h)?.relu()?, p_hidden)?;
                 cast_linear(out)?.forward(&h)?
             }
+            Layers::Llama(m) => forward_windows(m, &x, Precision::F32)?,
         };
         Ok(logits.to_dtype(DType::F32)?)
     }
+}
+
+/// A llama's logits over windows `x` `[N, L + 1]` (token ids, any dtype holding them exactly):
+/// it reads the first `L` of each → `[N·L, vocab]`, one row per position, in window order.
+fn forward_windows(m: &crate::llama::Llama, x: &Tensor, precision: Precision) -> Result<Tensor> {
+    if precision != Precision::F32 {
+        return Err(Error::Config(
+            "a llama trains in f32 (bf16 is not supported for language models yet)".into(),
+        ));
+    }
+    let (n, w) = x.dims2().map_err(|_| {
+        Error::Input(format!(
+            "a language model takes windows [N, L + 1] of token ids, got {:?}",
+            x.dims()
+        ))
+    })?;
+    if w < 2 {
+        return Err(Error::Input(format!(
+            "windows of {w} tokens: a language model needs at least 2 (an input and its next token)"
+        )));
+    }
+    let tokens = x.narrow(1, 0, w - 1)?.to_dtype(DType::U32)?;
+    let v = m.config().vocab_size;
+    Ok(m.forward(&tokens)?.reshape((n * (w - 1), v))?)
 }
 
 /// Inverted dropout with a mask drawn from `rng`: each element is zeroed with probability `p`
@@ -324,9 +367,27 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
 
 /// Seeded initial parameters, distributed as PyTorch's defaults for `nn.Linear`/`nn.Conv2d`:
 /// weights and biases uniform in ±1/√fan_in.
+///
+/// A llama's are [`crate::lm::init_tensors`]'s: norm weights 1, every other weight uniform with
+/// standard deviation 0.02, drawn in name order.
 pub fn init_params(arch: &Arch, seed: u64) -> Vec<crate::safetensors_io::NamedParam> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let shapes = arch.param_shapes();
+    if let Arch::Llama(_) = arch {
+        let bound = 0.02f32 * 3f32.sqrt();
+        return shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v = if name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else {
+                    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                };
+                (name, shape, v)
+            })
+            .collect();
+    }
     let mut out = Vec::with_capacity(shapes.len());
     let mut fan_in = 1usize;
     for (name, shape) in shapes {

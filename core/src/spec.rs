@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `mlp:784-1200-1200-10` | input 784, ReLU hidden layers 1200 and 1200, 10 classes |
 //! | `conv:32-64-256-10` | 1×28×28 input; conv 5×5 (pad 2) → ReLU → max-pool 2, for each of 32 and 64 channels; then a ReLU hidden layer of 256 and 10 classes |
+//! | `llama:4-256-49152` | a decoder-only language model of 4 layers of width 256 over a vocabulary of 49,152 ([`LlamaConfig::small`]'s shape); any other llama comes from a `config.json` |
 //!
 //! In `conv:`, every number but the last two is a conv layer's channel count (at least one), the
 //! second-to-last is the width of the fully connected hidden layer and the last is the number of
@@ -21,16 +22,28 @@
 //!
 //! A PyTorch `nn.Sequential` of the same layers saves keys `"{index}.weight"`; `distill
 //! import-torch` renames them in order (see [`crate::checkpoint::import_sequential`]).
+//! - Llama: Hugging Face's names (`model.embed_tokens.weight`, `model.layers.{i}.…`,
+//!   `model.norm.weight`, `lm_head.weight` unless tied), in name order
+//!   ([`LlamaConfig::param_shapes`]).
+//!
+//! # Language models
+//!
+//! A llama classifies every position of a window: its input row is a window of `L + 1` token
+//! ids ([`crate::data::tokens`]), of which it reads the first `L`, and its logits are
+//! `[N·L, vocab]`, one row per position, the targets being the window's last `L` tokens. So
+//! the training step, the soft targets (one row per position) and the error count (top-1
+//! mismatches over positions) are those of a classifier over positions.
 
 use serde::{Deserialize, Serialize};
 
+use crate::llama::LlamaConfig;
 use crate::{Error, Result};
 
 /// Most conv layers an architecture may have (each halves the input's height and width).
 pub const MAX_CONV_LAYERS: usize = 16;
 
 /// The layers of a network (no training hyperparameters).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Arch {
     /// Multi-layer perceptron with ReLU hidden layers.
@@ -55,6 +68,8 @@ pub enum Arch {
         /// Number of classes.
         classes: usize,
     },
+    /// A decoder-only language model (see the module docs).
+    Llama(LlamaConfig),
 }
 
 /// Default conv kernel size.
@@ -65,7 +80,7 @@ impl Arch {
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |msg: &str| Error::Spec(format!("`{s}`: {msg}"));
         let (kind, rest) = s.split_once(':').ok_or_else(|| {
-            bad("expected KIND:SIZES, e.g. mlp:784-800-800-10 or conv:32-64-256-10")
+            bad("expected KIND:SIZES, e.g. mlp:784-800-800-10, conv:32-64-256-10 or llama:4-256-49152")
         })?;
         let nums = rest
             .split('-')
@@ -102,9 +117,15 @@ impl Arch {
                     classes: nums[nums.len() - 1],
                 }
             }
+            "llama" => {
+                let &[layers, hidden, vocab] = nums.as_slice() else {
+                    return Err(bad("a llama is llama:LAYERS-HIDDEN-VOCAB"));
+                };
+                Arch::Llama(LlamaConfig::small(layers, hidden, vocab))
+            }
             other => {
                 return Err(bad(&format!(
-                    "unknown kind `{other}` (expected mlp or conv)"
+                    "unknown kind `{other}` (expected mlp, conv or llama)"
                 )));
             }
         };
@@ -165,15 +186,34 @@ impl Arch {
                     )));
                 }
             }
+            Arch::Llama(cfg) => {
+                cfg.validate()
+                    .map_err(|e| Error::Spec(format!("{self}: {e}")))?;
+                if cfg.vocab_size < 2 {
+                    return Err(Error::Spec(format!(
+                        "{self}: the vocabulary needs >= 2 tokens"
+                    )));
+                }
+            }
         }
         Ok(())
     }
 
-    /// Shape of one input row, without the batch dimension.
+    /// Shape of one input row, without the batch dimension (empty for a llama: its rows are
+    /// windows of any length up to its positions, plus one).
     pub fn input_shape(&self) -> Vec<usize> {
         match self {
             Arch::Mlp { input, .. } => vec![*input],
             Arch::Conv { input, .. } => input.to_vec(),
+            Arch::Llama(_) => Vec::new(),
+        }
+    }
+
+    /// The language model's config, for a llama.
+    pub fn llama(&self) -> Option<&LlamaConfig> {
+        match self {
+            Arch::Llama(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -186,6 +226,7 @@ impl Arch {
     pub fn classes(&self) -> usize {
         match self {
             Arch::Mlp { classes, .. } | Arch::Conv { classes, .. } => *classes,
+            Arch::Llama(c) => c.vocab_size,
         }
     }
 
@@ -233,6 +274,7 @@ impl Arch {
                 linear(&mut out, 0, flat, *hidden);
                 linear(&mut out, 1, *hidden, *classes);
             }
+            Arch::Llama(c) => out = c.param_shapes(),
         }
         out
     }
@@ -276,6 +318,11 @@ impl std::fmt::Display for Arch {
                 v.push(*classes);
                 write!(f, "conv:{}", join(v))
             }
+            Arch::Llama(c) => write!(
+                f,
+                "llama:{}-{}-{}",
+                c.num_hidden_layers, c.hidden_size, c.vocab_size
+            ),
         }
     }
 }

@@ -546,6 +546,7 @@ mod tests {
             classes: full.classes,
             train: take(&full.train, n_train),
             test: take(&full.test, n_test),
+            tokens: None,
         }
     }
 

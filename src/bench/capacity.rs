@@ -403,7 +403,9 @@ fn write_data(rows: usize, path: &Path) -> anyhow::Result<String> {
     let ds = distill_core::data::Dataset::load("synthetic")?;
     let u8s = |f: &Features| match f {
         Features::U8(v) => Ok(v.clone()),
-        Features::F32(_) => Err(anyhow::anyhow!("the synthetic set is expected as u8")),
+        Features::F32(_) | Features::Tokens(_) => {
+            Err(anyhow::anyhow!("the synthetic set is expected as u8"))
+        }
     };
     let (x, y) = (u8s(&ds.train.x)?, &ds.train.y);
     let row = ds.row_len();

@@ -444,6 +444,7 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
         data: a.data.clone(),
         transfer: None,
         eval: None,
+        lm: None,
         run_dir,
         epochs: a.epochs,
         batch_size: a.batch,

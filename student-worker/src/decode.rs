@@ -29,6 +29,21 @@ pub struct BatchSpec {
     pub classes: usize,
     /// The run's temperature T.
     pub temperature: f64,
+    /// For a language model, the positions `L` of a window: each input row is `L + 1` token
+    /// ids (I64), labels are `[B, L]` (the next tokens) and the soft targets have `B·L` rows.
+    pub positions: Option<usize>,
+}
+
+impl BatchSpec {
+    /// Label (and soft-target) rows of a batch of `rows` input rows.
+    fn target_rows(&self, rows: usize) -> std::result::Result<usize, String> {
+        match self.positions {
+            None => Ok(rows),
+            Some(l) => rows
+                .checked_mul(l)
+                .ok_or_else(|| format!("{rows} windows of {l} positions overflow")),
+        }
+    }
 }
 
 /// A decoded training batch in host memory.
@@ -44,9 +59,9 @@ pub struct TrainData {
     pub x: Vec<f32>,
     /// `[rows, ...input_shape]`.
     pub x_shape: Vec<usize>,
-    /// Hard labels, `rows` values.
+    /// Hard labels, `rows` values (a language model's: `rows × L` next tokens).
     pub y: Vec<u32>,
-    /// The soft targets.
+    /// The soft targets (one row per label).
     pub soft: Targets,
     /// Rows in the batch (B).
     pub rows: usize,
@@ -62,7 +77,7 @@ pub struct EvalData {
     pub x: Vec<f32>,
     /// `[rows, ...input_shape]`.
     pub x_shape: Vec<usize>,
-    /// Labels, `rows` values.
+    /// Labels, `rows` values (a language model's: `rows × L` next tokens).
     pub y: Vec<u32>,
     /// Rows in the batch.
     pub rows: usize,
@@ -105,12 +120,13 @@ pub fn decode_train(b: pb::TrainBatch, spec: &BatchSpec) -> Result<TrainData> {
         )));
     }
     let (x, x_shape, rows) = decode_inputs(inputs, spec).map_err(ctx)?;
-    let y = decode_labels(labels, rows, spec.classes).map_err(ctx)?;
+    let y = decode_labels(labels, rows, spec).map_err(ctx)?;
+    let n = y.len();
     let soft = match (soft_targets, topk_targets) {
         (Some(t), None) => {
-            Targets::Dense(decode_soft_targets(Some(t), rows, spec.classes).map_err(ctx)?)
+            Targets::Dense(decode_soft_targets(Some(t), n, spec.classes).map_err(ctx)?)
         }
-        (None, Some(t)) => Targets::TopK(decode_topk(t, rows, spec.classes).map_err(ctx)?),
+        (None, Some(t)) => Targets::TopK(decode_topk(t, n, spec.classes).map_err(ctx)?),
         (Some(_), Some(_)) => {
             return Err(ctx(
                 "both `soft_targets` and `topk_targets` are set; a batch carries one".into(),
@@ -138,7 +154,7 @@ pub fn decode_eval(b: pb::EvalBatch, spec: &BatchSpec) -> Result<EvalData> {
     let pb::EvalBatch { inputs, labels } = b;
     let ctx = |m: String| Error::BadBatch(format!("evaluation batch: {m}"));
     let (x, x_shape, rows) = decode_inputs(inputs, spec).map_err(ctx)?;
-    let y = decode_labels(labels, rows, spec.classes).map_err(ctx)?;
+    let y = decode_labels(labels, rows, spec).map_err(ctx)?;
     Ok(EvalData {
         x,
         x_shape,
@@ -175,6 +191,22 @@ fn decode_inputs(
         ));
     }
     let x = match t.dtype() {
+        DType::I64 if spec.positions.is_some() => {
+            // Token ids travel as f32 to the model (exact: a vocabulary is far below 2^24).
+            let ids = i64_values(t.data(), spec.classes).map_err(|(i, v)| {
+                format!(
+                    "`inputs` element {i} is token {v}, not below the vocabulary of {}",
+                    spec.classes
+                )
+            })?;
+            ids.into_iter().map(|v| v as f32).collect()
+        }
+        _ if spec.positions.is_some() => {
+            return Err(format!(
+                "`inputs` of a language model must be I64 token ids, got {:?}",
+                t.dtype()
+            ));
+        }
         // The one pixel scaling of distill, so teacher and student see the same inputs.
         DType::U8 => distill_core::data::pixels_to_f32(t.data()),
         DType::F32 => {
@@ -194,20 +226,37 @@ fn decode_inputs(
 fn decode_labels(
     t: Option<pb::Tensor>,
     rows: usize,
-    classes: usize,
+    spec: &BatchSpec,
 ) -> std::result::Result<Vec<u32>, String> {
     let t = host(t, "labels")?;
     if t.dtype() != DType::I64 {
         return Err(format!("`labels` must be I64, got {:?}", t.dtype()));
     }
-    if t.shape() != [rows] {
-        return Err(format!(
-            "`labels` has shape {:?}, expected [{rows}] (one per input row)",
-            t.shape()
-        ));
+    let classes = spec.classes;
+    match spec.positions {
+        None if t.shape() != [rows] => {
+            return Err(format!(
+                "`labels` has shape {:?}, expected [{rows}] (one per input row)",
+                t.shape()
+            ));
+        }
+        Some(l) if t.shape() != [rows, l] => {
+            return Err(format!(
+                "`labels` has shape {:?}, expected [{rows}, {l}] (the next token at each \
+                 position)",
+                t.shape()
+            ));
+        }
+        _ => {}
     }
-    t.data()
-        .chunks_exact(8)
+    spec.target_rows(rows)?;
+    i64_values(t.data(), classes)
+        .map_err(|(i, v)| format!("label {v} at row {i} is out of range for {classes} classes"))
+}
+
+/// Little-endian i64 values, each in `0..classes`; else the first bad one and its index.
+fn i64_values(data: &[u8], classes: usize) -> std::result::Result<Vec<u32>, (usize, i64)> {
+    data.chunks_exact(8)
         .enumerate()
         .map(|(i, c)| {
             let mut a = [0u8; 8];
@@ -216,9 +265,7 @@ fn decode_labels(
             u32::try_from(v)
                 .ok()
                 .filter(|&v| (v as usize) < classes)
-                .ok_or_else(|| {
-                    format!("label {v} at row {i} is out of range for {classes} classes")
-                })
+                .ok_or((i, v))
         })
         .collect()
 }
@@ -291,6 +338,7 @@ mod tests {
 
     fn spec() -> BatchSpec {
         BatchSpec {
+            positions: None,
             input_shape: vec![1, 2, 2],
             classes: 3,
             temperature: 4.0,

@@ -793,7 +793,21 @@ fn check_fit(
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .unwrap_or(0);
-    if shape.is_empty() || row != arch.input_size() {
+    let positions = match arch.llama() {
+        // A language model reads windows of L + 1 tokens, L up to its positions.
+        Some(cfg) => match shape.as_slice() {
+            &[w] if w >= 2 && w - 1 <= cfg.max_position_embeddings => Some(w - 1),
+            _ => {
+                return Err(Error::Settings(format!(
+                    "the data's rows have shape {shape:?} but the student {arch} takes windows \
+                     of 2 to {} tokens",
+                    cfg.max_position_embeddings.saturating_add(1)
+                )));
+            }
+        },
+        None => None,
+    };
+    if positions.is_none() && (shape.is_empty() || row != arch.input_size()) {
         return Err(Error::Settings(format!(
             "the data's rows have shape {shape:?} but the student {arch} takes {} values",
             arch.input_size()
@@ -812,6 +826,7 @@ fn check_fit(
         input_shape: shape,
         classes: classes as usize,
         temperature: s.temperature,
+        positions,
     })
 }
 

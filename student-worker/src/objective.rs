@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use distill_core::kd::kd_loss;
+use distill_core::token_kd::{Divergence, token_kd_loss};
 use distill_core::topk::{SparseTargets, kd_loss_topk};
 use distill_core::train::{Batch, Objective};
 
@@ -23,6 +24,7 @@ pub struct KdObjective {
     temperature: f64,
     alpha: f64,
     targets: Option<Targets>,
+    per_token: bool,
 }
 
 impl KdObjective {
@@ -32,6 +34,17 @@ impl KdObjective {
             temperature,
             alpha,
             targets: None,
+            per_token: false,
+        }
+    }
+
+    /// The objective of a language model, one row per position: top-k targets take the
+    /// per-token loss with a tail bucket ([`token_kd_loss`], forward KL), which asks nothing
+    /// of the student about how the teacher's unsent mass is shared among the vocabulary.
+    pub fn per_token(temperature: f64, alpha: f64) -> Self {
+        Self {
+            per_token: true,
+            ..Self::new(temperature, alpha)
         }
     }
 
@@ -63,6 +76,10 @@ impl Objective for KdObjective {
         let (t, a, y) = (self.temperature, self.alpha, Some(&batch.y));
         Ok(match targets {
             Targets::Dense(p) => kd_loss(logits, &p, y, t, a)?.total,
+            Targets::TopK(p) if self.per_token => {
+                let mask = vec![1f32; p.rows()];
+                token_kd_loss(logits, &p, &batch.y, &mask, t, a, Divergence::ForwardKl)?.loss
+            }
             Targets::TopK(p) => kd_loss_topk(logits, &p, y, t, a)?.total,
         })
     }

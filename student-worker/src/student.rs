@@ -78,7 +78,11 @@ impl Student {
         let mut model = model;
         model.model.set_precision(settings.precision);
         let opt = Optimizer::new(settings.optim.clone(), model.named_vars()?)?;
-        let objective = KdObjective::new(settings.temperature, settings.alpha);
+        let objective = if settings.spec.arch.llama().is_some() {
+            KdObjective::per_token(settings.temperature, settings.alpha)
+        } else {
+            KdObjective::new(settings.temperature, settings.alpha)
+        };
         Ok(Self {
             model,
             opt,
@@ -261,16 +265,17 @@ impl Student {
         Ok(())
     }
 
-    /// Misclassified rows of an evaluation batch (inference mode: no dropout).
+    /// Misclassified rows of an evaluation batch (inference mode: no dropout); a language
+    /// model's: positions whose top-1 is not the next token, out of `d.y.len()`.
     ///
     /// # Shapes
-    /// `d.x`: `[B, ...input_shape]`, `d.y`: `[B]`.
+    /// `d.x`: `[B, ...input_shape]`, `d.y`: `[B]` (or `[B·L]`).
     pub fn evaluate(&self, d: &EvalData) -> Result<u64> {
         let x = Tensor::from_slice(&d.x, d.x_shape.as_slice(), &self.device)?;
-        let y = Tensor::from_slice(&d.y, d.rows, &self.device)?;
-        let logits = self.model.model.forward(&x)?; // [B, classes]
+        let y = Tensor::from_slice(&d.y, d.y.len(), &self.device)?;
+        let logits = self.model.model.forward(&x)?; // [B, classes] (or [B·L, vocab])
         let correct = count_correct(&logits, &y)?;
-        Ok((d.rows - correct) as u64)
+        Ok((d.y.len() - correct) as u64)
     }
 
     /// The weights as a distill checkpoint with the worker metadata (see the module docs).
@@ -357,11 +362,13 @@ pub enum UploadedTargets {
 /// copy goes through candle's one stream; it overlaps the host work, not the kernels).
 pub fn upload(d: TrainData, device: &Device) -> Result<Uploaded> {
     let x = Tensor::from_vec(d.x, d.x_shape.as_slice(), device)?;
-    let y = Tensor::from_vec(d.y, d.rows, device)?;
+    // One label (and soft-target row) per input row, or per position of a window.
+    let n = d.y.len();
+    let y = Tensor::from_vec(d.y, n, device)?;
     let soft = match d.soft {
         Targets::Dense(p) => {
-            let classes = p.len() / d.rows.max(1);
-            UploadedTargets::Dense(Tensor::from_vec(p, (d.rows, classes), device)?)
+            let classes = p.len() / n.max(1);
+            UploadedTargets::Dense(Tensor::from_vec(p, (n, classes), device)?)
         }
         Targets::TopK(t) => UploadedTargets::TopK(t),
     };

@@ -536,7 +536,7 @@ fn run(
             Command::Eval(b) => {
                 let d = decode_eval(*b, &batch_spec)?;
                 t.test_errors += student.evaluate(&d)?;
-                t.test_total += d.rows as u64;
+                t.test_total += d.y.len() as u64;
             }
             Command::Finish => {
                 writer.finish()?;

@@ -29,6 +29,7 @@ fn setup(dir: &std::path::Path) -> Setup {
             input_shape: vec![1, 28, 28],
             classes: 10,
             temperature: f64::from(common::T),
+            positions: None,
         },
         device: Device::Cpu,
         work_dir: dir.to_path_buf(),

@@ -73,10 +73,14 @@ pub struct RunReport {
     pub ensemble_test_errors: Option<u64>,
     /// Test errors of the same student trained on hard labels alone (filled by `distill demo`).
     pub baseline_student_test_errors: Option<u64>,
-    /// Test errors of the distilled student.
+    /// Test errors of the distilled student (a language model's: validation positions whose
+    /// top-1 is not the next token).
     pub student_test_errors: u64,
-    /// Rows in the test split.
+    /// Rows in the test split (a language model's: validation positions).
     pub test_size: u64,
+    /// A language model's validation perplexity, `exp(mean next-token NLL)`.
+    #[serde(default)]
+    pub student_perplexity: Option<f64>,
     /// Epochs trained.
     pub epochs: u32,
     /// Training samples per second, from the first batch sent to the last ack.

@@ -57,12 +57,63 @@ pub fn input_rows(
     .map_err(|e| Error::Internal(e.to_string()))
 }
 
-/// Inputs and labels of rows `idx` of `split`, as wire tensors (u8 pixels stay u8).
+/// Token windows `idx` of `split` (`L + 1` ids each) as the worker's wire tensors: the windows
+/// `[B, L + 1]` and their next tokens `[B, L]`, both I64; with the windows themselves.
+fn token_rows(split: &Split, idx: &[usize]) -> Result<(HostTensor, HostTensor, Vec<u32>)> {
+    let w = split.row_len();
+    let windows = split
+        .rows_tokens(idx)
+        .ok_or_else(|| Error::Internal("the split's rows are not token windows".into()))?;
+    let i64s = |v: &mut dyn Iterator<Item = u32>| -> Vec<u8> {
+        v.flat_map(|t| i64::from(t).to_le_bytes()).collect()
+    };
+    let inputs = HostTensor::new(
+        vec![idx.len(), w],
+        DType::I64,
+        i64s(&mut windows.iter().copied()),
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let next = windows
+        .chunks_exact(w.max(1))
+        .flat_map(|r| r.iter().skip(1).copied());
+    let labels = HostTensor::new(
+        vec![idx.len(), w.saturating_sub(1)],
+        DType::I64,
+        i64s(&mut next.into_iter()),
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((inputs, labels, windows))
+}
+
+/// What a sequence teacher is asked for windows `windows` (`L + 1` ids each, flat): their
+/// first `L` tokens, at `temperature`, the top `k`.
+fn token_request(
+    windows: &[u32],
+    seq_len: usize,
+    temperature: f32,
+    k: usize,
+) -> Result<crate::teachers::TokenRequest> {
+    let w = seq_len + 1;
+    let n = windows.len() / w;
+    let ids: Vec<u32> = windows
+        .chunks_exact(w)
+        .flat_map(|r| r[..seq_len].iter().copied())
+        .collect();
+    let k = u32::try_from(k).map_err(|_| Error::Config("top-k k beyond u32".into()))?;
+    crate::teachers::TokenRequest::new(&ids, n, seq_len, Vec::new(), temperature, k)
+}
+
+/// Inputs and labels of rows `idx` of `split`, as wire tensors (u8 pixels stay u8; token
+/// windows as [`token_rows`]).
 pub fn inputs_and_labels(
     ctx: &RunContext,
     split: &Split,
     idx: &[usize],
 ) -> Result<(HostTensor, HostTensor)> {
+    if ctx.data.tokens.is_some() {
+        let (inputs, labels, _) = token_rows(split, idx)?;
+        return Ok((inputs, labels));
+    }
     let inputs = input_rows(&ctx.data, split, idx)?;
     let labels: Vec<u8> = split
         .labels(idx)
@@ -86,6 +137,9 @@ pub async fn prepare(
     lease: Lease,
     stop: CancellationToken,
 ) -> std::result::Result<PreparedBatch, PrepareError> {
+    if let Some(t) = &ctx.data.tokens {
+        return Ok(prepare_windows(&ctx, &lease, t.seq_len).await?);
+    }
     let (inputs, labels) = inputs_and_labels(&ctx, &ctx.data.train, &lease.samples)?;
     let t = ctx.cfg.temperature as f32;
     let rows = lease.samples.len();
@@ -107,6 +161,9 @@ pub async fn prepare(
             }
             CachedTargets::Members(slots) => {
                 from_records(&ctx, c, slots, &inputs, &lease, &stop).await?
+            }
+            CachedTargets::Windows(_) => {
+                return Err(Error::Internal("a window cache in a run of examples".into()).into());
             }
         },
     };
@@ -137,6 +194,78 @@ pub async fn prepare(
         },
         from_cache,
         degraded,
+    })
+}
+
+/// A language model's batch: its windows, their next tokens, and the member's top-k rows at
+/// every position (`B·L` rows, sequence by sequence), asked of the one member.
+async fn prepare_windows(ctx: &RunContext, lease: &Lease, seq_len: usize) -> Result<PreparedBatch> {
+    let SoftTargetEncoding::TopK(k) = ctx.cfg.soft_targets else {
+        return Err(Error::Config(
+            "a language-model run needs top-k soft targets".into(),
+        ));
+    };
+    let (inputs, labels, windows) = token_rows(&ctx.data.train, &lease.samples)?;
+    let t = ctx.cfg.temperature as f32;
+    let cache = match &ctx.cache {
+        Some(RunCache {
+            cache,
+            targets: CachedTargets::Windows(key),
+            ..
+        }) => Some((cache.clone(), key.clone())),
+        _ => None,
+    };
+    let hit = match &cache {
+        Some((cache, key)) => {
+            let (cache, key, samples) = (cache.clone(), key.clone(), lease.samples.clone());
+            blocking("cache", move || Ok(cache.get_batch(&key, &samples)?)).await?
+        }
+        None => None,
+    };
+    let from_cache = hit.is_some();
+    let topk = match hit {
+        Some(data) => pb::TopKTargets {
+            k: u32::try_from(k).map_err(|_| Error::Config("top-k k beyond u32".into()))?,
+            classes: u32::try_from(ctx.data.classes)
+                .map_err(|_| Error::Internal("more than 2^32 classes".into()))?,
+            value_dtype: pb::DType::DtypeF16 as i32,
+            data,
+        },
+        None => {
+            let req = token_request(&windows, seq_len, t, k)?;
+            let topk = ctx.pool.infer_tokens(0, &req).await?;
+            // The key says f16: rows of another value type are sent but not kept.
+            if let Some((cache, key)) = cache
+                && !cache.is_read_only()
+                && topk.value_dtype == pb::DType::DtypeF16 as i32
+            {
+                let (samples, bytes) = (lease.samples.clone(), topk.data.clone());
+                blocking(
+                    "cache",
+                    move || Ok(cache.put_batch(&key, &samples, &bytes)?),
+                )
+                .await?;
+            }
+            topk
+        }
+    };
+    tracing::debug!(rows = lease.samples.len(), from_cache, "batch prepared");
+    Ok(PreparedBatch {
+        batch: pb::TrainBatch {
+            lease_id: lease.id,
+            epoch: lease.batch.epoch,
+            index: lease.batch.index,
+            inputs: Some(inputs.into()),
+            labels: Some(labels.into()),
+            soft_targets: None,
+            temperature: t,
+            members: ctx.member_names(),
+            topk_targets: Some(topk),
+            encoding: ctx.cfg.soft_targets.to_string(),
+            cached: from_cache,
+        },
+        from_cache,
+        degraded: false,
     })
 }
 
@@ -373,6 +502,9 @@ pub async fn evaluate_teachers(
     ctx: Arc<RunContext>,
     stop: CancellationToken,
 ) -> Result<(Vec<TeacherErrors>, u64)> {
+    if let Some(t) = &ctx.data.tokens {
+        return evaluate_token_teacher(&ctx, t.seq_len).await;
+    }
     let n = ctx.data.test.len();
     let classes = ctx.data.classes;
     let members = ctx.pool.members.len();
@@ -411,6 +543,70 @@ pub async fn evaluate_teachers(
         .collect::<Vec<_>>();
     tracing::info!(teachers = ?per_member, ensemble, test_size = n, "teacher test errors");
     Ok((per_member, ensemble))
+}
+
+/// A language model's teacher (the one member) on the validation windows at T = 1: positions
+/// whose most probable next token (the largest of its top-k) is not the window's.
+async fn evaluate_token_teacher(
+    ctx: &RunContext,
+    seq_len: usize,
+) -> Result<(Vec<TeacherErrors>, u64)> {
+    let SoftTargetEncoding::TopK(k) = ctx.cfg.soft_targets else {
+        return Err(Error::Config(
+            "a language-model run needs top-k soft targets".into(),
+        ));
+    };
+    let n = ctx.data.test.len();
+    let mut errors = 0u64;
+    // Windows per request: a batch's worth, as training asks.
+    let step = ctx.cfg.batch_size.max(1);
+    for start in (0..n).step_by(step) {
+        let idx: Vec<usize> = (start..(start + step).min(n)).collect();
+        let (_, _, windows) = token_rows(&ctx.data.test, &idx)?;
+        let req = token_request(&windows, seq_len, 1.0, k)?;
+        let reply = ctx.pool.infer_tokens(0, &req).await?;
+        let format = distill_core::topk::TopKFormat::with_value_dtype(
+            ctx.data.classes,
+            reply.k as usize,
+            if reply.value_dtype == pb::DType::DtypeBf16 as i32 {
+                distill_core::topk::ValueDtype::Bf16
+            } else {
+                distill_core::topk::ValueDtype::F16
+            },
+        )?;
+        let rows = distill_core::topk::decode(&reply.data, idx.len() * seq_len, &format)?;
+        let kk = rows.k();
+        let next = windows
+            .chunks_exact(seq_len + 1)
+            .flat_map(|r| r[1..].iter().copied());
+        for (r, y) in next.enumerate() {
+            let (ids, ps) = (
+                &rows.indices()[r * kk..(r + 1) * kk],
+                &rows.probs()[r * kk..(r + 1) * kk],
+            );
+            let best = ids
+                .iter()
+                .zip(ps)
+                .fold((u32::MAX, f32::NEG_INFINITY), |b, (&i, &p)| {
+                    if p > b.1 { (i, p) } else { b }
+                });
+            errors += u64::from(best.0 != y);
+        }
+    }
+    let member = ctx
+        .pool
+        .members
+        .first()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    tracing::info!(%member, errors, positions = n * seq_len, "teacher top-1 errors");
+    Ok((
+        vec![TeacherErrors {
+            member,
+            test_errors: errors,
+        }],
+        errors,
+    ))
 }
 
 /// Encodes combined probabilities (`rows × classes`) in `encoding`, row after row.

@@ -10,7 +10,7 @@ use distill_core::settings::StudentSettings;
 use crate::config::{RunConfig, SyncAverage, SyncSchedule};
 use crate::domain::gradient_step::GradientStep;
 use crate::domain::ledger::{Ledger, LedgerConfig};
-use crate::domain::membership::Membership;
+use crate::domain::membership::{Membership, SequenceData};
 use crate::domain::rounds::SyncRounds;
 use crate::domain::run_state::{RunSettings, RunState};
 use crate::error::{Error, Result};
@@ -46,7 +46,7 @@ impl RunCache {
     /// The keys' digests, comma-separated (for the report).
     pub fn digests(&self) -> String {
         match &self.targets {
-            CachedTargets::Combined(k) => k.digest(),
+            CachedTargets::Combined(k) | CachedTargets::Windows(k) => k.digest(),
             CachedTargets::Members(slots) => slots
                 .iter()
                 .map(|s| s.key.digest())
@@ -65,6 +65,9 @@ pub enum CachedTargets {
     /// One record per member, in the order of the run's members (of the pool, when the run has
     /// teachers).
     Members(Vec<MemberSlot>),
+    /// A language model's windows: the one member's top-k rows (f16 values) at every position
+    /// of a window, concatenated (`L` rows per sample), at the run's T.
+    Windows(CacheKey),
 }
 
 /// One member's record in a run.
@@ -117,7 +120,9 @@ impl RunContext {
                 targets,
                 ..
             }) => match targets {
-                CachedTargets::Combined(k) => k.members.iter().map(|m| m.name.clone()).collect(),
+                CachedTargets::Combined(k) | CachedTargets::Windows(k) => {
+                    k.members.iter().map(|m| m.name.clone()).collect()
+                }
                 CachedTargets::Members(slots) => slots.iter().map(|s| s.name.clone()).collect(),
             },
             _ => self.pool.members.iter().map(|m| m.name.clone()).collect(),
@@ -142,7 +147,35 @@ impl Run {
         cfg.validate()?;
         let settings = cfg.student_settings()?;
         let classes = settings.spec.arch.classes();
-        if classes != data.classes || settings.spec.arch.input_size() != data.row_len() {
+        let is_llama = settings.spec.arch.llama().is_some();
+        if is_llama != data.tokens.is_some() {
+            return Err(Error::Config(format!(
+                "`student.arch`: {} {} but {} {}",
+                settings.spec.arch,
+                if is_llama {
+                    "is a language model"
+                } else {
+                    "is not a language model"
+                },
+                data.source,
+                if is_llama {
+                    "is not a token source (text:PATH or grammar[:SEED])"
+                } else {
+                    "holds token windows"
+                }
+            )));
+        }
+        if let (Some(cfg), Some(t)) = (settings.spec.arch.llama(), &data.tokens)
+            && t.seq_len > cfg.max_position_embeddings
+        {
+            return Err(Error::Config(format!(
+                "`lm.seq_len` {} is longer than the student's {} positions",
+                t.seq_len, cfg.max_position_embeddings
+            )));
+        }
+        if classes != data.classes
+            || (!is_llama && settings.spec.arch.input_size() != data.row_len())
+        {
             return Err(Error::Config(format!(
                 "`student.arch`: {} takes {} inputs and {} classes, but {} has rows of {} values and {} classes",
                 settings.spec.arch,
@@ -188,15 +221,37 @@ impl Run {
                 .trust(&m.name, m.trusted.iter().cloned())
                 .map_err(|e| Error::Config(format!("`members` `{}` `trusted`: {e}", m.name)))?;
         }
-        membership.expect_model(data.row_len() as u64, data.classes as u32);
-        let pool = TeacherPool::new(
-            &cfg.members,
-            MembershipHandle::new(membership),
-            secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
-            cfg.max_message_bytes(),
-        )?
-        .with_security(security.teachers.clone())
-        .with_canary(canary_rows(&data)?);
+        let pool = match &data.tokens {
+            // Sequence members are asked for windows' inputs (L tokens) and checked against
+            // the data's tokenizer and vocabulary.
+            Some(t) => {
+                membership.expect_sequences(SequenceData {
+                    vocab: u32::try_from(data.classes)
+                        .map_err(|_| Error::Config("a vocabulary over 2^32".into()))?,
+                    tokenizer_digest: t.tokenizer_digest.clone(),
+                    seq_len: u32::try_from(t.seq_len)
+                        .map_err(|_| Error::Config("`lm.seq_len` over 2^32".into()))?,
+                });
+                TeacherPool::new(
+                    &cfg.members,
+                    MembershipHandle::new(membership),
+                    secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
+                    cfg.max_message_bytes(),
+                )?
+                .with_security(security.teachers.clone())
+            }
+            None => {
+                membership.expect_model(data.row_len() as u64, data.classes as u32);
+                TeacherPool::new(
+                    &cfg.members,
+                    MembershipHandle::new(membership),
+                    secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
+                    cfg.max_message_bytes(),
+                )?
+                .with_security(security.teachers.clone())
+                .with_canary(canary_rows(&data)?)
+            }
+        };
         // The lock comes first: nothing is written into a run directory another coordinator
         // is using.
         let lock = RunDirLock::acquire(&cfg.run_dir)?;
@@ -331,7 +386,15 @@ impl Run {
             .map_err(|e| Error::Config(format!("`cache.record`: {e}")))?;
         let offline = cc.mode == CacheMode::Offline;
         let keys = cache.keys()?;
-        let targets = if offline {
+        let targets = if let Some(tokens) = &ctx.data.tokens {
+            let Some(key) = window_key(ctx, tokens, digests)? else {
+                tracing::warn!(
+                    "the member told no weights digest; the soft-target cache is off for this run"
+                );
+                return Ok(());
+            };
+            CachedTargets::Windows(key)
+        } else if offline {
             offline_targets(ctx, &cache, &keys)?
         } else {
             let t = ctx.cfg.temperature as f32;
@@ -368,7 +431,7 @@ impl Run {
             CachedTargets::Members(slots)
         };
         let description = match &targets {
-            CachedTargets::Combined(k) => {
+            CachedTargets::Combined(k) | CachedTargets::Windows(k) => {
                 k.validate()?;
                 k.description()
             }
@@ -398,6 +461,44 @@ impl Run {
     pub fn batches_per_epoch(&self) -> u64 {
         self.state.batches_per_epoch()
     }
+}
+
+/// The cache key of a language model's windows: everything a window's rows depend on — the
+/// corpus and how it was cut (source, `[lm]` options, tokenizer), the member's weights, T
+/// and the top-k encoding per position. None when the member told no weights digest.
+fn window_key(
+    ctx: &RunContext,
+    tokens: &distill_core::data::tokens::TokenInfo,
+    digests: &[Option<String>],
+) -> Result<Option<CacheKey>> {
+    let (Some(member), Some(Some(digest))) = (ctx.pool.members.first(), digests.first()) else {
+        return Ok(None);
+    };
+    let lm = ctx.cfg.lm_options().unwrap_or_default();
+    let per_position = ctx.cfg.soft_targets.row_bytes(ctx.data.classes)?;
+    let row_bytes = per_position
+        .checked_mul(tokens.seq_len)
+        .ok_or_else(|| Error::Config("`lm.seq_len`: a window's rows overflow".into()))?;
+    Ok(Some(CacheKey {
+        data: format!(
+            "{} seq_len={} validation={} sentences={} tokenizer={}",
+            ctx.data.source,
+            tokens.seq_len,
+            lm.validation_fraction,
+            lm.sentences,
+            tokens.tokenizer_digest
+        ),
+        train_size: ctx.data.train.len(),
+        members: vec![crate::store::cache::MemberIdentity {
+            name: member.name.clone(),
+            weights_digest: digest.clone(),
+            weight: member.weight,
+        }],
+        temperature: ctx.cfg.temperature as f32,
+        combine: ctx.cfg.combine,
+        encoding: format!("{}/f16 x{} positions", ctx.cfg.soft_targets, tokens.seq_len),
+        row_bytes,
+    }))
 }
 
 /// Where an offline run's soft targets come from (see [`Run::open_cache`]).

@@ -665,11 +665,21 @@ impl Driver {
                     while epoch_evals.join_next().await.is_some() {}
                     let write = move || -> Result<RunReport> {
                         let model = checkpoint.to_model(&candle_core::Device::Cpu)?;
-                        let own = distill_core::eval::evaluate(
-                            &model,
-                            &data.test,
-                            distill_core::eval::EVAL_BATCH,
-                        )?;
+                        let own = if data.tokens.is_some() {
+                            let t = distill_core::eval::evaluate_tokens(&model, &data.test)?;
+                            report.student_perplexity = Some(t.perplexity());
+                            distill_core::eval::EvalReport {
+                                n: t.positions as usize,
+                                errors: t.errors as usize,
+                                ..distill_core::eval::EvalReport::new(0)
+                            }
+                        } else {
+                            distill_core::eval::evaluate(
+                                &model,
+                                &data.test,
+                                distill_core::eval::EVAL_BATCH,
+                            )?
+                        };
                         if own.errors as u64 != report.student_test_errors {
                             tracing::warn!(
                                 claimed = report.student_test_errors,
@@ -816,6 +826,7 @@ impl Driver {
             baseline_student_test_errors: None,
             student_test_errors: finish.errors,
             test_size: finish.total,
+            student_perplexity: None,
             epochs: ctx.cfg.epochs,
             samples_per_sec: *samples_per_sec,
             batches_trained: progress.total_acked,

@@ -118,6 +118,7 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Dataset> {
             x: Features::U8(test_x.pixels),
             y: test_y,
         },
+        tokens: None,
     })
 }
 

@@ -7,6 +7,8 @@
 //! | `mnist:DIR` | the four IDX files of the MNIST family in `DIR`, raw or `.gz` (see [`idx`]) |
 //! | `safetensors:FILE` | tensors `x`, `y` and optionally `x_test`, `y_test` (see [`safetensors_file`]) |
 //! | `synthetic` or `synthetic:SEED` | a deterministic generated image set, seed 0 by default (see [`synthetic`]) |
+//! | `text:PATH` | a UTF-8 corpus, tokenized and packed into windows (see [`tokens`]) |
+//! | `grammar` or `grammar:SEED` | the toy language of [`grammar`], packed into windows (see [`tokens`]) |
 //!
 //! # Values
 //!
@@ -26,6 +28,7 @@ pub mod idx;
 pub mod safetensors_file;
 pub mod synthetic;
 pub mod text;
+pub mod tokens;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -44,6 +47,8 @@ pub enum Features {
     U8(Vec<u8>),
     /// Float values, used as they are.
     F32(Vec<f32>),
+    /// Token ids: each row is one window of a token data set (see [`tokens`]).
+    Tokens(Vec<u32>),
 }
 
 impl Features {
@@ -52,6 +57,7 @@ impl Features {
         match self {
             Features::U8(v) => v.len(),
             Features::F32(v) => v.len(),
+            Features::Tokens(v) => v.len(),
         }
     }
 }
@@ -131,6 +137,11 @@ impl Split {
             )));
         }
         self.check_indices(idx)?;
+        if let Features::Tokens(_) = &self.x {
+            return Err(Error::Input(
+                "token windows are not image rows: batch them with `rows_tokens`".into(),
+            ));
+        }
         // One zeroed buffer, filled in place and moved into the tensor: the only allocation
         // besides the labels (the zeros are also jitter's fill value).
         let mut x = vec![0f32; idx.len() * row_len];
@@ -138,6 +149,7 @@ impl Split {
             None => match &self.x {
                 Features::U8(v) => gather(v, row_len, idx, &mut x, pixel_to_f32),
                 Features::F32(v) => gather(v, row_len, idx, &mut x, |f| f),
+                Features::Tokens(_) => {}
             },
             Some((k, rng)) => {
                 let &[c, h, w] = input_shape else {
@@ -149,6 +161,7 @@ impl Split {
                 match &self.x {
                     Features::U8(v) => gather_shifted(v, img, k, rng, idx, &mut x, pixel_to_f32),
                     Features::F32(v) => gather_shifted(v, img, k, rng, idx, &mut x, |f| f),
+                    Features::Tokens(_) => {}
                 }
             }
         }
@@ -179,7 +192,24 @@ impl Split {
         Some(out)
     }
 
-    /// Rows `idx` as f32 in [0, 1] (u8 / 255; float features unchanged), concatenated.
+    /// The token rows for `idx` (concatenated) when the features are tokens, else None.
+    ///
+    /// # Panics
+    /// If an index is `>= len()`, like slice indexing.
+    pub fn rows_tokens(&self, idx: &[usize]) -> Option<Vec<u32>> {
+        let Features::Tokens(v) = &self.x else {
+            return None;
+        };
+        let row_len = self.row_len();
+        let mut out = Vec::with_capacity(idx.len() * row_len);
+        for &i in idx {
+            out.extend_from_slice(&v[i * row_len..(i + 1) * row_len]);
+        }
+        Some(out)
+    }
+
+    /// Rows `idx` as f32 in [0, 1] (u8 / 255; float features unchanged), concatenated. Token
+    /// ids come out as their values (exact below 2^24), for code that only copies rows.
     ///
     /// # Panics
     /// If an index is `>= len()`, like slice indexing.
@@ -191,6 +221,7 @@ impl Split {
             match &self.x {
                 Features::U8(v) => out.extend(v[r].iter().map(|&b| pixel_to_f32(b))),
                 Features::F32(v) => out.extend_from_slice(&v[r]),
+                Features::Tokens(v) => out.extend(v[r].iter().map(|&t| t as f32)),
             }
         }
         out
@@ -295,6 +326,8 @@ pub struct Dataset {
     pub train: Split,
     /// Test rows.
     pub test: Split,
+    /// For a token data set (rows are windows), what they are; None for examples.
+    pub tokens: Option<tokens::TokenInfo>,
 }
 
 impl Dataset {
@@ -325,13 +358,28 @@ pub enum DataSource {
         /// Seed of the generator.
         seed: u64,
     },
+    /// A text corpus (a file, or a directory of `*.txt` files), tokenized into windows.
+    Text(PathBuf),
+    /// The toy language of [`grammar`], tokenized into windows.
+    Grammar {
+        /// Seed of the generator.
+        seed: u64,
+    },
 }
 
 impl DataSource {
-    /// Reads or generates the data set.
+    /// Reads or generates the data set (a token source with the default [`tokens::TokenOptions`]).
     pub fn load(&self) -> Result<Dataset> {
+        self.load_with(&tokens::TokenOptions::default())
+    }
+
+    /// Reads or generates the data set; `opts` say how a token source becomes windows (image
+    /// sources ignore them).
+    pub fn load_with(&self, opts: &tokens::TokenOptions) -> Result<Dataset> {
         let t0 = std::time::Instant::now();
         let ds = match self {
+            DataSource::Text(path) => tokens::load_text(path, opts)?,
+            DataSource::Grammar { seed } => tokens::load_grammar(*seed, opts)?,
             DataSource::Mnist(dir) => idx::load_mnist_dir(dir)?,
             DataSource::Safetensors(file) => safetensors_file::load(file)?,
             DataSource::Synthetic { seed } => {
@@ -363,13 +411,23 @@ impl FromStr for DataSource {
             source_str: s.to_string(),
             msg: msg.to_string(),
         };
-        let expected = "expected mnist:DIR, safetensors:FILE, synthetic or synthetic:SEED";
+        let expected =
+            "expected mnist:DIR, safetensors:FILE, synthetic[:SEED], text:PATH or grammar[:SEED]";
         let (kind, rest) = match s.split_once(':') {
             Some((k, r)) => (k, Some(r)),
             None => (s, None),
         };
         match (kind, rest) {
             ("synthetic", None) => Ok(DataSource::Synthetic { seed: 0 }),
+            ("grammar", None) => Ok(DataSource::Grammar { seed: 0 }),
+            ("grammar", Some(r)) => r
+                .parse::<u64>()
+                .map(|seed| DataSource::Grammar { seed })
+                .map_err(|_| bad(&format!("seed `{r}` is not an unsigned integer"))),
+            ("text", Some(p)) if !p.is_empty() => Ok(DataSource::Text(PathBuf::from(p))),
+            ("text", _) => Err(bad(
+                "`text:` needs a path: a UTF-8 file or a directory of *.txt files",
+            )),
             ("synthetic", Some(r)) => r
                 .parse::<u64>()
                 .map(|seed| DataSource::Synthetic { seed })
@@ -390,6 +448,8 @@ impl fmt::Display for DataSource {
             DataSource::Mnist(p) => write!(f, "mnist:{}", p.display()),
             DataSource::Safetensors(p) => write!(f, "safetensors:{}", p.display()),
             DataSource::Synthetic { seed } => write!(f, "synthetic:{seed}"),
+            DataSource::Text(p) => write!(f, "text:{}", p.display()),
+            DataSource::Grammar { seed } => write!(f, "grammar:{seed}"),
         }
     }
 }

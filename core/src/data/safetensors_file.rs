@@ -113,6 +113,7 @@ pub fn load(path: &Path) -> Result<Dataset> {
         classes,
         train,
         test,
+        tokens: None,
     })
 }
 
@@ -148,6 +149,10 @@ fn hold_out(path: &Path, x: Features, mut y: Vec<u32>, n: usize) -> Result<(Spli
         Features::F32(mut v) => {
             let t = v.split_off(at);
             (Features::F32(v), Features::F32(t))
+        }
+        Features::Tokens(mut v) => {
+            let t = v.split_off(at);
+            (Features::Tokens(v), Features::Tokens(t))
         }
     };
     let ty = y.split_off(n_train);

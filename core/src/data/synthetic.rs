@@ -234,6 +234,7 @@ pub fn generate(seed: u64, n_train: usize, n_test: usize) -> Dataset {
         classes: CLASSES,
         train: rows(&modes, &mut train_rng, n_train),
         test: rows(&modes, &mut test_rng, n_test),
+        tokens: None,
     }
 }
 
@@ -245,7 +246,7 @@ mod tests {
     fn bytes(s: &Split) -> &[u8] {
         match &s.x {
             Features::U8(v) => v,
-            Features::F32(_) => panic!("synthetic rows are u8"),
+            Features::F32(_) | Features::Tokens(_) => panic!("synthetic rows are u8"),
         }
     }
 
