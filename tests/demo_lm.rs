@@ -1,11 +1,9 @@
 //! `distill demo --lm`, run as a user runs it (the real binary; its teacher server on
-//! loopback, asked through the coordinator's teacher pool): the student distilled from the
+//! loopback, the coordinator and a student worker in-process): the student distilled from the
 //! teacher's top-k rows has a lower validation perplexity and a higher top-1 agreement than the
-//! same student on the next tokens alone, the epochs after the first ask the teacher nothing,
-//! and the three models it saves load with the tokenizer they were trained with.
-//!
-//! Measured with the demo's settings (seeds 0 and 1): distilled ÷ baseline perplexity 0.883
-//! and 0.895, agreement 0.76 / 0.71 against 0.40 / 0.50; 25 s in a debug build.
+//! same student on the next tokens alone, the epochs after the first are answered by the
+//! soft-target cache, and the three models it saves load with the tokenizer they were trained
+//! with.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -69,9 +67,12 @@ fn the_lm_demo_distils_a_student_that_beats_hard_labels_and_saves_the_models() {
         .iter()
         .map(|v| v.as_u64().unwrap())
         .collect();
-    assert!(per_epoch.len() >= 2 && per_epoch[0] > 0, "{r}");
+    assert!(per_epoch.len() >= 3 && per_epoch[0] > 0, "{r}");
+    // The second epoch's first batches are prepared while the first epoch's last rows are
+    // still being asked (up to the prefetch of 8); from then on the cache answers.
+    assert!(per_epoch[1] <= 8, "{r}");
     assert!(
-        per_epoch[1..].iter().all(|&n| n == 0),
+        per_epoch[2..].iter().all(|&n| n == 0),
         "the rows of the first epoch are reused: {r}"
     );
     // k = 64 over 218 words: 4 + 64 × (2 + 2) bytes per position.
