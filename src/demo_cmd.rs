@@ -422,6 +422,8 @@ pub(crate) async fn distil(
             dropout: 0.0,
             input_dropout: 0.0,
             precision: Default::default(),
+            init: None,
+            init_layers: None,
         },
         optim,
         members: Vec::new(),

@@ -20,9 +20,6 @@ use distill_core::lm::{LanguageModel, init_tensors};
 use distill_core::lm_train::{LmStudent, TokenObjective};
 use distill_core::optim::OptimConfig;
 use distill_core::token_kd::Divergence;
-use distill_testkit::Deadline;
-use teacher_server::{ServeOptions, build_sequence_service, serve};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const SEQ_LEN: usize = 16;
@@ -75,14 +72,6 @@ fn teacher() -> LanguageModel {
     .unwrap()
 }
 
-async fn start(lm: LanguageModel, shutdown: &CancellationToken) -> String {
-    let service = build_sequence_service(lm, &ServeOptions::default()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").deadline().await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(service, listener, 64 << 20, shutdown.clone()));
-    format!("http://{addr}")
-}
-
 /// The run: `grammar:0` (400 sentences) in windows of 16, one member at `url`, a 1-layer
 /// student of width 32, three epochs at T = 1, top-32 rows.
 fn run_config(dir: &std::path::Path, url: &str, alpha: f64) -> RunConfig {
@@ -109,7 +98,7 @@ fn run_config(dir: &std::path::Path, url: &str, alpha: f64) -> RunConfig {
 async fn a_distilled_language_model_beats_its_baseline_through_coordinator_and_worker() {
     let shutdown = CancellationToken::new();
     let teacher = tokio::task::spawn_blocking(teacher).await.unwrap();
-    let url = start(teacher, &shutdown).await;
+    let url = distill_testkit::serve_sequence_teacher(teacher, &shutdown).await;
     let dir = tempfile::tempdir().unwrap();
     let mut reports = Vec::new();
     for (sub, alpha) in [("distilled", 0.9), ("baseline", 0.0)] {
@@ -137,12 +126,15 @@ async fn a_distilled_language_model_beats_its_baseline_through_coordinator_and_w
     let (kd, base) = (&reports[0], &reports[1]);
     let ppl = |r: &coordinator::RunReport| r.student_perplexity.expect("a perplexity");
     eprintln!(
-        "distilled: ppl {:.2}, {} / {} top-1 errors; baseline: ppl {:.2}, {} errors; teacher {:?}",
+        "distilled: ppl {:.2}, {} / {} top-1 errors, agreement {:?}; baseline: ppl {:.2}, {} \
+         errors, agreement {:?}; teacher {:?}",
         ppl(kd),
         kd.student_test_errors,
         kd.test_size,
+        kd.student_agreement,
         ppl(base),
         base.student_test_errors,
+        base.student_agreement,
         kd.teachers
     );
     // Every training window was trained on, per epoch.
@@ -183,6 +175,10 @@ async fn a_distilled_language_model_beats_its_baseline_through_coordinator_and_w
         ppl(base)
     );
     assert!(ppl(kd) > 1.0 && ppl(base).is_finite());
+    // And the distilled student follows the teacher more often (the teacher's evaluation ran
+    // at the start: its top-1 at every validation position).
+    let agree = |r: &coordinator::RunReport| r.student_agreement.expect("an agreement");
+    assert!(agree(kd) > agree(base), "{} vs {}", agree(kd), agree(base));
     shutdown.cancel();
 }
 
@@ -220,4 +216,72 @@ fn a_language_model_run_that_does_not_fit_is_refused_naming_the_key() {
     let mut c = run_config(dir.path(), url, 0.5);
     c.lm.as_mut().unwrap().seq_len = 4096;
     check(c, "positions");
+    // An initialisation takes the init's shape (no arch beside it), from a file that exists.
+    let mut c = run_config(dir.path(), url, 0.5);
+    c.student.init = Some(dir.path().join("absent"));
+    check(c.clone(), "`student.arch`");
+    c.student.arch = String::new();
+    check(c, "`student.init`");
+    let mut c = run_config(dir.path(), url, 0.5);
+    c.student.init_layers = Some(vec![0]);
+    check(c, "`student.init_layers`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_student_initialised_from_the_teacher_s_layers_starts_from_them() {
+    let shutdown = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = distill_core::data::grammar::vocabulary().len();
+    let tcfg = LlamaConfig::small(2, 32, vocab);
+    let tensors = init_tensors(&tcfg, 21, &Device::Cpu).unwrap();
+    let teacher_dir = dir.path().join("teacher");
+    let tok = grammar_tokenizer().unwrap();
+    distill_core::lm::save_hf(&teacher_dir, &tcfg, &tensors, Some(&tok)).unwrap();
+    let lm = LanguageModel::load(&teacher_dir, &Device::Cpu).unwrap();
+    let url = distill_testkit::serve_sequence_teacher(lm, &shutdown).await;
+
+    let d = dir.path().join("run");
+    let mut cfg = run_config(&d, &url, 0.5);
+    cfg.epochs = 1;
+    cfg.student.arch = String::new();
+    cfg.student.init = Some(teacher_dir.clone());
+    cfg.student.init_layers = Some(vec![1]);
+    // A learning rate so small that the trained student is its initial weights to 1e-6.
+    cfg.optim.lr = 1e-9;
+    let (addr, served) = distill_testkit::serve_run(cfg, &shutdown).await;
+    let worker = distill_testkit::spawn_worker(addr, &d, &shutdown);
+    let report = within("the run", served)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("completed");
+    within("the worker", worker).await.unwrap().unwrap();
+    assert_eq!(report.student_arch, format!("llama:1-32-{vocab}"));
+    let ck = distill_core::checkpoint::Checkpoint::read(&report.student_checkpoint).unwrap();
+    let got = ck.tensors(&Device::Cpu).unwrap();
+    let worst = |a: &str, b: &str| {
+        (&got[a] - &tensors[b])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(
+        worst(
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.1.self_attn.v_proj.weight"
+        ) < 1e-5
+    );
+    assert!(worst("model.embed_tokens.weight", "model.embed_tokens.weight") < 1e-5);
+    // Not layer 0's: the subset was taken.
+    assert!(
+        worst(
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight"
+        ) > 1e-3
+    );
+    shutdown.cancel();
 }

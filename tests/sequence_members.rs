@@ -20,9 +20,6 @@ use distill_core::llama::LlamaConfig;
 use distill_core::lm::{LanguageModel, init_tensors};
 use distill_core::tokenizer;
 use distill_core::topk::{self, TopKFormat};
-use distill_testkit::Deadline;
-use teacher_server::{ServeOptions, build_sequence_service, serve};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const LEN: usize = 12;
@@ -47,11 +44,7 @@ fn model(order: &[&str]) -> LanguageModel {
 
 /// Serves `lm` in-process; returns its URL.
 async fn start(lm: LanguageModel, shutdown: &CancellationToken) -> String {
-    let service = build_sequence_service(lm, &ServeOptions::default()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").deadline().await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(service, listener, 64 << 20, shutdown.clone()));
-    format!("http://{addr}")
+    distill_testkit::serve_sequence_teacher(lm, shutdown).await
 }
 
 /// A pool with one member `t` at `endpoint`, expecting the token data of `data`.

@@ -277,7 +277,8 @@ impl MembershipSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
-    /// Architecture string, e.g. `mlp:784-800-800-10`.
+    /// Architecture string, e.g. `mlp:784-800-800-10` (empty with `init`).
+    #[serde(default)]
     pub arch: String,
     /// Dropout on hidden layers.
     #[serde(default)]
@@ -289,6 +290,13 @@ pub struct StudentConfig {
     /// CUDA, slower on the CPU).
     #[serde(default)]
     pub precision: distill_core::model::Precision,
+    /// A language-model student's initial weights: a `.gguf` file or a Hugging Face directory
+    /// (relative to the config file; readable by every worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// The decoder layers of `init` the student keeps, renumbered from 0 (all by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_layers: Option<Vec<usize>>,
 }
 
 /// One ensemble member: a model served by one or more replicas.
@@ -701,6 +709,11 @@ impl RunConfig {
             {
                 *t = dir.join(&*t);
             }
+            if let Some(i) = cfg.student.init.as_mut()
+                && i.is_relative()
+            {
+                *i = dir.join(&*i);
+            }
         }
         Ok(cfg)
     }
@@ -1011,7 +1024,7 @@ impl RunConfig {
         if self.max_message_mb == 0 {
             return bad("max_message_mb", "must be at least 1".into());
         }
-        Arch::parse(&self.student.arch).or_else(|e| bad("student.arch", e.to_string()))?;
+        self.student_arch()?;
         self.student_settings()?
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
@@ -1101,15 +1114,15 @@ impl RunConfig {
                     .into(),
             );
         }
-        match Arch::parse(&self.student.arch) {
-            Ok(Arch::Llama(c)) if lm.seq_len > c.max_position_embeddings => bad(
+        match self.student_arch()? {
+            Arch::Llama(c) if lm.seq_len > c.max_position_embeddings => bad(
                 "lm.seq_len",
                 format!(
                     "{} is longer than the student's {} positions",
                     lm.seq_len, c.max_position_embeddings
                 ),
             ),
-            Ok(Arch::Llama(_)) => Ok(()),
+            Arch::Llama(_) => Ok(()),
             _ => bad(
                 "student.arch",
                 format!(
@@ -1120,10 +1133,43 @@ impl RunConfig {
         }
     }
 
-    /// What the workers train with.
+    /// The student's architecture: `student.arch`, or the shape of `student.init` with its
+    /// `init_layers` (reading that file's metadata).
+    pub fn student_arch(&self) -> Result<Arch> {
+        let s = &self.student;
+        match &s.init {
+            Some(path) => {
+                if !s.arch.is_empty() {
+                    return Err(Error::Config(
+                        "`student.arch`: leave it out with `student.init` (the student takes the \
+                         init's shape, with `init_layers`)"
+                            .into(),
+                    ));
+                }
+                let cfg = distill_core::lm::read_config(path, s.init_layers.as_deref())
+                    .map_err(|e| Error::Config(format!("`student.init`: {e}")))?;
+                Ok(Arch::Llama(cfg))
+            }
+            None if s.init_layers.is_some() => Err(Error::Config(
+                "`student.init_layers`: needs `student.init`".into(),
+            )),
+            None => Arch::parse(&s.arch).map_err(|e| Error::Config(format!("`student.arch`: {e}"))),
+        }
+    }
+
+    /// What the workers train with (a `student.init` without its digest yet: the coordinator
+    /// fills it in when it builds the run, having read the weights).
     pub fn student_settings(&self) -> Result<StudentSettings> {
-        let arch = Arch::parse(&self.student.arch)
-            .map_err(|e| Error::Config(format!("`student.arch`: {e}")))?;
+        let arch = self.student_arch()?;
+        let init = self
+            .student
+            .init
+            .as_ref()
+            .map(|path| distill_core::settings::StudentInit {
+                path: path.clone(),
+                layers: self.student.init_layers.clone(),
+                digest: String::new(),
+            });
         Ok(StudentSettings {
             spec: ModelSpec {
                 arch,
@@ -1138,6 +1184,7 @@ impl RunConfig {
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             precision: self.student.precision,
+            init,
         })
     }
 

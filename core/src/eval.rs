@@ -153,12 +153,19 @@ pub struct TokenEval {
     pub errors: u64,
     /// Sum of the next-token negative log-likelihoods (nats).
     pub nll: f64,
+    /// Positions whose top-1 is the reference's (a teacher's), when one was given.
+    pub agree: u64,
 }
 
 impl TokenEval {
     /// `exp(mean NLL)`.
     pub fn perplexity(&self) -> f64 {
         (self.nll / self.positions.max(1) as f64).exp()
+    }
+
+    /// The share of positions whose top-1 is the reference's.
+    pub fn agreement(&self) -> f64 {
+        self.agree as f64 / self.positions.max(1) as f64
     }
 }
 
@@ -167,8 +174,13 @@ impl TokenEval {
 const MAX_EVAL_LOGITS: usize = 1 << 24;
 
 /// Scores a language model on the token windows of `split` ([`Features::Tokens`]): top-1
-/// errors and the NLL of every position's next token.
-pub fn evaluate_tokens(model: &Model, split: &Split) -> Result<TokenEval> {
+/// errors and the NLL of every position's next token, and with `reference` (one top-1 token
+/// per position, in window order: a teacher's) the positions whose top-1 agrees with it.
+pub fn evaluate_tokens(
+    model: &Model,
+    split: &Split,
+    reference: Option<&[u32]>,
+) -> Result<TokenEval> {
     let crate::data::Features::Tokens(_) = &split.x else {
         return Err(Error::Input(
             "a language model is scored on token windows".into(),
@@ -181,6 +193,15 @@ pub fn evaluate_tokens(model: &Model, split: &Split) -> Result<TokenEval> {
         )));
     }
     let v = model.spec().arch.classes();
+    if let Some(r) = reference
+        && r.len() != split.len().saturating_mul(w - 1)
+    {
+        return Err(Error::Input(format!(
+            "{} reference tokens for {} positions",
+            r.len(),
+            split.len().saturating_mul(w - 1)
+        )));
+    }
     let per_pass = (MAX_EVAL_LOGITS / (w - 1).saturating_mul(v).max(1)).max(1);
     let idx: Vec<usize> = (0..split.len()).collect();
     let mut out = TokenEval::default();
@@ -211,6 +232,12 @@ pub fn evaluate_tokens(model: &Model, split: &Split) -> Result<TokenEval> {
             .argmax(D::Minus1)?
             .to_device(&Device::Cpu)?
             .to_vec1()?;
+        if let Some(r) = reference {
+            // `positions` positions come before this pass's, which fit in the reference.
+            let at = out.positions as usize;
+            let r = &r[at..at + n];
+            out.agree += top.iter().zip(r).filter(|(a, b)| a == b).count() as u64;
+        }
         out.positions += n as u64;
         out.errors += top.iter().zip(&next).filter(|(a, b)| a != b).count() as u64;
         out.nll += f64::from(nll);
@@ -223,7 +250,7 @@ pub fn evaluate_tokens(model: &Model, split: &Split) -> Result<TokenEval> {
 /// figures and the confusion matrix (vocabulary × vocabulary) are left empty.
 pub fn evaluate(model: &Model, split: &Split, batch: usize) -> Result<EvalReport> {
     if let crate::data::Features::Tokens(_) = &split.x {
-        let t = evaluate_tokens(model, split)?;
+        let t = evaluate_tokens(model, split, None)?;
         let (n, errors) = (t.positions as usize, t.errors as usize);
         return Ok(EvalReport {
             n,

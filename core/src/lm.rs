@@ -235,6 +235,100 @@ pub fn init_tensors(
         .collect()
 }
 
+/// The config of the model at `path` (a `.gguf` file or a Hugging Face directory) with only
+/// `layers` of its decoder layers (all when None): what a student initialised from it is.
+/// Reads the metadata only.
+pub fn read_config(path: &Path, layers: Option<&[usize]>) -> Result<LlamaConfig> {
+    let cfg = if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        LlamaConfig::from_json(&text, &cfg_path.display().to_string())?
+    } else {
+        GgufFile::open(path)?.llama_config()?
+    };
+    check_layers(path, &cfg, layers)?;
+    Ok(LlamaConfig {
+        num_hidden_layers: layers.map_or(cfg.num_hidden_layers, <[usize]>::len),
+        ..cfg
+    })
+}
+
+fn check_layers(path: &Path, cfg: &LlamaConfig, layers: Option<&[usize]>) -> Result<()> {
+    let Some(layers) = layers else {
+        return Ok(());
+    };
+    if layers.is_empty() {
+        return Err(Error::checkpoint(path, "an empty layer subset"));
+    }
+    if let Some(l) = layers.iter().find(|&&l| l >= cfg.num_hidden_layers) {
+        return Err(Error::checkpoint(
+            path,
+            format!("layer {l} asked for, of {} layers", cfg.num_hidden_layers),
+        ));
+    }
+    if let Some((i, l)) = layers
+        .iter()
+        .enumerate()
+        .find(|(i, l)| layers[..*i].contains(l))
+    {
+        return Err(Error::checkpoint(
+            path,
+            format!("layer {l} is listed twice (again at position {i})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The config and f32 tensors (Hugging Face names) of the model at `path`, keeping `layers`
+/// (renumbered from 0 in the order given; all when None): a student initialised from a
+/// teacher's layers, Minitron-style, or from a checkpoint.
+pub fn read_parts(
+    path: &Path,
+    layers: Option<&[usize]>,
+    device: &Device,
+) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let cfg = read_config(path, None)?;
+    check_layers(path, &cfg, layers)?;
+    let tensors = if path.is_dir() {
+        let weights = path.join("model.safetensors");
+        let all = candle_core::safetensors::load(&weights, device)
+            .map_err(|e| Error::checkpoint(&weights, e.to_string()))?;
+        match layers {
+            Some(l) => layer_subset(all, l),
+            None => all,
+        }
+    } else {
+        GgufFile::open(path)?.hf_tensors(&cfg, layers, device)?
+    };
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let sub = LlamaConfig {
+        num_hidden_layers: layers.map_or(cfg.num_hidden_layers, <[usize]>::len),
+        ..cfg
+    };
+    Ok((sub, tensors))
+}
+
+/// Keeps decoder layers `layers` of Hugging Face-named `tensors`, renumbered from 0 in the
+/// order given (`model.layers.{old}.` becomes `model.layers.{new}.`); every other tensor stays.
+pub fn layer_subset(tensors: HashMap<String, Tensor>, layers: &[usize]) -> HashMap<String, Tensor> {
+    const PREFIX: &str = "model.layers.";
+    tensors
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                return Some((name, t));
+            };
+            let (old, tail) = rest.split_once('.')?;
+            let old: usize = old.parse().ok()?;
+            let new = layers.iter().position(|&l| l == old)?;
+            Some((format!("{PREFIX}{new}.{tail}"), t))
+        })
+        .collect()
+}
+
 /// SHA-256 of `tensors` (name, shape, f32 values) in name order, lowercase hex.
 pub fn weights_digest(tensors: &HashMap<String, Tensor>) -> Result<String> {
     let mut names: Vec<&String> = tensors.keys().collect();

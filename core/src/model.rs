@@ -402,6 +402,42 @@ pub fn init_params(arch: &Arch, seed: u64) -> Vec<crate::safetensors_io::NamedPa
     out
 }
 
+/// A student's initial parameters in [`Arch::param_shapes`] order: read from its
+/// [`crate::settings::StudentInit`] when it has one (every tensor of the spec's shape), else
+/// [`init_params`] of its seed.
+pub fn initial_params(
+    settings: &crate::settings::StudentSettings,
+) -> Result<Vec<crate::safetensors_io::NamedParam>> {
+    let Some(init) = &settings.init else {
+        return Ok(init_params(&settings.spec.arch, settings.seed));
+    };
+    let mut tensors = init.read(&Device::Cpu)?;
+    settings
+        .spec
+        .arch
+        .param_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: no `{name}` for the student's {}",
+                    init.path.display(),
+                    settings.spec.arch
+                ))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Config(format!(
+                    "{}: `{name}` has shape {:?}, the student's is {shape:?}",
+                    init.path.display(),
+                    t.dims()
+                )));
+            }
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok((name, shape, v))
+        })
+        .collect()
+}
+
 /// A model whose parameters are candle `Var`s, for training.
 pub struct TrainableModel {
     /// The model, reading its weights from `varmap`.
@@ -411,6 +447,16 @@ pub struct TrainableModel {
 }
 
 impl TrainableModel {
+    /// A student's initial model ([`initial_params`]).
+    pub fn initial(settings: &crate::settings::StudentSettings, device: &Device) -> Result<Self> {
+        settings.spec.validate()?;
+        let mut tensors = HashMap::new();
+        for (name, shape, v) in initial_params(settings)? {
+            tensors.insert(name, Tensor::from_vec(v, shape, device)?);
+        }
+        Self::from_tensors(settings.spec.clone(), tensors, device)
+    }
+
     /// Fresh parameters from [`init_params`].
     pub fn init(spec: ModelSpec, seed: u64, device: &Device) -> Result<Self> {
         spec.validate()?;

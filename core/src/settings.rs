@@ -31,6 +31,49 @@ pub struct StudentSettings {
     /// weights; see [`crate::model::Precision`]).
     #[serde(default)]
     pub precision: crate::model::Precision,
+    /// Where a language-model student's initial weights come from, instead of the seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<StudentInit>,
+}
+
+/// A student initialised from a model file rather than from the seed: a teacher's layers
+/// (Minitron-style) or a checkpoint. Each role that needs the initial weights (every worker,
+/// and the coordinator in a gradient-averaging run) reads `path` itself, so it must be
+/// readable there, and checks what it read against `digest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentInit {
+    /// A `.gguf` file or a Hugging Face checkpoint directory.
+    pub path: std::path::PathBuf,
+    /// The decoder layers kept, renumbered from 0 in this order (all when None).
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    /// The weights digest ([`crate::lm::weights_digest`]) of the initial tensors, as the
+    /// coordinator read them ("" until it has).
+    #[serde(default)]
+    pub digest: String,
+}
+
+impl StudentInit {
+    /// The initial tensors, checked against [`Self::digest`] when it is set.
+    pub fn read(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        let (_, tensors) = crate::lm::read_parts(&self.path, self.layers.as_deref(), device)?;
+        if !self.digest.is_empty() {
+            let got = crate::lm::weights_digest(&tensors)?;
+            if got != self.digest {
+                return Err(Error::Config(format!(
+                    "{}: the student's initial weights have digest {got}, but the run's are {}: \
+                     the file differs from the coordinator's",
+                    self.path.display(),
+                    self.digest
+                )));
+            }
+        }
+        Ok(tensors)
+    }
 }
 
 impl StudentSettings {

@@ -102,3 +102,83 @@ fn the_spec_s_model_scores_every_position_of_a_window() {
     let e = m.model.forward(&one).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");
 }
+
+#[test]
+fn a_student_starts_from_a_subset_of_a_model_s_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::small(3, 32, 50);
+    let tensors = distill_core::lm::init_tensors(&cfg, 2, &Device::Cpu).unwrap();
+    let path = dir.path().join("teacher");
+    distill_core::lm::save_hf(&path, &cfg, &tensors, None).unwrap();
+
+    let (sub, got) = distill_core::lm::read_parts(&path, Some(&[2, 0]), &Device::Cpu).unwrap();
+    assert_eq!(sub.num_hidden_layers, 2);
+    assert_eq!(
+        distill_core::lm::read_config(&path, Some(&[2, 0])).unwrap(),
+        sub
+    );
+    // Layer 2 became layer 0 and layer 0 layer 1; the rest is the model's.
+    let same = |a: &str, b: &str| {
+        let d = (&got[a] - &tensors[b])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{a} vs {b}");
+    };
+    same(
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+    );
+    same(
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    );
+    same("model.embed_tokens.weight", "model.embed_tokens.weight");
+    assert!(!got.contains_key("model.layers.2.mlp.up_proj.weight"));
+    assert_eq!(got.len(), sub.param_shapes().len());
+
+    // The settings of such a student read the same tensors, in the spec's order; a digest
+    // that is not theirs is refused, naming the file.
+    let digest = distill_core::lm::weights_digest(&got).unwrap();
+    let mut settings = distill_core::settings::StudentSettings {
+        spec: ModelSpec::new(Arch::Llama(sub)),
+        optim: Default::default(),
+        temperature: 1.0,
+        alpha: 0.5,
+        epochs: 1,
+        batch_size: 4,
+        seed: 0,
+        checkpoint_every: 0,
+        precision: Default::default(),
+        init: Some(distill_core::settings::StudentInit {
+            path: path.clone(),
+            layers: Some(vec![2, 0]),
+            digest,
+        }),
+    };
+    let params = distill_core::model::initial_params(&settings).unwrap();
+    let (name, _, v) = &params[0];
+    let want: Vec<f32> = got[name].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(v, &want, "{name}");
+    settings.init.as_mut().unwrap().digest = "0".repeat(64);
+    let e = distill_core::model::initial_params(&settings)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differs") && e.contains("teacher"), "{e}");
+
+    // Out of range and repeated layers are refused.
+    for (layers, want) in [
+        (&[3][..], "layer 3"),
+        (&[1, 1][..], "twice"),
+        (&[][..], "empty"),
+    ] {
+        let e = distill_core::lm::read_config(&path, Some(layers))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{layers:?}: {e}");
+    }
+}

@@ -474,6 +474,8 @@ fn base_config(a: &BenchArgs, run_dir: PathBuf) -> RunConfig {
             dropout: 0.0,
             input_dropout: 0.0,
             precision: Default::default(),
+            init: None,
+            init_layers: None,
         },
         optim: OptimConfig::sgd(0.05, 0.9),
         members: Vec::new(),

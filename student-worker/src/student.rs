@@ -65,7 +65,7 @@ impl Student {
     /// A fresh student: weights from `settings.seed`, zeroed optimizer state, step 0.
     pub fn new(settings: StudentSettings, batches_per_epoch: u64, device: &Device) -> Result<Self> {
         settings.validate()?;
-        let model = TrainableModel::init(settings.spec.clone(), settings.seed, device)?;
+        let model = TrainableModel::initial(&settings, device)?;
         Self::from_model(model, settings, batches_per_epoch, device)
     }
 
@@ -484,6 +484,7 @@ mod tests {
             seed: 9,
             checkpoint_every: 0,
             precision: Default::default(),
+            init: None,
         }
     }
 

@@ -31,4 +31,6 @@ pub use process::{
 };
 pub use report::{count, member, read_report, run_status};
 pub use run_config::{resumable, resumable_run, small_run, static_member, write_config};
-pub use servers::{serve_run, serve_teacher, serve_teacher_on, spawn_worker, teacher_pool};
+pub use servers::{
+    serve_run, serve_sequence_teacher, serve_teacher, serve_teacher_on, spawn_worker, teacher_pool,
+};

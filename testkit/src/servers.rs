@@ -37,6 +37,25 @@ pub async fn serve_teacher(
     serve_teacher_on(ck, opts, listener, shutdown)
 }
 
+/// Serves the language model `lm` (a sequence teacher) in-process on a fresh loopback port
+/// until `shutdown`; returns its URL.
+pub async fn serve_sequence_teacher(
+    lm: distill_core::lm::LanguageModel,
+    shutdown: &CancellationToken,
+) -> String {
+    let opts = teacher_server::ServeOptions::default();
+    let service = teacher_server::build_sequence_service(lm, &opts).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(teacher_server::serve(
+        service,
+        listener,
+        opts.max_message_bytes,
+        shutdown.clone(),
+    ));
+    url
+}
+
 /// Prepares `cfg` and serves it in this process on a fresh loopback port until it ends or
 /// `shutdown`; returns the address and the server task.
 pub async fn serve_run(

@@ -49,7 +49,7 @@ impl GradientStep {
         batches_per_epoch: u64,
         min_workers: usize,
     ) -> Result<(Self, Vec<Param>), String> {
-        let init = distill_core::model::init_params(&settings.spec.arch, settings.seed);
+        let init = distill_core::model::initial_params(settings).map_err(|e| e.to_string())?;
         let vars = init
             .iter()
             .map(|(name, shape, v)| {
@@ -161,6 +161,7 @@ mod tests {
             seed: 3,
             checkpoint_every: 0,
             precision: Default::default(),
+            init: None,
         }
     }
 

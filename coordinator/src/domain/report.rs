@@ -81,6 +81,10 @@ pub struct RunReport {
     /// A language model's validation perplexity, `exp(mean next-token NLL)`.
     #[serde(default)]
     pub student_perplexity: Option<f64>,
+    /// A language model's share of validation positions whose top-1 is the teacher's (when the
+    /// teacher's evaluation finished before the run).
+    #[serde(default)]
+    pub student_agreement: Option<f64>,
     /// Epochs trained.
     pub epochs: u32,
     /// Training samples per second, from the first batch sent to the last ack.

@@ -620,6 +620,7 @@ mod tests {
             seed: 1,
             checkpoint_every: 0,
             precision: Default::default(),
+            init: None,
         };
         let (step, init) = GradientStep::new(&settings, 4, 2).unwrap();
         let init = Arc::new(init);

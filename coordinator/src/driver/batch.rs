@@ -501,9 +501,11 @@ pub fn eval_messages(ctx: &RunContext) -> impl Iterator<Item = Result<Coordinato
 pub async fn evaluate_teachers(
     ctx: Arc<RunContext>,
     stop: CancellationToken,
-) -> Result<(Vec<TeacherErrors>, u64)> {
+) -> Result<(Vec<TeacherErrors>, u64, Option<Vec<u32>>)> {
     if let Some(t) = &ctx.data.tokens {
-        return evaluate_token_teacher(&ctx, t.seq_len).await;
+        let (errors, top1) = evaluate_token_teacher(&ctx, t.seq_len).await?;
+        let ensemble = errors.iter().map(|e| e.test_errors).sum();
+        return Ok((errors, ensemble, Some(top1)));
     }
     let n = ctx.data.test.len();
     let classes = ctx.data.classes;
@@ -542,15 +544,16 @@ pub async fn evaluate_teachers(
         })
         .collect::<Vec<_>>();
     tracing::info!(teachers = ?per_member, ensemble, test_size = n, "teacher test errors");
-    Ok((per_member, ensemble))
+    Ok((per_member, ensemble, None))
 }
 
 /// A language model's teacher (the one member) on the validation windows at T = 1: positions
-/// whose most probable next token (the largest of its top-k) is not the window's.
+/// whose most probable next token (the largest of its top-k) is not the window's, and that
+/// top-1 at every position.
 async fn evaluate_token_teacher(
     ctx: &RunContext,
     seq_len: usize,
-) -> Result<(Vec<TeacherErrors>, u64)> {
+) -> Result<(Vec<TeacherErrors>, Vec<u32>)> {
     let SoftTargetEncoding::TopK(k) = ctx.cfg.soft_targets else {
         return Err(Error::Config(
             "a language-model run needs top-k soft targets".into(),
@@ -558,6 +561,7 @@ async fn evaluate_token_teacher(
     };
     let n = ctx.data.test.len();
     let mut errors = 0u64;
+    let mut top1 = Vec::with_capacity(n.saturating_mul(seq_len));
     // Windows per request: a batch's worth, as training asks.
     let step = ctx.cfg.batch_size.max(1);
     for start in (0..n).step_by(step) {
@@ -591,6 +595,7 @@ async fn evaluate_token_teacher(
                     if p > b.1 { (i, p) } else { b }
                 });
             errors += u64::from(best.0 != y);
+            top1.push(best.0);
         }
     }
     let member = ctx
@@ -605,7 +610,7 @@ async fn evaluate_token_teacher(
             member,
             test_errors: errors,
         }],
-        errors,
+        top1,
     ))
 }
 

@@ -145,7 +145,18 @@ impl Run {
     /// state when the run directory has one. The cache is opened by [`Run::open_cache`].
     pub fn new(cfg: RunConfig, data: Dataset, security: Security) -> Result<Self> {
         cfg.validate()?;
-        let settings = cfg.student_settings()?;
+        let mut settings = cfg.student_settings()?;
+        if let Some(init) = settings.init.as_mut() {
+            // The digest every role checks the initial weights it reads against.
+            let (_, tensors) = distill_core::lm::read_parts(
+                &init.path,
+                init.layers.as_deref(),
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| Error::Config(format!("`student.init`: {e}")))?;
+            init.digest = distill_core::lm::weights_digest(&tensors)?;
+            tracing::info!(init = %init.path.display(), layers = ?init.layers, digest = %init.digest, "student initialised from a model file");
+        }
         let classes = settings.spec.arch.classes();
         let is_llama = settings.spec.arch.llama().is_some();
         if is_llama != data.tokens.is_some() {
@@ -221,36 +232,29 @@ impl Run {
                 .trust(&m.name, m.trusted.iter().cloned())
                 .map_err(|e| Error::Config(format!("`members` `{}` `trusted`: {e}", m.name)))?;
         }
-        let pool = match &data.tokens {
+        match &data.tokens {
             // Sequence members are asked for windows' inputs (L tokens) and checked against
             // the data's tokenizer and vocabulary.
-            Some(t) => {
-                membership.expect_sequences(SequenceData {
-                    vocab: u32::try_from(data.classes)
-                        .map_err(|_| Error::Config("a vocabulary over 2^32".into()))?,
-                    tokenizer_digest: t.tokenizer_digest.clone(),
-                    seq_len: u32::try_from(t.seq_len)
-                        .map_err(|_| Error::Config("`lm.seq_len` over 2^32".into()))?,
-                });
-                TeacherPool::new(
-                    &cfg.members,
-                    MembershipHandle::new(membership),
-                    secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
-                    cfg.max_message_bytes(),
-                )?
-                .with_security(security.teachers.clone())
-            }
-            None => {
-                membership.expect_model(data.row_len() as u64, data.classes as u32);
-                TeacherPool::new(
-                    &cfg.members,
-                    MembershipHandle::new(membership),
-                    secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
-                    cfg.max_message_bytes(),
-                )?
-                .with_security(security.teachers.clone())
-                .with_canary(canary_rows(&data)?)
-            }
+            Some(t) => membership.expect_sequences(SequenceData {
+                vocab: u32::try_from(data.classes)
+                    .map_err(|_| Error::Config("a vocabulary over 2^32".into()))?,
+                tokenizer_digest: t.tokenizer_digest.clone(),
+                seq_len: u32::try_from(t.seq_len)
+                    .map_err(|_| Error::Config("`lm.seq_len` over 2^32".into()))?,
+            }),
+            None => membership.expect_model(data.row_len() as u64, data.classes as u32),
+        }
+        let pool = TeacherPool::new(
+            &cfg.members,
+            MembershipHandle::new(membership),
+            secs(cfg.teacher_timeout_secs, "teacher_timeout_secs")?,
+            cfg.max_message_bytes(),
+        )?
+        .with_security(security.teachers.clone());
+        // Sequence members take no registrations on trial, so they need no canary rows.
+        let pool = match &data.tokens {
+            Some(_) => pool,
+            None => pool.with_canary(canary_rows(&data)?),
         };
         // The lock comes first: nothing is written into a run directory another coordinator
         // is using.

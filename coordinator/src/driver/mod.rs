@@ -134,6 +134,8 @@ pub enum Command {
     TeacherErrors {
         errors: Vec<TeacherErrors>,
         ensemble: u64,
+        /// A language model's teacher: its top-1 at every validation position.
+        top1: Option<Arc<Vec<u32>>>,
     },
 }
 
@@ -208,6 +210,8 @@ pub struct Driver {
     encoded: Option<(u64, Arc<Vec<Vec<pb::ParamChunk>>>)>,
     initial: Option<Arc<Vec<Vec<pb::ParamChunk>>>>,
     teacher_eval: Option<(Vec<TeacherErrors>, u64)>,
+    /// A language model's teacher's top-1 at every validation position (for agreement).
+    teacher_top1: Option<Arc<Vec<u32>>>,
     checkpoint: Option<Box<Checkpoint>>,
     report: Option<RunReport>,
     failure: Option<String>,
@@ -237,6 +241,7 @@ impl Driver {
             encoded: None,
             initial: None,
             teacher_eval: None,
+            teacher_top1: None,
             checkpoint: None,
             report: None,
             failure: None,
@@ -252,8 +257,15 @@ impl Driver {
             let (ctx, stop, tx) = (self.ctx.clone(), self.stop.clone(), self.tx.clone());
             self.tasks.spawn(async move {
                 match batch::evaluate_teachers(ctx, stop).await {
-                    Ok((errors, ensemble)) => {
-                        let _ = tx.send(Command::TeacherErrors { errors, ensemble }).await;
+                    Ok((errors, ensemble, top1)) => {
+                        let top1 = top1.map(Arc::new);
+                        let _ = tx
+                            .send(Command::TeacherErrors {
+                                errors,
+                                ensemble,
+                                top1,
+                            })
+                            .await;
                     }
                     Err(e) => tracing::warn!(error = %e, "teacher evaluation did not finish"),
                 }
@@ -404,8 +416,13 @@ impl Driver {
                 }
                 Err(e) => self.state.finished(Err(e.to_string())),
             },
-            Command::TeacherErrors { errors, ensemble } => {
+            Command::TeacherErrors {
+                errors,
+                ensemble,
+                top1,
+            } => {
                 self.teacher_eval = Some((errors, ensemble));
+                self.teacher_top1 = top1;
             }
         }
     }
@@ -659,6 +676,7 @@ impl Driver {
                     self.tx.clone(),
                     self.ctx.data.clone(),
                 );
+                let teacher_top1 = self.teacher_top1.clone();
                 let mut epoch_evals = std::mem::take(&mut self.epoch_evals);
                 self.tasks.spawn(async move {
                     // The page plots every epoch's score: let the last ones land first.
@@ -666,8 +684,14 @@ impl Driver {
                     let write = move || -> Result<RunReport> {
                         let model = checkpoint.to_model(&candle_core::Device::Cpu)?;
                         let own = if data.tokens.is_some() {
-                            let t = distill_core::eval::evaluate_tokens(&model, &data.test)?;
+                            let t = distill_core::eval::evaluate_tokens(
+                                &model,
+                                &data.test,
+                                teacher_top1.as_deref().map(Vec::as_slice),
+                            )?;
                             report.student_perplexity = Some(t.perplexity());
+                            report.student_agreement =
+                                teacher_top1.is_some().then(|| t.agreement());
                             distill_core::eval::EvalReport {
                                 n: t.positions as usize,
                                 errors: t.errors as usize,
@@ -753,10 +777,7 @@ impl Driver {
             ParamsToSend::Initial => match &self.initial {
                 Some(g) => g.clone(),
                 None => {
-                    let p = distill_core::model::init_params(
-                        &self.ctx.settings.spec.arch,
-                        self.ctx.settings.seed,
-                    );
+                    let p = distill_core::model::initial_params(&self.ctx.settings)?;
                     let g = Arc::new(self.chunk(&p)?);
                     self.initial = Some(g.clone());
                     g
@@ -827,6 +848,7 @@ impl Driver {
             student_test_errors: finish.errors,
             test_size: finish.total,
             student_perplexity: None,
+            student_agreement: None,
             epochs: ctx.cfg.epochs,
             samples_per_sec: *samples_per_sec,
             batches_trained: progress.total_acked,

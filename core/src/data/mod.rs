@@ -184,12 +184,7 @@ impl Split {
         let Features::U8(v) = &self.x else {
             return None;
         };
-        let row_len = self.row_len();
-        let mut out = Vec::with_capacity(idx.len() * row_len);
-        for &i in idx {
-            out.extend_from_slice(&v[i * row_len..(i + 1) * row_len]);
-        }
-        Some(out)
+        Some(concat_rows(v, self.row_len(), idx))
     }
 
     /// The token rows for `idx` (concatenated) when the features are tokens, else None.
@@ -200,12 +195,7 @@ impl Split {
         let Features::Tokens(v) = &self.x else {
             return None;
         };
-        let row_len = self.row_len();
-        let mut out = Vec::with_capacity(idx.len() * row_len);
-        for &i in idx {
-            out.extend_from_slice(&v[i * row_len..(i + 1) * row_len]);
-        }
-        Some(out)
+        Some(concat_rows(v, self.row_len(), idx))
     }
 
     /// Rows `idx` as f32 in [0, 1] (u8 / 255; float features unchanged), concatenated. Token
@@ -245,6 +235,16 @@ impl Split {
             None => Ok(()),
         }
     }
+}
+
+/// Rows `idx` of `src` (rows of `row_len` values), concatenated. Panics on an index out of
+/// range, like slice indexing.
+fn concat_rows<T: Copy>(src: &[T], row_len: usize, idx: &[usize]) -> Vec<T> {
+    let mut out = Vec::with_capacity(idx.len() * row_len);
+    for &i in idx {
+        out.extend_from_slice(&src[i * row_len..(i + 1) * row_len]);
+    }
+    out
 }
 
 fn gather<T: Copy>(

@@ -27,6 +27,7 @@ pub fn settings() -> StudentSettings {
         seed: 3,
         checkpoint_every: 0,
         precision: Default::default(),
+        init: None,
     }
 }
 
