@@ -18,9 +18,12 @@ pub struct LmEvalArgs {
     /// The text to score (UTF-8).
     #[arg(long)]
     pub text: PathBuf,
-    /// Tokens to score (from the start of the text).
+    /// Tokens to score (from the start of the text, or its end with `--tail`).
     #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
+    /// Score the text's last `--tokens` tokens (where a run's validation windows are).
+    #[arg(long)]
+    pub tail: bool,
     /// Tokens per window (each scored from its own start).
     #[arg(long, default_value_t = 256)]
     pub len: usize,
@@ -75,10 +78,17 @@ pub fn run(a: LmEvalArgs) -> anyhow::Result<()> {
         ids.len(),
         a.len
     );
+    // With --tail the windows end at the text's last token.
+    let start = if a.tail {
+        ids.len() - (windows * a.len + 1)
+    } else {
+        0
+    };
     let (mut nll, mut scored) = (0f64, 0u64);
     let t0 = Instant::now();
     for w in 0..windows {
-        let win = &ids[w * a.len..w * a.len + a.len + 1];
+        let at = start + w * a.len;
+        let win = &ids[at..at + a.len + 1];
         let e = distill_core::lm_train::evaluate(&lm.model, win, 1, None)?;
         nll += e.nll;
         scored += e.tokens;

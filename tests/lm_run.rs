@@ -161,6 +161,14 @@ async fn a_distilled_language_model_beats_its_baseline_through_coordinator_and_w
     assert_eq!(kd.test_size % SEQ_LEN as u64, 0);
     // The teacher was asked and scored on the validation positions: better than the students.
     let teacher_errors = kd.teachers[0].test_errors;
+    let teacher_ppl = kd.teachers[0]
+        .perplexity_from_topk
+        .expect("the teacher's perplexity");
+    assert!(
+        teacher_ppl > 1.0 && teacher_ppl < ppl(kd),
+        "{:?}",
+        kd.teachers
+    );
     assert!(teacher_errors < kd.test_size, "{:?}", kd.teachers);
     assert!(
         teacher_errors < base.student_test_errors,

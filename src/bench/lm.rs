@@ -130,3 +130,73 @@ pub async fn run(model: Option<&Path>, len: usize, secs: f64) -> anyhow::Result<
     let _ = server.await;
     Ok(())
 }
+
+/// `lm-student`: a student's training tokens/s — forward, next-token cross-entropy, backward
+/// and an AdamW update — at SmolLM2-135M's width with `layers` of its layers (the shape
+/// `scripts/lm-distill.sh` distils), `batch` sequences of `len` tokens per update: the figure
+/// `scripts/lm-vs-torch.sh` puts beside PyTorch's for the same shape.
+pub fn student(layers: usize, batch: usize, len: usize, secs: f64) -> anyhow::Result<()> {
+    use distill_core::lm_train::{LmStudent, TokenObjective};
+    let cfg = LlamaConfig {
+        num_hidden_layers: layers,
+        ..smollm2_shape()
+    };
+    let vocab = cfg.vocab_size;
+    let init = init_tensors(&cfg, 3, &Device::Cpu)?;
+    let optim = distill_core::optim::OptimConfig::adamw(1e-4, 0.0);
+    let mut s = LmStudent::new(&cfg, init, optim, &Device::Cpu)?;
+    let hard = TokenObjective {
+        temperature: 1.0,
+        alpha: 0.0,
+        divergence: distill_core::token_kd::Divergence::ForwardKl,
+    };
+    let params: usize = cfg
+        .param_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    println!();
+    println!(
+        "[lm-student] llama {layers}x{} (vocabulary {vocab}, {:.1}M parameters): batches of \
+         {batch} x {len} tokens, cross-entropy + AdamW",
+        cfg.hidden_size,
+        params as f64 / 1e6
+    );
+    // Windows of len + 1: each update trains `batch × len` positions.
+    let windows = |seed: usize| tokens(batch, len + 1, vocab, seed);
+    s.step(&windows(0), batch, None, &hard, 1e-4)?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < secs || times.len() < 3 {
+        let t = Instant::now();
+        s.step(&windows(times.len() + 1), batch, None, &hard, 1e-4)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let rate = (batch * len) as f64 / median;
+    println!(
+        "{} updates, median {median:.3} s: {rate:.0} training tokens/s",
+        times.len()
+    );
+    println!(
+        "RESULT {}",
+        serde_json::json!({
+            "section": "lm-student",
+            "layers": layers,
+            "batch": batch,
+            "len": len,
+            "median_step_secs": median,
+            "tokens_per_sec": rate,
+            "threads": rayon_threads(),
+        })
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

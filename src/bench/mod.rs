@@ -34,6 +34,9 @@
 //!   workers in each averaging mode over several seeds.
 //! - `lm-teacher` ([`lm`], only when named): a sequence teacher's tokens/s through the
 //!   teacher server against its in-process forward (`--lm-model`, `--lm-len`).
+//! - `lm-student` ([`lm::student`], only when named): a language-model student's training
+//!   tokens/s at SmolLM2-135M's width (`--lm-layers`, `--lm-batch`, `--lm-len`), to put beside
+//!   PyTorch's (`scripts/lm-vs-torch.sh`).
 //! - `load` ([`load`]): many concurrent clients against a teacher-server process and a
 //!   coordinator process's Registry: answers and refusals per second with their latency
 //!   quantiles, and the servers' resident memory before, at peak and after.
@@ -62,8 +65,8 @@ use crate::local::LocalMember;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sections to run (comma-separated): e2e, teacher, slow, bytes, cache, cpu, workers,
-    /// capacity, load, workers-quality, lm-teacher. Default: all but workers-quality and
-    /// lm-teacher.
+    /// capacity, load, workers-quality, lm-teacher, lm-student. Default: all but
+    /// workers-quality, lm-teacher and lm-student.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Data source.
@@ -137,16 +140,22 @@ pub struct BenchArgs {
     /// default: random weights of SmolLM2-135M's shape).
     #[arg(long)]
     pub lm_model: Option<PathBuf>,
-    /// `lm-teacher`: tokens per sequence.
+    /// `lm-teacher`, `lm-student`: tokens per sequence.
     #[arg(long, default_value_t = 256)]
     pub lm_len: usize,
+    /// `lm-student`: decoder layers of the student (at SmolLM2-135M's width).
+    #[arg(long, default_value_t = 4)]
+    pub lm_layers: usize,
+    /// `lm-student`: sequences per update.
+    #[arg(long, default_value_t = 8)]
+    pub lm_batch: usize,
     /// Scratch directory for run directories (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "e2e",
     "teacher",
     "slow",
@@ -158,6 +167,7 @@ const SECTIONS: [&str; 11] = [
     "load",
     "workers-quality",
     "lm-teacher",
+    "lm-student",
 ];
 
 /// Runs `distill bench`.
@@ -228,6 +238,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if a.only.iter().any(|o| o == "lm-teacher") {
         rt.block_on(lm::run(a.lm_model.as_deref(), a.lm_len, a.window_secs))?;
+    }
+    if a.only.iter().any(|o| o == "lm-student") {
+        lm::student(a.lm_layers, a.lm_batch, a.lm_len, a.window_secs)?;
     }
     Ok(())
 }

@@ -241,11 +241,22 @@ async fn read_stream(
                     checkpoint: _,
                 } = result;
                 match Checkpoint::from_bytes(&checkpoint_bytes) {
+                    // The worker leaves out a checkpoint too large for the wire (the driver
+                    // decides whether the run can do without it).
+                    _ if checkpoint_bytes.is_empty() => {
+                        tracing::warn!(%worker, "the final result came without its checkpoint (over the message-size limit)");
+                        Command::Eval {
+                            stream,
+                            errors,
+                            total,
+                            checkpoint: None,
+                        }
+                    }
                     Ok(ck) => Command::Eval {
                         stream,
                         errors,
                         total,
-                        checkpoint: Box::new(ck),
+                        checkpoint: Some(Box::new(ck)),
                     },
                     Err(e) => Command::CloseStream {
                         stream,

@@ -54,6 +54,11 @@ pub struct TeacherErrors {
     pub member: String,
     /// Test errors (arg-max of its logits vs the label).
     pub test_errors: u64,
+    /// A language model's validation perplexity as its top-k rows at T = 1 tell it: the next
+    /// token's probability when it is among the k, else the rest's mass spread evenly over the
+    /// tokens not sent (an estimate: the true next token is usually likelier than that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity_from_topk: Option<f64>,
 }
 
 /// The run's result, written to `report.json` in the run directory.

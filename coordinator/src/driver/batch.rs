@@ -483,7 +483,13 @@ pub async fn ensure_records(
 /// The evaluation batches of the test split, in order.
 pub fn eval_messages(ctx: &RunContext) -> impl Iterator<Item = Result<CoordinatorMessage>> + '_ {
     let n = ctx.data.test.len();
-    let step = ctx.cfg.batch_size.max(256);
+    let step = match &ctx.data.tokens {
+        // A window's logits are L × vocabulary floats: as many windows as keep a batch's
+        // near 2^24 (64 MiB), so that a worker scoring a large vocabulary stays in memory.
+        Some(t) => ((1usize << 24) / t.seq_len.saturating_mul(ctx.data.classes).max(1))
+            .clamp(1, ctx.cfg.batch_size.max(1)),
+        None => ctx.cfg.batch_size.max(256),
+    };
     (0..n).step_by(step).map(move |start| {
         let idx: Vec<usize> = (start..(start + step).min(n)).collect();
         let (inputs, labels) = inputs_and_labels(ctx, &ctx.data.test, &idx)?;
@@ -541,6 +547,7 @@ pub async fn evaluate_teachers(
         .map(|(m, e)| TeacherErrors {
             member: m.name.clone(),
             test_errors: e,
+            perplexity_from_topk: None,
         })
         .collect::<Vec<_>>();
     tracing::info!(teachers = ?per_member, ensemble, test_size = n, "teacher test errors");
@@ -561,6 +568,7 @@ async fn evaluate_token_teacher(
     };
     let n = ctx.data.test.len();
     let mut errors = 0u64;
+    let mut nll = 0f64;
     let mut top1 = Vec::with_capacity(n.saturating_mul(seq_len));
     // Windows per request: a batch's worth, as training asks.
     let step = ctx.cfg.batch_size.max(1);
@@ -596,6 +604,12 @@ async fn evaluate_token_teacher(
                 });
             errors += u64::from(best.0 != y);
             top1.push(best.0);
+            let p = match ids.iter().position(|&i| i == y) {
+                Some(j) => ps[j],
+                None => rows.rest_per_class()[r],
+            };
+            // A probability of 0 (k = C, or a tail of no mass) counts as the smallest f32.
+            nll -= f64::from(p.max(f32::MIN_POSITIVE)).ln();
         }
     }
     let member = ctx
@@ -609,6 +623,7 @@ async fn evaluate_token_teacher(
         vec![TeacherErrors {
             member,
             test_errors: errors,
+            perplexity_from_topk: Some((nll / top1.len().max(1) as f64).exp()),
         }],
         top1,
     ))

@@ -117,7 +117,8 @@ pub enum Command {
         stream: StreamId,
         errors: u64,
         total: u64,
-        checkpoint: Box<Checkpoint>,
+        /// None when the worker left it out: larger than the message-size limit.
+        checkpoint: Option<Box<Checkpoint>>,
     },
     /// A status snapshot.
     Status { reply: oneshot::Sender<StatusView> },
@@ -364,6 +365,28 @@ impl Driver {
                 total,
                 checkpoint,
             } => {
+                let checkpoint = match checkpoint {
+                    Some(ck) => ck,
+                    // With rounds the coordinator's own average is the student it scores and
+                    // writes; without them nothing can stand in for the worker's, and waiting
+                    // for one would wedge the run.
+                    None => match self.state.latest_average() {
+                        Some((_, params)) => Box::new(Checkpoint {
+                            spec: self.ctx.settings.spec.clone(),
+                            params: params.as_ref().clone(),
+                            extra: Default::default(),
+                        }),
+                        None => {
+                            self.failure = Some(format!(
+                                "the final student checkpoint is larger than max_message_mb ({} \
+                                 MiB) and the run has no average of its own to use instead: \
+                                 raise max_message_mb on the coordinator and the worker",
+                                self.ctx.cfg.max_message_mb
+                            ));
+                            return;
+                        }
+                    },
+                };
                 // A checkpoint of another network is refused before it ends the run.
                 if checkpoint.spec != self.ctx.settings.spec {
                     let e = Error::InvalidArgument(format!(
